@@ -1,0 +1,32 @@
+# make test: create .venv if missing, install everything the suite needs, run it.
+# make demo: run the main job.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ucxkv-installed
+PIP := $(BIN)/pip --disable-pip-version-check -q
+
+.PHONY: test demo install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-test.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install --upgrade pip 2>/dev/null
+	$(PIP) install -r requirements-test.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PIP) install -e '.[test,bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside CPU torch.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(BIN)/python -c "import torch, ucxx, zmq, msgspec, vllm, transport" 
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+demo: $(STAMP)
+	$(BIN)/python -m bench.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmark and test helpers for ucxkv (tiny local models, load generators)."""

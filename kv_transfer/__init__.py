@@ -1,0 +1,1 @@
+"""KV-cache transfer helpers for ucxkv."""

@@ -1,0 +1,199 @@
+"""Process bodies for tests: each runs in its own spawned process.
+
+They report back through a multiprocessing queue as plain tuples so the test
+process never touches UCX itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+import torch
+
+N_MIXED = 1000
+BIG_INDEX = 500
+BIG_BYTES = 256 << 20
+
+
+def mixed_case(i: int) -> torch.Tensor | None:
+    """The i-th tensor of the mixed stream: every dtype, odd shapes, None, strided views, one 256 MiB."""
+    from transport._tensor_codec import DTYPES
+
+    if i % 37 == 36:
+        return None
+    g = torch.Generator().manual_seed(1000 + i)
+    names = sorted(DTYPES)
+    dtype = DTYPES[names[i % len(names)]]
+    if i == BIG_INDEX:
+        return torch.randint(0, 256, (BIG_BYTES,), dtype=torch.uint8, generator=g)
+    kind = i % 7
+    if kind == 0:
+        shape: tuple[int, ...] = ()
+    elif kind == 1:
+        shape = (int(torch.randint(0, 3, (1,), generator=g)), 0, 3)
+    elif kind == 2:
+        shape = (int(torch.randint(1, 300_000, (1,), generator=g)),)  # past the inline limit
+    else:
+        nd = int(torch.randint(1, 5, (1,), generator=g))
+        shape = tuple(int(x) for x in torch.randint(1, 9, (nd,), generator=g))
+    n = 1
+    for s in shape:
+        n *= s
+    item = dtype.itemsize
+    if dtype == torch.bool:
+        t = torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8).view(torch.bool)
+    else:
+        t = torch.randint(0, 256, (n * item,), generator=g, dtype=torch.uint8).view(dtype)
+    t = t.reshape(shape)
+    if i % 5 == 3 and t.dim() >= 2:
+        t = t.transpose(0, 1)  # non-contiguous
+    elif i % 5 == 4 and t.dim() == 1 and t.numel() > 2:
+        t = t[::2]
+    return t
+
+
+def same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> str | None:
+    """None when ``a`` and ``b`` match bit for bit (dtype, shape, bytes); else what differs."""
+    if a is None or b is None:
+        return None if a is None and b is None else f"None vs {type(b).__name__}"
+    if a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
+        return f"{a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    ab = a.contiguous().reshape(-1).view(torch.uint8)
+    bb = b.contiguous().reshape(-1).view(torch.uint8)
+    return None if torch.equal(ab, bb) else "bytes differ"
+
+
+def _report(q: Any, fn: Any) -> None:
+    try:
+        q.put(("ok", fn()))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the test
+        q.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))
+
+
+def mixed_receiver(q: Any, tls: str) -> None:
+    os.environ["UCX_TLS"] = tls
+    from transport import Pipe
+
+    def body() -> Any:
+        with Pipe.listen("127.0.0.1", 0, timeout_s=120) as p:
+            q.put(("addr", p.address))
+            bad = []
+            for i in range(N_MIXED):
+                got = p.recv_tensor()
+                why = same_bits(mixed_case(i), got)
+                if why:
+                    bad.append((i, why))
+            return {"bad": bad, "bytes": p.bytes_received}
+
+    _report(q, body)
+
+
+def mixed_sender(q: Any, tls: str, address: str) -> None:
+    os.environ["UCX_TLS"] = tls
+    from transport import Pipe
+
+    def body() -> Any:
+        with Pipe.connect(address, timeout_s=120) as p:
+            handles = []
+            for i in range(N_MIXED):
+                t = mixed_case(i)
+                if i % 3 == 0:
+                    p.send_tensor(t)
+                elif i % 3 == 1:
+                    handles.append(p.send_tensor_async(t))
+                else:
+                    p.send_tensors([t])
+            for h in handles:
+                h.wait()
+            return p.bytes_sent  # close at once: the Goodbye must not overtake the data
+
+    _report(q, body)
+
+
+def streaming_sender(q: Any, tls: str, address: str, peer_timeout: float) -> None:
+    """Sends 64 MiB tensors until something fails; reports the error and how long it took to see it."""
+    os.environ["UCX_TLS"] = tls
+    from transport import Pipe
+
+    def body() -> Any:
+        p = Pipe.connect(address, timeout_s=30, peer_timeout_s=peer_timeout, heartbeat_s=0.2)
+        t = torch.ones(64 << 20, dtype=torch.uint8)
+        q.put(("ready", os.getpid()))
+        for _ in range(100000):
+            p.send_tensor(t)
+        return "never failed"
+
+    _report(q, body)
+
+
+def streaming_receiver(q: Any, tls: str, peer_timeout: float) -> None:
+    os.environ["UCX_TLS"] = tls
+    from transport import Pipe
+
+    def body() -> Any:
+        p = Pipe.listen("127.0.0.1", 0, timeout_s=30, peer_timeout_s=peer_timeout, heartbeat_s=0.2)
+        q.put(("addr", p.address))
+        q.put(("ready", os.getpid()))
+        while True:
+            p.recv_tensor()
+
+    _report(q, body)
+
+
+def timed(fn: Any) -> Any:
+    t0 = time.monotonic()
+    try:
+        fn()
+        return ("returned", time.monotonic() - t0)
+    except BaseException as exc:  # noqa: BLE001
+        return (type(exc).__name__, time.monotonic() - t0, str(exc))
+
+
+def one_tensor_sender(q: Any, address: str) -> None:
+    from transport import Pipe
+
+    def body() -> Any:
+        with Pipe.connect(address, timeout_s=30) as p:
+            p.send_tensor(torch.arange(1000, dtype=torch.int32))
+            p.recv_tensor(timeout=30)
+            return "sent"
+
+    _report(q, body)
+
+
+def cuda_peer(q: Any, role: str, address: str | None, src_dev: str, dst_dev: str) -> None:
+    """GPU test body: sends tensors from ``src_dev``; the receiver lands them on ``dst_dev``."""
+    from transport import Pipe
+
+    def body() -> Any:
+        if role == "recv":
+            with Pipe.listen("127.0.0.1", 0, timeout_s=60, device=dst_dev) as p:
+                q.put(("addr", p.address))
+                out = []
+                for i in range(4):
+                    t = p.recv_tensor()
+                    out.append((str(t.device), same_bits(cuda_case(i).cpu(), t.cpu())))
+                p.send_tensor(None)
+                return out
+        with Pipe.connect(address, timeout_s=60) as p:
+            for i in range(4):
+                t = cuda_case(i).to(src_dev)
+                if i == 3:
+                    import cupy  # noqa: F401 - cupy arrays are accepted too
+
+                    t = cupy.asarray(t)
+                p.send_tensor(t)
+            p.recv_tensor()
+            return "sent"
+
+    _report(q, body)
+
+
+def cuda_case(i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    n = [10, 5000, 1 << 22, 1 << 20][i]
+    dt = [torch.bfloat16, torch.float16, torch.float32, torch.float32][i]
+    return torch.randn(n, generator=g).to(dt)

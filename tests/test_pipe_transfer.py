@@ -1,0 +1,29 @@
+"""Pipe data tests: real UCX between spawned processes over loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests import peers as P
+
+
+@pytest.mark.parametrize("tls", ["tcp", "sm"])
+def test_thousand_mixed_tensors_arrive_bit_exact_in_order(peers, tls):
+    recv = peers.start(P.mixed_receiver, tls)
+    addr = peers.expect(recv, "addr", 60)
+    send = peers.start(P.mixed_sender, tls, addr)
+    sent = peers.expect(send, "ok", 300)
+    got = peers.expect(recv, "ok", 300)
+    assert got["bad"] == [], got["bad"][:10]
+    assert got["bytes"] == sent and sent > P.BIG_BYTES
+
+
+def test_connect_to_nothing_fails_fast_and_names_the_address():
+    import time
+
+    from transport import Pipe, PeerTimeoutError
+
+    t0 = time.monotonic()
+    with pytest.raises(PeerTimeoutError, match="127.0.0.1:1"):
+        Pipe.connect("127.0.0.1:1", timeout_s=1.0)
+    assert time.monotonic() - t0 < 5

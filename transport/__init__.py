@@ -1,0 +1,32 @@
+"""ucxkv's bottom layer: a ZeroMQ control plane, a UCX data plane, and the Pipe.
+
+Knows nothing of KV caches. Public surface: :class:`Pipe`, :class:`Handle` and
+the errors in :mod:`transport.errors`.
+"""
+
+from .errors import (
+    LocalUsageError,
+    PeerClosedError,
+    PeerDeadError,
+    PeerError,
+    PeerRejectedError,
+    PeerTimeoutError,
+    RemoteProtocolError,
+    TransportError,
+    VersionMismatchError,
+)
+from .pipe import Handle, Pipe
+
+__all__ = [
+    "Pipe",
+    "Handle",
+    "TransportError",
+    "LocalUsageError",
+    "RemoteProtocolError",
+    "VersionMismatchError",
+    "PeerError",
+    "PeerTimeoutError",
+    "PeerClosedError",
+    "PeerDeadError",
+    "PeerRejectedError",
+]

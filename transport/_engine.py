@@ -1,0 +1,244 @@
+"""The process's single UCX context and worker, and the waits on its requests.
+
+One :class:`Engine` per process owns the native UCX resources. Every UCX call
+goes through its lock, so the worker is never touched by two threads at once.
+Progress is made in two places, and callers never drive it themselves:
+
+- a background thread progresses the worker whenever requests are in flight
+  (so a non-blocking send keeps moving while its caller computes);
+- a thread that *waits* on a request progresses the worker itself while it
+  waits, which is what makes a blocking transfer as fast as the wire.
+
+Waits are bounded: each takes a deadline and a liveness check, and raises
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterable
+
+from .errors import LocalUsageError, PeerDeadError, PeerTimeoutError, TransportError
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
+# Spin this long before sleeping between progress calls while waiting.
+_SPIN_S = 0.002
+_MAX_SLEEP_S = 0.0005
+
+
+class Op:
+    """A group of UCX requests that complete together (one tensor, or several).
+
+    Holds references to every buffer involved until the requests are done,
+    so memory UCX may still touch is never freed under it.
+    """
+
+    __slots__ = ("requests", "keepalive", "on_done", "result", "error", "_done")
+
+    def __init__(self, requests: list[Any], keepalive: list[Any], on_done: Callable[[], Any] | None = None):
+        self.requests = requests
+        self.keepalive = keepalive
+        self.on_done = on_done
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._done = False
+
+    def poll(self) -> bool:
+        """True once every request completed; raises the first request's UCX error."""
+        if self._done:
+            if self.error is not None:
+                raise self.error
+            return True
+        for r in self.requests:
+            if not r.completed:
+                return False
+        self._done = True
+        self.keepalive = []
+        try:
+            for r in self.requests:
+                r.check_error()
+            if self.on_done is not None:
+                self.result = self.on_done()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        return True
+
+
+def _stop_engine(worker: Any, stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    thread.join(timeout=2.0)
+
+
+class Engine:
+    """Owner of the process's UCX context and worker. Use :func:`get_engine`."""
+
+    def __init__(self) -> None:
+        import ucxx._lib.libucxx as ucx_api  # imported late: CUDA must initialise after fork
+
+        self._api = ucx_api
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self.context = ucx_api.UCXContext(feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
+        self.worker = ucx_api.UCXWorker(self.context)
+        self.worker.init_blocking_progress_mode()
+        self.address: bytes = bytes(self.worker.address.tobytes())
+        self._pending: set[Op] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _stop_engine, self.worker, self._stop, self._thread)
+        cfg = self.context.config
+        log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s", cfg.get("TLS"), cfg.get("RNDV_THRESH"))
+
+    # -- endpoints -------------------------------------------------------
+    def connect(self, worker_address: bytes, peer: str) -> Any:
+        """Create an endpoint to a peer's worker address (any transport, shm included).
+
+        Peer-failure error handling is asked for first; transports that cannot
+        provide it (shared memory without keepalive) fall back to none, and the
+        control plane's heartbeats then detect a dead peer instead.
+        """
+        api = self._api
+        addr = api.UCXAddress.create_from_buffer(worker_address)
+        with self._lock:
+            try:
+                return self.worker.create_endpoint_from_worker_address(addr, True)
+            except Exception as exc:  # noqa: BLE001 - UCX raises its own hierarchy
+                log.debug("endpoint to %s with error handling failed (%s); retrying without", peer, exc)
+            try:
+                return self.worker.create_endpoint_from_worker_address(addr, False)
+            except Exception as exc:  # noqa: BLE001
+                raise PeerDeadError(f"cannot create a UCX endpoint to {peer}: {exc}") from exc
+
+    def close_endpoint(self, ep: Any) -> None:
+        """Close an endpoint, cancelling its in-flight requests; never blocks for long."""
+        with self._lock:
+            try:
+                ep.close()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("endpoint close: %s", exc)
+            for _ in range(100):
+                self.worker.progress()
+
+    # -- requests --------------------------------------------------------
+    def tag_send(self, ep: Any, buf: Any, tag: int) -> Any:
+        api = self._api
+        with self._lock:
+            return ep.tag_send(_array(buf), tag=api.UCXXTag(tag))
+
+    def tag_recv(self, ep: Any, buf: Any, tag: int) -> Any:
+        api = self._api
+        with self._lock:
+            return ep.tag_recv(_array(buf), tag=api.UCXXTag(tag))
+
+    def track(self, op: Op) -> Op:
+        """Let the background thread progress ``op`` until it completes."""
+        with self._lock:
+            self._pending.add(op)
+        self._wake.set()
+        return op
+
+    def wait(self, op: Op, deadline: float, what: str, alive: Callable[[], str | None] | None = None) -> Any:
+        """Progress until ``op`` completes; return its result.
+
+        Raises :class:`PeerTimeoutError` at ``deadline`` (a ``time.monotonic`` value)
+        and :class:`PeerDeadError` as soon as ``alive()`` returns a reason.
+        ``what`` names the wait in those errors (it should name the peer).
+        """
+        if os.getpid() != self._pid:
+            raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
+        start = time.monotonic()
+        sleep = 0.0
+        n = 0
+        while True:
+            with self._lock:
+                self.worker.progress()
+                try:
+                    if op.poll():
+                        self._pending.discard(op)
+                        return op.result
+                except TransportError:
+                    self._pending.discard(op)
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a UCX error on this op
+                    self._pending.discard(op)
+                    raise PeerDeadError(f"{what} failed: {exc}") from exc
+            n += 1
+            if (n & 63) == 0:
+                now = time.monotonic()
+                if alive is not None:
+                    reason = alive()
+                    if reason:
+                        raise PeerDeadError(f"{what}: {reason}")
+                if now >= deadline:
+                    raise PeerTimeoutError(f"{what}: timed out after {now - start:.1f}s")
+                if now - start > _SPIN_S:
+                    sleep = min(max(sleep * 2, 2e-5), _MAX_SLEEP_S)
+            if sleep:
+                time.sleep(sleep)
+
+    def _progress_loop(self) -> None:
+        idle_sleep = 0.0
+        while not self._stop.is_set():
+            if not self._pending:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            with self._lock:
+                self.worker.progress()
+                done = []
+                for op in self._pending:
+                    try:
+                        if op.poll():
+                            done.append(op)
+                    except Exception:  # noqa: BLE001 - surfaced to the waiter
+                        done.append(op)
+                for op in done:
+                    self._pending.discard(op)
+            idle_sleep = min(max(idle_sleep * 2, 1e-5), 2e-4) if not done else 0.0
+            time.sleep(idle_sleep)
+
+    def shutdown(self) -> None:
+        """Stop the background progress thread (idempotent)."""
+        self._finalizer()
+
+
+def _array(buf: Any) -> Any:
+    from ucxx._lib.arr import Array
+
+    return Array(buf)
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine() -> Engine:
+    """The process's engine, created on first use (and anew in a forked child)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None or _engine._pid != os.getpid():
+            _engine = Engine()
+        return _engine
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    if _engine is not None and _engine._pid == os.getpid():
+        _engine.shutdown()
+
+
+def wait_all(ops: Iterable[Op], deadline: float, what: str, alive: Callable[[], str | None] | None = None) -> list[Any]:
+    """Wait for several ops under one deadline; return their results in order."""
+    eng = get_engine()
+    return [eng.wait(op, deadline, what, alive) for op in ops]

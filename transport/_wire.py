@@ -1,0 +1,121 @@
+"""Typed, versioned control-plane messages and their framing.
+
+Every control message travels as two ZeroMQ frames: a fixed 8-byte preamble
+(magic ``UKV`` + NUL, then the protocol version as a little-endian u32), then a
+msgpack body holding one tagged :class:`msgspec.Struct`. The preamble is checked
+before the body is decoded, so a peer of another version gets a
+:class:`VersionMismatchError` naming both versions instead of a decode error.
+
+Messages evolve only by appending fields with defaults; a change that breaks
+that rule bumps :data:`PROTOCOL_VERSION`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Union
+
+import msgspec
+
+from .errors import RemoteProtocolError, VersionMismatchError
+
+# Version history:
+#   1: first release (Hello/Welcome/Reject/Heartbeat/Goodbye, TensorHeader).
+PROTOCOL_VERSION = 1
+MAGIC = b"UKV\x00"
+_PREAMBLE = struct.Struct("<4sI")
+PREAMBLE_SIZE = _PREAMBLE.size
+#: Largest control-message body accepted; anything longer is rejected unread.
+MAX_CONTROL_BODY = 64 * 1024
+
+
+class Hello(msgspec.Struct, tag=True, frozen=True):
+    """Sent by the connecting side: who it is and how to reach its UCX worker."""
+
+    role: str
+    name: str
+    worker_address: bytes
+    #: Tag base the sender of Hello receives on (the listener sends with it).
+    recv_tag: int
+    capabilities: list[str] = []
+    service: str = "pipe"
+    meta: dict[str, str] = {}
+
+
+class Welcome(msgspec.Struct, tag=True, frozen=True):
+    """The listener's answer to an accepted Hello."""
+
+    role: str
+    name: str
+    worker_address: bytes
+    recv_tag: int
+    capabilities: list[str] = []
+    meta: dict[str, str] = {}
+
+
+class Reject(msgspec.Struct, tag=True, frozen=True):
+    """The listener refuses a message; ``reason`` says why in plain words."""
+
+    code: str
+    reason: str
+
+
+class Heartbeat(msgspec.Struct, tag=True, frozen=True):
+    """Liveness beacon, sent periodically by both ends of a link."""
+
+    seq: int = 0
+
+
+class Goodbye(msgspec.Struct, tag=True, frozen=True):
+    """Orderly close: the sender will send nothing more."""
+
+    reason: str = ""
+    #: How many messages the sender sent on the data plane before this Goodbye
+    #: (-1: unknown). Data can arrive after the Goodbye; the peer drains up to it.
+    sent: int = -1
+
+
+ControlMessage = Union[Hello, Welcome, Reject, Heartbeat, Goodbye]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(ControlMessage)
+_PREAMBLE_BYTES = _PREAMBLE.pack(MAGIC, PROTOCOL_VERSION)
+
+
+def encode(msg: ControlMessage) -> list[bytes]:
+    """Return the frames for ``msg``: preamble, then body."""
+    return [_PREAMBLE_BYTES, _encoder.encode(msg)]
+
+
+def decode(frames: list[bytes], peer: str) -> ControlMessage:
+    """Decode frames received from ``peer``.
+
+    Raises :class:`VersionMismatchError` for another protocol version and
+    :class:`RemoteProtocolError` for anything else malformed; never allocates
+    more than the frames already hold.
+    """
+    if len(frames) != 2:
+        raise RemoteProtocolError(
+            f"malformed control message from {peer}: expected 2 frames (preamble, body), got {len(frames)}"
+        )
+    pre, body = frames
+    if len(pre) != PREAMBLE_SIZE:
+        raise RemoteProtocolError(
+            f"malformed control message from {peer}: preamble is {len(pre)} bytes, expected {PREAMBLE_SIZE}"
+        )
+    magic, version = _PREAMBLE.unpack(pre)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"malformed control message from {peer}: bad magic {magic!r}, expected {MAGIC!r}")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatchError(
+            f"protocol version mismatch with {peer}: peer speaks v{version}, we speak v{PROTOCOL_VERSION}; "
+            "upgrade the older side"
+        )
+    if len(body) > MAX_CONTROL_BODY:
+        raise RemoteProtocolError(
+            f"oversized control message from {peer}: {len(body)} bytes, limit {MAX_CONTROL_BODY}"
+        )
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise RemoteProtocolError(f"malformed control message from {peer}: {exc}") from None

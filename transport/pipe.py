@@ -1,0 +1,445 @@
+"""The Pipe: a one-way, ordered stream of tensors between two processes.
+
+``Pipe.listen`` binds a ZeroMQ control socket and waits for one peer;
+``Pipe.connect`` dials it. The handshake swaps UCX worker addresses, so the
+data moves over whatever UCX picks (shared memory, cma, TCP, RDMA, cuda_ipc).
+Each end may send and receive: the tensors one end sends arrive at the other
+in the order sent (each direction is its own FIFO).
+
+A tensor is a header frame (dtype, shape, byte count, sequence number) and,
+unless small enough to ride inside the header, its bytes, sent straight from
+the tensor's memory and received straight into the tensor the receiver
+allocates on the device it asked for. ``None`` travels as a header alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import _tensor_codec as codec
+from ._control import PEER_TIMEOUT_S, HEARTBEAT_S, ClientLink, ControlServer, Link, dial
+from ._engine import Engine, Op, get_engine
+from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
+from .errors import LocalUsageError, PeerClosedError, PeerError, PeerTimeoutError, RemoteProtocolError, TransportError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Pipe", "Handle", "TensorLike"]
+
+TensorLike = Any  # torch.Tensor, numpy.ndarray, cupy.ndarray, or anything with __dlpack__
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_MAX_TENSOR_BYTES = 64 << 30
+_SEQ_BITS = 23
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+_TAG_BASE_BITS = 40
+
+
+def _capabilities() -> list[str]:
+    caps = ["host"]
+    if torch.cuda.is_available():
+        caps.append("cuda")
+    return caps
+
+
+class Handle:
+    """A transfer in flight. ``wait()`` returns its result (a tensor, None, or a list)."""
+
+    def __init__(self, pipe: "Pipe", ops: list[Op], what: str, result: Any = None, finish: Any = None):
+        self._pipe, self._ops, self._what = pipe, ops, what
+        self._result, self._finish = result, finish
+        self._waited = False
+
+    def done(self) -> bool:
+        """True once every part of the transfer completed (errors surface in ``wait``)."""
+        try:
+            return all(op.poll() for op in self._ops)
+        except Exception:  # noqa: BLE001
+            return True
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the transfer completes, at most ``timeout`` seconds (the pipe's default if None)."""
+        if self._waited:
+            return self._result
+        deadline = time.monotonic() + (self._pipe.timeout_s if timeout is None else timeout)
+        self._result = self._pipe._wait_ops(self._ops, deadline, self._what, self._finish, self._result)
+        self._waited = True
+        return self._result
+
+
+class _RecvSlot:
+    """State of one posted receive: its header op and, once known, its payload op."""
+
+    __slots__ = ("seq", "frame", "header_op", "payload_op", "tensor", "header")
+
+    def __init__(self, seq: int, frame: np.ndarray, header_op: Op):
+        self.seq, self.frame, self.header_op = seq, frame, header_op
+        self.payload_op: Op | None = None
+        self.tensor: torch.Tensor | None = None
+        self.header: codec.TensorHeader | None = None
+
+
+class Pipe:
+    """One end of a tensor pipe. Build with :meth:`listen` or :meth:`connect`."""
+
+    def __init__(
+        self,
+        *,
+        name: str | None,
+        timeout_s: float,
+        device: str | torch.device,
+        max_tensor_bytes: int,
+        heartbeat_s: float,
+        peer_timeout_s: float,
+    ):
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.timeout_s = float(timeout_s)
+        self.device = torch.device(device)
+        self.max_tensor_bytes = int(max_tensor_bytes)
+        self._heartbeat_s, self._peer_timeout_s = heartbeat_s, peer_timeout_s
+        self._engine: Engine = get_engine()
+        self._recv_tag = secrets.randbits(_TAG_BASE_BITS) | 1
+        self._send_tag: int | None = None
+        self._ep: Any = None
+        self._link: Link | None = None
+        self._server: ControlServer | None = None
+        self._connected = threading.Event()
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.RLock()
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._slots: list[_RecvSlot] = []
+        self._broken: str | None = None
+        self._closed = False
+        self.address = ""
+        self.peer = "(not connected)"
+        self.peer_capabilities: list[str] = []
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # -- construction ----------------------------------------------------
+    @classmethod
+    def listen(
+        cls,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        name: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        device: str | torch.device = "cpu",
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        heartbeat_s: float = HEARTBEAT_S,
+        peer_timeout_s: float = PEER_TIMEOUT_S,
+    ) -> "Pipe":
+        """Listen on ``host:port`` (port 0 picks a free one, see ``.address``) for one peer.
+
+        Returns at once; the first send or receive waits (up to ``timeout_s``)
+        for the peer to connect, or call :meth:`wait_connected`.
+        """
+        self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
+                   heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        self._server = ControlServer(host, port, self._on_hello, heartbeat_s=heartbeat_s,
+                                     peer_timeout_s=peer_timeout_s, name="pipe")
+        self.address = self._server.address
+        log.info("pipe %s listening on %s", self.name, self.address)
+        return self
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        *,
+        name: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        device: str | torch.device = "cpu",
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        heartbeat_s: float = HEARTBEAT_S,
+        peer_timeout_s: float = PEER_TIMEOUT_S,
+    ) -> "Pipe":
+        """Connect to a listening pipe at ``host:port``; raises a :class:`PeerError` if none answers."""
+        self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
+                   heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        hello = Hello(role="pipe", name=self.name, worker_address=self._engine.address,
+                      recv_tag=self._recv_tag, capabilities=_capabilities(), service="pipe")
+        link, welcome = dial(address, hello, timeout_s=timeout_s, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        try:
+            self._attach(link, welcome.worker_address, welcome.recv_tag, welcome.capabilities)
+        except BaseException:
+            link.close("endpoint creation failed")
+            raise
+        self.address = address
+        return self
+
+    def _on_hello(self, hello: Hello, link: Link) -> Welcome | Reject:
+        if hello.service != "pipe":
+            return Reject("service", f"this listener serves a pipe, not {hello.service!r}")
+        if self._connected.is_set() or self._closed:
+            return Reject("busy", f"pipe {self.name} already has a peer ({self.peer})")
+        if not (0 < hello.recv_tag < (1 << _TAG_BASE_BITS)):
+            return Reject("malformed", f"recv_tag {hello.recv_tag} out of range")
+        self._attach(link, hello.worker_address, hello.recv_tag, hello.capabilities)
+        return Welcome(role="pipe", name=self.name, worker_address=self._engine.address,
+                       recv_tag=self._recv_tag, capabilities=_capabilities())
+
+    def _attach(self, link: Link, worker_address: bytes, send_tag: int, caps: list[str]) -> None:
+        self.peer = link.peer
+        self._ep = self._engine.connect(worker_address, link.peer)
+        self._link, self._send_tag, self.peer_capabilities = link, send_tag, list(caps)
+        self._connected.set()
+        log.info("pipe %s connected to %s", self.name, self.peer)
+
+    def wait_connected(self, timeout: float | None = None) -> None:
+        """Block until the peer connected; raises :class:`PeerTimeoutError` otherwise."""
+        t = self.timeout_s if timeout is None else timeout
+        if not self._connected.wait(t):
+            raise PeerTimeoutError(f"pipe {self.name}: no peer connected to {self.address} within {t:.1f}s")
+
+    # -- helpers ---------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LocalUsageError(f"pipe {self.name} is closed")
+        if self._broken is not None:
+            raise PeerError(f"pipe {self.name} to {self.peer} is broken: {self._broken}")
+
+    def _alive(self, seq: int | None = None) -> str | None:
+        if self._closed:
+            return "pipe closed locally"
+        if self._link is None:
+            return None
+        link = self._link
+        if link.closed_reason is not None and seq is not None and seq < link.peer_sent:
+            return None  # the peer sent this one before saying goodbye: it is on its way
+        return link.problem()
+
+    def _tag(self, base: int, seq: int, payload: bool) -> int:
+        return (base << (_SEQ_BITS + 1)) | ((seq & _SEQ_MASK) << 1) | int(payload)
+
+    def _break(self, reason: str) -> None:
+        if self._broken is None:
+            self._broken = reason
+            log.warning("pipe %s to %s broken: %s", self.name, self.peer, reason)
+            if self._ep is not None:
+                self._engine.close_endpoint(self._ep)
+
+    def _wait_ops(self, ops: list[Op], deadline: float, what: str, finish: Any, result: Any, seq: int | None = None) -> Any:
+        alive = self._alive if seq is None else (lambda: self._alive(seq))
+        try:
+            for op in ops:
+                self._engine.wait(op, deadline, what, alive)
+        except PeerTimeoutError:
+            self._break(f"timed out: {what}")
+            raise
+        except PeerError as exc:
+            if self._link is not None and self._link.closed_reason is not None:
+                self._break(str(exc))
+                raise PeerClosedError(str(exc)) from None
+            self._break(str(exc))
+            raise
+        except RemoteProtocolError as exc:
+            self._break(str(exc))
+            raise
+        return finish() if finish is not None else result
+
+    # -- sending ---------------------------------------------------------
+    def _post_send(self, obj: TensorLike | None) -> tuple[list[Any], list[Any], int]:
+        seq = self._send_seq
+        self._send_seq += 1
+        frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
+        mv = memoryview(frame)
+        keep: list[Any] = [frame]
+        reqs: list[Any] = []
+        nbytes = 0
+        if obj is None:
+            used = codec.encode_header(mv, codec.TensorHeader(seq=seq, none=True))
+        else:
+            t = codec.as_torch(obj)
+            if not t.is_contiguous():
+                t = t.contiguous()  # the one copy a strided tensor needs
+            name = codec.dtype_name(t.dtype)
+            nbytes = t.numel() * t.element_size()
+            inline = nbytes <= codec.INLINE_LIMIT
+            h = codec.TensorHeader(seq=seq, none=False, dtype=name, shape=list(t.shape), nbytes=nbytes, inline=inline)
+            if inline and nbytes:
+                src = codec.byte_view(t)
+                data = memoryview(src.cpu().numpy()) if src.device.type != "cpu" else memoryview(src.numpy())
+                used = codec.encode_header(mv, h, data)
+            else:
+                used = codec.encode_header(mv, h)
+            if not inline:
+                buf = codec.ucx_buffer(t)
+                keep.append(t)
+                keep.append(buf)
+                reqs.append(("payload", buf, seq))
+        out = [self._engine.tag_send(self._ep, frame[:used], self._tag(self._send_tag, seq, False))]
+        for _, buf, s in reqs:
+            out.append(self._engine.tag_send(self._ep, buf, self._tag(self._send_tag, s, True)))
+        return out, keep, nbytes
+
+    def send_tensors_async(self, tensors: Sequence[TensorLike | None]) -> Handle:
+        """Start sending ``tensors`` in order; return a :class:`Handle` (``wait()`` returns None).
+
+        The tensors must not be modified until the handle completes (their memory
+        is read in place).
+        """
+        self._check_usable()
+        self.wait_connected()
+        self._check_usable()
+        requests: list[Any] = []
+        keep: list[Any] = []
+        total = 0
+        with self._send_lock:
+            for t in tensors:
+                r, k, n = self._post_send(t)
+                requests += r
+                keep += k
+                total += n
+        self.bytes_sent += total
+        op = self._engine.track(Op(requests, keep))
+        return Handle(self, [op], f"sending {len(tensors)} tensor(s) to {self.peer}")
+
+    def send_tensor_async(self, tensor: TensorLike | None) -> Handle:
+        """Start sending one tensor (or None); see :meth:`send_tensors_async`."""
+        return self.send_tensors_async([tensor])
+
+    def send_tensors(self, tensors: Sequence[TensorLike | None], timeout: float | None = None) -> None:
+        """Send ``tensors`` in order and return once the peer has received them all."""
+        self.send_tensors_async(tensors).wait(timeout)
+
+    def send_tensor(self, tensor: TensorLike | None, timeout: float | None = None) -> None:
+        """Send one tensor (or None); returns once the peer has it. Raises on timeout or a dead peer."""
+        self.send_tensors_async([tensor]).wait(timeout)
+
+    # -- receiving -------------------------------------------------------
+    def _post_recv(self, device: torch.device) -> _RecvSlot:
+        seq = self._recv_seq
+        self._recv_seq += 1
+        frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
+        slot_box: list[_RecvSlot] = []
+
+        def on_header() -> None:
+            slot = slot_box[0]
+            h, inline = codec.decode_header(memoryview(frame), self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
+            slot.header = h
+            if h.none:
+                return
+            t = torch.empty(h.shape, dtype=codec.DTYPES[h.dtype], device=device)
+            slot.tensor = t
+            self.bytes_received += h.nbytes
+            if h.inline:
+                if h.nbytes:
+                    codec.byte_view(t).copy_(torch.frombuffer(bytearray(inline), dtype=torch.uint8))
+                return
+            if h.nbytes:
+                buf = codec.ucx_buffer(t)
+                req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True))
+                slot.payload_op = self._engine.track(Op([req], [t, buf]))
+
+        req = self._engine.tag_recv(self._ep, frame, self._tag(self._recv_tag, seq, False))
+        slot = _RecvSlot(seq, frame, Op([req], [frame], on_header))
+        slot_box.append(slot)
+        self._engine.track(slot.header_op)
+        return slot
+
+    def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
+        what = f"receiving tensor #{slot.seq} from {self.peer}"
+        self._wait_ops([slot.header_op], deadline, what + " (header)", None, None, slot.seq)
+        if slot.payload_op is not None:
+            self._wait_ops([slot.payload_op], deadline, what + f" ({slot.header.nbytes} bytes)", None, None, slot.seq)
+        return slot.tensor
+
+    def recv_tensors_async(self, n: int, device: str | torch.device | None = None) -> Handle:
+        """Post receives for the next ``n`` tensors; ``wait()`` returns them as a list, in order."""
+        self._check_usable()
+        self.wait_connected()
+        self._check_usable()
+        dev = self.device if device is None else torch.device(device)
+        with self._recv_lock:
+            slots = [self._post_recv(dev) for _ in range(n)]
+            self._slots.extend(slots)
+        handle = Handle(self, [], f"receiving {n} tensor(s) from {self.peer}")
+
+        def finish_all(timeout: float | None = None) -> list[torch.Tensor | None]:
+            deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+            out = []
+            with self._recv_lock:
+                for s in slots:
+                    out.append(self._finish_slot(s, deadline))
+                    self._slots.remove(s)
+            return out
+
+        handle.wait = finish_all  # type: ignore[method-assign]
+        handle.done = lambda: all(  # type: ignore[method-assign]
+            s.header_op._done and (s.payload_op is None or s.payload_op._done) for s in slots
+        )
+        return handle
+
+    def recv_tensor_async(self, device: str | torch.device | None = None) -> Handle:
+        """Post a receive for the next tensor; ``wait()`` returns it (or None)."""
+        h = self.recv_tensors_async(1, device)
+        inner = h.wait
+        h.wait = lambda timeout=None: inner(timeout)[0]  # type: ignore[method-assign]
+        return h
+
+    def recv_tensor(self, device: str | torch.device | None = None, timeout: float | None = None) -> torch.Tensor | None:
+        """Receive the next tensor (or None) onto ``device`` (the pipe's default if None).
+
+        A timeout here is not fatal: the receive stays posted and the next call
+        picks it up, so nothing the peer sends is lost or reordered.
+        """
+        self._check_usable()
+        self.wait_connected(timeout)
+        self._check_usable()
+        dev = self.device if device is None else torch.device(device)
+        deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+        with self._recv_lock:
+            if not self._slots:
+                self._slots.append(self._post_recv(dev))
+            slot = self._slots[0]
+            if not slot.header_op._done:
+                try:
+                    self._engine.wait(slot.header_op, deadline, f"receiving tensor #{slot.seq} from {self.peer}",
+                                      lambda: self._alive(slot.seq))
+                except PeerTimeoutError:
+                    raise  # nothing arrived yet: the receive stays posted
+                except (PeerError, RemoteProtocolError) as exc:
+                    self._wait_ops([slot.header_op], deadline, str(exc), None, None, slot.seq)
+            tensor = self._finish_slot(slot, deadline)
+            self._slots.pop(0)
+            return tensor
+
+    # -- closing ---------------------------------------------------------
+    def close(self) -> None:
+        """Tell the peer, cancel what is in flight, release everything (idempotent, bounded)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._link is not None:
+            if isinstance(self._link, ClientLink):
+                self._link.close("peer closed the pipe", self._send_seq)
+            elif self._server is not None:
+                self._server.say_goodbye(self._link, "peer closed the pipe", self._send_seq)
+                time.sleep(0.05)
+        if self._ep is not None:
+            self._engine.close_endpoint(self._ep)
+            self._ep = None
+        if self._server is not None:
+            self._server.close()
+        log.info("pipe %s closed", self.name)
+
+    def __enter__(self) -> "Pipe":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("broken" if self._broken else ("connected" if self._connected.is_set() else "waiting"))
+        return f"<Pipe {self.name} {state} peer={self.peer} address={self.address}>"
