@@ -261,7 +261,16 @@ def _write_model(out: pathlib.Path, cfg: dict[str, Any]) -> None:
             model.lm_head.weight[: len(SPECIAL_TOKENS)].zero_()
     model = model.to(getattr(torch, cfg["dtype"]))
     model.config.dtype = cfg["dtype"]
-    model.save_pretrained(str(out), safe_serialization=True)
+    from transformers.utils import logging as hf_logging
+
+    # Keep the "Writing model shards" progress bar off stderr; restore after.
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def make_tiny_model(

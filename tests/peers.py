@@ -71,6 +71,8 @@ def _report(q: Any, fn: Any) -> None:
         q.put(("ok", fn()))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the test
         q.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))
+    q.close()
+    q.join_thread()  # flush before the process exits
 
 
 def mixed_receiver(q: Any, tls: str) -> None:

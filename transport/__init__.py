@@ -1,6 +1,6 @@
 """ucxkv's bottom layer: a ZeroMQ control plane, a UCX data plane, and the Pipe.
 
-Knows nothing of KV caches. Public surface: :class:`Pipe`, :class:`Handle` and
+Knows nothing of KV caches. Public surface: :class:`Pipe`, :class:`PipeListener`, :class:`Handle` and
 the errors in :mod:`transport.errors`.
 """
 
@@ -15,10 +15,11 @@ from .errors import (
     TransportError,
     VersionMismatchError,
 )
-from .pipe import Handle, Pipe
+from .pipe import Handle, Pipe, PipeListener
 
 __all__ = [
     "Pipe",
+    "PipeListener",
     "Handle",
     "TransportError",
     "LocalUsageError",

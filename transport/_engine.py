@@ -87,7 +87,8 @@ class Engine:
         self._api = ucx_api
         self._pid = os.getpid()
         self._lock = threading.RLock()
-        self.context = ucx_api.UCXContext(feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
+        config = _safe_tls_config()
+        self.context = ucx_api.UCXContext(config, feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
         self.worker = ucx_api.UCXWorker(self.context)
         self.worker.init_blocking_progress_mode()
         self.address: bytes = bytes(self.worker.address.tobytes())
@@ -124,7 +125,9 @@ class Engine:
         """Close an endpoint, cancelling its in-flight requests; never blocks for long."""
         with self._lock:
             try:
-                ep.close()
+                # Closing an endpoint that UCX already failed crashes ucxx: skip it.
+                if ep.alive:
+                    ep.close()
             except Exception as exc:  # noqa: BLE001
                 log.debug("endpoint close: %s", exc)
             for _ in range(100):
@@ -197,7 +200,7 @@ class Engine:
             with self._lock:
                 self.worker.progress()
                 done = []
-                for op in self._pending:
+                for op in list(self._pending):
                     try:
                         if op.poll():
                             done.append(op)
@@ -211,6 +214,37 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the background progress thread (idempotent)."""
         self._finalizer()
+
+
+_EH_CAPABLE = {"all", "tcp", "rc", "rc_v", "rc_x", "rc_verbs", "rc_mlx5", "ud", "ud_v", "ud_x", "ud_verbs",
+               "ud_mlx5", "dc", "dc_x", "dc_mlx5", "ib", "mlx5", "cuda", "cuda_ipc", "gdr_copy", "cuda_copy"}
+
+
+def _safe_tls_config() -> dict[str, str] | None:
+    """Drop cma from a shared-memory-only ``UCX_TLS`` unless ``UCXKV_ALLOW_CMA=1``.
+
+    With no transport that can detect a dead peer, UCX gives endpoints no error
+    handling, and its cma transport then *aborts the process* when the peer dies
+    during a zero-copy read. posix/sysv shared memory (copy through a segment)
+    survives; the control plane's heartbeats detect the dead peer instead.
+    """
+    tls = os.environ.get("UCX_TLS", "")
+    if not tls or os.environ.get("UCXKV_ALLOW_CMA", "0") == "1" or tls.startswith("^"):
+        return None
+    names = [t.strip() for t in tls.split(",") if t.strip()]
+    if any(n in _EH_CAPABLE for n in names) or not any(n in ("sm", "shm", "cma") for n in names):
+        return None
+    out: list[str] = []
+    for n in names:
+        if n in ("sm", "shm"):
+            out += ["posix", "sysv"]
+        elif n != "cma":
+            out.append(n)
+    out += ["self"] if "self" not in out else []
+    new = ",".join(dict.fromkeys(out))
+    log.info("UCX_TLS=%s has no peer-failure handling; using %s without cma so a dying peer cannot abort "
+             "this process (UCXKV_ALLOW_CMA=1 keeps cma: zero-copy, but unsafe)", tls, new)
+    return {"TLS": new}
 
 
 def _array(buf: Any) -> Any:

@@ -33,7 +33,7 @@ from .errors import LocalUsageError, PeerClosedError, PeerError, PeerTimeoutErro
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pipe", "Handle", "TensorLike"]
+__all__ = ["Pipe", "PipeListener", "Handle", "TensorLike"]
 
 TensorLike = Any  # torch.Tensor, numpy.ndarray, cupy.ndarray, or anything with __dlpack__
 DEFAULT_TIMEOUT_S = 60.0
@@ -111,6 +111,7 @@ class Pipe:
         self._ep: Any = None
         self._link: Link | None = None
         self._server: ControlServer | None = None
+        self._owns_server = True
         self._connected = threading.Event()
         self._send_lock = threading.Lock()
         self._recv_lock = threading.RLock()
@@ -122,6 +123,7 @@ class Pipe:
         self.address = ""
         self.peer = "(not connected)"
         self.peer_capabilities: list[str] = []
+        self.peer_meta: dict[str, str] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -163,12 +165,18 @@ class Pipe:
         max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
         heartbeat_s: float = HEARTBEAT_S,
         peer_timeout_s: float = PEER_TIMEOUT_S,
+        service: str = "pipe",
+        meta: dict[str, str] | None = None,
     ) -> "Pipe":
-        """Connect to a listening pipe at ``host:port``; raises a :class:`PeerError` if none answers."""
+        """Connect to a listening pipe (or :class:`PipeListener` of ``service``) at ``host:port``.
+
+        Raises :class:`PeerTimeoutError` if nothing answers, :class:`PeerRejectedError`
+        if the listener refuses (busy, wrong service or version).
+        """
         self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
                    heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
         hello = Hello(role="pipe", name=self.name, worker_address=self._engine.address,
-                      recv_tag=self._recv_tag, capabilities=_capabilities(), service="pipe")
+                      recv_tag=self._recv_tag, capabilities=_capabilities(), service=service, meta=dict(meta or {}))
         link, welcome = dial(address, hello, timeout_s=timeout_s, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
         try:
             self._attach(link, welcome.worker_address, welcome.recv_tag, welcome.capabilities)
@@ -176,6 +184,7 @@ class Pipe:
             link.close("endpoint creation failed")
             raise
         self.address = address
+        self.peer_meta = dict(welcome.meta)
         return self
 
     def _on_hello(self, hello: Hello, link: Link) -> Welcome | Reject:
@@ -430,7 +439,7 @@ class Pipe:
         if self._ep is not None:
             self._engine.close_endpoint(self._ep)
             self._ep = None
-        if self._server is not None:
+        if self._server is not None and self._owns_server:
             self._server.close()
         log.info("pipe %s closed", self.name)
 
@@ -443,3 +452,82 @@ class Pipe:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("broken" if self._broken else ("connected" if self._connected.is_set() else "waiting"))
         return f"<Pipe {self.name} {state} peer={self.peer} address={self.address}>"
+
+
+class PipeListener:
+    """Accepts any number of peers on one ``host:port``; each becomes its own :class:`Pipe`.
+
+    ``accept()`` hands out connected pipes in arrival order. Closing the listener
+    stops accepting; pipes already handed out stay usable until closed.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        name: str | None = None,
+        service: str = "pipe",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        device: str | torch.device = "cpu",
+        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+        heartbeat_s: float = HEARTBEAT_S,
+        peer_timeout_s: float = PEER_TIMEOUT_S,
+        max_pending: int = 64,
+    ):
+        import queue
+
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.service = service
+        self._kw = dict(name=self.name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
+                        heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        self._accepted: "queue.Queue[Pipe]" = queue.Queue(max_pending)
+        self._closed = False
+        self._server = ControlServer(host, port, self._on_hello, heartbeat_s=heartbeat_s,
+                                     peer_timeout_s=peer_timeout_s, name=service)
+        self.address = self._server.address
+        log.info("%s listener %s on %s", service, self.name, self.address)
+
+    def _on_hello(self, hello: Hello, link: Link) -> Welcome | Reject:
+        if self._closed:
+            return Reject("closed", f"listener {self.name} is closing")
+        if hello.service != self.service:
+            return Reject("service", f"this listener serves {self.service!r}, not {hello.service!r}")
+        if not (0 < hello.recv_tag < (1 << _TAG_BASE_BITS)):
+            return Reject("malformed", f"recv_tag {hello.recv_tag} out of range")
+        if self._accepted.full():
+            return Reject("busy", f"listener {self.name} has too many unaccepted peers")
+        pipe = Pipe(**self._kw)
+        pipe._server, pipe._owns_server = self._server, False
+        pipe.address = self.address
+        pipe.peer_meta = dict(hello.meta)
+        pipe._attach(link, hello.worker_address, hello.recv_tag, hello.capabilities)
+        self._accepted.put_nowait(pipe)
+        return Welcome(role=self.service, name=self.name, worker_address=pipe._engine.address,
+                       recv_tag=pipe._recv_tag, capabilities=_capabilities())
+
+    def accept(self, timeout: float | None = None) -> Pipe:
+        """The next connected peer's pipe; raises :class:`PeerTimeoutError` after ``timeout`` seconds."""
+        import queue
+
+        try:
+            return self._accepted.get(timeout=timeout)
+        except queue.Empty:
+            raise PeerTimeoutError(f"no peer connected to {self.address} within {timeout}s") from None
+
+    @property
+    def rejected(self) -> int:
+        """How many handshakes or messages this listener refused."""
+        return self._server.rejected
+
+    def close(self) -> None:
+        """Stop accepting and close the control socket (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._server.close()
+
+    def __enter__(self) -> "PipeListener":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
