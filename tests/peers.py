@@ -166,7 +166,7 @@ def one_tensor_sender(q: Any, address: str) -> None:
     _report(q, body)
 
 
-def cuda_peer(q: Any, role: str, address: str | None, src_dev: str, dst_dev: str) -> None:
+def cuda_peer(q: Any, role: str, address: str | None, src_dev: str, dst_dev: str, use_cupy: bool = False) -> None:
     """GPU test body: sends tensors from ``src_dev``; the receiver lands them on ``dst_dev``."""
     from transport import Pipe
 
@@ -183,8 +183,8 @@ def cuda_peer(q: Any, role: str, address: str | None, src_dev: str, dst_dev: str
         with Pipe.connect(address, timeout_s=60) as p:
             for i in range(4):
                 t = cuda_case(i).to(src_dev)
-                if i == 3:
-                    import cupy  # noqa: F401 - cupy arrays are accepted too
+                if i == 3 and use_cupy:
+                    import cupy  # cupy arrays are accepted too
 
                     t = cupy.asarray(t)
                 p.send_tensor(t)
