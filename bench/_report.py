@@ -191,9 +191,9 @@ def header_box(lines: Iterable[tuple[str, str]], out: TextIO) -> None:
 
 def table_header(is_latency: bool, out: TextIO) -> None:
     """The column header of ucx_perftest's table."""
-    what = "   latency (usec)   " if is_latency else "   overhead (usec)  "
+    what = ("       " + ("latency (usec)" if is_latency else "overhead (usec)")).ljust(30)
     print(_BAR, file=out)
-    print(f"|              |              |{what.center(30)}|   bandwidth (MB/s)  |  message rate (msg/s) |", file=out)
+    print(f"|              |              |{what}|   bandwidth (MB/s)  |  message rate (msg/s) |", file=out)
     print(_SUB, file=out)
     print("|    Stage     | # iterations | 50.0%ile | average | overall |  average |  overall |  average  |  overall  |",
           file=out)

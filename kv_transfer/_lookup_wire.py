@@ -25,7 +25,7 @@ import msgspec
 import numpy as np
 import torch
 
-from .errors import LookupProtocolError, WireVersionError
+from .errors import KVUsageError, LookupProtocolError, WireVersionError
 
 # Version history:
 #   1: first release (Fetch/Stats/Abort; Found/NotFound/StatsReply/AbortReply/ErrorReply).
@@ -223,6 +223,6 @@ def tokens_key(tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor]) -> O
         if r.dtype != torch.bool:
             r = r != 0
         if r.numel() != t.numel():
-            raise ValueError(f"roi has {r.numel()} elements but input_tokens has {t.numel()}")
+            raise KVUsageError(f"roi has {r.numel()} elements but input_tokens has {t.numel()}")
         t = t[r]
     return t.to(torch.int64).numpy()

@@ -27,3 +27,22 @@ def test_connect_to_nothing_fails_fast_and_names_the_address():
     with pytest.raises(PeerTimeoutError, match="127.0.0.1:1"):
         Pipe.connect("127.0.0.1:1", timeout_s=1.0)
     assert time.monotonic() - t0 < 5
+
+
+def test_receive_in_place_and_mismatch_is_a_protocol_error(peers):
+    import torch
+
+    from transport import Pipe, RemoteProtocolError
+
+    with Pipe.listen("127.0.0.1", 0, timeout_s=60) as p:
+        send = peers.start(P.one_tensor_sender, p.address)
+        out = torch.zeros(1000, dtype=torch.int32)
+        got = p.recv_tensor(out=out)
+        assert got is out and out.tolist() == list(range(1000))
+        p.send_tensor(None)
+        peers.expect(send, "ok", 60)
+    with Pipe.listen("127.0.0.1", 0, timeout_s=60) as p:
+        send = peers.start(P.one_tensor_sender, p.address)
+        with pytest.raises(RemoteProtocolError, match="expected float32"):
+            p.recv_tensor(out=torch.zeros(1000, dtype=torch.float32))
+    assert peers.get(send, 60)[0] == "error"  # the sender learns the pipe is gone

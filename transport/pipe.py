@@ -327,7 +327,7 @@ class Pipe:
         self.send_tensors_async([tensor]).wait(timeout)
 
     # -- receiving -------------------------------------------------------
-    def _post_recv(self, device: torch.device) -> _RecvSlot:
+    def _post_recv(self, device: torch.device, out: torch.Tensor | None = None) -> _RecvSlot:
         seq = self._recv_seq
         self._recv_seq += 1
         frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
@@ -339,7 +339,14 @@ class Pipe:
             slot.header = h
             if h.none:
                 return
-            t = torch.empty(h.shape, dtype=codec.DTYPES[h.dtype], device=device)
+            if out is not None:
+                if codec.DTYPES[h.dtype] != out.dtype or list(out.shape) != list(h.shape):
+                    raise RemoteProtocolError(
+                        f"{self.peer} sent {h.dtype}{list(h.shape)} but the receive expected "
+                        f"{codec.dtype_name(out.dtype)}{list(out.shape)}")
+                t = out
+            else:
+                t = torch.empty(h.shape, dtype=codec.DTYPES[h.dtype], device=device)
             slot.tensor = t
             self.bytes_received += h.nbytes
             if h.inline:
@@ -364,14 +371,29 @@ class Pipe:
             self._wait_ops([slot.payload_op], deadline, what + f" ({slot.header.nbytes} bytes)", None, None, slot.seq)
         return slot.tensor
 
-    def recv_tensors_async(self, n: int, device: str | torch.device | None = None) -> Handle:
-        """Post receives for the next ``n`` tensors; ``wait()`` returns them as a list, in order."""
+    def recv_tensors_async(
+        self, n: int | None = None, device: str | torch.device | None = None, out: Sequence[torch.Tensor] | None = None
+    ) -> Handle:
+        """Post receives for the next ``n`` tensors; ``wait()`` returns them as a list, in order.
+
+        With ``out``, the i-th tensor lands in ``out[i]`` in place (no allocation, no copy);
+        a tensor whose dtype or shape differs from its ``out`` is a :class:`RemoteProtocolError`.
+        """
+        if out is not None:
+            for i, o in enumerate(out):
+                if not o.is_contiguous():
+                    raise LocalUsageError(f"out[{i}] is not contiguous; receive into a contiguous tensor")
+            n = len(out)
+        if n is None:
+            raise LocalUsageError("recv_tensors_async needs n or out")
         self._check_usable()
         self.wait_connected()
         self._check_usable()
         dev = self.device if device is None else torch.device(device)
         with self._recv_lock:
-            slots = [self._post_recv(dev) for _ in range(n)]
+            if self._slots:
+                raise LocalUsageError("a receive is already pending on this pipe (a recv_tensor that timed out)")
+            slots = [self._post_recv(dev, None if out is None else out[i]) for i in range(n)]
             self._slots.extend(slots)
         handle = Handle(self, [], f"receiving {n} tensor(s) from {self.peer}")
 
@@ -397,12 +419,18 @@ class Pipe:
         h.wait = lambda timeout=None: inner(timeout)[0]  # type: ignore[method-assign]
         return h
 
-    def recv_tensor(self, device: str | torch.device | None = None, timeout: float | None = None) -> torch.Tensor | None:
+    def recv_tensor(
+        self, device: str | torch.device | None = None, timeout: float | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Receive the next tensor (or None) onto ``device`` (the pipe's default if None).
 
+        With ``out`` (contiguous, matching dtype and shape) the bytes land in it in place.
         A timeout here is not fatal: the receive stays posted and the next call
         picks it up, so nothing the peer sends is lost or reordered.
         """
+        if out is not None:
+            h = self.recv_tensors_async(out=[out])
+            return h.wait(timeout)[0]
         self._check_usable()
         self.wait_connected(timeout)
         self._check_usable()

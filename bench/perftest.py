@@ -1,0 +1,595 @@
+"""``ucxkv-perftest``: ucx_perftest-shaped benchmark of the ucxkv tensor Pipe.
+
+Server (waits on ``-p PORT``, serves one client, exits)::
+
+    ucxkv-perftest [-p 13337]
+
+Client::
+
+    ucxkv-perftest HOST -t tensor_bw -s 4K:64M -n 100 -w 10 [-m host[,host]] [--tls tcp]
+    ucxkv-perftest --local -t kv_bw --baseline ucx_perftest
+
+``--local`` starts a server subprocess on a free port and runs the client
+against it. The client tells the server what to run: the first tensor of each
+test is a JSON-encoded uint8 tensor with the parameters; the server answers
+with one describing itself (pid, effective UCX transports) and, after the
+test, one with its own findings (``kv_bw`` verification).
+
+Tests:
+
+* ``tensor_lat``: ping-pong of one tensor; one-way latency (half the round trip).
+* ``tensor_bw``: the client streams tensors with up to ``-O`` sends in flight,
+  the server keeps ``-O`` receives posted and acks once at the end.
+* ``kv_bw``: one request's paged KV cache from the client's caches into
+  *other* block ids of the server's caches, per iteration; ``--kv-mode gather``
+  stages (gather, one tensor, scatter), ``--kv-mode views`` sends one tensor
+  per contiguous block run and copies each into place on arrival. Checked
+  bit-exact once, after the last iteration.
+* ``lookup_lat``: skipped until ``kv_transfer.LookupBuffer`` exists.
+
+Output is ucx_perftest's table (``-v``: its CSV, ``--json``: one object per
+size); see docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+log = logging.getLogger("bench.perftest")
+
+DEFAULT_PORT = 13337
+TESTS = ("tensor_lat", "tensor_bw", "kv_bw", "lookup_lat")
+#: ucxx sets these on import unless present; pin them for every process we compare.
+PINNED_UCX_ENV = {"UCX_RNDV_THRESH": "8192", "UCX_MAX_RNDV_RAILS": "1", "UCX_MEMTYPE_CACHE": "n"}
+UCX_TEST_FOR = {"tensor_bw": "tag_bw", "kv_bw": "tag_bw", "tensor_lat": "tag_lat", "lookup_lat": "tag_lat"}
+
+
+# --------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI, ucx_perftest's flags first."""
+    ap = argparse.ArgumentParser(
+        prog="ucxkv-perftest",
+        description="ucx_perftest-style benchmark for the ucxkv tensor Pipe (server without HOST).")
+    ap.add_argument("host", nargs="?", help="server to connect to; omit to run the server")
+    ap.add_argument("-p", "--port", type=int, default=DEFAULT_PORT, help="server port (default %(default)s)")
+    ap.add_argument("-t", "--test", choices=TESTS, default="tensor_bw")
+    ap.add_argument("-s", "--size", default="8",
+                    help="message size(s) in bytes: 8,1K,1M and/or power-of-two ranges 4K:64M (ignored by kv_bw)")
+    ap.add_argument("-n", "--iters", type=int, default=None, help="measured iterations (default: by size)")
+    ap.add_argument("-w", "--warmup", type=int, default=None, help="warm-up iterations (default: by size)")
+    ap.add_argument("-m", "--mem", default="host", help="memory types: send[,recv] each host|cuda")
+    ap.add_argument("-O", "--outstanding", type=int, default=8, help="tensor_bw: sends/receives in flight")
+    ap.add_argument("-v", "--csv", action="store_true", help="print ucx_perftest's CSV instead of the table")
+    ap.add_argument("--json", action="store_true", help="print one JSON object per size")
+    ap.add_argument("--local", action="store_true", help="start a server subprocess here and run against it")
+    ap.add_argument("--bind", default="0.0.0.0", help="server: interface to listen on")
+    ap.add_argument("--tls", default=None, help="set UCX_TLS for every process (ours and baselines)")
+    ap.add_argument("--allow-cma", action="store_true",
+                    help="set UCXKV_ALLOW_CMA=1 so a shared-memory UCX_TLS keeps cma (as ucx_perftest does)")
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="compare with: ucx_perftest, pyzmq, gloo, nixl (repeat or comma-separate)")
+    ap.add_argument("--plot", metavar="FILE.png", help="bandwidth vs size, one line per implementation")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--timeout", type=float, default=120.0, help="per-operation timeout, seconds")
+    kv = ap.add_argument_group("kv_bw")
+    kv.add_argument("--layers", type=int, default=32)
+    kv.add_argument("--kv-heads", type=int, default=8)
+    kv.add_argument("--head-size", type=int, default=128)
+    kv.add_argument("--block-size", type=int, default=16)
+    kv.add_argument("--tokens", type=int, default=2048)
+    kv.add_argument("--dtype", default="bfloat16")
+    kv.add_argument("--layout", choices=["vllm_cpu", "flash_attn"], default="vllm_cpu")
+    ap.add_argument("--recv", choices=["into", "alloc"], default=None,
+                    help="into: receive into preallocated tensors (recv_tensor(out=...), like ucx_perftest); "
+                         "alloc: let every receive allocate (default: into when the Pipe supports it)")
+    kv.add_argument("--kv-mode", choices=["gather", "views"], default="gather",
+                    help="gather: stage in one tensor and scatter; views: send block views, copy into place")
+    ap.add_argument("--log-level", default="WARNING")
+    return ap
+
+
+def default_iters(test: str, size: int) -> tuple[int, int]:
+    """(iterations, warm-up) when not given: about 1 GiB (bw) or a fixed count (lat)."""
+    if test == "kv_bw":
+        return 5, 1
+    if test.endswith("lat"):
+        n = 10000 if size <= 65536 else max(20, min(10000, (256 << 20) // max(size, 1)))
+    else:
+        n = max(20, min(10000, (1 << 30) // max(size, 1)))
+    return n, max(1, min(100, n // 10))
+
+
+def _baselines(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for b in args.baseline:
+        out += [x.strip() for x in b.split(",") if x.strip()]
+    from ._baselines import BASELINES
+
+    for b in out:
+        if b not in BASELINES:
+            raise SystemExit(f"ucxkv-perftest: unknown baseline {b!r} (choose from {', '.join(BASELINES)})")
+    return list(dict.fromkeys(out))
+
+
+def _setup_env(args: argparse.Namespace) -> None:
+    """Explicit UCX settings for this process and every child (before ucxx is imported)."""
+    if args.tls:
+        os.environ["UCX_TLS"] = args.tls
+    if args.allow_cma:
+        os.environ["UCXKV_ALLOW_CMA"] = "1"
+    for k, v in PINNED_UCX_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+
+
+# --------------------------------------------------------------------------- helpers
+def _send_json(pipe: Any, obj: dict[str, Any]) -> None:
+    import torch
+
+    data = bytearray(json.dumps(obj).encode())
+    pipe.send_tensor(torch.frombuffer(data, dtype=torch.uint8).clone())
+
+
+def _recv_json(pipe: Any, timeout: float | None = None) -> dict[str, Any]:
+    t = pipe.recv_tensor(device="cpu", timeout=timeout)
+    return json.loads(bytes(t.numpy()).decode())
+
+
+def effective_tls() -> str:
+    """The UCX_TLS our engine actually uses in this process (after its sm rewrite)."""
+    from transport._engine import get_engine
+
+    return str(get_engine().context.config.get("TLS"))
+
+
+def _recv_mode(args: argparse.Namespace) -> str:
+    """``into`` when the Pipe can receive into an existing tensor (and not overridden), else ``alloc``."""
+    import inspect
+
+    from transport import Pipe
+
+    has_out = "out" in inspect.signature(Pipe.recv_tensor).parameters
+    if args.recv == "into" and not has_out:
+        raise SystemExit("ucxkv-perftest: --recv into needs Pipe.recv_tensor(out=...), which this transport lacks")
+    return args.recv or ("into" if has_out else "alloc")
+
+
+def _devices(mem: str) -> tuple[str, str]:
+    parts = [m.strip() for m in mem.split(",") if m.strip()] or ["host"]
+    if len(parts) == 1:
+        parts.append(parts[0])
+    for m in parts:
+        if m not in ("host", "cuda"):
+            raise SystemExit(f"ucxkv-perftest: memory type must be host or cuda, got {m!r}")
+    return tuple("cpu" if m == "host" else "cuda" for m in parts[:2])  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- kv_bw setup
+def kv_spec(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Shapes and ids of the kv_bw test, derived identically on both sides."""
+    import numpy as np
+
+    nblk = -(-cfg["tokens"] // cfg["block_size"])
+    nb = 2 * nblk
+    h, bs, d = cfg["kv_heads"], cfg["block_size"], cfg["head_size"]
+    shape = (nb, h, bs, 2 * d) if cfg["layout"] == "vllm_cpu" else (2, nb, bs, h, d)
+    src_ids = [2 * i for i in range(nblk)]  # never consecutive: one view per block
+    perm = np.random.default_rng(7).permutation(nblk)
+    dst_ids = [int(2 * p + 1) for p in perm]
+    return {"nblk": nblk, "shape": shape, "src_ids": src_ids, "dst_ids": dst_ids}
+
+
+def _layout(name: str) -> Any:
+    from kv_transfer.paged import PagedLayout
+
+    return PagedLayout.vllm_cpu() if name == "vllm_cpu" else PagedLayout.flash_attn()
+
+
+def _src_layer(cfg: dict[str, Any], shape: Sequence[int], layer: int, device: str) -> Any:
+    """Deterministic random bits for source layer ``layer`` (both sides can rebuild it)."""
+    import math
+
+    import torch
+
+    dtype = getattr(torch, cfg["dtype"])
+    esize = torch.empty(0, dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(1234 + layer)
+    raw = torch.randint(0, 256, (math.prod(shape) * esize,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).view(*shape).to(device)
+
+
+def kv_request_bytes(cfg: dict[str, Any]) -> int:
+    """Bytes of one request's KV (all layers, K and V)."""
+    import torch
+
+    esize = torch.empty(0, dtype=getattr(torch, cfg["dtype"])).element_size()
+    nblk = -(-cfg["tokens"] // cfg["block_size"])
+    return cfg["layers"] * nblk * cfg["block_size"] * cfg["kv_heads"] * cfg["head_size"] * 2 * esize
+
+
+# --------------------------------------------------------------------------- server
+def serve(args: argparse.Namespace, connect_timeout: float = 3600.0) -> int:
+    """Wait for one client and run whatever tests it asks for; exit when it says bye."""
+    from transport import Pipe
+
+    pipe = Pipe.listen(args.bind, args.port, timeout_s=args.timeout)
+    print(f"Waiting for connection on {pipe.address}...", flush=True)
+    try:
+        pipe.wait_connected(connect_timeout)
+        print(f"Accepted connection from {pipe.peer}", flush=True)
+        while True:
+            cfg = _recv_json(pipe, timeout=connect_timeout)
+            if cfg.get("cmd") == "bye":
+                break
+            _send_json(pipe, {"pid": os.getpid(), "tls": effective_tls(),
+                              "allow_cma": os.environ.get("UCXKV_ALLOW_CMA", "0")})
+            report = _serve_one(pipe, cfg)
+            _send_json(pipe, report)
+    finally:
+        pipe.close()
+    return 0
+
+
+def _serve_one(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    test, dev = cfg["test"], cfg["recv_dev"]
+    total = cfg["iters"] + cfg["warmup"]
+    if test == "tensor_lat":
+        rbuf = torch.empty(cfg["size"], dtype=torch.uint8, device=dev)
+        for _ in range(total):
+            got = pipe.recv_tensor(out=rbuf) if cfg.get("recv") == "into" else pipe.recv_tensor(device=dev)
+            pipe.send_tensor(got)
+        return {}
+    into = cfg.get("recv") == "into"
+    if test == "tensor_bw":
+        window = max(1, cfg["window"])
+        rbuf = torch.empty(cfg["size"], dtype=torch.uint8, device=dev) if into else None
+        for count in (cfg["warmup"], cfg["iters"]):
+            done = 0
+            while done < count:  # one batch of receives posted at a time (the Pipe allows one pending batch)
+                k = min(window, count - done)
+                if into:
+                    pipe.recv_tensors_async(out=[rbuf] * k).wait()
+                else:
+                    pipe.recv_tensors_async(k, dev).wait()
+                done += k
+            pipe.send_tensor(None)  # ack
+        return {}
+    if test == "kv_bw":
+        return _serve_kv(pipe, cfg, dev)
+    raise ValueError(f"unknown test {test!r}")
+
+
+def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
+    import torch
+
+    from kv_transfer.paged import block_views, gather_blocks, scatter_blocks, staging_shape
+
+    spec = kv_spec(cfg)
+    layout = _layout(cfg["layout"])
+    dtype = getattr(torch, cfg["dtype"])
+    dst = [torch.zeros(spec["shape"], dtype=dtype, device=dev) for _ in range(cfg["layers"])]
+    dst_ids = spec["dst_ids"]
+    into = cfg.get("recv") == "into"
+    staging_in = None
+    if into and cfg["kv_mode"] == "gather":
+        staging_in = torch.empty(staging_shape(dst, layout, len(dst_ids)), dtype=dtype, device=dev)
+    timings: list[float] = []
+    for _ in range(cfg["iters"] + cfg["warmup"]):
+        if cfg["kv_mode"] == "gather":
+            staging = pipe.recv_tensor(out=staging_in) if into else pipe.recv_tensor(device=dev)
+            t0 = time.perf_counter()
+            scatter_blocks(dst, layout, dst_ids, staging)
+        else:
+            views = block_views(dst, layout, dst_ids)
+            if into:  # straight into the cache blocks: zero copy on the receive side
+                pipe.recv_tensors_async(out=views).wait()
+                t0 = time.perf_counter()
+            else:
+                got = pipe.recv_tensors_async(len(views), dev).wait()
+                t0 = time.perf_counter()
+                for v, g in zip(views, got):
+                    v.copy_(g)
+        timings.append(time.perf_counter() - t0)
+        pipe.send_tensor(None)  # this request is in place
+    # Verify once, layer by layer, against the sender's deterministic data.
+    bad = []
+    for layer in range(cfg["layers"]):
+        src = _src_layer(cfg, spec["shape"], layer, dev)
+        want = gather_blocks([src], layout, spec["src_ids"])
+        got = gather_blocks([dst[layer]], layout, dst_ids)
+        if not _same_bits(want, got):
+            bad.append(layer)
+    return {"verified": not bad, "bad_layers": bad, "blocks": spec["nblk"],
+            "recv_place_s_median": sorted(timings)[len(timings) // 2]}
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    """Bit-for-bit equality (NaN payloads included)."""
+    import torch
+
+    m = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(m), b.view(m))
+
+
+# --------------------------------------------------------------------------- client
+def _client_one(pipe: Any, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Run one test against the server; return (Result, server info + report)."""
+    import torch
+
+    from ._report import compute_rows
+
+    _send_json(pipe, cfg)
+    info = _recv_json(pipe)
+    test, size, dev = cfg["test"], cfg["size"], cfg["send_dev"]
+    n, w = cfg["iters"], cfg["warmup"]
+    if test == "tensor_lat":
+        t = torch.ones(size, dtype=torch.uint8, device=dev)
+        rbuf = torch.empty(size, dtype=torch.uint8, device=dev)
+        into = cfg.get("recv") == "into"
+        durs: list[float] = []
+        for i in range(w + n):
+            t0 = time.perf_counter()
+            pipe.send_tensor(t)
+            if into:
+                pipe.recv_tensor(out=rbuf)
+            else:
+                pipe.recv_tensor(device=dev)
+            if i >= w:
+                durs.append(time.perf_counter() - t0)
+        ends = list(_cumsum(durs))
+        res = compute_rows(test, size, ends, durs_s=durs, one_way_div=2.0)
+    elif test == "tensor_bw":
+        t = torch.ones(size, dtype=torch.uint8, device=dev)
+        window = max(1, cfg["window"])
+        ends, elapsed = [], 0.0
+        for count, timed in ((w, False), (n, True)):
+            q: collections.deque = collections.deque()
+            e: list[float] = []
+            t0 = time.perf_counter()
+            for _ in range(count):
+                if len(q) >= window:
+                    q.popleft().wait()
+                    e.append(time.perf_counter() - t0)
+                q.append(pipe.send_tensor_async(t))
+            while q:
+                q.popleft().wait()
+                e.append(time.perf_counter() - t0)
+            pipe.recv_tensor()  # ack: the server has everything
+            if timed:
+                ends, elapsed = e, time.perf_counter() - t0
+        res = compute_rows(test, size, ends, elapsed_s=elapsed)
+    elif test == "kv_bw":
+        res = _client_kv(pipe, cfg)
+    else:
+        raise ValueError(test)
+    report = _recv_json(pipe)
+    res.info.update({"server_tls": info.get("tls"), "client_tls": effective_tls()})
+    res.info.update({k: v for k, v in report.items()})
+    return res, info
+
+
+def _cumsum(xs: Sequence[float]) -> Any:
+    s = 0.0
+    for x in xs:
+        s += x
+        yield s
+
+
+def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
+    import torch
+
+    from kv_transfer.paged import block_views, gather_blocks, staging_shape
+
+    from ._report import compute_rows
+
+    spec = kv_spec(cfg)
+    layout = _layout(cfg["layout"])
+    dev = cfg["send_dev"]
+    src = [_src_layer(cfg, spec["shape"], layer, dev) for layer in range(cfg["layers"])]
+    ids = spec["src_ids"]
+    staging = None
+    if cfg["kv_mode"] == "gather":
+        staging = torch.empty(staging_shape(src, layout, len(ids)), dtype=src[0].dtype, device=dev)
+    durs: list[float] = []
+    for i in range(cfg["warmup"] + cfg["iters"]):
+        t0 = time.perf_counter()
+        if staging is not None:
+            gather_blocks(src, layout, ids, out=staging)
+            pipe.send_tensor(staging)
+        else:
+            pipe.send_tensors(block_views(src, layout, ids))
+        pipe.recv_tensor()  # the request's blocks are in the server's cache
+        if i >= cfg["warmup"]:
+            durs.append(time.perf_counter() - t0)
+    res = compute_rows("kv_bw", cfg["size"], list(_cumsum(durs)), durs_s=durs)
+    pieces = len(block_views(src, layout, ids))
+    res.info.update({"kv_pieces": pieces, "kv_mode": cfg["kv_mode"], "layout": cfg["layout"]})
+    return res
+
+
+def _spawn_local_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    from ._baselines import free_port
+
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "bench.perftest", "-p", str(port), "--bind", "127.0.0.1",
+           "--timeout", str(args.timeout), "--log-level", args.log_level, "--_connect-timeout", "120"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    return proc, port
+
+
+def run_client(args: argparse.Namespace) -> int:
+    """Client side: run the tests, the baselines, print the report."""
+    from . import _baselines as B
+    from . import _report as R
+
+    out = sys.stdout
+    test = args.test
+    baselines = _baselines(args)
+    if test == "lookup_lat":
+        try:
+            from kv_transfer import LookupBuffer  # type: ignore[attr-defined]  # noqa: F401
+            reason = "kv_transfer.LookupBuffer exists but this perftest version does not drive it yet"
+        except ImportError as exc:
+            reason = f"kv_transfer.LookupBuffer is not importable yet ({exc})"
+        if args.json:
+            print(json.dumps({"test": test, "skipped": reason}), file=out)
+        else:
+            print(f"lookup_lat: SKIPPED: {reason}", file=out)
+        return 0
+
+    send_dev, recv_dev = _devices(args.mem)
+    kv_keys = ("layers", "kv_heads", "head_size", "block_size", "tokens", "dtype", "layout", "kv_mode")
+    if test == "kv_bw":
+        kcfg = {k: getattr(args, k) for k in kv_keys}
+        sizes = [kv_request_bytes(kcfg)]
+    else:
+        sizes = R.parse_sizes(args.size)
+
+    server = None
+    host = args.host
+    if args.local:
+        server, port = _spawn_local_server(args)
+        host = "127.0.0.1"
+    else:
+        port = args.port
+    from transport import Pipe
+
+    is_lat = test.endswith("lat")
+    ours: list[R.Result] = []
+    progress = R.Progress(len(sizes), enabled=not args.no_progress)
+    try:
+        pipe = Pipe.connect(f"{host}:{port}", timeout_s=args.timeout)
+        try:
+            if args.csv:
+                print(R.CSV_HEADER, file=out, flush=True)
+            for size in sizes:
+                n, w = default_iters(test, size)
+                n = args.iters if args.iters is not None else n
+                w = args.warmup if args.warmup is not None else w
+                cfg = {"cmd": "run", "test": test, "size": size, "iters": n, "warmup": w,
+                       "send_dev": send_dev, "recv_dev": recv_dev, "window": args.outstanding,
+                       "recv": _recv_mode(args)}
+                if test == "kv_bw":
+                    cfg.update({k: getattr(args, k) for k in kv_keys})
+                res, info = _client_one(pipe, cfg)
+                res.info.update({"iters": n, "warmup": w, "recv": cfg["recv"]})
+                ours.append(res)
+                if args.csv:
+                    print(res.final.csv(), file=out, flush=True)  # type: ignore[union-attr]
+                elif not args.json:
+                    _print_header(res, args, out)
+                    R.print_table(res, is_lat, out)
+                    if test == "kv_bw":
+                        ok = "OK (bit-exact)" if res.info.get("verified") else f"FAILED layers {res.info.get('bad_layers')}"
+                        print(f"Verify: {ok}; {res.info.get('blocks')} blocks x {args.layers} layers, "
+                              f"{res.info.get('kv_pieces')} block pieces, mode {args.kv_mode}", file=out, flush=True)
+                progress.step(R.human_size(size))
+            _send_json(pipe, {"cmd": "bye"})
+        finally:
+            pipe.close()
+    finally:
+        if server is not None:
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+    # Baselines run after our server is gone, so nothing else competes for the cores.
+    base_results: dict[str, dict[int, R.Result | str]] = {}
+    env = dict(os.environ)
+    for b in baselines:
+        per: dict[int, R.Result | str] = {}
+        try:
+            if b == "ucx_perftest":
+                mem = None if args.mem in ("host", "host,host") else args.mem
+                for r in ours:
+                    per[r.size] = B.run_ucx_perftest(UCX_TEST_FOR[test], r.size, r.info["iters"], r.info["warmup"],
+                                                     env, mem=mem)
+            elif b in ("pyzmq", "gloo"):
+                if send_dev != "cpu" or recv_dev != "cpu":
+                    raise RuntimeError(f"{b} baseline runs on host memory only")
+                fn = B.run_pyzmq if b == "pyzmq" else B.run_gloo
+                n0, w0 = ours[0].info["iters"], ours[0].info["warmup"]
+                for r in fn("tag_lat" if is_lat else "tag_bw", [r.size for r in ours], n0, w0, env):
+                    r.test = test
+                    per[r.size] = r
+            else:
+                for r in ours:
+                    per[r.size] = B.nixl_skip_reason()
+        except Exception as exc:  # noqa: BLE001 - a failed baseline is reported, not fatal
+            log.warning("baseline %s failed: %s", b, exc)
+            for r in ours:
+                per.setdefault(r.size, f"failed: {exc}")
+        base_results[b] = per
+
+    if baselines:
+        cmp_out = sys.stderr if (args.csv or args.json) else out
+        if not (args.csv or args.json):
+            print(f"\nComparison ({'one-way latency, lower is better' if is_lat else 'overall bandwidth'}; "
+                  f"ucxkv TLS client={ours[0].info.get('client_tls')} server={ours[0].info.get('server_tls')}; "
+                  f"baselines UCX_TLS={os.environ.get('UCX_TLS', '(unset)')})", file=cmp_out)
+        for r in ours:
+            R.print_comparison(r, {b: base_results[b][r.size] for b in baselines}, is_lat, cmp_out)
+    if args.json:
+        for r in ours:
+            print(R.json_line(r, {b: base_results[b][r.size] for b in baselines}), file=out, flush=True)
+    if args.plot:
+        series: dict[str, list[R.Result]] = {"ucxkv": ours}
+        for b in baselines:
+            rs = [v for v in base_results[b].values() if isinstance(v, R.Result)]
+            if rs:
+                series[b] = rs
+        R.plot(series, args.plot, f"{test} ({os.environ.get('UCX_TLS', 'UCX_TLS unset')})")
+    if test == "kv_bw" and not all(r.info.get("verified") for r in ours):
+        return 2
+    return 0
+
+
+def _print_header(res: Any, args: argparse.Namespace, out: Any) -> None:
+    from ._report import header_box
+
+    lines = [("API", "ucxkv Pipe (ucxx tag send/recv + ZeroMQ control)"),
+             ("Test", {"tensor_lat": "tensor ping-pong latency", "tensor_bw": "tensor streaming bandwidth",
+                       "kv_bw": "paged KV request bandwidth"}[res.test]),
+             ("Data layout", f"{args.kv_mode} ({args.layout}, {res.info.get('kv_pieces')} pieces)"
+              if res.test == "kv_bw" else "contiguous tensor"),
+             ("Send memory", args.mem.split(",")[0]),
+             ("Recv memory", args.mem.split(",")[-1]),
+             ("Message size", str(res.size)),
+             ("Receive", f"{res.info.get('recv')} ({'preallocated out=' if res.info.get('recv') == 'into' else 'allocating'})"),
+             ("Window size", str(args.outstanding if res.test == "tensor_bw" else 1)),
+             ("Transports", f"client {res.info.get('client_tls')} | server {res.info.get('server_tls')}")]
+    header_box(lines, out)
+
+
+# --------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``ucxkv-perftest``; returns the exit status."""
+    ap = build_parser()
+    ap.add_argument("--_connect-timeout", dest="connect_timeout", type=float, default=3600.0,
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    _setup_env(args)
+    if args.host is None and not args.local:
+        return serve(args, args.connect_timeout)
+    return run_client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Engine-agnostic connector core: a KV producer and a KV consumer over the LookupBuffer.
+
+The producer (prefill side) copies a request's blocks out of its per-layer
+paged caches into staging tensors (:func:`kv_transfer.paged.gather_blocks`)
+and inserts them into a :class:`LookupBuffer` keyed by the request id *and*
+its token ids. The consumer (decode side) fetches the entry for each of its
+requests through any *source* with a ``fetch`` method (a local
+:class:`LookupBuffer`, a :class:`LookupClient`, or a
+:class:`MultiProducerClient`) and scatters the blocks into its **own** block
+ids (:func:`kv_transfer.paged.scatter_blocks`), reporting per request which
+blocks arrived.
+
+Entry format (one per request, or one per request and layer):
+``input_tokens`` = the token ids (int64), ``roi`` = None, ``key`` = a list of
+per-layer staging tensors, each ``(num_blocks, *per_block_shape)``, ``value``
+= None (the paged layouts here keep K and V in one tensor per layer),
+``hidden`` = the optional hidden states. Per-layer tensors are views of one
+contiguous gather, so the server sends them without another copy.
+
+Why staging and not block views: sending :func:`block_views` would save the
+producer's gather copy, but it pins the engine's blocks until the consumer
+fetched them (the engine could not reuse them for other requests meanwhile)
+and it sends one tensor per run of consecutive ids and per K/V half instead
+of one per layer; the transport's receive also cannot land into existing
+memory, so the consumer copies once anyway. Staging decouples the two
+engines' block lifetimes at the price of one device-local copy.
+
+Layer by layer: :meth:`KVProducer.save_layer` inserts one entry per request
+for a single layer (request id ``"<id>@L<layer>"``), and
+:meth:`KVConsumer.load_layer` fetches and scatters that layer, so a pipeline
+can ship layer ``l`` while computing layer ``l + 1``.
+
+Lifecycle: an entry is released when fetched, when its lease expires on the
+producer, or on ``abort(request_id)`` from either side.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .errors import KVTransferError, KVUsageError
+from .lookup_buffer import LookupBuffer
+from .paged import BlockIds, PagedLayout, gather_blocks, scatter_blocks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KVRequest", "LoadResult", "KVProducer", "KVConsumer", "layer_request_id"]
+
+TokenIds = Union[Sequence[int], torch.Tensor]
+
+
+def layer_request_id(request_id: str, layer_idx: int) -> str:
+    """The lookup key of one layer's entry of ``request_id``."""
+    return f"{request_id}@L{int(layer_idx)}"
+
+
+@dataclass(frozen=True)
+class KVRequest:
+    """One request as either engine sees it: its id, token ids, and its own block ids."""
+
+    request_id: str
+    token_ids: TokenIds
+    block_ids: BlockIds
+
+    def tokens_tensor(self) -> torch.Tensor:
+        """The token ids as a 1-D int64 CPU tensor."""
+        t = self.token_ids if isinstance(self.token_ids, torch.Tensor) else torch.as_tensor(list(self.token_ids))
+        return t.detach().reshape(-1).to("cpu", torch.int64)
+
+    def block_list(self) -> List[int]:
+        """The block ids as a list of ints."""
+        b = self.block_ids
+        return [int(x) for x in (b.tolist() if hasattr(b, "tolist") else b)]
+
+
+@dataclass
+class LoadResult:
+    """What arrived for one request. ``ok`` means every block (and layer asked for) arrived."""
+
+    request_id: str
+    ok: bool
+    loaded_block_ids: List[int] = field(default_factory=list)
+    failed_block_ids: List[int] = field(default_factory=list)
+    hidden: Optional[torch.Tensor] = None
+    error: Optional[str] = None
+
+
+def _check_caches(caches: Sequence[torch.Tensor], layout: PagedLayout, who: str) -> List[torch.Tensor]:
+    if isinstance(caches, torch.Tensor) or not caches:
+        raise KVUsageError(f"{who}: caches must be a non-empty list of per-layer tensors")
+    caches = list(caches)
+    for i, c in enumerate(caches):
+        layout.check_tensor(c, f"{who} layer {i}")
+    return caches
+
+
+class KVProducer:
+    """Makes requests' KV available in a :class:`LookupBuffer` (prefill side).
+
+    Args:
+        buffer: Where entries go (typically served with :meth:`LookupBuffer.serve`).
+        caches: The engine's per-layer paged caches (read only).
+        layout: Their :class:`PagedLayout`.
+        insert_timeout_s: How long an insert may wait for room (back-pressure).
+        lease_s: Lease of each entry (None: the buffer's default).
+    """
+
+    def __init__(self, buffer: LookupBuffer, caches: Sequence[torch.Tensor], layout: PagedLayout, *,
+                 insert_timeout_s: float = 30.0, lease_s: Optional[float] = None):
+        self.buffer = buffer
+        self.caches = _check_caches(caches, layout, "KVProducer")
+        self.layout = layout
+        self.insert_timeout_s = float(insert_timeout_s)
+        self.lease_s = lease_s
+
+    def save(self, requests: Sequence[KVRequest], hidden: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        """Gather every layer's blocks of each request and insert one entry per request.
+
+        Returns once all entries are in the buffer. Raises
+        :class:`BufferFullError` if the buffer stays full past
+        ``insert_timeout_s`` (entries of earlier requests stay inserted).
+        """
+        for r in requests:
+            staging = gather_blocks(self.caches, self.layout, r.block_list())
+            h = None if hidden is None else hidden.get(r.request_id)
+            self.buffer.insert(r.tokens_tensor(), None, list(staging.unbind(0)), None, h,
+                               request_id=r.request_id, lease_s=self.lease_s, timeout=self.insert_timeout_s)
+
+    def save_layer(self, layer_idx: int, requests: Sequence[KVRequest]) -> None:
+        """Insert one entry per request holding only layer ``layer_idx`` (see :func:`layer_request_id`)."""
+        if not 0 <= layer_idx < len(self.caches):
+            raise KVUsageError(f"save_layer: layer {layer_idx} outside [0, {len(self.caches)})")
+        for r in requests:
+            staging = gather_blocks([self.caches[layer_idx]], self.layout, r.block_list())
+            self.buffer.insert(r.tokens_tensor(), None, [staging[0]], None, None,
+                               request_id=layer_request_id(r.request_id, layer_idx), lease_s=self.lease_s,
+                               timeout=self.insert_timeout_s)
+
+    def abort(self, request_id: str) -> int:
+        """Drop every entry of ``request_id`` (whole and per-layer); returns how many."""
+        n = self.buffer.abort(request_id)
+        for layer in range(len(self.caches)):
+            n += self.buffer.abort(layer_request_id(request_id, layer))
+        return n
+
+
+class KVConsumer:
+    """Fetches requests' KV into this engine's own blocks (decode side).
+
+    Args:
+        source: Anything with ``fetch(tokens, roi, *, request_id, wait_s, device)``
+            returning a :class:`Match` or None: a :class:`LookupClient`, a
+            :class:`MultiProducerClient` or a local :class:`LookupBuffer`.
+        caches: The engine's per-layer paged caches (written only at the
+            requests' block ids).
+        layout: Their :class:`PagedLayout`.
+        wait_s: Default bound on waiting for each request's entry.
+    """
+
+    def __init__(self, source: Any, caches: Sequence[torch.Tensor], layout: PagedLayout, *, wait_s: float = 5.0):
+        self.source = source
+        self.caches = _check_caches(caches, layout, "KVConsumer")
+        self.layout = layout
+        self.wait_s = float(wait_s)
+        self._per_block = layout.per_block_shape(self.caches[0])
+
+    def _load_one(self, r: KVRequest, layers: List[int], request_id: str, wait_s: float) -> LoadResult:
+        dst = r.block_list()
+        res = LoadResult(r.request_id, False, [], list(dst))
+        try:
+            m = self.source.fetch(r.tokens_tensor(), None, request_id=request_id, wait_s=wait_s,
+                                  device=self.caches[0].device)
+        except KVTransferError as exc:
+            res.error = f"fetch failed: {exc}"
+            return res
+        if m is None:
+            res.error = f"no entry for {request_id} within {wait_s:.1f}s"
+            return res
+        key = m.key
+        if not isinstance(key, list) or len(key) != len(layers):
+            got = type(key).__name__ if not isinstance(key, list) else f"{len(key)} layers"
+            res.error = f"entry for {request_id} holds {got}, expected {len(layers)} layer tensor(s)"
+            return res
+        n = int(key[0].shape[0]) if key[0].dim() else -1
+        want = (len(dst), *self._per_block)
+        bad = [i for i, t in enumerate(key)
+               if t.dtype != self.caches[0].dtype or tuple(t.shape[1:]) != tuple(self._per_block) or t.shape[0] != n]
+        if bad or n < 0 or n > len(dst):
+            t = key[bad[0] if bad else 0]
+            res.error = (f"entry for {request_id}: layer tensor {t.dtype}{tuple(t.shape)} does not fit "
+                         f"{self.caches[0].dtype}{want} (destination blocks)")
+            return res
+        if n:
+            dev = self.caches[0].device
+            for li, t in zip(layers, key):
+                scatter_blocks([self.caches[li]], self.layout, dst[:n], t.to(dev).unsqueeze(0))
+        res.loaded_block_ids, res.failed_block_ids = dst[:n], dst[n:]
+        res.hidden = m.hidden if isinstance(m.hidden, torch.Tensor) else None
+        res.ok = n == len(dst)
+        if not res.ok:
+            res.error = f"only {n} of {len(dst)} blocks arrived for {request_id}"
+        return res
+
+    def load(self, requests: Sequence[KVRequest], *, wait_s: Optional[float] = None) -> Dict[str, LoadResult]:
+        """Fetch every layer of each request into its block ids; per-request results, never raises for data.
+
+        A request whose entry does not arrive within ``wait_s`` (or arrives
+        malformed) is reported with ``ok=False`` and all its block ids failed;
+        its blocks are left untouched. A short entry fills the leading blocks
+        and reports the rest as failed.
+        """
+        w = self.wait_s if wait_s is None else float(wait_s)
+        layers = list(range(len(self.caches)))
+        return {r.request_id: self._load_one(r, layers, r.request_id, w) for r in requests}
+
+    def load_layer(self, layer_idx: int, requests: Sequence[KVRequest], *,
+                   wait_s: Optional[float] = None) -> Dict[str, LoadResult]:
+        """Fetch layer ``layer_idx`` of each request (saved with :meth:`KVProducer.save_layer`)."""
+        if not 0 <= layer_idx < len(self.caches):
+            raise KVUsageError(f"load_layer: layer {layer_idx} outside [0, {len(self.caches)})")
+        w = self.wait_s if wait_s is None else float(wait_s)
+        return {r.request_id: self._load_one(r, [layer_idx], layer_request_id(r.request_id, layer_idx), w)
+                for r in requests}
+
+    def abort(self, request_id: str, num_layers: Optional[int] = None) -> int:
+        """Tell the producer(s) to drop ``request_id`` (and its per-layer entries); returns how many."""
+        n = self.source.abort(request_id)
+        for layer in range(len(self.caches) if num_layers is None else num_layers):
+            n += self.source.abort(layer_request_id(request_id, layer))
+        return n

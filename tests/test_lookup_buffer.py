@@ -1,0 +1,256 @@
+"""LookupBuffer tests: pure logic in-process (no UCX), then producer/consumer processes over real pipes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from kv_transfer import (
+    BufferFullError,
+    EntryTooLargeError,
+    KVTransferError,
+    KVUsageError,
+    LookupBuffer,
+    LookupProtocolError,
+    WireVersionError,
+)
+from kv_transfer import _lookup_wire as wire
+from tests import kv_peers as K
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def toks(*xs: int) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.int64)
+
+
+# -- matching ------------------------------------------------------------------------
+def test_exact_match_returns_entry_and_drops_it():
+    buf = LookupBuffer(1 << 20)
+    k = torch.randn(4)
+    buf.insert(toks(1, 2, 3), None, k, None, None)
+    got = buf.drop_select(toks(1, 2, 3), None)
+    assert got[2] is k and got[3] is None and got[4] is None  # the stored tensor itself
+    assert buf.drop_select(toks(1, 2, 3), None) == [None] * 5
+    assert buf.bytes_used == 0 and buf.num_entries == 0
+
+
+def test_roi_masks_tokens_on_both_sides():
+    buf = LookupBuffer(1 << 20)
+    buf.insert(toks(1, 2, 3, 9), torch.tensor([1, 1, 1, 0], dtype=torch.bool), torch.ones(1), None, None)
+    assert buf.drop_select(toks(1, 2, 3, 4), None)[0] is None  # unmasked query differs
+    got = buf.drop_select(toks(7, 1, 2, 3), torch.tensor([False, True, True, True]))
+    assert got[0] is not None and got[1] is not None
+
+
+def test_no_match_waits_the_bounded_time_then_gives_nones():
+    buf = LookupBuffer(1 << 20)
+    t0 = time.monotonic()
+    assert buf.drop_select(toks(5), None, wait_s=0.3) == [None] * 5
+    assert 0.28 <= time.monotonic() - t0 < 2
+
+
+def test_waiting_select_sees_a_later_insert():
+    buf = LookupBuffer(1 << 20)
+    threading.Timer(0.1, lambda: buf.insert(toks(8), None, torch.ones(2), None, None)).start()
+    got = buf.drop_select(toks(8), None, wait_s=5)
+    assert got[2] is not None
+
+
+def test_longest_prefix_match_reports_matched_tokens():
+    buf = LookupBuffer(1 << 20)
+    buf.insert(toks(1, 2, 3, 4, 5), None, torch.zeros(1), None, None, request_id="long")
+    buf.insert(toks(1, 2, 9), None, torch.zeros(1), None, None, request_id="short")
+    assert buf.fetch(toks(1, 2, 3, 7), None) is None  # exact only by default
+    m = buf.fetch(toks(1, 2, 3, 7), None, prefix=True)
+    assert m.request_id == "long" and m.matched == 3
+    assert buf.fetch(toks(4, 4), None, prefix=True) is None  # nothing shared
+    assert buf.fetch(toks(1, 2, 9, 9), None, prefix=True, min_prefix=4) is None
+    assert buf.fetch(toks(1, 2, 9, 9), None, prefix=True).matched == 3
+
+
+def test_request_id_scopes_entries():
+    buf = LookupBuffer(1 << 20)
+    buf.insert(toks(1, 2), None, torch.zeros(1), None, None, request_id="a")
+    buf.insert(toks(1, 2), None, torch.ones(1), None, None, request_id="b")
+    assert buf.fetch(toks(1, 2), None, request_id="c") is None
+    assert buf.fetch(toks(1, 2), None, request_id="b").key.item() == 1
+    assert buf.fetch(None, None, request_id="a").key.item() == 0
+    with pytest.raises(KVUsageError, match="needs input_tokens or a request_id"):
+        buf.fetch(None, None)
+
+
+def test_duplicates_are_served_in_insertion_order():
+    buf = LookupBuffer(1 << 20)
+    for i in range(3):
+        buf.insert(toks(4), None, torch.tensor([i]), None, None)
+    assert [buf.drop_select(toks(4), None)[2].item() for _ in range(3)] == [0, 1, 2]
+
+
+def test_parts_may_be_lists_and_bytes_are_counted():
+    buf = LookupBuffer(1 << 20)
+    layers = [torch.zeros(10), torch.zeros(6, dtype=torch.float16)]
+    buf.insert(toks(1, 2), None, layers, torch.zeros(3, dtype=torch.int8), torch.zeros(2))
+    assert buf.bytes_used == 2 * 8 + 40 + 12 + 3 + 8
+    with pytest.raises(KVUsageError, match=r"key\[1\]"):
+        buf.insert(toks(3), None, [torch.zeros(1), "x"], None, None)
+    with pytest.raises(KVUsageError, match="integer token ids"):
+        buf.insert(torch.zeros(2), None, None, None, None)
+
+
+# -- capacity and back-pressure ----------------------------------------------------
+def test_entry_larger_than_capacity_is_refused_at_once():
+    buf = LookupBuffer(100)
+    with pytest.raises(EntryTooLargeError, match="can never fit"):
+        buf.insert(toks(1), None, torch.zeros(100), None, None)
+
+
+def test_full_buffer_insert_times_out_with_a_clear_error():
+    buf = LookupBuffer(100)
+    buf.insert(None, None, torch.zeros(20), None, None, request_id="a")  # 80 bytes
+    t0 = time.monotonic()
+    with pytest.raises(BufferFullError, match=r"80/100 bytes held by 1 entries") as ei:
+        buf.insert(None, None, torch.zeros(10), None, None, request_id="b", timeout=0.2)
+    assert isinstance(ei.value, KVTransferError) and 0.18 <= time.monotonic() - t0 < 2
+
+
+def test_full_buffer_insert_proceeds_when_a_consumer_drains():
+    buf = LookupBuffer(100)
+    buf.insert(None, None, torch.zeros(20), None, None, request_id="a")
+    threading.Timer(0.2, lambda: buf.fetch(None, None, request_id="a")).start()
+    t0 = time.monotonic()
+    buf.insert(None, None, torch.zeros(20), None, None, request_id="b", timeout=5)
+    assert 0.15 <= time.monotonic() - t0 < 3 and buf.bytes_used == 80
+
+
+# -- leases, claims, abort ---------------------------------------------------------
+def test_lease_expiry_drops_unclaimed_entries():
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 20, lease_s=10, clock=clock)
+    buf.insert(toks(1), None, torch.zeros(4), None, None)
+    buf.insert(toks(2), None, torch.zeros(4), None, None, lease_s=100)
+    clock.t += 11
+    assert buf.num_entries == 1 and buf.expired == 1
+    assert buf.drop_select(toks(1), None)[0] is None
+    clock.t += 100
+    assert buf.bytes_used == 0
+
+
+def test_claimed_entry_is_invisible_and_survives_its_lease_until_released():
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 20, lease_s=1, clock=clock)
+    buf.insert(toks(1), None, torch.zeros(4), None, None)
+    handle, m = buf.claim(toks(1), None)
+    assert buf.fetch(toks(1), None) is None
+    clock.t += 5
+    assert buf.num_entries == 1  # memory still being sent
+    buf.release(handle)
+    buf.release(handle)  # idempotent
+    assert buf.bytes_used == 0
+
+
+def test_unclaim_after_a_failed_send_makes_it_available_until_the_lease_ends():
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 20, lease_s=1, clock=clock)
+    buf.insert(toks(1), None, torch.zeros(4), None, None)
+    handle, _ = buf.claim(toks(1), None)
+    buf.unclaim(handle)
+    handle, _ = buf.claim(toks(1), None)
+    clock.t += 5
+    buf.unclaim(handle)
+    assert buf.bytes_used == 0 and buf.expired == 1
+
+
+def test_abort_drops_available_and_claimed_entries():
+    buf = LookupBuffer(1 << 20)
+    buf.insert(toks(1), None, torch.zeros(4), None, None, request_id="r")
+    buf.insert(toks(2), None, torch.zeros(4), None, None, request_id="r")
+    handle, _ = buf.claim(toks(1), None)
+    assert buf.abort("r") == 2
+    assert buf.num_entries == 1  # the claimed one goes when its send ends
+    buf.unclaim(handle)
+    assert buf.bytes_used == 0 and buf.abort("r") == 0
+
+
+def test_close_twice_releases_once_and_refuses_inserts():
+    buf = LookupBuffer(1 << 20)
+    buf.insert(toks(1), None, torch.zeros(4), None, None)
+    buf.close()
+    buf.close()
+    assert buf.bytes_used == 0
+    with pytest.raises(KVUsageError, match="closed"):
+        buf.insert(toks(1), None, torch.zeros(4), None, None)
+
+
+# -- wire ------------------------------------------------------------------------------
+def test_wire_roundtrip_and_version_check():
+    f = wire.encode(wire.Fetch(3, "rid", True, 2, 1.5), 2)
+    msg, n = wire.decode_request(f, "peer")
+    assert msg == wire.Fetch(3, "rid", True, 2, 1.5) and n == 2
+    bad = f.clone()
+    bad[4] = 7
+    assert wire.read_preamble(bad, "peer") == (7, 2)  # still drainable
+    with pytest.raises(WireVersionError, match=r"peer speaks lookup protocol version 7, this side speaks 1"):
+        wire.decode_request(bad, "peer")
+    with pytest.raises(LookupProtocolError, match="magic"):
+        wire.decode_request(torch.zeros(20, dtype=torch.uint8), "peer")
+    with pytest.raises(LookupProtocolError, match="undecodable lookup answer from peer"):
+        wire.decode_response(f, "peer")  # a request is no answer
+    codes, flat = wire.flatten_parts([None, torch.zeros(1), [torch.ones(1), torch.ones(2)]])
+    assert codes == [-1, -2, 2] and wire.count_parts(codes) == 3
+    parts = wire.unflatten_parts(codes, flat, "peer")
+    assert parts[0] is None and parts[1] is flat[0] and len(parts[2]) == 2
+
+
+# -- across processes ------------------------------------------------------------------
+def test_remote_no_match_roi_prefix_version_and_lease(peers):
+    prod = peers.start(K.misc_producer)
+    addr = peers.expect(prod, "addr", 60)
+    cons = peers.start(K.misc_consumer, addr)
+    out = peers.expect(cons, "ok", 60)
+    assert out["nomatch"] == [None] * 5 and 0.5 <= out["nomatch_s"] < 3
+    assert out["stats0"]["num_entries"] == 3 and out["stats0"]["bytes_used"] > 4000
+    assert out["roi_key_sum"] == 100.0
+    assert out["prefix_matched"] == 10 and out["prefix_key"] == [[7.0, 7.0], [8.0, 8.0]]
+    assert out["prefix_hidden"] == "torch.bfloat16"
+    assert "version 99" in out["version"] and "speaks 1" in out["version"]
+    assert out["stats_end"]["bytes_used"] == 0 and out["stats_end"]["num_entries"] == 0
+    res = peers.expect(prod, "ok", 30)
+    assert res["done"] and res["expired"] == 1 and res["served"] == 2
+
+
+def test_consumer_killed_mid_fetch_producer_survives_and_lease_frees_entry(peers):
+    prod = peers.start(K.kill_producer)
+    addr = peers.expect(prod, "addr", 60)
+    victim = peers.start(K.hanging_consumer, addr)
+    peers.expect(victim, "sent", 60)
+    time.sleep(0.5)  # the producer is now blocked sending 8 MiB nobody receives
+    os.kill(victim.pid, signal.SIGKILL)
+    other = peers.start(K.other_consumer, addr)
+    got = peers.expect(other, "ok", 60)
+    assert got["got_other"] and got["stats"]["bytes_used"] == 0
+    res = peers.expect(prod, "ok", 40)
+    assert res["done"] and res["failed_sends"] == 1 and res["expired"] == 1 and res["bytes_used"] == 0
+
+
+def test_full_buffer_three_concurrent_consumers_back_pressure_no_deadlock(peers):
+    prod = peers.start(K.full_producer)
+    addr = peers.expect(prod, "addr", 60)
+    cons = [peers.start(K.drain_consumer, addr, k) for k in range(K.N_CONSUMERS)]
+    for c in cons:
+        assert peers.expect(c, "ok", 90)["bad"] == []
+    res = peers.expect(prod, "ok", 60)
+    assert res["done"] and res["served"] == K.N_CONSUMERS * K.PER_CONSUMER
+    assert res["max_used"] <= res["capacity"] and res["max_wait"] > 0.01  # insert did block
+    assert res["bytes_used"] == 0 and res["num_entries"] == 0

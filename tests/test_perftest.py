@@ -1,0 +1,100 @@
+"""ucxkv-perftest: its outputs parse, its baseline runner works, kv_bw moves verified data.
+
+Small sizes and few iterations; no timing assertions (the numbers are whatever
+this machine gives). Every CLI run is a subprocess with ``--local``, so the
+test process itself never touches UCX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import _report as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    p = subprocess.run([sys.executable, "-m", "bench.perftest", "--local", "--tls", "tcp", "--no-progress", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"rc={p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_sizes_parse() -> None:
+    assert R.parse_sizes("4K:64K") == [4096, 8192, 16384, 32768, 65536]
+    assert R.parse_sizes("8,1K,1M") == [8, 1024, 1 << 20]
+    assert R.parse_sizes("1K:3K") == [1024, 2048, 3072]
+    with pytest.raises(ValueError):
+        R.parse_sizes("1Q")
+
+
+def test_rows_format_roundtrip() -> None:
+    res = R.compute_rows("tensor_bw", 1024, [0.001 * (i + 1) for i in range(10)])
+    assert res.final is not None and res.final.iterations == 10
+    line = R.format_row(res.final, "Final:")
+    back = R.parse_table(line)[0]
+    assert back.iterations == 10 and back.overall_bw_mbs == pytest.approx(res.final.overall_bw_mbs, rel=1e-3)
+    assert R.parse_csv(R.CSV_HEADER + "\n" + res.final.csv())[0].iterations == 10
+
+
+def test_table_output_parses() -> None:
+    p = _cli("-t", "tensor_bw", "-s", "1K,64K", "-n", "20", "-w", "2")
+    rows = R.parse_table(p.stdout)
+    assert [r.iterations for r in rows] == [20, 20]
+    assert "|    Stage     | # iterations | 50.0%ile |" in p.stdout
+    assert all(r.overall_bw_mbs > 0 for r in rows)
+
+
+def test_csv_output_parses() -> None:
+    p = _cli("-t", "tensor_lat", "-s", "8,4K", "-n", "30", "-w", "3", "-v")
+    lines = p.stdout.strip().splitlines()
+    assert lines[0] == R.CSV_HEADER
+    rows = R.parse_csv(p.stdout)
+    assert [r.iterations for r in rows] == [30, 30]
+
+
+def test_json_output_with_pyzmq_baseline() -> None:
+    p = _cli("-t", "tensor_bw", "-s", "4K:8K", "-n", "20", "-w", "2", "--json", "--baseline", "pyzmq,nixl")
+    objs = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert [o["size"] for o in objs] == [4096, 8192]
+    for o in objs:
+        assert o["impl"] == "ucxkv" and o["iterations"] == 20 and o["test"] == "tensor_bw"
+        assert o["baselines"]["pyzmq"]["iterations"] == 20
+        assert "skipped" in o["baselines"]["nixl"]
+        assert o["client_tls"] and o["server_tls"]
+
+
+def test_ucx_perftest_baseline_runner() -> None:
+    from bench import _baselines as B
+
+    env = dict(os.environ, UCX_TLS="tcp", UCX_RNDV_THRESH="8192", UCX_MAX_RNDV_RAILS="1", UCX_MEMTYPE_CACHE="n")
+    res = B.run_ucx_perftest("tag_bw", 16384, 50, 5, env, timeout_s=60)
+    assert res.final is not None and res.final.iterations == 50 and res.final.overall_bw_mbs > 0
+    lat = B.run_ucx_perftest("tag_lat", 8, 100, 10, env, timeout_s=60)
+    assert lat.final is not None and lat.final.iterations == 100
+
+
+@pytest.mark.parametrize("layout,mode", [("vllm_cpu", "gather"), ("flash_attn", "views")])
+def test_kv_bw_local_moves_verified_data(layout: str, mode: str) -> None:
+    p = _cli("-t", "kv_bw", "--layers", "3", "--kv-heads", "2", "--head-size", "16", "--block-size", "4",
+             "--tokens", "60", "--layout", layout, "--kv-mode", mode, "-n", "2", "-w", "1", "--json")
+    (obj,) = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert obj["verified"] is True and obj["bad_layers"] == []
+    assert obj["blocks"] == 15 and obj["iterations"] == 2
+    assert obj["size"] == 3 * 15 * 4 * 2 * 16 * 2 * 2  # layers*blocks*block*heads*head*K,V*bf16
+
+
+def test_lookup_lat_skips_cleanly() -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "bench.perftest", "--local", "-t", "lookup_lat"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    assert "lookup_lat" in p.stdout and ("SKIPPED" in p.stdout or "LookupBuffer" in p.stdout)
