@@ -109,6 +109,8 @@ class Pipe:
         self._recv_tag = secrets.randbits(_TAG_BASE_BITS) | 1
         self._send_tag: int | None = None
         self._ep: Any = None
+        self._ep_lock = threading.Lock()
+        self._ep_closed = False
         self._link: Link | None = None
         self._server: ControlServer | None = None
         self._owns_server = True
@@ -235,8 +237,7 @@ class Pipe:
         if self._broken is None:
             self._broken = reason
             log.warning("pipe %s to %s broken: %s", self.name, self.peer, reason)
-            if self._ep is not None:
-                self._engine.close_endpoint(self._ep)
+            self._close_ep()
 
     def _wait_ops(self, ops: list[Op], deadline: float, what: str, finish: Any, result: Any, seq: int | None = None) -> Any:
         alive = self._alive if seq is None else (lambda: self._alive(seq))
@@ -453,6 +454,14 @@ class Pipe:
             return tensor
 
     # -- closing ---------------------------------------------------------
+    def _close_ep(self) -> None:
+        # Exactly once: a second ucxx close of the same endpoint crashes the process.
+        with self._ep_lock:
+            ep, self._ep_closed = self._ep, True
+            if ep is not None and not getattr(self, "_ep_was_closed", False):
+                self._ep_was_closed = True
+                self._engine.close_endpoint(ep)
+
     def close(self) -> None:
         """Tell the peer, cancel what is in flight, release everything (idempotent, bounded)."""
         if self._closed:
@@ -464,9 +473,7 @@ class Pipe:
             elif self._server is not None:
                 self._server.say_goodbye(self._link, "peer closed the pipe", self._send_seq)
                 time.sleep(0.05)
-        if self._ep is not None:
-            self._engine.close_endpoint(self._ep)
-            self._ep = None
+        self._close_ep()
         if self._server is not None and self._owns_server:
             self._server.close()
         log.info("pipe %s closed", self.name)
