@@ -1,80 +1,143 @@
-"""``make demo``: two processes on this machine move tensors through a Pipe.
+"""``make demo``: disaggregated serving on this machine, end to end.
 
-Prints what moved (dtype, shape, bytes), whether it arrived bit-exact, and how
-fast. The disaggregated-serving demo replaces this once the vLLM connector lands.
+Builds a tiny random-weight model locally, starts a prefill and a decode vLLM
+server wired with ``UcxConnector`` and the ``ucxkv-proxy`` in front of them, sends
+a few prompts through the proxy, and prints each answer next to the answer of a
+single instance (the decode server asked directly, computing the prompt itself),
+then the KV-transfer statistics the servers report.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+from typing import Any
 
-import torch
+from bench.tiny_model import make_tiny_model, sample_prompts
 
-CASES = [
-    ("bfloat16", (4, 128)),
-    ("float16", (1024, 1024)),
-    ("float32", (16, 1024, 1024)),
-    ("int64", (3, 5, 7)),
-    ("bool", (1000,)),
-    ("uint8", (256 << 20,)),
-]
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _make(i: int, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    g = torch.Generator().manual_seed(i)
-    dt = getattr(torch, dtype)
-    if dt == torch.bool:
-        return torch.randint(0, 2, shape, generator=g).bool()
-    if dt.is_floating_point:
-        return torch.randn(shape, generator=g).to(dt)
-    return torch.randint(0, 100, shape, generator=g, dtype=dt)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _receiver(q: "mp.Queue", repeat: int) -> None:
-    from transport import Pipe
+def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        return 0, str(e)
 
-    with Pipe.listen("127.0.0.1", 0) as p:
-        q.put(p.address)
-        for i, (dtype, shape) in enumerate(CASES):
-            expect = _make(i, dtype, shape)
-            for _ in range(repeat):
-                got = p.recv_tensor()
-                ok = got.dtype == expect.dtype and torch.equal(got.view(torch.uint8) if got.dim() else got, expect.view(torch.uint8) if expect.dim() else expect)
-            p.send_tensor(torch.tensor([int(ok)]))
-        p.recv_tensor()  # the sender's None: end of stream
+
+def _post(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _wait_health(name: str, url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode} before becoming healthy; see its log")
+        if _get(url + "/health")[0] == 200:
+            return
+        time.sleep(1.0)
+    raise SystemExit(f"{name} not healthy at {url} within {timeout:.0f}s")
+
+
+def _vllm(model: str, port: int, role: str, kv_port: int, cpus: str, log: pathlib.Path) -> subprocess.Popen:
+    cfg = {"kv_connector": "UcxConnector", "kv_connector_module_path": "kv_transfer.vllm_connector",
+           "kv_role": role, "kv_load_failure_policy": "recompute",
+           "kv_connector_extra_config": {"kv_host": "127.0.0.1", "kv_port": kv_port}}
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               VLLM_CPU_OMP_THREADS_BIND=cpus, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+           "--block-size", "32", "--kv-transfer-config", json.dumps(cfg)]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeat", type=int, default=5, help="sends per case (the first warms up)")
+    ap.add_argument("--workdir", default=str(ROOT / "out" / "demo"))
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each server")
+    ap.add_argument("--stats-wait", type=float, default=11.0,
+                    help="seconds to wait for vLLM's periodic stats log line before reading it")
     args = ap.parse_args(argv)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_receiver, args=(q, args.repeat), daemon=True)
-    proc.start()
-    from transport import Pipe
-
-    addr = q.get(timeout=60)
-    print(f"receiver listening on {addr}; sending {len(CASES)} cases x {args.repeat}")
-    print(f"{'dtype':>10} {'shape':>18} {'bytes':>12} {'ok':>4} {'best time':>11} {'MiB/s':>9}")
-    with Pipe.connect(addr) as p:
-        for i, (dtype, shape) in enumerate(CASES):
-            t = _make(i, dtype, shape)
-            times = []
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                p.send_tensor(t)
-                times.append(time.perf_counter() - t0)
-            ok = bool(p.recv_tensor(timeout=60).item())
-            nbytes = t.numel() * t.element_size()
-            best = min(times[1:] or times)
-            print(f"{dtype:>10} {str(tuple(shape)):>18} {nbytes:>12} {'yes' if ok else 'NO':>4} "
-                  f"{best * 1e6:>9.0f}us {nbytes / best / 2**20:>9.0f}")
-        p.send_tensor(None)
-    proc.join(30)
-    return 0
+    work = pathlib.Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = str(make_tiny_model(work / "model", num_layers=4, num_heads=4, num_kv_heads=2))
+    print(f"model: {model} (tiny random-weight Llama, 4 layers, GQA 4 heads / 2 KV heads)")
+    p_port, d_port, x_port, kv_port = (_free_port() for _ in range(4))
+    procs: list[subprocess.Popen] = []
+    try:
+        prefill = _vllm(model, p_port, "kv_producer", kv_port, "0", work / "prefill.log")
+        decode = _vllm(model, d_port, "kv_consumer", kv_port, "1", work / "decode.log")
+        procs += [prefill, decode]
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "kv_transfer.proxy", "--port", str(x_port),
+             "--prefill", f"http://127.0.0.1:{p_port}", "--decode", f"http://127.0.0.1:{d_port}"],
+            stdout=(work / "proxy.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"))
+        procs.append(proxy)
+        print(f"starting prefill :{p_port}, decode :{d_port}, proxy :{x_port} (logs in {work}) ...", flush=True)
+        t0 = time.monotonic()
+        _wait_health("prefill", f"http://127.0.0.1:{p_port}", prefill, args.timeout)
+        _wait_health("decode", f"http://127.0.0.1:{d_port}", decode, args.timeout)
+        _wait_health("proxy", f"http://127.0.0.1:{x_port}", proxy, 60)
+        print(f"all up in {time.monotonic() - t0:.0f}s\n")
+        prompts = sample_prompts(args.prompts, 30, 120, seed=7)
+        same = 0
+        for i, prompt in enumerate(prompts):
+            body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0}
+            t1 = time.monotonic()
+            disagg = _post(f"http://127.0.0.1:{x_port}/v1/completions", body)
+            t_dis = time.monotonic() - t1
+            single = _post(f"http://127.0.0.1:{d_port}/v1/completions", body)
+            a, b = disagg["choices"][0]["text"], single["choices"][0]["text"]
+            same += a == b
+            print(f"[{i}] prompt ({len(prompt.split())} words): {prompt[:60]}...")
+            print(f"    1P1D via proxy ({t_dis * 1000:.0f} ms): {a!r}")
+            print(f"    single instance        : {b!r}   {'identical' if a == b else 'DIFFERENT'}")
+        print(f"\n{same}/{len(prompts)} answers identical to the single instance")
+        _, metrics = _get(f"http://127.0.0.1:{d_port}/metrics")
+        lines = [ln for ln in metrics.splitlines() if "by_source" in ln and not ln.startswith("#")]
+        print("\ndecode's prompt tokens by source (vLLM /metrics):")
+        for ln in lines or ["(not reported by this vLLM)"]:
+            print("   ", ln)
+        time.sleep(args.stats_wait)  # vLLM logs connector stats with its periodic stats line
+        stats = [ln.strip() for ln in (work / "decode.log").read_text().splitlines() if "bytes_loaded" in ln]
+        stats += [ln.strip() for ln in (work / "prefill.log").read_text().splitlines() if "bytes_saved" in ln]
+        print("\nUcxConnector transfer statistics (from the servers' logs):")
+        for ln in stats[-4:] or ["(none logged yet)"]:
+            print("   ", ln[-300:])
+        return 0 if same == len(prompts) else 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ fetched them (the engine could not reuse them for other requests meanwhile)
 and it sends one tensor per run of consecutive ids and per K/V half instead
 of one per layer; the transport's receive also cannot land into existing
 memory, so the consumer copies once anyway. Staging decouples the two
-engines' block lifetimes at the price of one device-local copy.
+engines' block lifetimes at the price of one device-local copy. Measured on
+CPU with the test cases' random (fragmented) block ids, 2 layers: staging
+costs ~20 us and 2 tensors per request, views ~30-60 us and 10-20 tensors
+per request (one wire header each), so staging is also the faster one here.
 
 Layer by layer: :meth:`KVProducer.save_layer` inserts one entry per request
 for a single layer (request id ``"<id>@L<layer>"``), and

@@ -220,6 +220,8 @@ def hanging_consumer(q: Any, address: str) -> None:
     def body() -> Any:
         c = LookupClient(address, timeout_s=10, peer_timeout_s=2.0, heartbeat_s=0.2)
         c._pipe.send_tensors([wire.encode(wire.Fetch(1, "victim"), 2), None, None])
+        head, _ = wire.decode_response(c._pipe.recv_tensor(timeout=30), address)
+        assert isinstance(head, wire.Found), head  # the producer claimed it and is sending
         q.put(("sent", os.getpid()))
         time.sleep(120)
         return "not killed"

@@ -38,6 +38,12 @@ class Instance:
         return msg[1] if len(msg) == 2 else msg[1:]
 
     def stop(self):
+        import psutil
+
+        try:
+            tree = psutil.Process(self.p.pid).children(recursive=True)
+        except psutil.Error:
+            tree = []
         if self.p.is_alive():
             try:
                 self.cmd.put(("stop",))
@@ -46,6 +52,11 @@ class Instance:
                 if self.p.is_alive():
                     self.p.kill()
                     self.p.join(10)
+        for child in tree:  # vLLM's engine-core and workers must not outlive the test
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
 
 @pytest.fixture
@@ -104,3 +115,44 @@ def test_expired_lease_and_unknown_request_recompute_under_policy(pd):
     time.sleep(10)  # past prefill's 8 s lease: the entries (and their bytes) are gone
     decode.cmd.put(("generate", prompts, params, 8))
     assert decode.get("tokens") == reference  # load failed -> recompute gives the same answer
+
+
+@pytest.mark.parametrize("pd", SHAPES[:1], indirect=True)
+def test_never_claimed_kv_is_released_by_lease_and_dead_prefill_falls_back(pd):
+    """A decode that never asks: prefill's staged KV is dropped when the lease ends.
+    Then prefill dies: decode's loads fail, the policy recomputes, other requests go on."""
+    import time
+
+    from kv_transfer import LookupBuffer
+
+    prefill, decode = pd
+    prompts = sample_prompts(3, 40, 100, seed=11)
+    decode.cmd.put(("generate", prompts, None, 8))
+    reference = decode.get("tokens")
+
+    prefill.cmd.put(("prefill", prompts))
+    params = prefill.get("params")
+    addr = f"{params[0]['remote_host']}:{params[0]['remote_port']}"
+    client = LookupBuffer.connect(addr, timeout_s=10)
+    try:
+        assert client.stats()["bytes_used"] > 0  # staged, waiting for decode
+        deadline = time.monotonic() + 30
+        while client.stats()["bytes_used"] and time.monotonic() < deadline:
+            time.sleep(1)
+        assert client.stats()["bytes_used"] == 0  # lease (8 s) released everything
+    finally:
+        client.close()
+
+    prefill.cmd.put(("prefill", prompts))
+    params = prefill.get("params")
+    prefill.stop()  # prefill (and its KV server) is gone before decode asks
+    mixed = [params[0], None, params[2]]  # the middle request never needed prefill
+    decode.cmd.put(("generate", prompts, mixed, 8))
+    assert decode.get("tokens") == reference
+
+
+def test_1p1d_through_the_proxy_over_http(tmp_path):
+    """The main job: HTTP servers, the proxy, answers identical to a single instance."""
+    from bench import demo
+
+    assert demo.main(["--workdir", str(tmp_path), "--prompts", "3", "--max-tokens", "8", "--stats-wait", "0"]) == 0

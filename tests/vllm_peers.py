@@ -27,6 +27,13 @@ def _sp(max_tokens: int, params: dict | None) -> Any:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra, ignore_eos=True)
 
 
+def _shutdown(llm: Any) -> None:
+    """Stop vLLM's engine-core and worker processes (exiting the parent alone orphans them)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+
+
 def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0) -> None:
     """Serves prefills on command: ("prefill", prompts) -> list of kv_transfer_params; ("stop",)."""
     try:
@@ -38,6 +45,7 @@ def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0) -
                 break
             outs = llm.generate(c[1], [_sp(1, {"do_remote_decode": True}) for _ in c[1]], use_tqdm=False)
             q.put(("params", [o.kv_transfer_params for o in outs]))
+        _shutdown(llm)
         q.put(("ok", None))
     except BaseException as exc:  # noqa: BLE001
         q.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))
@@ -59,6 +67,7 @@ def decode(q: Any, cmd: Any, model: str, policy: str = "recompute") -> None:
                 q.put(("tokens", [list(o.outputs[0].token_ids) for o in outs]))
             except Exception as exc:  # noqa: BLE001 - a policy "fail" surfaces here
                 q.put(("gen_error", type(exc).__name__, str(exc)))
+        _shutdown(llm)
         q.put(("ok", None))
     except BaseException as exc:  # noqa: BLE001
         q.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))

@@ -293,7 +293,7 @@ class Pipe:
             out.append(self._engine.tag_send(self._ep, buf, self._tag(self._send_tag, s, True)))
         return out, keep, nbytes
 
-    def send_tensors_async(self, tensors: Sequence[TensorLike | None]) -> Handle:
+    def send_tensors_async(self, tensors: Sequence[TensorLike | None], _background: bool = True) -> Handle:
         """Start sending ``tensors`` in order; return a :class:`Handle` (``wait()`` returns None).
 
         The tensors must not be modified until the handle completes (their memory
@@ -312,7 +312,9 @@ class Pipe:
                 keep += k
                 total += n
         self.bytes_sent += total
-        op = self._engine.track(Op(requests, keep))
+        op = Op(requests, keep)
+        if _background:  # a caller that waits at once progresses it itself (no lock/GIL contention)
+            self._engine.track(op)
         return Handle(self, [op], f"sending {len(tensors)} tensor(s) to {self.peer}")
 
     def send_tensor_async(self, tensor: TensorLike | None) -> Handle:
@@ -321,14 +323,14 @@ class Pipe:
 
     def send_tensors(self, tensors: Sequence[TensorLike | None], timeout: float | None = None) -> None:
         """Send ``tensors`` in order and return once the peer has received them all."""
-        self.send_tensors_async(tensors).wait(timeout)
+        self.send_tensors_async(tensors, _background=False).wait(timeout)
 
     def send_tensor(self, tensor: TensorLike | None, timeout: float | None = None) -> None:
         """Send one tensor (or None); returns once the peer has it. Raises on timeout or a dead peer."""
-        self.send_tensors_async([tensor]).wait(timeout)
+        self.send_tensors_async([tensor], _background=False).wait(timeout)
 
     # -- receiving -------------------------------------------------------
-    def _post_recv(self, device: torch.device, out: torch.Tensor | None = None) -> _RecvSlot:
+    def _post_recv(self, device: torch.device, out: torch.Tensor | None = None, background: bool = True) -> _RecvSlot:
         seq = self._recv_seq
         self._recv_seq += 1
         frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
@@ -357,12 +359,15 @@ class Pipe:
             if h.nbytes:
                 buf = codec.ucx_buffer(t)
                 req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True))
-                slot.payload_op = self._engine.track(Op([req], [t, buf]))
+                slot.payload_op = Op([req], [t, buf])
+                if background:
+                    self._engine.track(slot.payload_op)
 
         req = self._engine.tag_recv(self._ep, frame, self._tag(self._recv_tag, seq, False))
         slot = _RecvSlot(seq, frame, Op([req], [frame], on_header))
         slot_box.append(slot)
-        self._engine.track(slot.header_op)
+        if background:
+            self._engine.track(slot.header_op)
         return slot
 
     def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
@@ -439,7 +444,7 @@ class Pipe:
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         with self._recv_lock:
             if not self._slots:
-                self._slots.append(self._post_recv(dev))
+                self._slots.append(self._post_recv(dev, background=False))
             slot = self._slots[0]
             if not slot.header_op._done:
                 try:
