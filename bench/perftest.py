@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recv", choices=["into", "alloc"], default=None,
                     help="into: receive into preallocated tensors (recv_tensor(out=...), like ucx_perftest); "
                          "alloc: let every receive allocate (default: into when the Pipe supports it)")
-    kv.add_argument("--kv-mode", choices=["gather", "views"], default="gather",
+    kv.add_argument("--kv-mode", choices=["layers", "gather", "views"], default="layers",
                     help="gather: stage in one tensor and scatter; views: send block views, copy into place")
     ap.add_argument("--log-level", default="WARNING")
     return ap
@@ -284,8 +284,19 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     if into and cfg["kv_mode"] == "gather":
         staging_in = torch.empty(staging_shape(dst, layout, len(dst_ids)), dtype=dtype, device=dev)
     timings: list[float] = []
+    layer_in = None
+    if cfg["kv_mode"] == "layers":
+        one = staging_shape(dst[:1], layout, len(dst_ids))
+        layer_in = [torch.empty(one, dtype=dtype, device=dev) for _ in dst]
     for _ in range(cfg["iters"] + cfg["warmup"]):
-        if cfg["kv_mode"] == "gather":
+        if layer_in is not None:
+            # one receive per layer posted up front; scatter layer l while l+1.. arrive
+            handles = [pipe.recv_tensors_async(out=[buf]) for buf in layer_in]
+            t0 = time.perf_counter()
+            for layer, (h, buf) in enumerate(zip(handles, layer_in)):
+                h.wait()
+                scatter_blocks([dst[layer]], layout, dst_ids, buf)
+        elif cfg["kv_mode"] == "gather":
             staging = pipe.recv_tensor(out=staging_in) if into else pipe.recv_tensor(device=dev)
             t0 = time.perf_counter()
             scatter_blocks(dst, layout, dst_ids, staging)
@@ -398,12 +409,24 @@ def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
     src = [_src_layer(cfg, spec["shape"], layer, dev) for layer in range(cfg["layers"])]
     ids = spec["src_ids"]
     staging = None
+    layer_out = None
     if cfg["kv_mode"] == "gather":
         staging = torch.empty(staging_shape(src, layout, len(ids)), dtype=src[0].dtype, device=dev)
+    elif cfg["kv_mode"] == "layers":
+        one = staging_shape(src[:1], layout, len(ids))
+        layer_out = [torch.empty(one, dtype=src[0].dtype, device=dev) for _ in src]
     durs: list[float] = []
     for i in range(cfg["warmup"] + cfg["iters"]):
         t0 = time.perf_counter()
-        if staging is not None:
+        if layer_out is not None:
+            # gather layer l+1 while layer l is on the wire (the engine progresses it in the background)
+            handles = []
+            for layer, buf in enumerate(layer_out):
+                gather_blocks([src[layer]], layout, ids, out=buf)
+                handles.append(pipe.send_tensor_async(buf))
+            for h in handles:
+                h.wait()
+        elif staging is not None:
             gather_blocks(src, layout, ids, out=staging)
             pipe.send_tensor(staging)
         else:

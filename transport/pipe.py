@@ -29,6 +29,7 @@ from . import _tensor_codec as codec
 from ._control import PEER_TIMEOUT_S, HEARTBEAT_S, ClientLink, ControlServer, Link, dial
 from ._engine import Engine, Op, get_engine
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
+from .auth import Auth
 from .errors import LocalUsageError, PeerClosedError, PeerError, PeerTimeoutError, RemoteProtocolError, TransportError
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,11 @@ class Handle:
 class _RecvSlot:
     """State of one posted receive: its header op and, once known, its payload op."""
 
-    __slots__ = ("seq", "frame", "header_op", "payload_op", "tensor", "header")
+    __slots__ = ("seq", "frame", "header_op", "payload_op", "tensor", "header", "batch")
 
     def __init__(self, seq: int, frame: np.ndarray, header_op: Op):
         self.seq, self.frame, self.header_op = seq, frame, header_op
+        self.batch = False  # posted by recv_tensors_async (several batches may be pending)
         self.payload_op: Op | None = None
         self.tensor: torch.Tensor | None = None
         self.header: codec.TensorHeader | None = None
@@ -142,16 +144,18 @@ class Pipe:
         max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
         heartbeat_s: float = HEARTBEAT_S,
         peer_timeout_s: float = PEER_TIMEOUT_S,
+        auth: Auth | None = None,
     ) -> "Pipe":
         """Listen on ``host:port`` (port 0 picks a free one, see ``.address``) for one peer.
 
         Returns at once; the first send or receive waits (up to ``timeout_s``)
-        for the peer to connect, or call :meth:`wait_connected`.
+        for the peer to connect, or call :meth:`wait_connected`. ``auth``
+        (:class:`transport.auth.Auth`; None reads ``UCXKV_AUTH``) decides who may connect.
         """
         self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
                    heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
         self._server = ControlServer(host, port, self._on_hello, heartbeat_s=heartbeat_s,
-                                     peer_timeout_s=peer_timeout_s, name="pipe")
+                                     peer_timeout_s=peer_timeout_s, name="pipe", auth=auth)
         self.address = self._server.address
         log.info("pipe %s listening on %s", self.name, self.address)
         return self
@@ -169,17 +173,20 @@ class Pipe:
         peer_timeout_s: float = PEER_TIMEOUT_S,
         service: str = "pipe",
         meta: dict[str, str] | None = None,
+        auth: Auth | None = None,
     ) -> "Pipe":
         """Connect to a listening pipe (or :class:`PipeListener` of ``service``) at ``host:port``.
 
         Raises :class:`PeerTimeoutError` if nothing answers, :class:`PeerRejectedError`
-        if the listener refuses (busy, wrong service or version).
+        if the listener refuses (busy, wrong service or version, authentication).
+        ``auth`` (:class:`transport.auth.Auth`; None reads ``UCXKV_AUTH``) is how we prove who we are.
         """
         self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
                    heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
         hello = Hello(role="pipe", name=self.name, worker_address=self._engine.address,
                       recv_tag=self._recv_tag, capabilities=_capabilities(), service=service, meta=dict(meta or {}))
-        link, welcome = dial(address, hello, timeout_s=timeout_s, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        link, welcome = dial(address, hello, timeout_s=timeout_s, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
+                             auth=auth)
         try:
             self._attach(link, welcome.worker_address, welcome.recv_tag, welcome.capabilities)
         except BaseException:
@@ -397,9 +404,11 @@ class Pipe:
         self._check_usable()
         dev = self.device if device is None else torch.device(device)
         with self._recv_lock:
-            if self._slots:
-                raise LocalUsageError("a receive is already pending on this pipe (a recv_tensor that timed out)")
+            if any(not sl.batch for sl in self._slots):
+                raise LocalUsageError("a recv_tensor that timed out is still pending on this pipe; call recv_tensor first")
             slots = [self._post_recv(dev, None if out is None else out[i]) for i in range(n)]
+            for sl in slots:
+                sl.batch = True
             self._slots.extend(slots)
         handle = Handle(self, [], f"receiving {n} tensor(s) from {self.peer}")
 
@@ -443,6 +452,8 @@ class Pipe:
         dev = self.device if device is None else torch.device(device)
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         with self._recv_lock:
+            if any(sl.batch for sl in self._slots):
+                raise LocalUsageError("recv_tensors_async handles are pending on this pipe; wait on them first")
             if not self._slots:
                 self._slots.append(self._post_recv(dev, background=False))
             slot = self._slots[0]
@@ -514,6 +525,7 @@ class PipeListener:
         heartbeat_s: float = HEARTBEAT_S,
         peer_timeout_s: float = PEER_TIMEOUT_S,
         max_pending: int = 64,
+        auth: Auth | None = None,
     ):
         import queue
 
@@ -524,7 +536,7 @@ class PipeListener:
         self._accepted: "queue.Queue[Pipe]" = queue.Queue(max_pending)
         self._closed = False
         self._server = ControlServer(host, port, self._on_hello, heartbeat_s=heartbeat_s,
-                                     peer_timeout_s=peer_timeout_s, name=service)
+                                     peer_timeout_s=peer_timeout_s, name=service, auth=auth)
         self.address = self._server.address
         log.info("%s listener %s on %s", service, self.name, self.address)
 
