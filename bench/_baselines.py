@@ -5,7 +5,7 @@
 * ``pyzmq``: PUSH/PULL over tcp loopback with ``copy=False`` for bandwidth
   (the receiver pushes one ack back at the end), REQ/REP ping-pong for latency.
 * ``gloo``: ``torch.distributed`` gloo ``send``/``recv`` between two processes.
-* ``nixl``: not implemented here; reported as skipped (with the reason).
+* ``nixl``: for ``kv_bw``, NIXL's one-sided READ of the same blocks (``bench/_nixl.py``).
 
 Each baseline returns a :class:`bench._report.Result` per size, or a string
 saying why it was skipped. Both peers of a baseline run in child processes
@@ -162,13 +162,20 @@ def run_gloo(test: str, sizes: Sequence[int], iters: int, warmup: int, env: dict
     return _results("gloo", test, _spawn_pair("gloo", test, sizes, iters, warmup, env, timeout_s), iters)
 
 
-def nixl_skip_reason() -> str:
-    """Why the NIXL baseline does not run."""
+def nixl_available() -> bool:
+    """Whether ``nixl_cu12`` imports here."""
     try:
         import nixl_cu12  # type: ignore[import-not-found]  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"nixl_cu12 not importable ({type(exc).__name__})"
-    return "NIXL baseline not implemented in this version"
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def nixl_skip_reason(test: str = "") -> str:
+    """Why the NIXL baseline does not run for ``test``."""
+    if not nixl_available():
+        return "nixl_cu12 not importable (pip install --no-deps nixl-cu12 nixl)"
+    return f"NIXL baseline runs only for kv_bw on host memory, not {test or 'this test'}"
 
 
 # --------------------------------------------------------------------------- peer bodies

@@ -68,7 +68,7 @@ def _vllm(model: str, port: int, role: str, kv_port: int, cpus: str, log: pathli
                VLLM_CPU_OMP_THREADS_BIND=cpus, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-           "--block-size", "32", "--kv-transfer-config", json.dumps(cfg)]
+           "--block-size", "32", "--no-enable-prefix-caching", "--kv-transfer-config", json.dumps(cfg)]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -550,9 +550,14 @@ def run_client(args: argparse.Namespace) -> int:
                 for r in fn("tag_lat" if is_lat else "tag_bw", [r.size for r in ours], n0, w0, env):
                     r.test = test
                     per[r.size] = r
+            elif test == "kv_bw" and send_dev == "cpu" and recv_dev == "cpu" and B.nixl_available():
+                from ._nixl import run_nixl_kv
+
+                for r in ours:
+                    per[r.size] = run_nixl_kv(dict(kcfg, size=r.size), r.info["iters"], r.info["warmup"])
             else:
                 for r in ours:
-                    per[r.size] = B.nixl_skip_reason()
+                    per[r.size] = B.nixl_skip_reason(test)
         except Exception as exc:  # noqa: BLE001 - a failed baseline is reported, not fatal
             log.warning("baseline %s failed: %s", b, exc)
             for r in ours:

@@ -473,13 +473,15 @@ class LookupServer:
         max_wait_s: Cap on the wait a consumer may ask for in one query.
         send_timeout_s: Bound on sending one answer.
         timeout_s, peer_timeout_s, heartbeat_s: Passed to the listener's pipes.
+        auth: Who may connect (a ``transport.auth.Auth``; None reads ``UCXKV_AUTH``).
     """
 
     SERVICE = "kvlookup"
 
     def __init__(self, buffer: LookupBuffer, host: str = "127.0.0.1", port: int = 0, *, max_wait_s: float = 60.0,
                  send_timeout_s: float = 30.0, timeout_s: float = 60.0, peer_timeout_s: float = 10.0,
-                 heartbeat_s: float = 0.5, reap_interval_s: float = 0.25, name: Optional[str] = None):
+                 heartbeat_s: float = 0.5, reap_interval_s: float = 0.25, name: Optional[str] = None,
+                 auth: Any = None):
         from transport import PipeListener
 
         self.buffer = buffer
@@ -492,7 +494,7 @@ class LookupServer:
         self.served = 0  # answers with a match that were delivered
         self.failed_sends = 0
         self._listener = PipeListener(host, port, name=name, service=self.SERVICE, timeout_s=timeout_s,
-                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s)
+                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s, auth=auth)
         self.address: str = self._listener.address
         self._reap_interval_s = reap_interval_s
         ready = threading.Event()
@@ -662,11 +664,12 @@ class LookupClient:
         address: ``host:port`` of the server.
         timeout_s: Default bound on one request beyond the query's own ``wait_s``.
         device: Where received tensors land by default.
+        auth: How to authenticate (a ``transport.auth.Auth``; None reads ``UCXKV_AUTH``).
     """
 
     def __init__(self, address: str, *, timeout_s: float = 30.0, peer_timeout_s: float = 10.0,
                  heartbeat_s: float = 0.5, device: Any = "cpu", name: Optional[str] = None,
-                 meta: Optional[Dict[str, str]] = None):
+                 meta: Optional[Dict[str, str]] = None, auth: Any = None):
         from transport import Pipe, TransportError
 
         self.address = address
@@ -679,7 +682,7 @@ class LookupClient:
         try:
             self._pipe = Pipe.connect(address, name=name, service=LookupServer.SERVICE, timeout_s=timeout_s,
                                       peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s, device=device,
-                                      meta=meta)
+                                      meta=meta, auth=auth)
         except TransportError as exc:
             raise PeerUnavailableError(f"cannot reach lookup server {address}: {exc}") from exc
 

@@ -31,9 +31,14 @@ The staging copy costs one memcpy of the request's KV on prefill.
 
 Configuration (``kv_connector_extra_config``), with defaults:
 
-``kv_host`` ("127.0.0.1")  address prefill's KV server binds to;
-``kv_advertise_host`` (kv_host, or this host's name when kv_host is 0.0.0.0)
-  the address put in kv_transfer_params for decode to dial;
+``kv_host`` ("127.0.0.1")  address prefill's KV server binds to: one of this host's
+  addresses, or 0.0.0.0 / :: for all (a non-local one is refused at startup);
+``kv_advertise_host`` (see below)  the address put in kv_transfer_params for decode to dial;
+``kv_advertise_interface`` (unset)  advertise this interface's address instead (e.g. "eth0",
+  "ib0"); an unknown interface or one without an address is refused at startup;
+  without either: kv_host, or when kv_host is a wildcard the address of the interface
+  holding the default route (else the first non-loopback one). A loopback kv_host with a
+  non-loopback advertised address (or the reverse) is refused: decode could not connect;
 ``kv_port`` (the config's ``kv_port``, 14579)  prefill's KV server port;
 ``kv_buffer_size`` (2 GiB)  staging capacity on prefill (back-pressure past it);
 ``lease_s`` (30)  how long prefill keeps an unclaimed request's KV;
@@ -137,8 +142,123 @@ class UcxKVConnectorStats(KVConnectorStats):
         return not any(self.data.values())
 
 
+def _warm_up_transport() -> None:
+    try:
+        from transport import warm_up
+
+        warm_up()
+    except Exception as exc:  # noqa: BLE001 - the first load will report the real error
+        log.debug("transport warm-up failed: %s", exc)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+_WILDCARDS = ("0.0.0.0", "::", "*", "")
+
+
+def local_addresses() -> dict[str, list[str]]:
+    """This host's (this network namespace's) interfaces and their IP addresses, IPv4 first."""
+    try:
+        import psutil
+
+        out: dict[str, list[str]] = {}
+        for name, addrs in psutil.net_if_addrs().items():
+            v4 = [a.address for a in addrs if a.family == socket.AF_INET]
+            v6 = [a.address.split("%")[0] for a in addrs if a.family == socket.AF_INET6]
+            if v4 or v6:
+                out[name] = v4 + v6
+        return out
+    except Exception:  # noqa: BLE001 - no psutil: loopback and what the host name resolves to
+        names = {"127.0.0.1", "::1"}
+        try:
+            names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+        except OSError:
+            pass
+        return {"?": sorted(names)}
+
+
+def _is_loopback(addr: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
+def _default_route_interface() -> str | None:
+    """The interface of the IPv4 default route (read from /proc/net/route; no packet is sent)."""
+    try:
+        with open("/proc/net/route") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if len(cols) > 3 and cols[1] == "00000000" and int(cols[3], 16) & 1:
+                    return cols[0]
+    except OSError:
+        pass
+    return None
+
+
+def resolve_advertise_host(kv_host: str, advertise: Any = None, interface: Any = None) -> str:
+    """The address a producer puts in kv_transfer_params, checked against where it listens.
+
+    Raises :class:`KVTransferError` (at startup, naming this host's addresses) when
+    ``kv_host`` is not local, ``interface`` is unknown or has no address, or the
+    advertised address cannot reach the listener (loopback vs. not).
+    """
+    local = local_addresses()
+    mine = {a for addrs in local.values() for a in addrs}
+    have = "; ".join(f"{n}: {', '.join(a)}" for n, a in sorted(local.items())) or "none"
+    wildcard = kv_host in _WILDCARDS
+    bind = kv_host
+    if not wildcard and kv_host not in mine:
+        try:
+            bind = socket.gethostbyname(kv_host)
+        except OSError:
+            bind = kv_host
+        if bind not in mine:
+            raise KVTransferError(
+                f"UcxConnector: kv_host {kv_host!r} is not an address of this host, so the KV listener cannot "
+                f"bind to it (this host has {have}). Set kv_host (PREFILL_HOST in the scripts) to one of them, "
+                f"or kv_host 0.0.0.0 with kv_advertise_host / kv_advertise_interface.")
+    if interface:
+        addrs = local.get(str(interface))
+        if not addrs:
+            raise KVTransferError(
+                f"UcxConnector: kv_advertise_interface {interface!r} "
+                f"{'has no IP address' if str(interface) in local else 'does not exist'} on this host "
+                f"(interfaces: {have})")
+        adv = addrs[0]
+        if not wildcard and adv != bind:
+            raise KVTransferError(
+                f"UcxConnector: kv_advertise_interface {interface!r} has {adv}, but the KV listener binds to "
+                f"kv_host {kv_host!r} only: decode could not connect. Use kv_host 0.0.0.0 or {adv}.")
+    elif advertise:
+        adv = str(advertise)
+        if adv in _WILDCARDS:
+            raise KVTransferError(f"UcxConnector: kv_advertise_host {adv!r} is a wildcard; decode needs an address")
+    elif not wildcard:
+        adv = kv_host
+    else:
+        dflt = _default_route_interface()
+        cands = [a for a in local.get(dflt or "", []) if not _is_loopback(a)]
+        cands += [a for n, addrs in sorted(local.items()) for a in addrs
+                  if not _is_loopback(a) and ":" not in a and not a.startswith("169.254.")]
+        adv = cands[0] if cands else "127.0.0.1"
+        log.info("UcxConnector: kv_host %s: advertising %s (set kv_advertise_host or kv_advertise_interface "
+                 "to choose; this host has %s)", kv_host, adv, have)
+    if not wildcard and _is_loopback(bind) != _is_loopback(adv):
+        raise KVTransferError(
+            f"UcxConnector: the KV listener binds to kv_host {kv_host!r} but advertises {adv!r}: "
+            + ("a loopback listener cannot be reached from another host; set kv_host to this host's address "
+               f"reachable by decode (one of: {have}) or 0.0.0.0" if _is_loopback(bind) else
+               "a loopback address only reaches the decode host itself, where nothing listens"))
+    if advertise and adv not in mine and not _is_loopback(adv):
+        log.warning("UcxConnector: kv_advertise_host %s is not an address of this host (%s); fine behind NAT, "
+                    "otherwise decode cannot connect", adv, have)
+    return adv
 
 
 class UcxConnector(KVConnectorBase_V1):
@@ -153,7 +273,11 @@ class UcxConnector(KVConnectorBase_V1):
         self.kv_host = str(get("kv_host", "127.0.0.1"))
         self.kv_port = int(get("kv_port", tc.kv_port))
         adv = get("kv_advertise_host", None)
-        self.advertise_host = str(adv) if adv else (socket.gethostname() if self.kv_host in ("0.0.0.0", "::") else self.kv_host)
+        iface = get("kv_advertise_interface", None)
+        if self.is_producer:  # a consumer's kv_host names the (remote) prefill node: nothing to check
+            self.advertise_host = resolve_advertise_host(self.kv_host, adv, iface)
+        else:
+            self.advertise_host = str(adv) if adv else self.kv_host
         self.buffer_bytes = int(float(get("kv_buffer_size", 2 << 30)))
         self.lease_s = float(get("lease_s", 30.0))
         self.insert_timeout_s = float(get("insert_timeout_s", 10.0))
@@ -336,6 +460,7 @@ class UcxConnector(KVConnectorBase_V1):
             log.info("UcxConnector producer serving KV on %s", self._server.address)
         if self.is_consumer:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucxkv-load")
+            self._pool.submit(_warm_up_transport)  # UCX init takes ~0.5 s: not on the first request's path
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata

@@ -94,9 +94,12 @@ wait_health() {
     local name="$1" url="$2" timeout="$3" pid="${4:-}" logfile="${5:-}"
     local deadline=$((SECONDS + timeout))
     ucxkv_log "waiting for ${name} at ${url}/health (up to ${timeout}s)"
+    # no proxy: an http_proxy/HTTP_PROXY set for the outside world must not carry cluster-internal
+    # health checks (urllib honours it; the proxy's aiohttp client does not)
     until "$PYTHON" -c 'import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 try:
-    sys.exit(0 if urllib.request.urlopen(sys.argv[1] + "/health", timeout=5).status == 200 else 1)
+    sys.exit(0 if opener.open(sys.argv[1] + "/health", timeout=5).status == 200 else 1)
 except Exception:
     sys.exit(1)' "$url" 2>/dev/null; do
         if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then

@@ -17,7 +17,8 @@ def _llm(model: str, role: str, extra: dict[str, Any], core: str, policy: str = 
 
     cfg = KVTransferConfig(kv_role=role, kv_connector_extra_config=extra, kv_load_failure_policy=policy, **CONNECTOR)
     return LLM(model=model, dtype="float32", max_model_len=512, enforce_eager=True, block_size=32,
-               kv_transfer_config=cfg, gpu_memory_utilization=0.5)
+               kv_transfer_config=cfg, gpu_memory_utilization=0.5,
+               enable_prefix_caching=False)  # the single-instance reference must not reuse loaded KV
 
 
 def _sp(max_tokens: int, params: dict | None) -> Any:

@@ -6,19 +6,31 @@ incoming message with :mod:`._wire`, answers malformed ones with a
 handshake over a DEALER socket and hands back a :class:`Link`; from then on both
 ends send :class:`Heartbeat` every ``heartbeat_s`` and consider the peer dead
 after ``peer_timeout_s`` of silence, or closed when a :class:`Goodbye` arrives.
+
+Authentication (:mod:`.auth`, off by default) gates the Welcome: with a shared
+secret the handshake becomes Hello(nonce) -> Challenge -> Hello(proof) ->
+Welcome(proof); with CURVE the sockets are encrypted and a ZAP handler served
+by the same thread admits only the configured client keys.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import secrets
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable
 
+import msgspec
 import zmq
+import zmq.utils.monitor
+import zmq.utils.z85
 
 from . import _wire
-from ._wire import Goodbye, Heartbeat, Hello, Reject, Welcome
+from ._wire import Challenge, Goodbye, Heartbeat, Hello, Reject, Welcome
+from .auth import NONCE_BYTES, Auth
 from .errors import LocalUsageError, PeerRejectedError, PeerTimeoutError, RemoteProtocolError, TransportError
 
 log = logging.getLogger(__name__)
@@ -26,6 +38,33 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = 10.0
 _MAX_FRAME = _wire.MAX_CONTROL_BODY + 1024
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_MAX_PENDING_CHALLENGES = 1024
+_CHALLENGE_TTL_S = 30.0
+
+
+# -- shared-secret proofs: each binds both nonces and what the message hands over --
+def _challenge_proof(auth: Auth, cn: bytes, sn: bytes) -> bytes:
+    return auth.mac(b"ucxkv-challenge-v1", cn, sn)
+
+
+def _hello_proof(auth: Auth, hello: Hello, sn: bytes) -> bytes:
+    return auth.mac(b"ucxkv-hello-v1", hello.auth_nonce, sn, hello.worker_address, str(hello.recv_tag).encode(),
+                    hello.service.encode(), hello.role.encode(), hello.name.encode())
+
+
+def _welcome_proof(auth: Auth, welcome: Welcome, cn: bytes, sn: bytes) -> bytes:
+    return auth.mac(b"ucxkv-welcome-v1", cn, sn, welcome.worker_address, str(welcome.recv_tag).encode(),
+                    welcome.role.encode(), welcome.name.encode())
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -96,19 +135,40 @@ class ControlServer:
         heartbeat_s: float = HEARTBEAT_S,
         peer_timeout_s: float = PEER_TIMEOUT_S,
         name: str = "ucxkv",
+        auth: Auth | None = None,
     ):
+        self.auth = Auth.resolve(auth)
+        if self.auth.mode == "curve" and not self.auth.curve_clients:
+            raise LocalUsageError("CURVE listener needs the public keys of the clients it admits (clients=..., "
+                                  "or UCXKV_CURVE_CLIENTS=dir of *.key certificates)")
         self._ctx = zmq.Context()
+        self._zap: zmq.Socket | None = None
         self._sock = self._ctx.socket(zmq.ROUTER)
         _Sock.configure(self._sock)
         if ":" in host:
             self._sock.setsockopt(zmq.IPV6, 1)
         try:
+            if self.auth.mode == "curve":
+                # The ZAP handler must exist before the first client handshakes; this thread serves it.
+                self._zap = self._ctx.socket(zmq.REP)
+                self._zap.setsockopt(zmq.LINGER, 0)
+                self._zap.bind(_ZAP_ENDPOINT)
+                self._sock.curve_secretkey = self.auth.curve_secret
+                self._sock.curve_publickey = self.auth.curve_public
+                self._sock.curve_server = True
+                self._sock.zap_domain = b"ucxkv"
             self._sock.bind(_tcp(host, port if port else "*"))
             port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         except zmq.ZMQError as exc:
             self._sock.close(0)
+            if self._zap is not None:
+                self._zap.close(0)
             self._ctx.term()
             raise LocalUsageError(f"cannot listen on {host}:{port}: {exc}") from exc
+        if not self.auth.enabled and not _is_loopback(host):
+            log.warning("control plane on %s:%d without authentication: anyone who can reach this port can "
+                        "fetch KV; set UCXKV_AUTH=secret|curve (docs/reliability.md)", host, port)
+        self._challenges: OrderedDict[bytes, tuple[bytes, bytes, float]] = OrderedDict()
         self.host, self.port = host, port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._on_hello = on_hello
@@ -119,6 +179,7 @@ class ControlServer:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.rejected = 0
+        self.auth_failures = 0
         self._thread = threading.Thread(target=self._run, name=f"{name}-control:{port}", daemon=True)
         self._thread.start()
         self._ready.wait(5.0)
@@ -143,11 +204,16 @@ class ControlServer:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        if self._zap is not None:
+            poller.register(self._zap, zmq.POLLIN)
         self._ready.set()
         next_hb = time.monotonic()
         try:
             while not self._stop.is_set():
-                if poller.poll(int(min(self._hb, 0.1) * 1000)):
+                events = dict(poller.poll(int(min(self._hb, 0.1) * 1000)))
+                if self._zap is not None and self._zap in events:
+                    self._answer_zap()
+                if self._sock in events:
                     while True:
                         try:
                             frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
@@ -173,6 +239,55 @@ class ControlServer:
                 if link.closed_reason is None:
                     self._send(ident, _wire.encode(Goodbye("listener closed")))
             self._sock.close(0)
+            if self._zap is not None:
+                self._zap.close(0)
+
+    def _answer_zap(self) -> None:
+        """One ZAP request (RFC 27) from libzmq: admit a CURVE client whose public key was configured."""
+        try:
+            req = self._zap.recv_multipart(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(req) < 6:
+            return  # not a ZAP request; REP would wedge without an answer, so answer something
+        version, request_id, _domain, address, _identity, mechanism = req[:6]
+        ok = False
+        if mechanism == b"CURVE" and len(req) >= 7 and len(req[6]) == 32:
+            ok = zmq.utils.z85.encode(req[6]) in self.auth.curve_clients
+        if not ok:
+            self.rejected += 1
+            self.auth_failures += 1
+            log.warning("control server %s refused a %s handshake from %s: unknown client key",
+                        self.address, mechanism.decode(errors="replace"), address.decode(errors="replace"))
+        self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
+                                  b"OK" if ok else b"unknown client key", b"", b""])
+
+    def _check_secret(self, ident: bytes, msg: Hello) -> Challenge | Reject | bytes:
+        """Shared-secret auth of a Hello: a Challenge to send, a Reject, or the server nonce once proven."""
+        if not msg.auth_nonce:
+            return Reject("auth", "this listener requires authentication (UCXKV_AUTH=secret) and the Hello "
+                                  "carried none; configure the same secret on both sides")
+        if len(msg.auth_nonce) != NONCE_BYTES:
+            return Reject("auth", f"auth nonce is {len(msg.auth_nonce)} bytes, expected {NONCE_BYTES}")
+        now = time.monotonic()
+        while self._challenges and next(iter(self._challenges.values()))[2] < now:
+            self._challenges.popitem(last=False)
+        if not msg.auth_proof:
+            sn = secrets.token_bytes(NONCE_BYTES)
+            self._challenges[ident] = (msg.auth_nonce, sn, now + _CHALLENGE_TTL_S)
+            self._challenges.move_to_end(ident)
+            while len(self._challenges) > _MAX_PENDING_CHALLENGES:
+                self._challenges.popitem(last=False)
+            return Challenge(sn, _challenge_proof(self.auth, msg.auth_nonce, sn))
+        pending = self._challenges.pop(ident, None)  # single use, whatever the outcome
+        if pending is None or pending[0] != msg.auth_nonce:
+            return Reject("auth", "authentication failed: no challenge outstanding for this connection "
+                                  "(expired, or a replayed proof)")
+        if not self.auth.verify(msg.auth_proof, b"ucxkv-hello-v1", msg.auth_nonce, pending[1], msg.worker_address,
+                                str(msg.recv_tag).encode(), msg.service.encode(), msg.role.encode(),
+                                msg.name.encode()):
+            return Reject("auth", "authentication failed: wrong shared secret (UCXKV_SECRET differs)")
+        return pending[1]
 
     def _handle(self, frames: list[bytes]) -> None:
         ident, body = frames[0], frames[1:]
@@ -192,6 +307,17 @@ class ControlServer:
             if link is not None:
                 self._send(ident, _wire.encode(Reject("protocol", "duplicate Hello on an established link")))
                 return
+            sn = b""
+            if self.auth.mode == "secret":
+                checked = self._check_secret(ident, msg)
+                if isinstance(checked, Reject):
+                    self.rejected += 1
+                    self.auth_failures += 1
+                    log.warning("control server %s: %s (from %s)", self.address, checked.reason, msg.name or peer)
+                if not isinstance(checked, bytes):
+                    self._send(ident, _wire.encode(checked))
+                    return
+                sn = checked
             new = Link(msg.name or peer, self._hb, self._timeout)
             new.hello = msg
             try:
@@ -200,6 +326,9 @@ class ControlServer:
                 log.exception("hello handler failed for %s", msg.name)
                 answer = Reject("internal", f"listener failed to accept: {exc}")
             if isinstance(answer, Welcome):
+                if sn:
+                    answer = msgspec.structs.replace(
+                        answer, auth_proof=_welcome_proof(self.auth, answer, msg.auth_nonce, sn))
                 new.welcome = answer
                 self._links[ident] = new
             else:
@@ -222,6 +351,9 @@ class ControlServer:
         if not self._stop.is_set():
             self._stop.set()
             self._thread.join(timeout=5.0)
+            if self._thread.is_alive():
+                log.warning("control server %s thread did not stop within 5s", self.address)
+                return  # its sockets are still open; term() would block
             self._ctx.term()
 
 
@@ -281,6 +413,13 @@ class ClientLink(Link):
             self._ctx.term()
 
 
+_HANDSHAKE_FAILED = (
+    getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0x0800)
+    | getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0x2000)
+    | getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0x4000)
+)
+
+
 def dial(
     address: str,
     hello: Hello,
@@ -288,42 +427,111 @@ def dial(
     timeout_s: float,
     heartbeat_s: float = HEARTBEAT_S,
     peer_timeout_s: float = PEER_TIMEOUT_S,
+    auth: Auth | None = None,
 ) -> tuple[ClientLink, Welcome]:
     """Handshake with the listener at ``address``; return the live link and its Welcome.
 
     Raises :class:`PeerTimeoutError` when nothing answers within ``timeout_s``,
-    :class:`PeerRejectedError` when the listener refuses, and
+    :class:`PeerRejectedError` when the listener refuses (authentication
+    included, or when it cannot prove the shared secret), and
     :class:`RemoteProtocolError` when its answer is malformed.
     """
+    auth = Auth.resolve(auth)
+    if auth.mode == "curve" and not auth.curve_server_key:
+        raise LocalUsageError("CURVE dial needs the listener's public key (server_key=..., or "
+                              "UCXKV_CURVE_SERVER_CERT=its .key certificate)")
     host, port = parse_address(address)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
+    monitor: zmq.Socket | None = None
     _Sock.configure(sock)
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
+    cn = b""
+    if auth.mode == "secret":
+        cn = secrets.token_bytes(NONCE_BYTES)
+        hello = msgspec.structs.replace(hello, auth_nonce=cn, auth_proof=b"")
     ok = False
     try:
+        if auth.mode == "curve":
+            sock.curve_secretkey = auth.curve_secret
+            sock.curve_publickey = auth.curve_public
+            sock.curve_serverkey = auth.curve_server_key
+            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
         sock.connect(_tcp(host, port))
         sock.send_multipart(_wire.encode(hello))
         deadline = time.monotonic() + timeout_s
+        sn = b""
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000)):
+            events = dict(poller.poll(int(left * 1000))) if left > 0 else {}
+            if monitor is not None and monitor in events:
+                ev = zmq.utils.monitor.recv_monitor_message(monitor)
+                raise PeerRejectedError(
+                    f"{address} refused our CURVE handshake (zmq event {ev['event']!r}, value {ev['value']}): "
+                    "authentication failed; check that it admits our public key and that we have its right "
+                    "server key")
+            if sock not in events:
+                if auth.enabled:
+                    hint = (f" (authentication is on here, mode {auth.mode}: a listener that refuses our "
+                            "credentials or does not use them may stay silent)")
+                else:
+                    hint = (" (authentication is off here: a listener that requires CURVE authentication "
+                            "stays silent to us; see UCXKV_AUTH)")
                 raise PeerTimeoutError(
-                    f"no handshake answer from {address} within {timeout_s:.1f}s: is a ucxkv listener running there?"
+                    f"no handshake answer from {address} within {timeout_s:.1f}s: is a ucxkv listener running "
+                    f"there?{hint}"
                 )
             msg = _wire.decode(sock.recv_multipart(), address)
             if isinstance(msg, Heartbeat):
                 continue
             if isinstance(msg, Reject):
                 raise PeerRejectedError(f"{address} rejected our handshake ({msg.code}): {msg.reason}")
+            if isinstance(msg, Challenge):
+                if auth.mode != "secret":
+                    raise PeerRejectedError(
+                        f"{address} requires shared-secret authentication and we have none configured "
+                        "(set UCXKV_AUTH=secret and UCXKV_SECRET_FILE, or pass auth=Auth.secret(...))")
+                if sn or len(msg.nonce) != NONCE_BYTES or not auth.verify(
+                        msg.proof, b"ucxkv-challenge-v1", cn, msg.nonce):
+                    raise PeerRejectedError(
+                        f"authentication failed: {address} could not prove it knows our shared secret, so we "
+                        "refuse it (the secrets differ, or it is not the listener we meant)")
+                sn = msg.nonce
+                hello = msgspec.structs.replace(hello, auth_proof=_hello_proof(auth, hello, sn))
+                sock.send_multipart(_wire.encode(hello))
+                continue
             if not isinstance(msg, Welcome):
                 raise RemoteProtocolError(f"{address} answered Hello with {type(msg).__name__}, expected Welcome")
+            if auth.mode == "secret" and (
+                    not sn or not auth.verify(msg.auth_proof, b"ucxkv-welcome-v1", cn, sn, msg.worker_address,
+                                              str(msg.recv_tag).encode(), msg.role.encode(), msg.name.encode())):
+                try:
+                    sock.send_multipart(_wire.encode(Goodbye("authentication failed")), flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                raise PeerRejectedError(
+                    f"authentication failed: {address} sent a Welcome without a valid shared-secret proof "
+                    "(authentication is off there, or its secret differs); refusing it")
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(0)
+                monitor = None
             link = ClientLink(ctx, sock, f"{msg.name}@{address}" if msg.name else address, heartbeat_s, peer_timeout_s)
             link.welcome = msg
             ok = True
             return link, msg
     finally:
         if not ok:
+            if monitor is not None:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                monitor.close(0)
             sock.close(0)
             ctx.term()

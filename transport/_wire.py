@@ -21,6 +21,9 @@ from .errors import RemoteProtocolError, VersionMismatchError
 
 # Version history:
 #   1: first release (Hello/Welcome/Reject/Heartbeat/Goodbye, TensorHeader).
+#      Compatible additions (no bump: appended fields with defaults, and a message
+#      only sent to a dialler that asked for it): Hello.auth_nonce/auth_proof,
+#      Welcome.auth_proof, Challenge (shared-secret authentication, see .auth).
 PROTOCOL_VERSION = 1
 MAGIC = b"UKV\x00"
 _PREAMBLE = struct.Struct("<4sI")
@@ -40,6 +43,10 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
     capabilities: list[str] = []
     service: str = "pipe"
     meta: dict[str, str] = {}
+    #: Shared-secret auth: the dialler's fresh nonce (empty: no auth asked for).
+    auth_nonce: bytes = b""
+    #: Shared-secret auth: proof over both nonces and this Hello (empty in the first Hello).
+    auth_proof: bytes = b""
 
 
 class Welcome(msgspec.Struct, tag=True, frozen=True):
@@ -51,6 +58,15 @@ class Welcome(msgspec.Struct, tag=True, frozen=True):
     recv_tag: int
     capabilities: list[str] = []
     meta: dict[str, str] = {}
+    #: Shared-secret auth: the listener's proof over both nonces and this Welcome.
+    auth_proof: bytes = b""
+
+
+class Challenge(msgspec.Struct, tag=True, frozen=True):
+    """Shared-secret auth: the listener's nonce and its proof that it knows the secret."""
+
+    nonce: bytes
+    proof: bytes
 
 
 class Reject(msgspec.Struct, tag=True, frozen=True):
@@ -75,7 +91,7 @@ class Goodbye(msgspec.Struct, tag=True, frozen=True):
     sent: int = -1
 
 
-ControlMessage = Union[Hello, Welcome, Reject, Heartbeat, Goodbye]
+ControlMessage = Union[Hello, Welcome, Reject, Heartbeat, Goodbye, Challenge]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ControlMessage)

@@ -1,0 +1,3 @@
+from bench.disagg.run import main
+
+raise SystemExit(main())
