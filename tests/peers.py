@@ -75,8 +75,15 @@ def _report(q: Any, fn: Any) -> None:
     q.join_thread()  # flush before the process exits
 
 
+def _set_tls(tls: str) -> None:
+    if tls == "default":
+        os.environ.pop("UCX_TLS", None)
+    else:
+        os.environ["UCX_TLS"] = tls
+
+
 def mixed_receiver(q: Any, tls: str) -> None:
-    os.environ["UCX_TLS"] = tls
+    _set_tls(tls)
     from transport import Pipe
 
     def body() -> Any:
@@ -94,7 +101,7 @@ def mixed_receiver(q: Any, tls: str) -> None:
 
 
 def mixed_sender(q: Any, tls: str, address: str) -> None:
-    os.environ["UCX_TLS"] = tls
+    _set_tls(tls)
     from transport import Pipe
 
     def body() -> Any:

@@ -7,7 +7,7 @@ import pytest
 from tests import peers as P
 
 
-@pytest.mark.parametrize("tls", ["tcp", "sm"])
+@pytest.mark.parametrize("tls", ["tcp", "sm", "default"])
 def test_thousand_mixed_tensors_arrive_bit_exact_in_order(peers, tls):
     recv = peers.start(P.mixed_receiver, tls)
     addr = peers.expect(recv, "addr", 60)
