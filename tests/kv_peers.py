@@ -142,8 +142,10 @@ def misc_producer(q: Any) -> None:
         buf.insert(torch.arange(1, 13), roi, torch.ones(100), None, None, request_id="roi")
         buf.insert(torch.arange(100, 120), None, [torch.full((50,), 7.0), torch.full((3,), 8.0)], None,
                    torch.zeros(4, dtype=torch.bfloat16), request_id="prefix")
-        buf.insert(torch.arange(500, 510), None, torch.ones(1000), None, None, request_id="lease", lease_s=4.0)
         q.put(("addr", server.address))
+        # the short lease starts only once the consumer is connected (a slow start must not expire it)
+        _wait_until(lambda: server.num_consumers > 0, 120)
+        buf.insert(torch.arange(500, 510), None, torch.ones(1000), None, None, request_id="lease", lease_s=4.0)
         done = _wait_until(lambda: buf.bytes_used == 0 and server.served == 2 and server.num_consumers == 0, 30)
         out = {"done": done, "expired": buf.expired, "served": server.served, "alive": True}
         server.close()
@@ -162,6 +164,9 @@ def misc_consumer(q: Any, address: str) -> None:
             t0 = time.monotonic()
             out["nomatch"] = c.drop_select(torch.tensor([999, 998]), None, wait_s=0.5)
             out["nomatch_s"] = time.monotonic() - t0
+            t_wait = time.monotonic()
+            while c.stats()["num_entries"] < 3 and time.monotonic() - t_wait < 10:
+                time.sleep(0.05)
             out["stats0"] = c.stats()
             # roi: only the masked tokens are compared
             got = c.drop_select(torch.tensor(list(range(1, 11)) + [77, 78]),
@@ -199,9 +204,10 @@ def kill_producer(q: Any) -> None:
     def body() -> Any:
         buf = LookupBuffer(64 << 20, lease_s=3.0)
         server = buf.serve("127.0.0.1", 0, peer_timeout_s=2.0, heartbeat_s=0.2, send_timeout_s=20)
-        buf.insert(None, None, torch.ones(BIG, dtype=torch.uint8), None, None, request_id="victim")
         buf.insert(torch.arange(10), None, torch.arange(1000), None, None, request_id="other", lease_s=60)
         q.put(("addr", server.address))
+        _wait_until(lambda: server.num_consumers > 0, 120)  # the 3 s lease starts once the victim is here
+        buf.insert(None, None, torch.ones(BIG, dtype=torch.uint8), None, None, request_id="victim")
         done = _wait_until(lambda: buf.bytes_used == 0 and server.failed_sends >= 1 and server.served == 1
                            and server.num_consumers == 0, 30)
         out = {"done": done, "failed_sends": server.failed_sends, "served": server.served,
@@ -219,7 +225,7 @@ def hanging_consumer(q: Any, address: str) -> None:
 
     def body() -> Any:
         c = LookupClient(address, timeout_s=10, peer_timeout_s=2.0, heartbeat_s=0.2)
-        c._pipe.send_tensors([wire.encode(wire.Fetch(1, "victim"), 2), None, None])
+        c._pipe.send_tensors([wire.encode(wire.Fetch(1, "victim", wait_s=30.0), 2), None, None])
         head, _ = wire.decode_response(c._pipe.recv_tensor(timeout=30), address)
         assert isinstance(head, wire.Found), head  # the producer claimed it and is sending
         q.put(("sent", os.getpid()))

@@ -156,3 +156,38 @@ def test_1p1d_through_the_proxy_over_http(tmp_path):
     from bench import demo
 
     assert demo.main(["--workdir", str(tmp_path), "--prompts", "3", "--max-tokens", "8", "--stats-wait", "0"]) == 0
+
+
+@pytest.mark.parametrize("pd", SHAPES[:1], indirect=True)
+def test_request_aborted_at_decode_while_its_kv_loads_frees_everything(pd):
+    """Abort at decode mid-load: decode's blocks are released once the load stops,
+    prefill's staged KV is claimed or dropped, and both keep serving."""
+    import time
+
+    from kv_transfer import LookupBuffer
+
+    prefill, decode = pd
+    prompts = sample_prompts(2, 60, 120, seed=21)
+    decode.cmd.put(("generate", prompts, None, 8))
+    reference = decode.get("tokens")
+
+    prefill.cmd.put(("prefill", prompts[:1]))
+    params = prefill.get("params")
+    decode.cmd.put(("abort_while_loading", prompts[0], params[0]))
+    assert decode.get("aborted") is True
+
+    addr = f"{params[0]['remote_host']}:{params[0]['remote_port']}"
+    client = LookupBuffer.connect(addr, timeout_s=10)
+    try:
+        deadline = time.monotonic() + 30  # at worst the 8 s lease
+        while client.stats()["bytes_used"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert client.stats()["bytes_used"] == 0
+    finally:
+        client.close()
+
+    # both instances still serve: a full 1P1D round gives the single-instance answer
+    prefill.cmd.put(("prefill", prompts))
+    params = prefill.get("params")
+    decode.cmd.put(("generate", prompts, params, 8))
+    assert decode.get("tokens") == reference

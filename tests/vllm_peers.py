@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from typing import Any
 
@@ -61,6 +62,17 @@ def decode(q: Any, cmd: Any, model: str, policy: str = "recompute") -> None:
             c = cmd.get(timeout=600)
             if c[0] == "stop":
                 break
+            if c[0] == "abort_while_loading":
+                # add a request whose KV is remote, let the scheduler start the load, abort it at once
+                _, prompt, params = c
+                rid = llm.llm_engine.add_request("abort-me", prompt, _sp(8, params))
+                llm.llm_engine.step()
+                llm.llm_engine.abort_request([rid])
+                deadline = time.monotonic() + 60
+                while llm.llm_engine.has_unfinished_requests() and time.monotonic() < deadline:
+                    llm.llm_engine.step()
+                q.put(("aborted", not llm.llm_engine.has_unfinished_requests()))
+                continue
             _, prompts, params, max_tokens = c
             sps = [_sp(max_tokens, p) for p in (params or [None] * len(prompts))]
             try:

@@ -365,7 +365,7 @@ def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.9), dpi=80)
     styles = {"single": ("tab:red", "o"), "single-1c": ("tab:orange", "^"), "1p1d": ("tab:blue", "s")}
     for ax, metric, label in ((axes[0], "ttft", "TTFT (ms)"), (axes[1], "itl", "ITL (ms)")):
         for cfg in dict.fromkeys(r["config"] for r in rows):
@@ -380,10 +380,11 @@ def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") ->
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3, which="both")
         ax.set_title(label.split()[0])
-    axes[1].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
