@@ -156,6 +156,10 @@ def _decode(frame: torch.Tensor, peer: str, decoder: Any, what: str) -> Tuple[An
         return decoder.decode(body.numpy().tobytes()), n
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise LookupProtocolError(f"undecodable lookup {what} from {peer}: {exc}") from None
+    except RecursionError:
+        # msgspec raises this for deeply nested msgpack (even in an ignored field);
+        # a body fits in MAX_BODY bytes, so it is only ever a malformed message
+        raise LookupProtocolError(f"undecodable lookup {what} from {peer}: nested too deeply") from None
 
 
 def decode_request(frame: torch.Tensor, peer: str) -> Tuple[Request, int]:

@@ -84,6 +84,21 @@ _FORWARDED_HEADERS = ("Authorization", "OpenAI-Organization", "OpenAI-Project")
 #: request bodies up to this size are accepted (prompts may be token-id lists)
 _MAX_BODY = 64 * 1024 * 1024
 
+#: deepest JSON nesting accepted in a request body (deeper ones are a 400)
+_MAX_DEPTH = 128
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` (parsed JSON) nests lists/dicts deeper than ``limit``; iterative."""
+    stack = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        children = o.values() if isinstance(o, dict) else o
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
 
 # ---------------------------------------------------------------------------
 # instances and selection
@@ -371,10 +386,17 @@ class Proxy:
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         try:
             body = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return self._done(error_response(400, "invalid_request_error", f"request body is not valid JSON: {exc}"))
+        except (ValueError, LookupError, RecursionError) as exc:
+            # ValueError: bad JSON, bad UTF-8, an integer past Python's digit limit;
+            # LookupError: an unknown charset; RecursionError: nesting too deep to parse
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            return self._done(error_response(400, "invalid_request_error", f"request body is not valid JSON: {reason}"))
         if not isinstance(body, dict):
             return self._done(error_response(400, "invalid_request_error", "request body must be a JSON object"))
+        if _too_deep(body, _MAX_DEPTH):
+            # copying and re-encoding it for the upstreams would overflow the stack
+            return self._done(error_response(
+                400, "invalid_request_error", f"request body is nested deeper than {_MAX_DEPTH} levels"))
         headers = self.forward_headers(request, request_id)
         stream = bool(body.get("stream"))
         t0 = time.perf_counter()
