@@ -25,7 +25,11 @@ Tests:
   stages (gather, one tensor, scatter), ``--kv-mode views`` sends one tensor
   per contiguous block run and copies each into place on arrival. Checked
   bit-exact once, after the last iteration.
-* ``lookup_lat``: skipped until ``kv_transfer.LookupBuffer`` exists.
+* ``lookup_lat``: the LookupBuffer round trip. The server process inserts entries of
+  SIZE bytes (request id + tokens) into a served ``LookupBuffer`` ahead of the client,
+  under back-pressure (capacity: 8 entries); the client times each ``drop_select``
+  (query out, matching KV back into its memory) through a ``LookupClient``. Reported
+  latency is that whole round trip, not half of it.
 
 Output is ucx_perftest's table (``-v``: its CSV, ``--json``: one object per
 size); see docs/bench.md.
@@ -231,6 +235,7 @@ def serve(args: argparse.Namespace, connect_timeout: float = 3600.0) -> int:
                 break
             _send_json(pipe, {"pid": os.getpid(), "tls": effective_tls(),
                               "allow_cma": os.environ.get("UCXKV_ALLOW_CMA", "0")})
+            cfg.setdefault("bind", args.bind)
             report = _serve_one(pipe, cfg)
             _send_json(pipe, report)
     finally:
@@ -250,6 +255,8 @@ def _serve_one(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
             pipe.send_tensor(got)
         return {}
     into = cfg.get("recv") == "into"
+    if test == "lookup_lat":
+        return _serve_lookup(pipe, cfg)
     if test == "tensor_bw":
         window = max(1, cfg["window"])
         rbuf = torch.empty(cfg["size"], dtype=torch.uint8, device=dev) if into else None
@@ -324,6 +331,39 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
             "recv_place_s_median": sorted(timings)[len(timings) // 2]}
 
 
+def _serve_lookup(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Insert ``iters + warmup`` entries ahead of the client (back-pressured), serve them."""
+    import threading
+
+    import torch
+
+    from kv_transfer import LookupBuffer
+
+    size, total = cfg["size"], cfg["iters"] + cfg["warmup"]
+    buf = LookupBuffer(max(8 * (size + 64), 1 << 16), lease_s=600)
+    server = buf.serve(cfg.get("bind", "127.0.0.1"), 0)
+    errors: list[str] = []
+
+    def producer() -> None:
+        try:
+            for i in range(total):
+                key = torch.full((size,), i % 251, dtype=torch.uint8)
+                buf.insert(torch.tensor([i], dtype=torch.int64), None, key, None, None,
+                           request_id=f"r{i}", timeout=120)
+        except Exception as exc:  # noqa: BLE001 - reported to the client
+            errors.append(f"{type(exc).__name__}: {exc}")
+
+    th = threading.Thread(target=producer, daemon=True)
+    th.start()
+    _send_json(pipe, {"lookup_address": server.address})
+    pipe.recv_tensor(timeout=3600)  # the client is done
+    th.join(10)
+    out = {"served": server.served, "errors": errors, "bytes_left": buf.bytes_used}
+    server.close()
+    buf.close()
+    return out
+
+
 def _same_bits(a: Any, b: Any) -> bool:
     """Bit-for-bit equality (NaN payloads included)."""
     import torch
@@ -381,12 +421,44 @@ def _client_one(pipe: Any, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         res = compute_rows(test, size, ends, elapsed_s=elapsed)
     elif test == "kv_bw":
         res = _client_kv(pipe, cfg)
+    elif test == "lookup_lat":
+        res = _client_lookup(pipe, cfg)
     else:
         raise ValueError(test)
     report = _recv_json(pipe)
     res.info.update({"server_tls": info.get("tls"), "client_tls": effective_tls()})
     res.info.update({k: v for k, v in report.items()})
     return res, info
+
+
+def _client_lookup(pipe: Any, cfg: dict[str, Any]) -> Any:
+    import torch
+
+    from kv_transfer import LookupClient
+
+    from ._report import compute_rows
+
+    host = pipe.address.rsplit(":", 1)[0]
+    addr = _recv_json(pipe)["lookup_address"]
+    addr = f"{host}:{addr.rsplit(':', 1)[1]}"  # the server bound where we reached it
+    n, w = cfg["iters"], cfg["warmup"]
+    durs: list[float] = []
+    bad = 0
+    with LookupClient(addr, timeout_s=60, device=cfg["send_dev"]) as client:
+        for i in range(w + n):
+            q = torch.tensor([i], dtype=torch.int64)
+            t0 = time.perf_counter()
+            got = client.drop_select(q, None, request_id=f"r{i}", wait_s=60.0)
+            dt = time.perf_counter() - t0
+            key = got[2]
+            if key is None or key.numel() != cfg["size"] or (key.numel() and int(key[0]) != i % 251):
+                bad += 1
+            if i >= w:
+                durs.append(dt)
+    pipe.send_tensor(None)
+    res = compute_rows("lookup_lat", cfg["size"], list(_cumsum(durs)), durs_s=durs)
+    res.info["lookup_wrong_answers"] = bad
+    return res
 
 
 def _cumsum(xs: Sequence[float]) -> Any:
@@ -461,18 +533,6 @@ def run_client(args: argparse.Namespace) -> int:
     out = sys.stdout
     test = args.test
     baselines = _baselines(args)
-    if test == "lookup_lat":
-        try:
-            from kv_transfer import LookupBuffer  # type: ignore[attr-defined]  # noqa: F401
-            reason = "kv_transfer.LookupBuffer exists but this perftest version does not drive it yet"
-        except ImportError as exc:
-            reason = f"kv_transfer.LookupBuffer is not importable yet ({exc})"
-        if args.json:
-            print(json.dumps({"test": test, "skipped": reason}), file=out)
-        else:
-            print(f"lookup_lat: SKIPPED: {reason}", file=out)
-        return 0
-
     send_dev, recv_dev = _devices(args.mem)
     kv_keys = ("layers", "kv_heads", "head_size", "block_size", "tokens", "dtype", "layout", "kv_mode")
     if test == "kv_bw":
@@ -592,7 +652,8 @@ def _print_header(res: Any, args: argparse.Namespace, out: Any) -> None:
 
     lines = [("API", "ucxkv Pipe (ucxx tag send/recv + ZeroMQ control)"),
              ("Test", {"tensor_lat": "tensor ping-pong latency", "tensor_bw": "tensor streaming bandwidth",
-                       "kv_bw": "paged KV request bandwidth"}[res.test]),
+                       "kv_bw": "paged KV request bandwidth",
+                       "lookup_lat": "LookupBuffer drop_select round trip"}[res.test]),
              ("Data layout", f"{args.kv_mode} ({args.layout}, {res.info.get('kv_pieces')} pieces)"
               if res.test == "kv_bw" else "contiguous tensor"),
              ("Send memory", args.mem.split(",")[0]),
