@@ -698,7 +698,8 @@ class LookupClient:
                 self._pipe.send_tensors([wire.encode(msg, len(tensors)), *tensors], timeout=timeout)
                 frame = self._pipe.recv_tensor(timeout=timeout)
                 _, n = wire.read_preamble(frame, self.address)
-                rest = [self._pipe.recv_tensor(device=device, timeout=timeout) for _ in range(n)]
+                # all n receives posted at once: the tensors stream back to back, no round trip each
+                rest = self._pipe.recv_tensors_async(n, device).wait(timeout) if n else []
                 ans, _ = wire.decode_response(frame, self.address)
             except PeerTimeoutError as exc:
                 self._broken = f"no answer within {timeout:.1f}s"
