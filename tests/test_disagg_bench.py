@@ -119,7 +119,7 @@ def test_summarize_rate():
     assert row["ttft_p99_ms"] == pytest.approx(percentile([r.ttft for r in res[:10]], 99) * 1000, abs=0.1)
     assert row["itl_p50_ms"] == pytest.approx(20.0)
     assert row["itl_max_ms"] == pytest.approx(500.0)
-    assert row["tokens"] == 110
+    assert row["tokens"] == 110 and row["usage_tokens"] == 0
     assert row["errors"] == ["HTTP 503: x"]
     assert row["xfer_mean_ms"] == pytest.approx(10.0)
     assert row["xfer_MiBps"] == pytest.approx(100.0)

@@ -255,6 +255,8 @@ class Pipe:
             self._break(f"timed out: {what}")
             raise
         except PeerError as exc:
+            if self._closed:  # our own close() interrupted the wait: the caller's doing, not the peer's
+                raise LocalUsageError(f"pipe {self.name} was closed while {what}") from None
             if self._link is not None and self._link.closed_reason is not None:
                 self._break(str(exc))
                 raise PeerClosedError(str(exc)) from None
@@ -464,6 +466,8 @@ class Pipe:
                 except PeerTimeoutError:
                     raise  # nothing arrived yet: the receive stays posted
                 except (PeerError, RemoteProtocolError) as exc:
+                    if self._closed:
+                        raise LocalUsageError(f"pipe {self.name} was closed while receiving") from None
                     self._wait_ops([slot.header_op], deadline, str(exc), None, None, slot.seq)
             tensor = self._finish_slot(slot, deadline)
             self._slots.pop(0)

@@ -15,7 +15,7 @@ Configurations:
   default ``0-1``: both cores, the same hardware as the pair), asked directly.
 * ``single-1c``: the same single instance bound to one core (``--single-1c-cpus``,
   default ``0``): on a 2-core host a 2-thread OpenMP engine shares its cores with
-  its own API server, the proxy-less client and the OS, which can cost it more
+  its own API server, the load generator and the OS, which can cost it more
   than the second core gives; this row shows that effect instead of hiding it.
 * ``1p1d``: a prefill instance on core ``--prefill-cpus`` (0) and a decode
   instance on core ``--decode-cpus`` (1), wired with ``UcxConnector``, with the
@@ -218,7 +218,8 @@ class RequestResult:
     error: str | None = None
     ttft: float = math.nan  # seconds
     itls: list[float] = field(default_factory=list)  # seconds
-    tokens: int = 0  # token events received
+    tokens: int = 0  # SSE events that carried text (an event can carry more than one token)
+    usage_tokens: int | None = None  # completion tokens the server reports (stream_options.include_usage)
     e2e: float = math.nan
     prefill_leg: float | None = None  # from the proxy log (1p1d only)
 
@@ -241,7 +242,8 @@ def summarize_rate(config: str, rate: float, results: Sequence[RequestResult], w
         "ok": len(ok),
         "long": sum(r.kind == "long" for r in results),
         "wall_s": round(wall_s, 1),
-        "tokens": sum(r.tokens for r in ok),
+        "tokens": sum(r.tokens for r in ok),  # text events; < usage_tokens when events carried 2+ tokens
+        "usage_tokens": sum(r.usage_tokens or 0 for r in ok),
         "ttft_p50_ms": pct(ttft, 50),
         "ttft_p99_ms": pct(ttft, 99),
         "ttft_mean_ms": round(_mean(ttft) * ms, 1) if ttft else math.nan,
@@ -364,6 +366,7 @@ def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - used through matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.9), dpi=80)
     styles = {"single": ("tab:red", "o"), "single-1c": ("tab:orange", "^"), "1p1d": ("tab:blue", "s")}
@@ -378,6 +381,9 @@ def plot(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") ->
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(label)
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, alpha=0.3, which="both")
         ax.set_title(label.split()[0])
     handles, labels = axes[0].get_legend_handles_labels()
@@ -402,7 +408,7 @@ async def _one(session: Any, url: str, model: str, req: Request, max_tokens: int
     res = RequestResult(request_id=rid, kind=req.kind)
     await asyncio.sleep(max(0.0, t_start + req.at - time.perf_counter()))
     body = {"model": model, "prompt": req.prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True}
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     last = None
     try:
@@ -422,6 +428,9 @@ async def _one(session: Any, url: str, model: str, req: Request, max_tokens: int
                 if "error" in event:
                     res.error = str(event["error"])[:200]
                     return res
+                usage = event.get("usage")
+                if usage and usage.get("completion_tokens") is not None:
+                    res.usage_tokens = int(usage["completion_tokens"])
                 choices = event.get("choices") or []
                 if not choices or not choices[0].get("text"):
                     continue
@@ -554,7 +563,7 @@ def run_config(config: str, model: str, args: argparse.Namespace, out: pathlib.P
             row["loadavg_1m"] = round(os.getloadavg()[0], 2)  # the host is shared: how busy it was
             row["raw"] = [{"kind": r.kind, "ok": r.ok, "ttft_ms": round(r.ttft * 1000, 2),
                            "itl_max_ms": round(max(r.itls) * 1000, 2) if r.itls else None,
-                           "tokens": r.tokens,
+                           "tokens": r.tokens, "usage_tokens": r.usage_tokens,
                            "prefill_leg_ms": None if r.prefill_leg is None else round(r.prefill_leg * 1000, 2)}
                           for r in results]
             rows.append(row)
@@ -582,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for config in args.configs:
         rows += run_config(config, model, args, out)
     meta = {
-        "command": "python -m bench.disagg " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m bench.disagg", *(sys.argv[1:] if argv is None else argv)]),
         "model": model,
         "model_shape": MODEL_SHAPE if args.model is None else None,
         "cpus": {"single": args.single_cpus, "single-1c": args.single_1c_cpus, "prefill": args.prefill_cpus, "decode": args.decode_cpus},
