@@ -69,7 +69,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from .errors import KVTransferError
+from .errors import KVTransferError, PeerUnavailableError
 from .lookup_buffer import LookupBuffer, LookupClient
 from .paged import PagedLayout, gather_blocks, scatter_blocks
 
@@ -471,9 +471,9 @@ class UcxConnector(KVConnectorBase_V1):
         for spec in meta.to_load:
             self._pool.submit(self._load, spec)
 
-    def _client(self, address: str) -> LookupClient:
+    def _client(self, address: str, fresh: bool = False) -> LookupClient:
         c = self._clients.get(address)
-        if c is None or getattr(c, "_broken", None):
+        if c is None or fresh or getattr(c, "_broken", None):
             if c is not None:
                 c.close()
             c = LookupClient(address, timeout_s=self.fetch_timeout_s, device=self._caches[0].device)
@@ -493,8 +493,14 @@ class UcxConnector(KVConnectorBase_V1):
             if cancelled:
                 client.abort(spec.remote_request_id)
                 raise KVTransferError("request aborted before its KV was fetched")
-            m = client.fetch(torch.tensor(spec.token_ids, dtype=torch.int64), None,
-                             request_id=spec.remote_request_id, wait_s=0.0)
+            tokens = torch.tensor(spec.token_ids, dtype=torch.int64)
+            try:
+                m = client.fetch(tokens, None, request_id=spec.remote_request_id, wait_s=0.0)
+            except PeerUnavailableError as exc:
+                # A connection from before a producer restart fails once: redial and ask again.
+                log.info("redialling producer %s after: %s", spec.remote_address, exc)
+                client = self._client(spec.remote_address, fresh=True)
+                m = client.fetch(tokens, None, request_id=spec.remote_request_id, wait_s=0.0)
             if m is None:
                 raise KVTransferError(f"producer {spec.remote_address} has no KV for {spec.remote_request_id} "
                                       "(lease expired, aborted, or never saved)")

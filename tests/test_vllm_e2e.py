@@ -66,13 +66,16 @@ def pd(tmp_path_factory, request):
     port = _free_port()
     prefill = Instance(V.prefill, model, port, 8.0)
     decode = Instance(V.decode, model)
+    prefill.model, prefill.kv_port = model, port
+    extra: list[Instance] = []
+    decode.extra = extra  # instances a test starts later, stopped here too
     try:
         prefill.get("ready")
         decode.get("ready")
         yield prefill, decode
     finally:
-        prefill.stop()
-        decode.stop()
+        for inst in (prefill, decode, *extra):
+            inst.stop()
 
 
 SHAPES = [
@@ -191,3 +194,28 @@ def test_request_aborted_at_decode_while_its_kv_loads_frees_everything(pd):
     params = prefill.get("params")
     decode.cmd.put(("generate", prompts, params, 8))
     assert decode.get("tokens") == reference
+
+
+@pytest.mark.parametrize("pd", SHAPES[:1], indirect=True)
+def test_restarted_prefill_is_usable_without_restarting_decode(pd):
+    prefill, decode = pd
+    prompts = sample_prompts(2, 40, 90, seed=31)
+    decode.cmd.put(("generate", prompts, None, 8))
+    reference = decode.get("tokens")
+    prefill.cmd.put(("prefill", prompts))
+    decode.cmd.put(("generate", prompts, prefill.get("params"), 8))
+    assert decode.get("tokens") == reference
+
+    prefill.stop()  # killed; a new instance comes up on the same KV port
+    again = Instance(V.prefill, prefill.model, prefill.kv_port, 8.0)
+    decode.extra.append(again)
+    again.get("ready")
+    again.cmd.put(("prefill", prompts))
+    params = again.get("params")
+    decode.cmd.put(("generate", prompts, params, 8))
+    assert decode.get("tokens") == reference
+    # and the KV really came from the new instance: noise in what was loaded changes the answer
+    again.cmd.put(("prefill", prompts))
+    params = [dict(p, ucxkv_debug_perturb=True) for p in again.get("params")]
+    decode.cmd.put(("generate", prompts, params, 8))
+    assert decode.get("tokens") != reference
