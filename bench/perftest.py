@@ -627,7 +627,9 @@ def run_client(args: argparse.Namespace) -> int:
     if baselines:
         cmp_out = sys.stderr if (args.csv or args.json) else out
         if not (args.csv or args.json):
-            print(f"\nComparison ({'one-way latency, lower is better' if is_lat else 'overall bandwidth'}; "
+            what = ("latency, lower is better; ucxkv = LookupBuffer round trip, baselines one-way"
+                    if test == "lookup_lat" else "one-way latency, lower is better" if is_lat else "overall bandwidth")
+            print(f"\nComparison ({what}; "
                   f"ucxkv TLS client={ours[0].info.get('client_tls')} server={ours[0].info.get('server_tls')}; "
                   f"baselines UCX_TLS={os.environ.get('UCX_TLS', '(unset)')})", file=cmp_out)
         for r in ours:
