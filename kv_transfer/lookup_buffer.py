@@ -551,7 +551,7 @@ class LookupServer:
         try:
             while not self._stop.is_set():
                 try:
-                    frame = pipe.recv_tensor(timeout=0.2)
+                    frame = pipe.recv_tensor(timeout=1.0)  # close() interrupts it at once
                 except PeerTimeoutError:
                     continue  # nothing yet; the receive stays posted
                 try:
@@ -576,6 +576,8 @@ class LookupServer:
         except PeerError as exc:
             log.info("lookup server %s: consumer %s gone: %s", self.address, peer, exc)
         except Exception:  # noqa: BLE001 - one consumer's failure must not kill the server
+            if self._stop.is_set():
+                return  # close() closed this pipe under the handler: the expected way out
             log.exception("lookup server %s: handler for %s failed", self.address, peer)
         finally:
             with self._lock:
@@ -633,14 +635,14 @@ class LookupServer:
             return
         self._stop.set()
         self._listener.close()
+        with self._lock:
+            pipes, self._pipes = self._pipes, []
+        for p in pipes:  # interrupts the handlers' waits
+            p.close()
         end = time.monotonic() + timeout
         for t in list(self._threads):
             if t is not threading.current_thread():
                 t.join(max(0.0, end - time.monotonic()))
-        with self._lock:
-            pipes, self._pipes = self._pipes, []
-        for p in pipes:
-            p.close()
         log.info("lookup server %s closed", self.address)
 
     def __enter__(self) -> "LookupServer":

@@ -32,6 +32,9 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 # Spin this long before sleeping between progress calls while waiting.
 _SPIN_S = 0.002
 _MAX_SLEEP_S = 0.0005
+# ... and after this long without a completion, up to _IDLE_SLEEP_S.
+_IDLE_AFTER_S = 0.05
+_IDLE_SLEEP_S = 0.002
 
 
 class Op:
@@ -186,7 +189,10 @@ class Engine:
                 if now >= deadline:
                     raise PeerTimeoutError(f"{what}: timed out after {now - start:.1f}s")
                 if now - start > _SPIN_S:
-                    sleep = min(max(sleep * 2, 2e-5), _MAX_SLEEP_S)
+                    # a long idle wait (a server waiting for its next request) backs off
+                    # further, so an idle process does not burn a core polling
+                    cap = _IDLE_SLEEP_S if now - start > _IDLE_AFTER_S else _MAX_SLEEP_S
+                    sleep = min(max(sleep * 2, 2e-5), cap)
             if sleep:
                 time.sleep(sleep)
 
