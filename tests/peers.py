@@ -152,15 +152,6 @@ def streaming_receiver(q: Any, tls: str, peer_timeout: float) -> None:
     _report(q, body)
 
 
-def timed(fn: Any) -> Any:
-    t0 = time.monotonic()
-    try:
-        fn()
-        return ("returned", time.monotonic() - t0)
-    except BaseException as exc:  # noqa: BLE001
-        return (type(exc).__name__, time.monotonic() - t0, str(exc))
-
-
 def one_tensor_sender(q: Any, address: str) -> None:
     from transport import Pipe
 

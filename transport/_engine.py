@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .errors import LocalUsageError, PeerDeadError, PeerTimeoutError, TransportError
 
@@ -76,7 +76,7 @@ class Op:
         return True
 
 
-def _stop_engine(worker: Any, stop: threading.Event, thread: threading.Thread) -> None:
+def _stop_engine(stop: threading.Event, thread: threading.Thread) -> None:
     stop.set()
     thread.join(timeout=2.0)
 
@@ -100,7 +100,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
         self._thread.start()
-        self._finalizer = weakref.finalize(self, _stop_engine, self.worker, self._stop, self._thread)
+        self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._thread)
         cfg = self.context.config
         log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s", cfg.get("TLS"), cfg.get("RNDV_THRESH"))
 
@@ -276,9 +276,3 @@ def get_engine() -> Engine:
 def _shutdown_at_exit() -> None:
     if _engine is not None and _engine._pid == os.getpid():
         _engine.shutdown()
-
-
-def wait_all(ops: Iterable[Op], deadline: float, what: str, alive: Callable[[], str | None] | None = None) -> list[Any]:
-    """Wait for several ops under one deadline; return their results in order."""
-    eng = get_engine()
-    return [eng.wait(op, deadline, what, alive) for op in ops]

@@ -20,7 +20,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -51,12 +51,21 @@ def _capabilities() -> list[str]:
     return caps
 
 
+def _hello_problem(hello: Hello, service: str) -> Reject | None:
+    """The rejection a listener of ``service`` owes this Hello, or None if it may be accepted."""
+    if hello.service != service:
+        return Reject("service", f"this listener serves {service!r}, not {hello.service!r}")
+    if not (0 < hello.recv_tag < (1 << _TAG_BASE_BITS)):
+        return Reject("malformed", f"recv_tag {hello.recv_tag} out of range")
+    return None
+
+
 class Handle:
     """A transfer in flight. ``wait()`` returns its result (a tensor, None, or a list)."""
 
-    def __init__(self, pipe: "Pipe", ops: list[Op], what: str, result: Any = None, finish: Any = None):
+    def __init__(self, pipe: "Pipe", ops: list[Op], what: str):
         self._pipe, self._ops, self._what = pipe, ops, what
-        self._result, self._finish = result, finish
+        self._result: Any = None
         self._waited = False
 
     def done(self) -> bool:
@@ -71,9 +80,27 @@ class Handle:
         if self._waited:
             return self._result
         deadline = time.monotonic() + (self._pipe.timeout_s if timeout is None else timeout)
-        self._result = self._pipe._wait_ops(self._ops, deadline, self._what, self._finish, self._result)
+        self._pipe._wait_ops(self._ops, deadline, self._what)
         self._waited = True
         return self._result
+
+
+class _RecvHandle(Handle):
+    """Receives posted by :meth:`Pipe.recv_tensors_async`; ``wait()`` returns the tensors in order."""
+
+    def __init__(self, pipe: "Pipe", slots: list["_RecvSlot"], single: bool):
+        super().__init__(pipe, [], f"receiving {len(slots)} tensor(s) from {pipe.peer}")
+        self._slots, self._single = slots, single
+
+    def done(self) -> bool:
+        return all(s.header_op._done and (s.payload_op is None or s.payload_op._done) for s in self._slots)
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if not self._waited:
+            deadline = time.monotonic() + (self._pipe.timeout_s if timeout is None else timeout)
+            self._result = self._pipe._finish_slots(self._slots, deadline)
+            self._waited = True
+        return self._result[0] if self._single else self._result
 
 
 class _RecvSlot:
@@ -221,6 +248,12 @@ class Pipe:
             raise PeerTimeoutError(f"pipe {self.name}: no peer connected to {self.address} within {t:.1f}s")
 
     # -- helpers ---------------------------------------------------------
+    def _ready(self, timeout: float | None = None) -> None:
+        """Raise unless the pipe is open, unbroken and connected (waiting up to ``timeout`` for a peer)."""
+        self._check_usable()
+        self.wait_connected(timeout)
+        self._check_usable()
+
     def _check_usable(self) -> None:
         if self._closed:
             raise LocalUsageError(f"pipe {self.name} is closed")
@@ -246,26 +279,28 @@ class Pipe:
             log.warning("pipe %s to %s broken: %s", self.name, self.peer, reason)
             self._close_ep()
 
-    def _wait_ops(self, ops: list[Op], deadline: float, what: str, finish: Any, result: Any, seq: int | None = None) -> Any:
+    def _wait_ops(self, ops: list[Op], deadline: float, what: str, seq: int | None = None) -> None:
         alive = self._alive if seq is None else (lambda: self._alive(seq))
         try:
             for op in ops:
                 self._engine.wait(op, deadline, what, alive)
-        except PeerTimeoutError:
+        except (PeerError, RemoteProtocolError) as exc:
+            self._fail(exc, what)
+
+    def _fail(self, exc: PeerError | RemoteProtocolError, what: str) -> NoReturn:
+        """Break the pipe for a failed wait and raise the error that says whose fault it is."""
+        if isinstance(exc, PeerTimeoutError):
             self._break(f"timed out: {what}")
-            raise
-        except PeerError as exc:
+            raise exc
+        if isinstance(exc, PeerError):
             if self._closed:  # our own close() interrupted the wait: the caller's doing, not the peer's
                 raise LocalUsageError(f"pipe {self.name} was closed while {what}") from None
+            self._break(str(exc))
             if self._link is not None and self._link.closed_reason is not None:
-                self._break(str(exc))
                 raise PeerClosedError(str(exc)) from None
-            self._break(str(exc))
-            raise
-        except RemoteProtocolError as exc:
-            self._break(str(exc))
-            raise
-        return finish() if finish is not None else result
+            raise exc
+        self._break(str(exc))
+        raise exc
 
     # -- sending ---------------------------------------------------------
     def _post_send(self, obj: TensorLike | None) -> tuple[list[Any], list[Any], int]:
@@ -274,7 +309,7 @@ class Pipe:
         frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
         mv = memoryview(frame)
         keep: list[Any] = [frame]
-        reqs: list[Any] = []
+        payload: Any = None
         nbytes = 0
         if obj is None:
             used = codec.encode_header(mv, codec.TensorHeader(seq=seq, none=True))
@@ -293,13 +328,11 @@ class Pipe:
             else:
                 used = codec.encode_header(mv, h)
             if not inline:
-                buf = codec.ucx_buffer(t)
-                keep.append(t)
-                keep.append(buf)
-                reqs.append(("payload", buf, seq))
+                payload = codec.ucx_buffer(t)
+                keep += [t, payload]
         out = [self._engine.tag_send(self._ep, frame[:used], self._tag(self._send_tag, seq, False))]
-        for _, buf, s in reqs:
-            out.append(self._engine.tag_send(self._ep, buf, self._tag(self._send_tag, s, True)))
+        if payload is not None:
+            out.append(self._engine.tag_send(self._ep, payload, self._tag(self._send_tag, seq, True)))
         return out, keep, nbytes
 
     def send_tensors_async(self, tensors: Sequence[TensorLike | None], _background: bool = True) -> Handle:
@@ -308,9 +341,7 @@ class Pipe:
         The tensors must not be modified until the handle completes (their memory
         is read in place).
         """
-        self._check_usable()
-        self.wait_connected()
-        self._check_usable()
+        self._ready()
         requests: list[Any] = []
         keep: list[Any] = []
         total = 0
@@ -363,7 +394,7 @@ class Pipe:
             self.bytes_received += h.nbytes
             if h.inline:
                 if h.nbytes:
-                    codec.byte_view(t).copy_(torch.frombuffer(bytearray(inline), dtype=torch.uint8))
+                    codec.byte_view(t).copy_(torch.frombuffer(inline, dtype=torch.uint8))
                 return
             if h.nbytes:
                 buf = codec.ucx_buffer(t)
@@ -381,13 +412,22 @@ class Pipe:
 
     def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
         what = f"receiving tensor #{slot.seq} from {self.peer}"
-        self._wait_ops([slot.header_op], deadline, what + " (header)", None, None, slot.seq)
+        self._wait_ops([slot.header_op], deadline, what + " (header)", slot.seq)
         if slot.payload_op is not None:
-            self._wait_ops([slot.payload_op], deadline, what + f" ({slot.header.nbytes} bytes)", None, None, slot.seq)
+            self._wait_ops([slot.payload_op], deadline, what + f" ({slot.header.nbytes} bytes)", slot.seq)
         return slot.tensor
 
+    def _finish_slots(self, slots: list[_RecvSlot], deadline: float) -> list[torch.Tensor | None]:
+        out = []
+        with self._recv_lock:
+            for s in slots:
+                out.append(self._finish_slot(s, deadline))
+                self._slots.remove(s)
+        return out
+
     def recv_tensors_async(
-        self, n: int | None = None, device: str | torch.device | None = None, out: Sequence[torch.Tensor] | None = None
+        self, n: int | None = None, device: str | torch.device | None = None, out: Sequence[torch.Tensor] | None = None,
+        _single: bool = False,
     ) -> Handle:
         """Post receives for the next ``n`` tensors; ``wait()`` returns them as a list, in order.
 
@@ -401,9 +441,7 @@ class Pipe:
             n = len(out)
         if n is None:
             raise LocalUsageError("recv_tensors_async needs n or out")
-        self._check_usable()
-        self.wait_connected()
-        self._check_usable()
+        self._ready()
         dev = self.device if device is None else torch.device(device)
         with self._recv_lock:
             if any(not sl.batch for sl in self._slots):
@@ -412,29 +450,11 @@ class Pipe:
             for sl in slots:
                 sl.batch = True
             self._slots.extend(slots)
-        handle = Handle(self, [], f"receiving {n} tensor(s) from {self.peer}")
-
-        def finish_all(timeout: float | None = None) -> list[torch.Tensor | None]:
-            deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
-            out = []
-            with self._recv_lock:
-                for s in slots:
-                    out.append(self._finish_slot(s, deadline))
-                    self._slots.remove(s)
-            return out
-
-        handle.wait = finish_all  # type: ignore[method-assign]
-        handle.done = lambda: all(  # type: ignore[method-assign]
-            s.header_op._done and (s.payload_op is None or s.payload_op._done) for s in slots
-        )
-        return handle
+        return _RecvHandle(self, slots, _single)
 
     def recv_tensor_async(self, device: str | torch.device | None = None) -> Handle:
         """Post a receive for the next tensor; ``wait()`` returns it (or None)."""
-        h = self.recv_tensors_async(1, device)
-        inner = h.wait
-        h.wait = lambda timeout=None: inner(timeout)[0]  # type: ignore[method-assign]
-        return h
+        return self.recv_tensors_async(1, device, _single=True)
 
     def recv_tensor(
         self, device: str | torch.device | None = None, timeout: float | None = None, out: torch.Tensor | None = None
@@ -446,11 +466,8 @@ class Pipe:
         picks it up, so nothing the peer sends is lost or reordered.
         """
         if out is not None:
-            h = self.recv_tensors_async(out=[out])
-            return h.wait(timeout)[0]
-        self._check_usable()
-        self.wait_connected(timeout)
-        self._check_usable()
+            return self.recv_tensors_async(out=[out], _single=True).wait(timeout)
+        self._ready(timeout)
         dev = self.device if device is None else torch.device(device)
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         with self._recv_lock:
@@ -466,9 +483,7 @@ class Pipe:
                 except PeerTimeoutError:
                     raise  # nothing arrived yet: the receive stays posted
                 except (PeerError, RemoteProtocolError) as exc:
-                    if self._closed:
-                        raise LocalUsageError(f"pipe {self.name} was closed while receiving") from None
-                    self._wait_ops([slot.header_op], deadline, str(exc), None, None, slot.seq)
+                    self._fail(exc, "receiving")
             tensor = self._finish_slot(slot, deadline)
             self._slots.pop(0)
             return tensor
@@ -477,10 +492,9 @@ class Pipe:
     def _close_ep(self) -> None:
         # Exactly once: a second ucxx close of the same endpoint crashes the process.
         with self._ep_lock:
-            ep, self._ep_closed = self._ep, True
-            if ep is not None and not getattr(self, "_ep_was_closed", False):
-                self._ep_was_closed = True
-                self._engine.close_endpoint(ep)
+            if self._ep is not None and not self._ep_closed:
+                self._ep_closed = True
+                self._engine.close_endpoint(self._ep)
 
     def close(self) -> None:
         """Tell the peer, cancel what is in flight, release everything (idempotent, bounded)."""
@@ -547,10 +561,9 @@ class PipeListener:
     def _on_hello(self, hello: Hello, link: Link) -> Welcome | Reject:
         if self._closed:
             return Reject("closed", f"listener {self.name} is closing")
-        if hello.service != self.service:
-            return Reject("service", f"this listener serves {self.service!r}, not {hello.service!r}")
-        if not (0 < hello.recv_tag < (1 << _TAG_BASE_BITS)):
-            return Reject("malformed", f"recv_tag {hello.recv_tag} out of range")
+        bad = _hello_problem(hello, self.service)
+        if bad is not None:
+            return bad
         if self._accepted.full():
             return Reject("busy", f"listener {self.name} has too many unaccepted peers")
         pipe = Pipe(**self._kw)
