@@ -71,7 +71,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from .errors import KVTransferError, PeerUnavailableError
 from .lookup_buffer import LookupBuffer, LookupClient
-from .paged import PagedLayout, gather_blocks, scatter_blocks
+from .connector import KVProducer, KVRequest
+from .paged import PagedLayout, scatter_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
@@ -299,6 +300,7 @@ class UcxConnector(KVConnectorBase_V1):
         self._caches: list[torch.Tensor] = []
         self._layout: PagedLayout | None = None
         self._buffer: LookupBuffer | None = None
+        self._producer: KVProducer | None = None
         self._server: Any = None
         self._clients: dict[str, LookupClient] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -452,10 +454,13 @@ class UcxConnector(KVConnectorBase_V1):
             (d for d, s in enumerate(first.shape) if s == num_blocks), 0)
         name = str(getattr(self._kv_cache_config, "kv_cache_layout", None) or f"block_dim{block_dim}")
         self._layout = PagedLayout(name=name, block_dim=block_dim)
+        self._block_bytes = sum(self._layout.block_nbytes(c) for c in self._caches)  # one block, all layers
         log.info("UcxConnector: %d layers, per-layer cache %s %s, layout %s (block dim %d)",
                  len(self._caches), tuple(first.shape), first.dtype, name, block_dim)
         if self.is_producer:
             self._buffer = LookupBuffer(self.buffer_bytes, lease_s=self.lease_s)
+            self._producer = KVProducer(self._buffer, self._caches, self._layout,
+                                        insert_timeout_s=self.insert_timeout_s, lease_s=self.lease_s)
             self._server = self._buffer.serve(self.kv_host, self.kv_port)
             log.info("UcxConnector producer serving KV on %s", self._server.address)
         if self.is_consumer:
@@ -546,12 +551,9 @@ class UcxConnector(KVConnectorBase_V1):
         for spec in meta.to_save:
             t0 = time.monotonic()
             try:
-                staging = gather_blocks(self._caches, self._layout, spec.block_ids)
-                self._buffer.insert(torch.tensor(spec.token_ids, dtype=torch.int64), None, list(staging.unbind(0)),
-                                    None, None, request_id=spec.req_id, lease_s=self.lease_s,
-                                    timeout=self.insert_timeout_s)
+                self._producer.save([KVRequest(spec.req_id, spec.token_ids, spec.block_ids)])
                 with self._lock:
-                    self._stats.data["bytes_saved"] += staging.numel() * staging.element_size()
+                    self._stats.data["bytes_saved"] += len(spec.block_ids) * self._block_bytes
                     self._stats.data["requests_saved"] += 1
                     self._stats.data["save_s"] += time.monotonic() - t0
             except Exception as exc:  # noqa: BLE001 - decode will see "no KV" and apply its policy
