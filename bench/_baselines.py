@@ -19,24 +19,17 @@ import argparse
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 from typing import Any, Sequence
 
+from ._ports import free_port  # noqa: F401  (perftest and the peers below use it)
 from ._report import Result, compute_rows, parse_csv, parse_table
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("ucx_perftest", "pyzmq", "gloo", "nixl")
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def uniform_result(test: str, size: int, impl: str, iters: int, elapsed_s: float, one_way_div: float = 1.0) -> Result:

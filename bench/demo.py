@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from bench._ports import free_port
 from bench.tiny_model import make_tiny_model, sample_prompts
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port  # bench.disagg imports it from here
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:

@@ -6,7 +6,6 @@ tiny random-weight model it builds, so nothing is downloaded.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
@@ -14,14 +13,9 @@ from tests.conftest import SPAWN
 
 pytest.importorskip("vllm")
 
+from bench._ports import free_port  # noqa: E402
 from bench.tiny_model import make_tiny_model, sample_prompts  # noqa: E402
 from tests import vllm_peers as V  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Instance:
@@ -63,7 +57,7 @@ class Instance:
 def pd(tmp_path_factory, request):
     shape = request.param
     model = str(make_tiny_model(tmp_path_factory.mktemp("model") / "m", **shape))
-    port = _free_port()
+    port = free_port()
     prefill = Instance(V.prefill, model, port, 8.0)
     decode = Instance(V.decode, model)
     prefill.model, prefill.kv_port = model, port
