@@ -24,6 +24,10 @@ caches and into *other* block ids of another set:
   the cache memory directly. :func:`matching_views` pairs source and
   destination views of equal shape when the two sides' id lists have
   different run structures.
+* Head-sliced staging, for tensor-parallel ranks that hold different KV-head
+  shards (see :mod:`kv_transfer.tp_mapping`): :func:`gather_block_heads` and
+  :func:`scatter_block_heads` are the staging pair restricted to a range of
+  KV heads, for any layout whose ``dims`` name its ``"head"`` dim.
 
 Data is moved as raw bits: every copy reinterprets the tensors as an integer
 dtype of the same width, so the result is bit-exact for any dtype (NaN
@@ -51,6 +55,10 @@ __all__ = [
     "coalesce_runs",
     "block_views",
     "matching_views",
+    "head_dim_index",
+    "head_staging_shape",
+    "gather_block_heads",
+    "scatter_block_heads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -233,6 +241,12 @@ def _check_caches(
     return first.shape, first.dtype, first.device
 
 
+def _staging_of(shape: torch.Size, layout: PagedLayout, num_layers: int, num_ids: int) -> torch.Size:
+    """Canonical staging shape ``(num_layers, num_ids, *shape without the block dim)``."""
+    bd = layout.block_dim
+    return torch.Size((num_layers, int(num_ids)) + tuple(shape[:bd]) + tuple(shape[bd + 1 :]))
+
+
 def _ids_numpy(block_ids: BlockIds, what: str = "block_ids") -> np.ndarray:
     """Block ids as a 1-D int64 numpy array on the host (syncs for CUDA tensors)."""
     if isinstance(block_ids, torch.Tensor):
@@ -323,8 +337,7 @@ def staging_shape(
     pinned host memory) with the caches' dtype.
     """
     shape, _, _ = _check_caches(caches, layout)
-    bd = layout.block_dim
-    return torch.Size((len(caches), int(num_ids)) + tuple(shape[:bd]) + tuple(shape[bd + 1 :]))
+    return _staging_of(shape, layout, len(caches), num_ids)
 
 
 def gather_blocks(
@@ -356,40 +369,7 @@ def gather_blocks(
             it and its position), non-1-D ids, or an unsuitable ``out``.
         TypeError: non-integer ids.
     """
-    shape, dtype, device = _check_caches(caches, layout)
-    bd = layout.block_dim
-    nb = int(shape[bd])
-    idx = _ids_tensor(block_ids, nb, device, "gather_blocks block_ids")
-    want = torch.Size((len(caches), idx.numel()) + tuple(shape[:bd]) + tuple(shape[bd + 1 :]))
-    if out is None:
-        out = torch.empty(want, dtype=dtype, device=device)
-    else:
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"gather_blocks out: expected a torch.Tensor, got {type(out).__name__}")
-        if out.shape != want:
-            raise ValueError(
-                f"gather_blocks out: shape {tuple(out.shape)} != expected staging shape {tuple(want)}"
-            )
-        if out.dtype != dtype:
-            raise ValueError(f"gather_blocks out: dtype {out.dtype} != caches dtype {dtype}")
-        if out.device != device:
-            raise ValueError(f"gather_blocks out: device {out.device} != caches device {device}")
-        if not out.is_contiguous():
-            raise ValueError("gather_blocks out: staging tensor must be contiguous")
-    out_bits = _bits(out)
-    with torch.no_grad():
-        for layer, cache in enumerate(caches):
-            src = _bits(cache)
-            if bd:
-                src = src.movedim(bd, 0)
-            torch.index_select(src, 0, idx, out=out_bits[layer])
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug(
-            "gather_blocks: layout=%s layers=%d ids=%d -> %s %s (%d bytes)",
-            layout.name, len(caches), idx.numel(), tuple(out.shape), dtype,
-            out.numel() * out.element_size(),
-        )
-    return out
+    return _gather(caches, layout, block_ids, out, None, "gather_blocks")
 
 
 def scatter_blocks(
@@ -414,33 +394,219 @@ def scatter_blocks(
             shape, dtype or device do not match (naming both).
         TypeError: non-integer ids.
     """
+    _scatter(caches, layout, block_ids, staging, None, "scatter_blocks")
+
+
+# --------------------------------------------------------------------------- #
+# Head-sliced staging (tensor parallelism with different TP sizes)
+# --------------------------------------------------------------------------- #
+
+
+def head_dim_index(layout: PagedLayout) -> int:
+    """Which dimension of ``layout``'s per-layer tensor indexes KV heads (its ``"head"`` dim).
+
+    Raises:
+        ValueError: the layout names no ``"head"`` dim (e.g. ``blocks_first``),
+            so a head range cannot be located in it.
+    """
+    if "head" not in layout.dims:
+        raise ValueError(
+            f"layout {layout.name!r} has no 'head' dim (dims={layout.dims!r}); head-sliced "
+            f"gather/scatter needs a layout whose dims name the KV-head dimension"
+        )
+    return layout.dims.index("head")
+
+
+def _head_slice(
+    shape: torch.Size, layout: PagedLayout, head_start: int, num_heads: int, what: str
+) -> Tuple[int, int, int]:
+    """Validate a head range against ``shape``; return ``(head_dim, head_start, num_heads)``."""
+    hd = head_dim_index(layout)
+    total = int(shape[hd])
+    for name, v in (("head_start", head_start), ("num_heads", num_heads)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{what}: {name} must be an int, got {v!r}")
+    if head_start < 0 or num_heads < 1 or head_start + num_heads > total:
+        raise ValueError(
+            f"{what}: heads [{head_start}, {head_start + num_heads}) are not inside the "
+            f"cache's {total} KV heads (layout {layout.name!r}, shape {tuple(shape)})"
+        )
+    return hd, head_start, num_heads
+
+
+def _narrowed_shape(
+    caches: Sequence[torch.Tensor], layout: PagedLayout, heads: Optional[Tuple[int, int]], what: str
+) -> Tuple[torch.Size, torch.dtype, torch.device, Optional[Tuple[int, int, int]]]:
+    """Common (shape, dtype, device) of ``caches`` with the head dim cut to ``heads``."""
     shape, dtype, device = _check_caches(caches, layout)
+    if heads is None:
+        return shape, dtype, device, None
+    hs = _head_slice(shape, layout, heads[0], heads[1], what)
+    cut = list(shape)
+    cut[hs[0]] = hs[2]
+    return torch.Size(cut), dtype, device, hs
+
+
+def _layer_view(cache: torch.Tensor, hs: Optional[Tuple[int, int, int]]) -> torch.Tensor:
+    """``cache`` as raw bits, narrowed to the head range ``hs`` when given (a view)."""
+    bits = _bits(cache)
+    return bits if hs is None else bits.narrow(hs[0], hs[1], hs[2])
+
+
+def head_staging_shape(
+    caches: Sequence[torch.Tensor], layout: PagedLayout, num_ids: int, num_heads: int
+) -> torch.Size:
+    """Staging shape of :func:`gather_block_heads` for ``num_heads`` heads of ``num_ids`` blocks.
+
+    Like :func:`staging_shape` with the head dim's size replaced by ``num_heads``.
+    """
+    shape, _, _, _ = _narrowed_shape(caches, layout, (0, num_heads), "head_staging_shape")
+    return _staging_of(shape, layout, len(caches), num_ids)
+
+
+def gather_block_heads(
+    caches: Sequence[torch.Tensor],
+    layout: PagedLayout,
+    block_ids: BlockIds,
+    head_start: int,
+    num_heads: int,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`gather_blocks` restricted to KV heads ``[head_start, head_start + num_heads)``.
+
+    Returns a contiguous tensor of :func:`head_staging_shape` where
+    ``result[l, i]`` is bit-for-bit block ``block_ids[i]`` of ``caches[l]``
+    with the block dim removed and the head dim (see :func:`head_dim_index`)
+    cut to the range. Works for any layout naming its ``"head"`` dim
+    (``vllm_cpu``, ``flash_attn``, ``flashinfer``); the caches are only read.
+
+    Raises:
+        ValueError: as :func:`gather_blocks`, plus a layout without a head
+            dim or a head range outside the cache's heads (naming both).
+        TypeError: non-integer ids or head bounds.
+    """
+    return _gather(caches, layout, block_ids, out, (head_start, num_heads), "gather_block_heads")
+
+
+def scatter_block_heads(
+    caches: Sequence[torch.Tensor],
+    layout: PagedLayout,
+    block_ids: BlockIds,
+    staging: torch.Tensor,
+    head_start: int,
+) -> None:
+    """Write ``staging`` into heads ``[head_start, head_start + n)`` of blocks ``block_ids``.
+
+    ``n`` is ``staging``'s size along the head dim; ``staging`` has
+    :func:`head_staging_shape` for ``n`` heads. Afterwards those heads of
+    block ``block_ids[i]`` of ``caches[l]`` equal ``staging[l, i]`` bit for
+    bit; the other heads of those blocks and every other block are untouched,
+    so several sources (prefill ranks) can fill one block head range by head
+    range. ``block_ids`` must be distinct.
+
+    Raises:
+        ValueError: as :func:`scatter_blocks`, plus a layout without a head
+            dim or a head range outside the cache's heads.
+        TypeError: non-integer ids or head bounds.
+    """
+    if not isinstance(staging, torch.Tensor):
+        raise ValueError(f"scatter_block_heads staging: expected a torch.Tensor, got {type(staging).__name__}")
+    hd = head_dim_index(layout)
+    st_hd = 2 + (hd if hd < layout.block_dim else hd - 1)  # the head dim inside a staging tensor
+    if staging.dim() <= st_hd:
+        raise ValueError(
+            f"scatter_block_heads staging: shape {tuple(staging.shape)} has no head dim {st_hd} "
+            f"(expected (num_layers, num_ids, *per_block_shape) for layout {layout.name!r})"
+        )
+    heads = (head_start, int(staging.shape[st_hd]))
+    _scatter(caches, layout, block_ids, staging, heads, "scatter_block_heads")
+
+
+# --------------------------------------------------------------------------- #
+# Shared staging implementation
+# --------------------------------------------------------------------------- #
+
+
+def _gather(
+    caches: Sequence[torch.Tensor],
+    layout: PagedLayout,
+    block_ids: BlockIds,
+    out: Optional[torch.Tensor],
+    heads: Optional[Tuple[int, int]],
+    what: str,
+) -> torch.Tensor:
+    shape, dtype, device, hs = _narrowed_shape(caches, layout, heads, what)
     bd = layout.block_dim
     nb = int(shape[bd])
-    idx = _ids_tensor(block_ids, nb, device, "scatter_blocks block_ids", unique=True)
-    want = torch.Size((len(caches), idx.numel()) + tuple(shape[:bd]) + tuple(shape[bd + 1 :]))
+    idx = _ids_tensor(block_ids, nb, device, f"{what} block_ids")
+    want = _staging_of(shape, layout, len(caches), idx.numel())
+    if out is None:
+        out = torch.empty(want, dtype=dtype, device=device)
+    else:
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"{what} out: expected a torch.Tensor, got {type(out).__name__}")
+        if out.shape != want:
+            raise ValueError(
+                f"{what} out: shape {tuple(out.shape)} != expected staging shape {tuple(want)}"
+            )
+        if out.dtype != dtype:
+            raise ValueError(f"{what} out: dtype {out.dtype} != caches dtype {dtype}")
+        if out.device != device:
+            raise ValueError(f"{what} out: device {out.device} != caches device {device}")
+        if not out.is_contiguous():
+            raise ValueError(f"{what} out: staging tensor must be contiguous")
+    out_bits = _bits(out)
+    with torch.no_grad():
+        for layer, cache in enumerate(caches):
+            src = _layer_view(cache, hs)
+            if bd:
+                src = src.movedim(bd, 0)
+            torch.index_select(src, 0, idx, out=out_bits[layer])
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "%s: layout=%s layers=%d ids=%d heads=%s -> %s %s (%d bytes)",
+            what, layout.name, len(caches), idx.numel(), heads, tuple(out.shape), dtype,
+            out.numel() * out.element_size(),
+        )
+    return out
+
+
+def _scatter(
+    caches: Sequence[torch.Tensor],
+    layout: PagedLayout,
+    block_ids: BlockIds,
+    staging: torch.Tensor,
+    heads: Optional[Tuple[int, int]],
+    what: str,
+) -> None:
+    shape, dtype, device, hs = _narrowed_shape(caches, layout, heads, what)
+    bd = layout.block_dim
+    nb = int(shape[bd])
+    idx = _ids_tensor(block_ids, nb, device, f"{what} block_ids", unique=True)
+    want = _staging_of(shape, layout, len(caches), idx.numel())
     if not isinstance(staging, torch.Tensor):
-        raise ValueError(f"scatter_blocks staging: expected a torch.Tensor, got {type(staging).__name__}")
+        raise ValueError(f"{what} staging: expected a torch.Tensor, got {type(staging).__name__}")
     if staging.shape != want:
         raise ValueError(
-            f"scatter_blocks staging: shape {tuple(staging.shape)} does not match the "
+            f"{what} staging: shape {tuple(staging.shape)} does not match the "
             f"expected shape {tuple(want)} (num_layers, num_ids, *per_block_shape)"
         )
     if staging.dtype != dtype:
-        raise ValueError(f"scatter_blocks staging: dtype {staging.dtype} != caches dtype {dtype}")
+        raise ValueError(f"{what} staging: dtype {staging.dtype} != caches dtype {dtype}")
     if staging.device != device:
-        raise ValueError(f"scatter_blocks staging: device {staging.device} != caches device {device}")
+        raise ValueError(f"{what} staging: device {staging.device} != caches device {device}")
     st_bits = _bits(staging)
     with torch.no_grad():
         for layer, cache in enumerate(caches):
             src = st_bits[layer]
             if bd:
                 src = src.movedim(0, bd)
-            _bits(cache).index_copy_(bd, idx, src)
+            _layer_view(cache, hs).index_copy_(bd, idx, src)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
-            "scatter_blocks: layout=%s layers=%d ids=%d <- %s %s",
-            layout.name, len(caches), idx.numel(), tuple(staging.shape), dtype,
+            "%s: layout=%s layers=%d ids=%d heads=%s <- %s %s",
+            what, layout.name, len(caches), idx.numel(), heads, tuple(staging.shape), dtype,
         )
 
 
