@@ -48,6 +48,7 @@ __all__ = [
     "source_ranks",
     "decode_reads",
     "readers_per_prefill_rank",
+    "rank_port",
     "check_tp_pair",
     "KVCacheShape",
     "compat_problem",
@@ -184,6 +185,41 @@ def readers_per_prefill_rank(prefill_tp: int, decode_tp: int, total_kv_heads: in
         for p in source_ranks(prefill_tp, decode_tp, total_kv_heads, r):
             counts[p] += 1
     return tuple(counts)
+
+
+def rank_port(
+    kv_port: int,
+    tp_rank: int,
+    tp_size: int,
+    *,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    dp_index: int = 0,
+) -> int:
+    """The KV port of one worker: ``kv_port + dp_index*tp_size*pp_size + pp_rank*tp_size + tp_rank``.
+
+    An engine (one DP index) uses ``tp_size * pp_size`` consecutive ports from
+    its base ``rank_port(kv_port, 0, tp_size, pp_size=pp_size,
+    dp_index=dp_index)``; TP 1 / PP 1 / DP 0 is ``kv_port`` itself.
+
+    Raises:
+        ParallelMismatchError: a size below 1, a rank or DP index out of
+            range, or a port beyond 65535 (naming the values).
+    """
+    _check_size("TP size", tp_size)
+    _check_size("PP size", pp_size)
+    for name, v, hi in (("tp_rank", tp_rank, tp_size), ("pp_rank", pp_rank, pp_size),
+                        ("dp_index", dp_index, None), ("kv_port", kv_port, None)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (hi is not None and v >= hi):
+            bound = f"[0, {hi})" if hi is not None else ">= 0"
+            raise ParallelMismatchError(f"{name} must be an int in {bound}, got {v!r}")
+    port = kv_port + dp_index * tp_size * pp_size + pp_rank * tp_size + tp_rank
+    if not 0 < port <= 65535:
+        raise ParallelMismatchError(
+            f"KV port {port} (kv_port {kv_port}, TP rank {tp_rank}/{tp_size}, PP rank "
+            f"{pp_rank}/{pp_size}, DP index {dp_index}) is not a valid TCP port"
+        )
+    return port
 
 
 # --------------------------------------------------------------------------- #

@@ -18,6 +18,7 @@ from kv_transfer.tp_mapping import (
     decode_reads,
     kv_heads_per_rank,
     rank_heads,
+    rank_port,
     readers_per_prefill_rank,
     source_ranks,
 )
@@ -204,3 +205,16 @@ def test_matches_vllm_nixl_mapping() -> None:
                 assert ours[0].src_head == m.rank_offset_factor * unit, (p, d, h, r)
             for rd in ours:  # NIXL's head slot = our destination offset in units of one source read
                 assert m.rank_to_attention_slot[rd.prefill_rank] * rd.num_heads == rd.dst_head
+
+
+def test_rank_ports_are_distinct_and_tp1_keeps_kv_port() -> None:
+    assert rank_port(14579, 0, 1) == 14579
+    ports = [rank_port(20000, t, 2, pp_rank=p, pp_size=2, dp_index=d)
+             for d in range(3) for p in range(2) for t in range(2)]
+    assert ports == list(range(20000, 20012))  # dense, one per worker, DP engines side by side
+    with pytest.raises(ParallelMismatchError, match=r"tp_rank must be an int in \[0, 2\), got 2"):
+        rank_port(20000, 2, 2)
+    with pytest.raises(ParallelMismatchError, match="dp_index must be an int in >= 0, got -1"):
+        rank_port(20000, 0, 2, dp_index=-1)
+    with pytest.raises(ParallelMismatchError, match="KV port 65536 .* is not a valid TCP port"):
+        rank_port(65535, 1, 2)
