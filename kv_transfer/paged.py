@@ -27,7 +27,9 @@ caches and into *other* block ids of another set:
 * Head-sliced staging, for tensor-parallel ranks that hold different KV-head
   shards (see :mod:`kv_transfer.tp_mapping`): :func:`gather_block_heads` and
   :func:`scatter_block_heads` are the staging pair restricted to a range of
-  KV heads, for any layout whose ``dims`` name its ``"head"`` dim.
+  KV heads, for any layout whose ``dims`` name its ``"head"`` dim; and
+  :func:`block_head_views`, zero-copy per-block views of a head range where
+  a head range of a block is contiguous (``vllm_cpu``).
 
 Data is moved as raw bits: every copy reinterprets the tensors as an integer
 dtype of the same width, so the result is bit-exact for any dtype (NaN
@@ -59,6 +61,7 @@ __all__ = [
     "head_staging_shape",
     "gather_block_heads",
     "scatter_block_heads",
+    "block_head_views",
 ]
 
 logger = logging.getLogger(__name__)
@@ -770,3 +773,58 @@ def matching_views(
             layout.name, len(src_caches), s.size, len(n_list), len(src_views),
         )
     return src_views, dst_views
+
+
+def block_head_views(
+    caches: Sequence[torch.Tensor],
+    layout: PagedLayout,
+    block_ids: BlockIds,
+    head_start: int,
+    num_heads: int,
+) -> List[torch.Tensor]:
+    """Zero-copy views of KV heads ``[head_start, head_start + num_heads)`` of each block.
+
+    One view per layer, per id (in the given order), per index over the dims
+    before the block dim, in that nesting order; each shares storage with
+    its cache, has the block's shape with the head dim cut to ``num_heads``,
+    and is contiguous, so a transport may send from it or receive into it.
+    Two sides asking for the same number of ids and heads get lists of
+    equal length and shapes, paired position by position. Blocks are not
+    coalesced (a head slice of consecutive blocks is not one contiguous
+    range); for all heads use :func:`block_views`.
+
+    The views are contiguous only where a head is contiguous inside a block,
+    e.g. ``vllm_cpu`` (heads right after the block dim); for ``flash_attn``
+    (tokens before heads) this raises, use :func:`gather_block_heads`.
+
+    Raises:
+        ValueError: bad caches or ids (see :func:`gather_blocks`), a layout
+            without a head dim, a head range outside the cache's heads, or a
+            non-contiguous head slice.
+        TypeError: non-integer ids or head bounds.
+    """
+    shape, _, _ = _check_caches(caches, layout)
+    hd, head_start, num_heads = _head_slice(shape, layout, head_start, num_heads, "block_head_views")
+    bd = layout.block_dim
+    ids = _ids_numpy(block_ids, "block_head_views block_ids")
+    _check_range_numpy(ids, int(shape[bd]), "block_head_views block_ids")
+    inner_hd = hd - bd - 1  # the head dim inside one block's tensor (dims after the block dim)
+    if inner_hd < 0:
+        raise ValueError(
+            f"block_head_views: layout {layout.name!r} has its head dim before the block dim; "
+            f"a head slice of one block is not contiguous there, use gather_block_heads"
+        )
+    views: List[torch.Tensor] = []
+    for layer, cache in enumerate(caches):
+        leading = list(itertools.product(*(range(n) for n in cache.shape[:bd])))
+        for block in ids.tolist():
+            for lead in leading:
+                v = (cache[lead] if bd else cache)[block].narrow(inner_hd, head_start, num_heads)
+                if not v.is_contiguous():
+                    raise ValueError(
+                        f"block_head_views layer {layer}: heads [{head_start}, {head_start + num_heads}) "
+                        f"of block {block} are not contiguous in layout {layout.name!r} (cache shape "
+                        f"{tuple(cache.shape)}, strides {cache.stride()}); use gather_block_heads"
+                    )
+                views.append(v)
+    return views

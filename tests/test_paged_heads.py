@@ -15,6 +15,7 @@ import torch
 
 from kv_transfer.paged import (
     PagedLayout,
+    block_head_views,
     gather_block_heads,
     gather_blocks,
     head_dim_index,
@@ -159,3 +160,32 @@ def test_bad_head_ranges_and_layouts():
         scatter_block_heads(caches, layout, [2, 3], staging.half(), 0)
     with pytest.raises(ValueError, match="gather_block_heads out: shape"):
         gather_block_heads(caches, layout, [0], 0, 1, out=torch.empty(1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_head_views_vllm_cpu_zero_copy(device):
+    layout, shape = HEAD_LAYOUTS["vllm_cpu"]
+    src = make_caches(shape(6, 4), torch.float32, device, 11, LAYERS)
+    dst = make_caches(shape(5, 2), torch.float32, device, 12, LAYERS)
+    before = [c.clone() for c in dst]
+    sv = block_head_views(src, layout, [4, 1, 2], 2, 2)  # heads 2..3 of a 4-head shard
+    dv = block_head_views(dst, layout, [0, 3, 1], 0, 2)  # into a 2-head shard (P=1 -> D=2, rank 1)
+    assert len(sv) == len(dv) == LAYERS * 3
+    for a, b in zip(sv, dv):
+        assert a.is_contiguous() and b.is_contiguous() and a.shape == b.shape == (2, BS, 2 * HD)
+        b.copy_(a)
+    for layer in range(LAYERS):
+        assert sv[layer * 3].data_ptr() == src[layer][4, 2].data_ptr()  # a view, not a copy
+        assert same_bits(blocks_of(dst[layer], layout, [0, 3, 1]),
+                         blocks_of(heads_of(src[layer], layout, range(2, 4)), layout, [4, 1, 2]))
+        assert same_bits(blocks_of(dst[layer], layout, [2, 4]), blocks_of(before[layer], layout, [2, 4]))
+
+
+def test_block_head_views_refuses_strided_layouts():
+    layout, shape = HEAD_LAYOUTS["flash_attn"]
+    caches = make_caches(shape(3, 4), torch.float32, "cpu", 1, 1)
+    with pytest.raises(ValueError, match=r"heads \[1, 2\) of block 0 are not contiguous in layout 'flash_attn'"):
+        block_head_views(caches, layout, [0], 1, 1)
+    assert len(block_head_views(caches, layout, [0, 2], 0, 4)) == 4  # all heads: contiguous, K and V per block
+    with pytest.raises(ValueError, match="head dim before the block dim"):
+        block_head_views([torch.zeros(2, 3, 4)], PagedLayout("hb", 1, ("head", "block", "x")), [0], 0, 1)
