@@ -163,9 +163,6 @@ class Check:
         env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PIP_CACHE_DIR"] = os.path.join(CACHE, "pip")
         env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-        # A machine-wide cap or a local wheel folder must not pick a CPU-only torch.
-        env["PIP_CONSTRAINT"] = ""
-        env["PIP_FIND_LINKS"] = ""
         env["UCX_WARN_UNUSED_ENV_VARS"] = "n"
         env.update(extra)
         return env
@@ -270,9 +267,8 @@ class Check:
         ucx_info = os.path.join(libucx_dir, "bin", "ucx_info")
         lib = os.path.join(libucx_dir, "lib")
         env = self.env(LD_LIBRARY_PATH=lib + os.pathsep + os.environ.get("LD_LIBRARY_PATH", ""))
-        self.step("env.ucx_info-v", [ucx_info, "-v"], env=env,
-                  parse=lambda o: {"version": next((ln for ln in o.splitlines() if "UCT version" in ln
-                                                    or "Library version" in ln), o.strip()[:200])})
+        rec = self.step("env.ucx_info-v", [ucx_info, "-v"], env=env, parse=parse_ucx_info_v)
+        self.results["ucx_build"] = rec.get("details")
         rec = self.step("env.ucx_info-d", [ucx_info, "-d"], env=env, parse=parse_ucx_info_d)
         self.results["ucx_transports"] = (rec.get("details") or {})
 
@@ -365,6 +361,13 @@ def _last_json(out: str) -> dict[str, Any]:
         if ln.startswith("{"):
             return json.loads(ln)
     raise ValueError("no JSON line in the output")
+
+
+def parse_ucx_info_v(out: str) -> dict[str, Any]:
+    """UCX's version and the configure flags that decide GPU and RDMA support."""
+    version = re.search(r"Library version:\s*(\S+)", out)
+    flags = re.findall(r"--(?:with|without|enable|disable)-(?:cuda|gdrcopy|verbs|rdmacm|mlx5-dv|rocm)\S*", out)
+    return {"version": version.group(1) if version else None, "configure": flags}
 
 
 def parse_ucx_info_d(out: str) -> dict[str, Any]:
@@ -512,6 +515,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         note = (s.get("why") or "").replace("|", "\\|")[:160]
         lines.append(f"| {s['name']} | {s['status']} | {s['duration_s']:.1f} | {note} |")
     lines += ["", "## Results", ""]
+    ub = r.get("ucx_build") or {}
+    if ub.get("version"):
+        lines.append(f"- UCX {ub['version']}, built {' '.join(ub['configure']) or '(flags not shown)'}")
     ut = r.get("ucx_transports") or {}
     if ut.get("transports"):
         has = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in ut["has"].items())

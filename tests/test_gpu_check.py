@@ -47,6 +47,7 @@ def test_host_mode_records_a_timeout_and_goes_on(tmp_path):
     assert doc["mode"].startswith("host")
     assert steps["proto"]["status"] == "timeout" and "1s time limit" in steps["proto"]["why"]
     assert steps["env.python"]["status"] == "ok" and steps["env.ucx_info-d"]["status"] == "ok"
+    assert doc["results"]["ucx_build"]["version"]
     assert "tcp" in steps["env.ucx_info-d"]["details"]["transports"]
     assert steps["copybw"]["status"] == "ok"  # the step after the timeout still ran
     assert doc["results"]["copy"]["device"] == "cpu" and doc["results"]["copy"]["MB/s"] > 0
@@ -111,6 +112,12 @@ def test_parse_ucx_info_d():
     assert d["cuda_transports"] == ["cuda_copy", "cuda_ipc"]
     assert d["has"] == {"cuda_copy": True, "cuda_ipc": True, "gdr_copy": False}
     assert d["devices"] == ["cuda_copy/cuda", "cuda_ipc/cuda", "tcp/lo", "tcp/eth0"]
+
+
+def test_parse_ucx_info_v():
+    d = G.parse_ucx_info_v("# Library version: 1.21.0\n# Configured with: --prefix=/x --without-verbs "
+                           "--with-cuda=/usr/local/cuda --enable-mt\n")
+    assert d == {"version": "1.21.0", "configure": ["--without-verbs", "--with-cuda=/usr/local/cuda"]}
 
 
 def test_parse_proto_picks_the_row_covering_the_size():
