@@ -178,8 +178,7 @@ class Check:
         rec: dict[str, Any] = {"name": name, "command": " ".join(cmd), "limit_s": round(max(limit, 0), 1)}
         if self.left() < 3:
             rec.update(status="skipped", duration_s=0.0, why=f"budget of {self.args.budget:.0f}s spent", excerpt="")
-            self.steps.append(rec)
-            self._say(rec)
+            self._add(rec)
             return rec
         log_path = os.path.join(self.logs, name.replace("/", "_") + ".log")
         rc, out, dur = run_cmd(cmd, limit, env or self.env(), log_path)
@@ -197,26 +196,25 @@ class Check:
                 rec["details"] = {"parse_error": f"{type(exc).__name__}: {exc}"}
                 if rec["status"] == "ok":
                     rec.update(status="failed", why=f"output not understood: {exc}")
-        self.steps.append(rec)
-        self._say(rec)
+        self._add(rec)
         return rec
 
     def record(self, name: str, status: str, why: str = "", **details: Any) -> None:
         rec = {"name": name, "status": status, "duration_s": 0.0, "why": why, "excerpt": "", "details": details}
-        self.steps.append(rec)
-        self._say(rec)
+        self._add(rec)
 
-    @staticmethod
-    def _say(rec: dict[str, Any]) -> None:
+    def _add(self, rec: dict[str, Any]) -> None:
+        self.steps.append(rec)
         why = f" ({rec['why']})" if rec.get("why") else ""
         print(f"gpu-check: {rec['name']:<22} {rec['status']:<8} {rec['duration_s']:7.1f}s{why}", flush=True)
+        self.write_report()  # after every step: a run killed from outside still leaves its report
 
     # -- install ---------------------------------------------------------------
     def install(self) -> bool:
         """Steps install.*; True when the venv's torch is a CUDA build."""
         with open(REQUIREMENTS, "rb") as f:
             want = hashlib.sha256(f.read()).hexdigest()
-        if os.path.exists(STAMP) and open(STAMP).read().strip() == want and os.access(self.python, os.X_OK):
+        if _read(STAMP) == want and os.access(self.python, os.X_OK):
             self.record("install", "ok", why="reused .venv-gpu (stamp matches requirements-gpu.txt)")
             return True
         base = self.args.base_python
@@ -226,10 +224,13 @@ class Check:
                 target = os.path.join(CACHE, "virtualenv")
                 self.step("install.virtualenv", [base, "-m", "pip", "install", "-q", "--target", target,
                                                  "virtualenv==20.29.3"])
-                rec = self.step("install.venv", [base, "-c", f"import sys; sys.path.insert(0, {target!r}); "
-                                                 f"import virtualenv; sys.exit(virtualenv.cli_run([{VENV!r}]) is None)"])
-                if rec["status"] != "ok":
+                alt = self.step("install.venv-virtualenv", [
+                    base, "-c", f"import sys; sys.path.insert(0, {target!r}); "
+                    f"import virtualenv; sys.exit(virtualenv.cli_run([{VENV!r}]) is None)"])
+                if alt["status"] != "ok":
                     return False
+                rec.update(status="skipped", why=f"{rec['why']}; virtualenv made .venv-gpu instead")
+                self.write_report()
         pip = [self.python, "-m", "pip", "install", "--progress-bar", "off", "--disable-pip-version-check"]
         req = self.step("install.requirements", pip + ["--only-binary", ":all:", "-r", REQUIREMENTS])
         self.step("install.project", pip + ["--no-deps", "-e", ROOT])
@@ -255,11 +256,14 @@ class Check:
                 "'libucx_dir': os.path.dirname(libucx.__file__)}\n"
                 "if torch.cuda.is_available():\n"
                 "    d['device'] = torch.cuda.get_device_name(0)\n"
-                "    d['driver'] = torch.cuda.driver_version() if hasattr(torch.cuda, 'driver_version') else None\n"
+                "    try:\n        d['cuda_driver_api'] = torch._C._cuda_getDriverVersion()\n"
+                "    except Exception as e:\n        d['cuda_driver_api'] = f'unknown: {e}'\n"
                 "    d['capability'] = list(torch.cuda.get_device_capability(0))\n"
                 "try:\n    import cupy; d['cupy'] = cupy.__version__\nexcept Exception as e:\n    d['cupy'] = f'not usable: {e}'\n"
                 "print(json.dumps(d))")
         rec = self.step("env.python", [self.python, "-c", code], parse=_last_json)
+        self.results["versions"] = rec.get("details")
+        self.step("env.pip-freeze", [self.python, "-m", "pip", "freeze", "--all"])
         libucx_dir = (rec.get("details") or {}).get("libucx_dir")
         if not libucx_dir:
             self.record("env.ucx_info", "skipped", why="libucx not importable (see env.python)")
@@ -348,6 +352,14 @@ class Check:
 
 
 # --------------------------------------------------------------------------- parsers
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _last_error(out: str) -> str:
     lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip()]
     for ln in reversed(lines):

@@ -6,9 +6,15 @@
 # GPU_CHECK_FORCE=1 runs the steps against host memory instead (tests the script; no GPU
 # result). Extra arguments go to bench/gpu_check.py (see its --help).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:-gpu-report}
+OUT=${1:-}
 shift || true
+case "$OUT" in
+    "") ;;
+    /*) ;;
+    *) OUT="$PWD/$OUT" ;;  # relative to where it was called, not the repo root
+esac
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-report}
 PY=${PY:-python3}
 if [ -n "${GPU_CHECK_FORCE:-}" ]; then
     exec "$PY" bench/gpu_check.py --out "$OUT" --host-mode "$@"
