@@ -74,6 +74,21 @@ def test_host_mode_proto_and_perftest_report(tmp_path):
     assert cases[f"kv_bw {4 * 16 * 16 * 8 * 128 * 2 * 2}"]["verified"] is True
 
 
+def test_cuda_mode_without_a_usable_gpu_fails_visibly(tmp_path, capsys):
+    """The CUDA code path, run where torch sees no GPU: every step says so, none passes quietly."""
+    args = G.build_parser().parse_args(["--out", str(tmp_path / "r"), "--no-install", "--python", sys.executable,
+                                        "--steps", "env,tests,copybw"])
+    args.gpu = "(test: CUDA code path with no usable GPU)"
+    assert G.Check(args).run() == 1
+    steps = {s["name"]: s for s in json.loads((tmp_path / "r" / "gpu-check.json").read_text())["steps"]}
+    assert "install" not in steps and "install.requirements" not in steps
+    assert steps["env.cuda"]["status"] == "failed" and "sees no CUDA device" in steps["env.cuda"]["why"]
+    assert steps["tests"]["status"] == "failed" and "no GPU test passed" in steps["tests"]["why"]
+    assert steps["tests"]["details"]["counts"]["skipped"] > 0
+    assert steps["copybw"]["status"] == "failed" and steps["copybw"]["rc"] == 1
+    assert "not passed: env.cuda, tests, copybw" in capsys.readouterr().out
+
+
 def test_a_step_that_cannot_start_is_recorded(tmp_path):
     out = tmp_path / "r"
     p = _run([sys.executable, "bench/gpu_check.py", "--host-mode", "--out", str(out), "--steps", "copybw",
