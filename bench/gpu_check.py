@@ -622,9 +622,17 @@ def proto_main(args: argparse.Namespace) -> int:
     recv = subprocess.Popen([sys.executable, "-m", "bench.gpu_check", "proto-recv", "--mem", args.mem,
                              "--size", args.size], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
-        first = recv.stdout.readline().strip()  # type: ignore[union-attr]
+        early = []  # anything UCX prints before the address line is kept for the report
+        for _ in range(1000):
+            first = recv.stdout.readline()  # type: ignore[union-attr]
+            if not first or first.startswith("ADDR "):
+                break
+            early.append(first)
         if not first.startswith("ADDR "):
-            raise RuntimeError(f"proto receiver did not report its address (got {first!r})")
+            raise RuntimeError(f"proto receiver exited (rc={recv.wait(10)}) without reporting its address: "
+                               f"{''.join(early)[-500:]!r}")
+        first = first.strip()
+        sys.stdout.write("".join(early))
         src = _pattern(size).to(args.mem)
         if src.device.type == "cuda":
             torch.cuda.synchronize()
