@@ -1,5 +1,7 @@
 # make test: create .venv if missing, install everything the suite needs, run it.
 # make demo: run the main job.
+# make gpu-check OUT=DIR: on a CUDA machine, install the CUDA stack into .venv-gpu and write
+#   the GPU report to DIR (default gpu-report); without a CUDA device it says so and exits 0.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PY ?= python3
@@ -8,7 +10,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ucxkv-installed
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: test demo install clean
+.PHONY: test demo install clean gpu-check
+
+OUT ?= gpu-report
 
 install: $(STAMP)
 
@@ -28,5 +32,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m bench.demo
 
+gpu-check:
+	bash scripts/gpu_check.sh $(OUT)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-gpu .gpu-cache .pytest_cache

@@ -42,8 +42,8 @@ if hasattr(torch, "float8_e4m3fn"):
 DEVICES = [
     "cpu",
     pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
+        "cuda",  # selected by `pytest -m gpu` (make gpu-check)
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")],
     ),
 ]
 
@@ -179,6 +179,25 @@ def test_matching_views_copy(layout_name, dtype, device, case):
         assert dv.untyped_storage().data_ptr() in storages_dst
         dv.copy_(sv)
     check_transfer(src, dst_before, dst, layout, src_ids, dst_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_flash_attn_cuda_model_shape_to_host_and_back():
+    """Llama-3-8B-like flash-attn caches on CUDA: gather, stage on the host, scatter into CUDA."""
+    layout = PagedLayout.flash_attn()
+    shape = (2, 256, 16, 8, 128)  # (2, num_blocks, block_size, num_kv_heads, head_size)
+    src = make_caches(shape, torch.bfloat16, "cuda", 11, layers=4)
+    dst = make_caches(shape, torch.bfloat16, "cuda", 12, layers=4)
+    before = [c.clone() for c in dst]
+    rng = np.random.default_rng(5)
+    src_ids = rng.choice(256, 100, replace=False)
+    dst_ids = np.sort(rng.choice(256, 100, replace=False))  # runs on one side only
+    staging = gather_blocks(src, layout, torch.as_tensor(src_ids, device="cuda"))
+    assert staging.is_cuda and staging.shape == (4, 100, 2, 16, 8, 128)
+    on_host = staging.cpu()  # what a transport would send when the peer stages in host memory
+    scatter_blocks(dst, layout, dst_ids, on_host.to("cuda"))
+    check_transfer(src, before, dst, layout, src_ids, dst_ids)
 
 
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))

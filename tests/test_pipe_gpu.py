@@ -1,4 +1,4 @@
-"""GPU paths: CUDA-to-CUDA and CUDA-to-host through the Pipe (torch CUDA and cupy).
+"""GPU paths through the Pipe: CUDA-to-CUDA, CUDA-to-host, host-to-CUDA (torch CUDA and cupy).
 
 Skipped cleanly where there is no CUDA device (or no cupy for the cupy case).
 """
@@ -18,14 +18,16 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("use_cupy", [False, True], ids=["torch", "cupy"])
-@pytest.mark.parametrize("dst", ["cuda:0", "cpu"])
-def test_cuda_tensors_arrive_bit_exact(peers, dst, use_cupy):
+@pytest.mark.parametrize("src,dst,use_cupy", [
+    ("cuda:0", "cuda:0", False), ("cuda:0", "cpu", False), ("cpu", "cuda:0", False),
+    ("cuda:0", "cuda:0", True), ("cuda:0", "cpu", True),  # the last tensor sent as a cupy array
+], ids=["cuda-cuda", "cuda-cpu", "cpu-cuda", "cuda-cuda-cupy", "cuda-cpu-cupy"])
+def test_cuda_tensors_arrive_bit_exact(peers, src, dst, use_cupy):
     if use_cupy and importlib.util.find_spec("cupy") is None:
         pytest.skip("cupy is not installed")
-    recv = peers.start(P.cuda_peer, "recv", None, "cuda:0", dst)
+    recv = peers.start(P.cuda_peer, "recv", None, src, dst)
     addr = peers.expect(recv, "addr", 120)
-    send = peers.start(P.cuda_peer, "send", addr, "cuda:0", dst, use_cupy)
+    send = peers.start(P.cuda_peer, "send", addr, src, dst, use_cupy)
     assert peers.expect(send, "ok", 120) == "sent"
     out = peers.expect(recv, "ok", 120)
     assert all(why is None for _, why in out), out
