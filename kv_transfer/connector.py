@@ -4,7 +4,7 @@ The producer (prefill side) copies a request's blocks out of its per-layer
 paged caches into staging tensors (:func:`kv_transfer.paged.gather_blocks`)
 and inserts them into a :class:`LookupBuffer` keyed by the request id *and*
 its token ids. The consumer (decode side) fetches the entry for each of its
-requests through any *source* with a ``fetch`` method (a local
+requests through any :class:`~kv_transfer.KVSource` (a local
 :class:`LookupBuffer`, a :class:`LookupClient`, or a
 :class:`MultiProducerClient`) and scatters the blocks into its **own** block
 ids (:func:`kv_transfer.paged.scatter_blocks`), reporting per request which

@@ -14,7 +14,8 @@ pytest.importorskip("vllm")
 
 from vllm.v1.request import RequestStatus  # noqa: E402
 
-from kv_transfer.vllm import CONNECTOR_PROTOCOL, LoadSpec, UcxConfig, UcxScheduler  # noqa: E402
+from kv_transfer.vllm import CONNECTOR_PROTOCOL, LoadSpec, UcxConfig, UcxConnector, UcxScheduler  # noqa: E402
+from kv_transfer.vllm.stats import TransferCounters  # noqa: E402
 
 BS = 4
 COMPAT = {"protocol": str(CONNECTOR_PROTOCOL), "model": "m", "dtype": "torch.float32", "num_layers": "2",
@@ -185,3 +186,19 @@ def test_producer_request_aborted_returns_no_params_and_forgets_it():
             assert len(meta.to_save) == 1
         assert s.request_finished(req, [1]) == (False, None)
         assert s.books() == EMPTY
+
+
+def test_counters_hand_out_intervals_and_keep_totals():
+    c = TransferCounters()
+    assert c.take() is None
+    c.add(bytes_loaded=100, requests_loaded=1, load_s=0.5)
+    c.add(load_failures=1)
+    got = c.take()
+    assert got.data["bytes_loaded"] == 100 and got.data["load_failures"] == 1 and got.reduce()["avg_load_ms"] == 500
+    assert c.take() is None  # a new interval
+    c.add(bytes_saved=7, requests_saved=1)
+    assert c.totals()["bytes_loaded"] == 100 and c.totals()["bytes_saved"] == 7
+    merged = UcxConnector.build_kv_connector_stats(got.data).aggregate(c.take())  # what vLLM does across ranks
+    assert merged.data["bytes_saved"] == 7 and merged.data["bytes_loaded"] == 100
+    with pytest.raises(KeyError, match="bytes_sent"):
+        c.add(bytes_sent=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
@@ -14,6 +15,7 @@ COUNTER_KEYS = ("bytes_saved", "requests_saved", "save_s", "save_failures",
                 "bytes_loaded", "requests_loaded", "load_s", "load_failures")
 
 
+@dataclass
 class UcxKVConnectorStats(KVConnectorStats):
     """What vLLM aggregates across workers and logs: one interval's :data:`COUNTER_KEYS`."""
 
