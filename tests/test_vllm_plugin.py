@@ -22,9 +22,9 @@ def test_entry_point_registers_connector_by_name():
     cls = KVConnectorFactory.get_connector_class(cfg)
     assert cls.__name__ == "UcxConnector" and cls.__module__ == "kv_transfer.vllm.connector"
     # the module path users already have in their configs still names the same class
-    cfg = KVTransferConfig(kv_connector="UcxConnector", kv_role="kv_consumer",
-                           kv_connector_module_path="kv_transfer.vllm_connector")
-    assert KVConnectorFactory.get_connector_class(cfg) is cls
+    for path in ("kv_transfer.vllm_connector", "kv_transfer.vllm"):
+        cfg = KVTransferConfig(kv_connector="UcxConnector", kv_role="kv_consumer", kv_connector_module_path=path)
+        assert KVConnectorFactory.get_connector_class(cfg) is cls, path
 
 
 def test_compatibility_mismatch_names_both_sides():
