@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install --upgrade pip 2>/dev/null
 	$(PIP) install -r requirements-test.txt 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PIP) install -e '.[test,bench]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PIP) install -e '.[test,bench,proxy]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside CPU torch.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 	$(BIN)/python -c "import torch, ucxx, zmq, msgspec, vllm, transport" 

@@ -1,4 +1,8 @@
-"""KV-cache transfer helpers for ucxkv: paged block movement, the LookupBuffer, the connector core."""
+"""ucxkv's KV layer: paged block movement, the LookupBuffer and its server/clients, the connector core.
+
+The vLLM connector lives in :mod:`kv_transfer.vllm` (imported only by vLLM), the
+HTTP proxy in :mod:`kv_transfer.proxy` (needs the ``proxy`` extra).
+"""
 
 from .connector import KVConsumer, KVProducer, KVRequest, LoadResult, layer_request_id
 from .errors import (
@@ -11,7 +15,10 @@ from .errors import (
     ProducerError,
     WireVersionError,
 )
-from .lookup_buffer import LookupBuffer, LookupClient, LookupServer, Match, MultiProducerClient
+from .lookup_client import LookupClient, MultiProducerClient
+from .lookup_server import LookupServer
+from .lookup_source import KVSource, Match
+from .lookup_store import LookupBuffer
 from .paged import (
     BlockIds,
     PagedLayout,
@@ -30,6 +37,7 @@ __all__ = [
     "LookupClient",
     "MultiProducerClient",
     "Match",
+    "KVSource",
     # connector core
     "KVProducer",
     "KVConsumer",

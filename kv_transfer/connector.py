@@ -4,7 +4,7 @@ The producer (prefill side) copies a request's blocks out of its per-layer
 paged caches into staging tensors (:func:`kv_transfer.paged.gather_blocks`)
 and inserts them into a :class:`LookupBuffer` keyed by the request id *and*
 its token ids. The consumer (decode side) fetches the entry for each of its
-requests through any *source* with a ``fetch`` method (a local
+requests through any :class:`~kv_transfer.KVSource` (a local
 :class:`LookupBuffer`, a :class:`LookupClient`, or a
 :class:`MultiProducerClient`) and scatters the blocks into its **own** block
 ids (:func:`kv_transfer.paged.scatter_blocks`), reporting per request which
@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .errors import KVTransferError, KVUsageError
-from .lookup_buffer import LookupBuffer
+from .lookup_source import KVSource
+from .lookup_store import LookupBuffer
 from .paged import BlockIds, PagedLayout, gather_blocks, scatter_blocks
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,18 @@ def layer_request_id(request_id: str, layer_idx: int) -> str:
 
 @dataclass(frozen=True)
 class KVRequest:
-    """One request as either engine sees it: its id, token ids, and its own block ids."""
+    """One request as either engine sees it: its id, token ids, and its own block ids.
+
+    ``skip_blocks`` (consumer only) is how many leading blocks the consumer
+    already holds (e.g. from its prefix cache): a load covers the block range
+    ``block_ids[skip_blocks:]``, writes nothing below it and reports nothing
+    about it. The producer always stages every block.
+    """
 
     request_id: str
     token_ids: TokenIds
     block_ids: BlockIds
+    skip_blocks: int = 0
 
     def tokens_tensor(self) -> torch.Tensor:
         """The token ids as a 1-D int64 CPU tensor."""
@@ -82,7 +90,11 @@ class KVRequest:
 
 @dataclass
 class LoadResult:
-    """What arrived for one request. ``ok`` means every block (and layer asked for) arrived."""
+    """What arrived for one request. ``ok`` means every block of the range (and layer asked for) arrived.
+
+    ``loaded_block_ids`` + ``failed_block_ids`` are exactly the request's
+    ``block_ids[skip_blocks:]``, in order.
+    """
 
     request_id: str
     ok: bool
@@ -155,16 +167,28 @@ class KVConsumer:
     """Fetches requests' KV into this engine's own blocks (decode side).
 
     Args:
-        source: Anything with ``fetch(tokens, roi, *, request_id, wait_s, device)``
-            returning a :class:`Match` or None: a :class:`LookupClient`, a
-            :class:`MultiProducerClient` or a local :class:`LookupBuffer`.
+        source: Where entries come from (a :class:`KVSource`: a
+            :class:`LookupClient`, a :class:`MultiProducerClient` or a local
+            :class:`LookupBuffer`).
         caches: The engine's per-layer paged caches (written only at the
             requests' block ids).
         layout: Their :class:`PagedLayout`.
         wait_s: Default bound on waiting for each request's entry.
+
+    What a load promises, per request (one validation path for every engine):
+
+    * no entry within ``wait_s``, the source unreachable, or an entry of the
+      wrong kind (layer count, dtype, per-block shape, more blocks than
+      ``block_ids``): nothing is written, every block of the range failed;
+    * an entry of ``n`` blocks with ``n < len(block_ids)`` (a short entry):
+      the range's blocks below ``n`` are written and loaded, the rest failed,
+      ``ok`` is False;
+    * otherwise every block of the range is written, ``ok`` is True.
+    The entry is consumed at the source in every case where it was found.
     """
 
-    def __init__(self, source: Any, caches: Sequence[torch.Tensor], layout: PagedLayout, *, wait_s: float = 5.0):
+    def __init__(self, source: KVSource, caches: Sequence[torch.Tensor], layout: PagedLayout, *,
+                 wait_s: float = 5.0):
         self.source = source
         self.caches = _check_caches(caches, layout, "KVConsumer")
         self.layout = layout
@@ -173,7 +197,10 @@ class KVConsumer:
 
     def _load_one(self, r: KVRequest, layers: List[int], request_id: str, wait_s: float) -> LoadResult:
         dst = r.block_list()
-        res = LoadResult(r.request_id, False, [], list(dst))
+        lo = int(r.skip_blocks)
+        if not 0 <= lo <= len(dst):
+            raise KVUsageError(f"request {r.request_id}: skip_blocks {lo} outside [0, {len(dst)}]")
+        res = LoadResult(r.request_id, False, [], dst[lo:])
         try:
             m = self.source.fetch(r.tokens_tensor(), None, request_id=request_id, wait_s=wait_s,
                                   device=self.caches[0].device)
@@ -197,24 +224,22 @@ class KVConsumer:
             res.error = (f"entry for {request_id}: layer tensor {t.dtype}{tuple(t.shape)} does not fit "
                          f"{self.caches[0].dtype}{want} (destination blocks)")
             return res
-        if n:
+        hi = max(lo, n)  # blocks [lo, hi) arrived
+        if hi > lo:
             dev = self.caches[0].device
             for li, t in zip(layers, key):
-                scatter_blocks([self.caches[li]], self.layout, dst[:n], t.to(dev).unsqueeze(0))
-        res.loaded_block_ids, res.failed_block_ids = dst[:n], dst[n:]
+                scatter_blocks([self.caches[li]], self.layout, dst[lo:hi], t[lo:hi].to(dev).unsqueeze(0))
+        res.loaded_block_ids, res.failed_block_ids = dst[lo:hi], dst[hi:]
         res.hidden = m.hidden if isinstance(m.hidden, torch.Tensor) else None
         res.ok = n == len(dst)
         if not res.ok:
-            res.error = f"only {n} of {len(dst)} blocks arrived for {request_id}"
+            res.error = f"short entry: {n} of {len(dst)} blocks arrived for {request_id}"
         return res
 
     def load(self, requests: Sequence[KVRequest], *, wait_s: Optional[float] = None) -> Dict[str, LoadResult]:
         """Fetch every layer of each request into its block ids; per-request results, never raises for data.
 
-        A request whose entry does not arrive within ``wait_s`` (or arrives
-        malformed) is reported with ``ok=False`` and all its block ids failed;
-        its blocks are left untouched. A short entry fills the leading blocks
-        and reports the rest as failed.
+        See the class docstring for what each outcome writes and reports.
         """
         w = self.wait_s if wait_s is None else float(wait_s)
         layers = list(range(len(self.caches)))

@@ -22,5 +22,5 @@ def register() -> None:
         return
     if CONNECTOR_NAME in getattr(KVConnectorFactory, "_registry", {}):
         return
-    KVConnectorFactory.register_connector(CONNECTOR_NAME, "kv_transfer.vllm_connector", "UcxConnector")
+    KVConnectorFactory.register_connector(CONNECTOR_NAME, "kv_transfer.vllm.connector", "UcxConnector")
     log.debug("registered %s with vLLM", CONNECTOR_NAME)

@@ -1,4 +1,9 @@
-"""``ucxkv-proxy``: an OpenAI-compatible router for disaggregated prefill/decode.
+"""``ucxkv-proxy``: an OpenAI-compatible HTTP router that pairs prefill and decode instances.
+
+Needs the ``proxy`` extra (``pip install 'ucxkv[proxy]'``, i.e. aiohttp); without
+it importing this module raises an ImportError saying so. One file on purpose
+(~700 lines): configuration, instance pool, the two-hop forwarding and the CLI
+of one small server that is read top to bottom; nothing else imports its parts.
 
 The proxy sits in front of one or more vLLM *prefill* instances (started with
 ``kv_role: kv_producer``) and one or more *decode* instances (``kv_consumer``)
@@ -58,8 +63,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-from aiohttp import web
+try:
+    import aiohttp
+    from aiohttp import web
+except ImportError as exc:  # the library itself does not need aiohttp: only this proxy does
+    raise ImportError("the ucxkv proxy needs aiohttp: pip install 'ucxkv[proxy]' (or pip install aiohttp)") from exc
 
 __all__ = [
     "Instance",

@@ -302,3 +302,19 @@ def drain_consumer(q: Any, address: str, k: int) -> None:
         return {"bad": bad}
 
     _report(q, body)
+
+
+# -- a producer restarted on the same port -----------------------------------------
+def fixed_port_producer(q: Any, port: int, value: float) -> None:
+    """Serves one entry (request ``r<value>``, key filled with ``value``) on ``port`` until killed."""
+    from kv_transfer import LookupBuffer
+
+    def body() -> Any:
+        buf = LookupBuffer(1 << 20, lease_s=120)
+        server = buf.serve("127.0.0.1", port, peer_timeout_s=2.0, heartbeat_s=0.2)
+        buf.insert(None, None, torch.full((16,), value), None, None, request_id=f"r{value:g}")
+        q.put(("addr", server.address))
+        time.sleep(120)
+        return "not killed"
+
+    _report(q, body)

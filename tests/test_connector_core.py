@@ -56,6 +56,48 @@ def test_short_entry_fills_leading_blocks_and_reports_the_rest():
     assert torch.equal(dst[2][:, 1], src[2][:, 9])
 
 
+def test_skipped_blocks_are_neither_written_nor_reported():
+    """The consumer already holds the leading blocks (prefix cache): the load covers block_ids[skip:]."""
+    lay = PagedLayout.vllm_cpu()
+    src, dst = _small(lay, 1), _small(lay, 2)
+    before = [c.clone() for c in dst]
+    buf = LookupBuffer(1 << 20)
+    KVProducer(buf, src, lay).save([KVRequest("r", [1, 2, 3], [3, 9, 4])])
+    r = KVConsumer(buf, dst, lay).load([KVRequest("r", [1, 2, 3], [0, 1, 2], skip_blocks=1)], wait_s=0)["r"]
+    assert r.ok and r.loaded_block_ids == [1, 2] and r.failed_block_ids == []
+    assert all(torch.equal(d[0], b[0]) for d, b in zip(dst, before))  # block 0 untouched
+    assert all(torch.equal(d[[1, 2]], s[[9, 4]]) for d, s in zip(dst, src))
+
+
+def test_short_entry_with_skip_reports_exactly_the_range():
+    lay = PagedLayout.vllm_cpu()
+    src, dst = _small(lay, 1), _small(lay, 2)
+    buf = LookupBuffer(1 << 20)
+    cons = KVConsumer(buf, dst, lay, wait_s=0)
+    KVProducer(buf, src, lay).save([KVRequest("r", [1, 2], [3, 9])])
+    r = cons.load([KVRequest("r", [1, 2], [0, 1, 2, 5], skip_blocks=1)])["r"]
+    assert not r.ok and r.loaded_block_ids == [1] and r.failed_block_ids == [2, 5] and "short entry" in r.error
+    assert all(torch.equal(d[1], s[9]) for d, s in zip(dst, src))
+    # an entry shorter than the skipped part: nothing written, the whole range failed
+    KVProducer(buf, src, lay).save([KVRequest("q", [7], [3])])
+    r = cons.load([KVRequest("q", [7], [0, 1, 2], skip_blocks=2)])["q"]
+    assert not r.ok and r.loaded_block_ids == [] and r.failed_block_ids == [2]
+    assert buf.bytes_used == 0  # found entries are consumed either way
+
+
+def test_entry_longer_than_the_destination_is_refused_untouched():
+    lay = PagedLayout.vllm_cpu()
+    src, dst = _small(lay, 1), _small(lay, 2)
+    before = [c.clone() for c in dst]
+    buf = LookupBuffer(1 << 20)
+    KVProducer(buf, src, lay).save([KVRequest("r", [1], [3, 9, 4])])
+    r = KVConsumer(buf, dst, lay).load([KVRequest("r", [1], [0, 1])], wait_s=0)["r"]
+    assert not r.ok and r.failed_block_ids == [0, 1] and "does not fit" in r.error
+    assert all(torch.equal(a, b) for a, b in zip(before, dst))
+    with pytest.raises(KVUsageError, match="skip_blocks 3 outside"):
+        KVConsumer(buf, dst, lay).load([KVRequest("r", [1], [0, 1], skip_blocks=3)])
+
+
 def test_entry_is_scoped_by_tokens_and_request_id():
     lay = PagedLayout.vllm_cpu()
     src, dst = _small(lay, 1), _small(lay, 2)

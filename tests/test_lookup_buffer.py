@@ -244,6 +244,30 @@ def test_consumer_killed_mid_fetch_producer_survives_and_lease_frees_entry(peers
     assert res["done"] and res["failed_sends"] == 1 and res["expired"] == 1 and res["bytes_used"] == 0
 
 
+def test_redialling_client_reaches_a_restarted_producer_a_plain_one_stays_broken(peers):
+    from bench._ports import free_port
+    from kv_transfer import LookupClient, PeerUnavailableError
+
+    port = free_port()
+    first = peers.start(K.fixed_port_producer, port, 1.0)
+    addr = peers.expect(first, "addr", 60)
+    kw = dict(timeout_s=10, peer_timeout_s=2.0, heartbeat_s=0.2)
+    plain, redial = LookupClient(addr, **kw), LookupClient(addr, redial=True, **kw)
+    try:
+        assert float(redial.fetch(request_id="r1").key[0]) == 1.0
+        os.kill(first.pid, signal.SIGKILL)
+        second = peers.start(K.fixed_port_producer, port, 2.0)
+        assert peers.expect(second, "addr", 60) == addr
+        m = redial.fetch(request_id="r2")  # the old connection fails; the client dials the new producer
+        assert m is not None and float(m.key[0]) == 2.0 and redial.redials == 1
+        for _ in range(2):  # without redial: broken, and stays so
+            with pytest.raises(PeerUnavailableError, match=addr.replace(".", r"\.")):
+                plain.fetch(request_id="r2")
+    finally:
+        plain.close()
+        redial.close()
+
+
 def test_full_buffer_three_concurrent_consumers_back_pressure_no_deadlock(peers):
     prod = peers.start(K.full_producer)
     addr = peers.expect(prod, "addr", 60)

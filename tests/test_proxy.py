@@ -484,3 +484,16 @@ def test_health_and_models(proxies: dict[str, ProxyProc], fakes: dict[str, FakeU
     assert status == 200
     assert f'ucxkv_proxy_upstream_requests_total{{role="prefill",instance="{fakes["p1"].url}"}}' in text
     assert 'ucxkv_proxy_requests_total{route="/v1/completions"}' in text
+
+
+def test_without_aiohttp_the_proxy_says_which_extra_to_install():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['aiohttp'] = None; import kv_transfer.proxy"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "pip install 'ucxkv[proxy]'" in r.stderr, r.stderr[-2000:]
+    # the library itself imports without aiohttp
+    code = "import sys; sys.modules['aiohttp'] = None; import kv_transfer, transport"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -89,8 +89,14 @@ def test_1p1d_greedy_output_matches_single_instance_and_kv_is_used(pd):
     prefill.cmd.put(("prefill", prompts))
     params = prefill.get("params")
     assert all(p and p["do_remote_prefill"] and p["remote_request_id"] for p in params), params
+    decode.cmd.put(("totals",))
+    before = decode.get("totals")
     decode.cmd.put(("generate", prompts, params, 12))
     assert decode.get("tokens") == reference
+    decode.cmd.put(("totals",))
+    after = decode.get("totals")
+    assert after["requests_loaded"] - before["requests_loaded"] == len(prompts)
+    assert after["load_failures"] == before["load_failures"] and after["bytes_loaded"] > before["bytes_loaded"]
 
     # noise injected into the transferred KV changes the output: decode really used it
     prefill.cmd.put(("prefill", prompts))
@@ -110,8 +116,15 @@ def test_expired_lease_and_unknown_request_recompute_under_policy(pd):
     prefill.cmd.put(("prefill", prompts))
     params = prefill.get("params")
     time.sleep(10)  # past prefill's 8 s lease: the entries (and their bytes) are gone
+    decode.cmd.put(("totals",))
+    before = decode.get("totals")
     decode.cmd.put(("generate", prompts, params, 8))
     assert decode.get("tokens") == reference  # load failed -> recompute gives the same answer
+    decode.cmd.put(("totals",))
+    after = decode.get("totals")
+    # decode did try: every request's load failed (nothing loaded), and was recomputed
+    assert after["load_failures"] - before["load_failures"] == len(prompts), (before, after)
+    assert after["requests_loaded"] == before["requests_loaded"]
 
 
 @pytest.mark.parametrize("pd", SHAPES[:1], indirect=True)

@@ -20,17 +20,23 @@ def test_entry_point_registers_connector_by_name():
 
     cfg = KVTransferConfig(kv_connector="UcxConnector", kv_role="kv_consumer")
     cls = KVConnectorFactory.get_connector_class(cfg)
-    assert cls.__name__ == "UcxConnector" and cls.__module__ == "kv_transfer.vllm_connector"
+    assert cls.__name__ == "UcxConnector" and cls.__module__ == "kv_transfer.vllm.connector"
+    # the module path users already have in their configs still names the same class
+    for path in ("kv_transfer.vllm_connector", "kv_transfer.vllm"):
+        cfg = KVTransferConfig(kv_connector="UcxConnector", kv_role="kv_consumer", kv_connector_module_path=path)
+        assert KVConnectorFactory.get_connector_class(cfg) is cls, path
 
 
 def test_compatibility_mismatch_names_both_sides():
-    from kv_transfer.vllm_connector import UcxConnector
+    from kv_transfer.vllm import CONNECTOR_PROTOCOL, compat_problem
 
-    c = UcxConnector.__new__(UcxConnector)  # the check needs no engine
-    c.compat = {"model": "m", "dtype": "torch.bfloat16", "num_layers": "32", "num_kv_heads": "8",
-                "head_size": "128", "block_size": "16", "layout": "LBHNC"}
-    assert c._compat_problem(dict(c.compat)) is None
-    problem = c._compat_problem(dict(c.compat, num_kv_heads="4", block_size="32"))
+    mine = {"protocol": str(CONNECTOR_PROTOCOL), "model": "m", "dtype": "torch.bfloat16", "num_layers": "32",
+            "num_kv_heads": "8", "head_size": "128", "block_size": "16", "layout": "LBHNC"}
+    assert compat_problem(mine, dict(mine)) is None
+    problem = compat_problem(mine, dict(mine, num_kv_heads="4", block_size="32"))
     assert "num_kv_heads: prefill='4' decode='8'" in problem
     assert "block_size: prefill='32' decode='16'" in problem
-    assert "no compatibility record" in c._compat_problem(None)
+    assert "no compatibility record" in compat_problem(mine, None)
+    # a prefill speaking another connector protocol is refused by name
+    old = {k: v for k, v in mine.items() if k != "protocol"}
+    assert f"protocol: prefill=None decode='{CONNECTOR_PROTOCOL}'" in compat_problem(mine, old)

@@ -10,6 +10,13 @@ from typing import Any
 CONNECTOR = dict(kv_connector="UcxConnector", kv_connector_module_path="kv_transfer.vllm_connector")
 
 
+def _connector_totals(worker: Any) -> dict:
+    """Runs in vLLM's worker process (through collective_rpc): the connector's counters since start."""
+    from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+    return get_kv_transfer_group().worker.counters.totals()
+
+
 def _llm(model: str, role: str, extra: dict[str, Any], core: str, policy: str = "recompute") -> Any:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core
@@ -54,14 +61,19 @@ def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0) -
 
 
 def decode(q: Any, cmd: Any, model: str, policy: str = "recompute") -> None:
-    """On command ("generate", prompts, params_list, max_tokens) -> token id lists; ("stop",)."""
+    """On command ("generate", prompts, params_list, max_tokens) -> token id lists; ("totals",) -> the
+    connector worker's transfer counters; ("stop",)."""
     try:
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # lets collective_rpc run _connector_totals
         llm = _llm(model, "kv_consumer", {"fetch_timeout_s": 20}, "1", policy)
         q.put(("ready", None))
         while True:
             c = cmd.get(timeout=600)
             if c[0] == "stop":
                 break
+            if c[0] == "totals":
+                q.put(("totals", llm.collective_rpc(_connector_totals)[0]))
+                continue
             if c[0] == "abort_while_loading":
                 # add a request whose KV is remote, let the scheduler start the load, abort it at once
                 _, prompt, params = c

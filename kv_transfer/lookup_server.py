@@ -1,0 +1,218 @@
+"""Serves a LookupBuffer to remote consumers: a PipeListener, one handler thread per consumer, a lease reaper.
+
+A match is answered with the stored tensors themselves (zero copy). A handler
+answers a bad message with an :class:`ErrorReply` and keeps serving; a consumer
+that dies or closes ends only its own handler, and an entry whose send failed
+becomes available again (its lease still runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from transport import PeerError, PeerTimeoutError, Pipe, PipeListener
+from transport.auth import Auth
+
+from . import _lookup_wire as wire
+from .errors import KVTransferError, KVUsageError, LookupProtocolError, WireVersionError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .lookup_store import LookupBuffer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LookupServer", "SERVICE"]
+
+#: The service name consumers ask for in their Hello.
+SERVICE = "kvlookup"
+
+
+class LookupServer:
+    """Serves a :class:`LookupBuffer` over a :class:`transport.PipeListener`.
+
+    One accept thread hands each connecting consumer's pipe to its own handler
+    thread; a reaper thread applies leases every ``reap_interval_s``. A
+    handler answers a bad message with an :class:`ErrorReply` and keeps
+    serving; a consumer that dies or closes ends only its own handler, and an
+    entry whose send failed becomes available again (its lease still runs).
+
+    Args:
+        buffer: The buffer to serve (not owned: ``close`` leaves it open).
+        host, port: Where to listen (port 0 picks one; see :attr:`address`).
+        max_wait_s: Cap on the wait a consumer may ask for in one query.
+        send_timeout_s: Bound on sending one answer.
+        timeout_s, peer_timeout_s, heartbeat_s: Passed to the listener's pipes.
+        auth: Who may connect (a ``transport.auth.Auth``; None reads ``UCXKV_AUTH``).
+    """
+
+    SERVICE = SERVICE
+
+    def __init__(self, buffer: "LookupBuffer", host: str = "127.0.0.1", port: int = 0, *, max_wait_s: float = 60.0,
+                 send_timeout_s: float = 30.0, timeout_s: float = 60.0, peer_timeout_s: float = 10.0,
+                 heartbeat_s: float = 0.5, reap_interval_s: float = 0.25, name: Optional[str] = None,
+                 auth: Optional[Auth] = None):
+        self.buffer = buffer
+        self.max_wait_s = float(max_wait_s)
+        self.send_timeout_s = float(send_timeout_s)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pipes: List[Pipe] = []
+        self._threads: List[threading.Thread] = []
+        self.served = 0  # answers with a match that were delivered
+        self.failed_sends = 0
+        self._listener = PipeListener(host, port, name=name, service=self.SERVICE, timeout_s=timeout_s,
+                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s, auth=auth)
+        self.address: str = self._listener.address
+        self._reap_interval_s = reap_interval_s
+        ready = threading.Event()
+        for target, nm in ((self._accept_loop, "accept"), (self._reap_loop, "reaper")):
+            t = threading.Thread(target=target, args=(ready,) if nm == "accept" else (), daemon=True,
+                                 name=f"kvlookup-{nm}")
+            t.start()
+            self._threads.append(t)
+        if not ready.wait(10):
+            raise KVTransferError("lookup server accept thread did not start within 10s")
+        log.info("lookup server for %d-byte buffer on %s", buffer.capacity_bytes, self.address)
+
+    @property
+    def num_consumers(self) -> int:
+        """Consumer pipes currently being served."""
+        with self._lock:
+            return len(self._pipes)
+
+    def _accept_loop(self, ready: threading.Event) -> None:
+        ready.set()
+        while not self._stop.is_set():
+            try:
+                pipe = self._listener.accept(timeout=0.2)
+            except PeerTimeoutError:
+                continue
+            except Exception:  # noqa: BLE001 - the listener closed under us
+                if not self._stop.is_set():
+                    log.exception("lookup server %s: accept failed", self.address)
+                break
+            with self._lock:
+                if self._stop.is_set():
+                    pipe.close()
+                    break
+                self._pipes.append(pipe)
+                t = threading.Thread(target=self._serve_pipe, args=(pipe,), daemon=True,
+                                     name=f"kvlookup-{pipe.peer}")
+                self._threads.append(t)
+            t.start()
+
+    def _reap_loop(self) -> None:
+        while not self._stop.wait(self._reap_interval_s):
+            try:
+                self.buffer.expire()
+            except Exception:  # noqa: BLE001 - keep reaping
+                log.exception("lookup server %s: lease reaper failed", self.address)
+
+    def _serve_pipe(self, pipe: Pipe) -> None:
+        peer = pipe.peer
+        log.info("lookup server %s: consumer %s connected", self.address, peer)
+        try:
+            while not self._stop.is_set():
+                try:
+                    frame = pipe.recv_tensor(timeout=1.0)  # close() interrupts it at once
+                except PeerTimeoutError:
+                    continue  # nothing yet; the receive stays posted
+                try:
+                    _, n = wire.read_preamble(frame, peer)
+                except LookupProtocolError as exc:
+                    # Cannot tell what follows: answer, then drop this consumer only.
+                    log.warning("lookup server %s: %s; closing that pipe", self.address, exc)
+                    pipe.send_tensors([wire.encode(wire.ErrorReply(-1, "protocol", str(exc)))],
+                                      timeout=self.send_timeout_s)
+                    break
+                tensors = [pipe.recv_tensor(timeout=self.send_timeout_s) for _ in range(n)]
+                try:
+                    msg, _ = wire.decode_request(frame, peer)
+                except LookupProtocolError as exc:
+                    code = "version" if isinstance(exc, WireVersionError) else "protocol"
+                    log.warning("lookup server %s: %s", self.address, exc)
+                    pipe.send_tensors([wire.encode(wire.ErrorReply(-1, code, str(exc)))],
+                                      timeout=self.send_timeout_s)
+                    continue
+                if not self._handle(pipe, msg, tensors):
+                    break
+        except PeerError as exc:
+            log.info("lookup server %s: consumer %s gone: %s", self.address, peer, exc)
+        except Exception:  # noqa: BLE001 - one consumer's failure must not kill the server
+            if self._stop.is_set():
+                return  # close() closed this pipe under the handler: the expected way out
+            log.exception("lookup server %s: handler for %s failed", self.address, peer)
+        finally:
+            with self._lock:
+                if pipe in self._pipes:
+                    self._pipes.remove(pipe)
+            pipe.close()
+
+    def _handle(self, pipe: Pipe, msg: Any, tensors: List[Any]) -> bool:
+        """Answer one decoded request; False when the pipe must be dropped."""
+        peer = pipe.peer
+        if isinstance(msg, wire.Stats):
+            s = self.buffer.stats()
+            pipe.send_tensors([wire.encode(wire.StatsReply(msg.seq, s["bytes_used"], s["num_entries"],
+                                                           s["capacity_bytes"]))], timeout=self.send_timeout_s)
+            return True
+        if isinstance(msg, wire.Abort):
+            n = self.buffer.abort(msg.request_id)
+            pipe.send_tensors([wire.encode(wire.AbortReply(msg.seq, n))], timeout=self.send_timeout_s)
+            return True
+        # Fetch
+        if len(tensors) != 2:
+            err = wire.ErrorReply(msg.seq, "malformed", f"Fetch must be followed by 2 tensors, got {len(tensors)}")
+            pipe.send_tensors([wire.encode(err)], timeout=self.send_timeout_s)
+            return True
+        tokens, roi = tensors
+        try:
+            hit = self.buffer.claim(tokens, roi, request_id=msg.request_id, prefix=msg.prefix,
+                                    min_prefix=msg.min_prefix, wait_s=min(max(0.0, msg.wait_s), self.max_wait_s),
+                                    cancel=self._stop)
+        except KVUsageError as exc:
+            pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
+                              timeout=self.send_timeout_s)
+            return True
+        if hit is None:
+            pipe.send_tensors([wire.encode(wire.NotFound(msg.seq))], timeout=self.send_timeout_s)
+            return True
+        handle, m = hit
+        codes, flat = wire.flatten_parts([m.key, m.value, m.hidden])
+        head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id), 2 + len(flat))
+        try:
+            pipe.send_tensors([head, m.input_tokens, m.roi, *flat], timeout=self.send_timeout_s)
+        except BaseException:
+            self.failed_sends += 1
+            self.buffer.unclaim(handle)
+            log.warning("lookup server %s: answer to %s failed; entry of request %s is available again "
+                        "until its lease ends", self.address, peer, m.request_id)
+            raise
+        self.buffer.release(handle)
+        self.served += 1
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting and serving, close every consumer pipe (idempotent, bounded)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._listener.close()
+        with self._lock:
+            pipes, self._pipes = self._pipes, []
+        for p in pipes:  # interrupts the handlers' waits
+            p.close()
+        end = time.monotonic() + timeout
+        for t in list(self._threads):
+            if t is not threading.current_thread():
+                t.join(max(0.0, end - time.monotonic()))
+        log.info("lookup server %s closed", self.address)
+
+    def __enter__(self) -> "LookupServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

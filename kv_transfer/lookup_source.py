@@ -1,0 +1,82 @@
+"""The shape of a lookup: query checks, the :class:`Match` answer, and the :class:`KVSource` protocol consumers fetch through.
+
+A *source* is anything a consumer can fetch entries from: a local
+:class:`~kv_transfer.LookupBuffer`, a :class:`~kv_transfer.LookupClient` (one
+remote producer) or a :class:`~kv_transfer.MultiProducerClient` (several).
+:class:`~kv_transfer.KVConsumer` accepts any :class:`KVSource`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Protocol, runtime_checkable
+
+import torch
+
+from . import _lookup_wire as wire
+from .errors import KVUsageError
+
+__all__ = ["Match", "Part", "KVSource", "check_query"]
+
+#: One of an entry's key / value / hidden: None, a tensor, or a list of tensors (e.g. per layer).
+Part = wire.Part
+
+
+def check_query(tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], what: str) -> None:
+    """Refuse (:class:`KVUsageError`) tokens that are not integer ids, or a roi without tokens."""
+    if tokens is not None:
+        if not isinstance(tokens, torch.Tensor):
+            raise KVUsageError(f"{what} input_tokens: expected a tensor or None, got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise KVUsageError(f"{what} input_tokens: expected integer token ids, got {tokens.dtype}")
+    if roi is not None:
+        if not isinstance(roi, torch.Tensor):
+            raise KVUsageError(f"{what} roi: expected a tensor or None, got {type(roi).__name__}")
+        if tokens is None:
+            raise KVUsageError(f"{what}: roi given without input_tokens")
+
+
+@dataclass
+class Match:
+    """One selected entry. ``matched`` is how many masked tokens it shares with the query."""
+
+    input_tokens: Optional[torch.Tensor]
+    roi: Optional[torch.Tensor]
+    key: Part
+    value: Part
+    hidden: Part
+    matched: int
+    request_id: Optional[str] = None
+
+    def as_list(self) -> List[Any]:
+        """``[input_tokens, roi, key, value, hidden]``, the seed's drop_select result."""
+        return [self.input_tokens, self.roi, self.key, self.value, self.hidden]
+
+    def to(self, device: Any) -> "Match":
+        """The same match with every tensor moved to ``device``."""
+        def mv(p: Part) -> Part:
+            if p is None:
+                return None
+            if isinstance(p, torch.Tensor):
+                return p.to(device)
+            return [t.to(device) for t in p]
+
+        return Match(mv(self.input_tokens), mv(self.roi), mv(self.key), mv(self.value), mv(self.hidden),
+                     self.matched, self.request_id)
+
+
+@runtime_checkable
+class KVSource(Protocol):
+    """Where a consumer fetches entries from (local buffer, one producer, several producers)."""
+
+    def fetch(self, input_tokens: Optional[torch.Tensor] = None, roi: Optional[torch.Tensor] = None, *,
+              request_id: Optional[str] = None, wait_s: float = 0.0, device: Any = None) -> Optional[Match]:
+        """Select and drop the matching entry; None when nothing matched within ``wait_s`` seconds.
+
+        Raises :class:`~kv_transfer.KVTransferError` subclasses when the source is unreachable.
+        """
+        ...
+
+    def abort(self, request_id: str) -> int:
+        """Drop ``request_id``'s entries at the source; returns how many."""
+        ...

@@ -1,0 +1,401 @@
+"""The LookupBuffer: a bounded, leased, thread-safe in-process store of KV entries with SQL-like access.
+
+``insert`` adds an entry (input tokens, a region-of-interest mask, key, value,
+hidden); ``drop_select`` returns the entry whose masked tokens match a query and
+removes it. Byte capacity with back-pressure, leases (TTL) after which unclaimed
+entries are dropped, exact or longest-prefix matching, ``request_id`` scoping,
+abort. :meth:`LookupBuffer.serve` puts it on the network
+(:class:`~kv_transfer.LookupServer`); :meth:`LookupBuffer.connect` reaches a
+served one (:class:`~kv_transfer.LookupClient`), with the same
+``fetch``/``drop_select`` signature, so callers do not care where the buffer lives.
+
+Matching: a query's masked tokens (``tokens[roi]``, all tokens when ``roi`` is
+None) are compared with each entry's masked tokens. An entry is only reachable
+through its exact token content and/or its ``request_id``; with ``prefix=True``
+the entry sharing the longest token prefix (at least ``min_prefix``) matches
+and :attr:`Match.matched` says how many tokens it shares.
+
+Entry lifecycle: *available* -> *claimed* (invisible to other queries while it
+is being sent) -> released (bytes freed). A failed send puts the entry back as
+available; leases only expire available entries (a claimed entry's memory is
+in use by the transport until its send ends). ``abort(request_id)`` drops the
+available entries of a request and marks its claimed ones to be dropped when
+their send ends.
+
+Inserted tensors are stored by reference, not copied: do not modify them after
+``insert``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import _lookup_wire as wire
+from .errors import BufferFullError, EntryTooLargeError, KVUsageError
+from .lookup_client import LookupClient
+from .lookup_server import LookupServer
+from .lookup_source import Match, Part, check_query
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LookupBuffer", "DEFAULT_LEASE_S", "DEFAULT_INSERT_TIMEOUT_S"]
+
+DEFAULT_LEASE_S = 60.0
+DEFAULT_INSERT_TIMEOUT_S = 30.0
+
+
+def _part_nbytes(part: Part, what: str) -> int:
+    if part is None:
+        return 0
+    if isinstance(part, torch.Tensor):
+        return part.numel() * part.element_size()
+    if isinstance(part, (list, tuple)):
+        total = 0
+        for i, t in enumerate(part):
+            if not isinstance(t, torch.Tensor):
+                raise KVUsageError(f"{what}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+            total += t.numel() * t.element_size()
+        return total
+    raise KVUsageError(f"{what}: expected None, a tensor or a list of tensors, got {type(part).__name__}")
+
+
+class _Entry:
+    __slots__ = ("eid", "tokens", "roi", "masked", "mkey", "request_id", "key", "value", "hidden",
+                 "nbytes", "deadline", "claimed", "aborted")
+
+    def __init__(self, eid: int, tokens: Any, roi: Any, masked: Optional[np.ndarray], request_id: Optional[str],
+                 key: Part, value: Part, hidden: Part, nbytes: int, deadline: float):
+        self.eid, self.tokens, self.roi, self.masked = eid, tokens, roi, masked
+        self.mkey = None if masked is None else masked.tobytes()
+        self.request_id, self.key, self.value, self.hidden = request_id, key, value, hidden
+        self.nbytes, self.deadline = nbytes, deadline
+        self.claimed = False
+        self.aborted = False
+
+    def match(self, matched: int) -> Match:
+        return Match(self.tokens, self.roi, self.key, self.value, self.hidden, matched, self.request_id)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(a.size, b.size)
+    if n == 0:
+        return 0
+    neq = np.flatnonzero(a[:n] != b[:n])
+    return n if neq.size == 0 else int(neq[0])
+
+
+class LookupBuffer:
+    """A bounded in-process store of KV entries; thread-safe.
+
+    Args:
+        capacity_bytes: Most bytes of tensors (tokens, roi, key, value, hidden)
+            held at once (``kv_buffer_size``).
+        lease_s: Default lease: an entry not claimed within this many seconds
+            of its insertion is dropped and its bytes released.
+        clock: Monotonic time source (tests inject a fake one).
+    """
+
+    def __init__(self, capacity_bytes: int, *, lease_s: float = DEFAULT_LEASE_S,
+                 clock: Callable[[], float] = time.monotonic):
+        if int(capacity_bytes) <= 0:
+            raise KVUsageError(f"capacity_bytes must be positive, got {capacity_bytes}")
+        if lease_s <= 0:
+            raise KVUsageError(f"lease_s must be positive, got {lease_s}")
+        self.capacity_bytes = int(capacity_bytes)
+        self.lease_s = float(lease_s)
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._entries: Dict[int, _Entry] = {}  # available and claimed, insertion order
+        self._by_tokens: Dict[bytes, List[int]] = {}  # available only
+        self._by_rid: Dict[str, List[int]] = {}  # available only
+        self._ids = itertools.count(1)
+        self._bytes = 0
+        self._closed = False
+        self.expired = 0  # entries dropped by lease expiry, for observability
+
+    # -- observability ---------------------------------------------------
+    @property
+    def bytes_used(self) -> int:
+        """Bytes held by entries, available or claimed (leases are applied first)."""
+        with self._cond:
+            self._expire_locked()
+            return self._bytes
+
+    @property
+    def num_entries(self) -> int:
+        """Entries held, available or claimed (leases are applied first)."""
+        with self._cond:
+            self._expire_locked()
+            return len(self._entries)
+
+    def stats(self) -> Dict[str, int]:
+        """``{"bytes_used", "num_entries", "capacity_bytes"}`` after applying leases."""
+        with self._cond:
+            self._expire_locked()
+            return {"bytes_used": self._bytes, "num_entries": len(self._entries),
+                    "capacity_bytes": self.capacity_bytes}
+
+    # -- index helpers (lock held) --------------------------------------------
+    def _index(self, e: _Entry) -> None:
+        if e.mkey is not None:
+            self._by_tokens.setdefault(e.mkey, []).append(e.eid)
+        if e.request_id is not None:
+            self._by_rid.setdefault(e.request_id, []).append(e.eid)
+
+    def _unindex(self, e: _Entry) -> None:
+        for idx, k in ((self._by_tokens, e.mkey), (self._by_rid, e.request_id)):
+            if k is None:
+                continue
+            lst = idx.get(k)
+            if lst is not None and e.eid in lst:
+                lst.remove(e.eid)
+                if not lst:
+                    del idx[k]
+
+    def _free(self, e: _Entry) -> None:
+        if self._entries.pop(e.eid, None) is not None:
+            self._bytes -= e.nbytes
+            self._cond.notify_all()
+
+    def _expire_locked(self) -> Optional[float]:
+        """Drop available entries past their lease; return the next deadline (or None)."""
+        now = self._clock()
+        nxt: Optional[float] = None
+        dead = []
+        for e in self._entries.values():
+            if e.claimed:
+                continue
+            if e.deadline <= now:
+                dead.append(e)
+            elif nxt is None or e.deadline < nxt:
+                nxt = e.deadline
+        for e in dead:
+            self._unindex(e)
+            self._free(e)
+            self.expired += 1
+            log.info("lookup entry %d (request %s, %d bytes) expired unclaimed", e.eid, e.request_id, e.nbytes)
+        return nxt
+
+    def expire(self) -> int:
+        """Apply leases now; returns how many entries were dropped."""
+        with self._cond:
+            before = self.expired
+            self._expire_locked()
+            return self.expired - before
+
+    # -- insert ----------------------------------------------------------
+    def insert(self, input_tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], key: Part, value: Part,
+               hidden: Part, *, request_id: Optional[str] = None, lease_s: Optional[float] = None,
+               timeout: Optional[float] = DEFAULT_INSERT_TIMEOUT_S) -> int:
+        """Add an entry; returns its id. Tensors are kept by reference (not copied).
+
+        Waits up to ``timeout`` seconds (None: forever is refused, use a number)
+        for room when the buffer is full; leases and consumers free room.
+
+        Raises:
+            KVUsageError: bad arguments, the entry has neither tokens nor a
+                ``request_id``, or the buffer is closed.
+            EntryTooLargeError: the entry exceeds ``capacity_bytes``.
+            BufferFullError: still no room after ``timeout`` seconds.
+        """
+        check_query(input_tokens, roi, "insert")
+        if input_tokens is None and request_id is None:
+            raise KVUsageError("insert: an entry needs input_tokens or a request_id to be found again")
+        if timeout is None:
+            raise KVUsageError("insert: timeout must be a number of seconds (every wait is bounded)")
+        masked = wire.tokens_key(input_tokens, roi)
+        nbytes = sum(_part_nbytes(p, w) for p, w in ((input_tokens, "input_tokens"), (roi, "roi"), (key, "key"),
+                                                       (value, "value"), (hidden, "hidden")))
+        if nbytes > self.capacity_bytes:
+            raise EntryTooLargeError(
+                f"insert: entry of {nbytes} bytes (request {request_id}) can never fit a buffer of "
+                f"{self.capacity_bytes} bytes; raise kv_buffer_size")
+        lease = self.lease_s if lease_s is None else float(lease_s)
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise KVUsageError("insert: the lookup buffer is closed")
+                nxt = self._expire_locked()
+                if self._bytes + nbytes <= self.capacity_bytes:
+                    break
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise BufferFullError(
+                        f"insert: no room for {nbytes} bytes (request {request_id}) within {timeout:.1f}s: "
+                        f"{self._bytes}/{self.capacity_bytes} bytes held by {len(self._entries)} entries; "
+                        f"consumers are not draining the buffer")
+                step = min(left, 0.5)
+                if nxt is not None:
+                    step = max(0.001, min(step, nxt - self._clock()))
+                self._cond.wait(step)
+            eid = next(self._ids)
+            e = _Entry(eid, input_tokens, roi, masked, request_id, key, value, hidden, nbytes, self._clock() + lease)
+            self._entries[eid] = e
+            self._index(e)
+            self._bytes += nbytes
+            self._cond.notify_all()
+        log.debug("lookup entry %d inserted (request %s, %d bytes)", eid, request_id, nbytes)
+        return eid
+
+    # -- select ----------------------------------------------------------
+    def _find_locked(self, masked: Optional[np.ndarray], request_id: Optional[str], prefix: bool,
+                     min_prefix: int) -> Optional[tuple]:
+        if masked is not None and not prefix:
+            for eid in self._by_tokens.get(masked.tobytes(), ()):
+                e = self._entries[eid]
+                if request_id is None or e.request_id == request_id:
+                    return e, int(masked.size)
+            return None
+        if masked is None:
+            ids = self._by_rid.get(request_id, ()) if request_id is not None else ()
+            if not ids:
+                return None
+            e = self._entries[ids[0]]
+            return e, 0 if e.masked is None else int(e.masked.size)
+        cands = self._by_rid.get(request_id, ()) if request_id is not None else [
+            eid for lst in self._by_tokens.values() for eid in lst]
+        best, best_n = None, -1
+        for eid in cands:
+            e = self._entries[eid]
+            if e.masked is None:
+                continue
+            n = _common_prefix(masked, e.masked)
+            if n > best_n or (n == best_n and best is not None and e.eid < best.eid):
+                best, best_n = e, n
+        if best is None or best_n < max(1, min_prefix):
+            return None
+        return best, best_n
+
+    def claim(self, input_tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], *,
+              request_id: Optional[str] = None, prefix: bool = False, min_prefix: int = 1, wait_s: float = 0.0,
+              cancel: Optional[threading.Event] = None) -> Optional[tuple]:
+        """Find and claim a matching entry, waiting up to ``wait_s`` for one to be inserted.
+
+        Returns ``(handle, Match)`` or None. The claimed entry is invisible to
+        other queries and keeps its bytes until :meth:`release` (consumed) or
+        :meth:`unclaim` (the hand-over failed; it becomes available again).
+        """
+        check_query(input_tokens, roi, "drop_select")
+        if input_tokens is None and request_id is None:
+            raise KVUsageError("drop_select: a query needs input_tokens or a request_id")
+        masked = wire.tokens_key(input_tokens, roi)
+        end = time.monotonic() + max(0.0, float(wait_s))
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                nxt = self._expire_locked()
+                hit = self._find_locked(masked, request_id, prefix, min_prefix)
+                if hit is not None:
+                    e, n = hit
+                    self._unindex(e)
+                    e.claimed = True
+                    return e, e.match(n)
+                left = end - time.monotonic()
+                if left <= 0 or (cancel is not None and cancel.is_set()):
+                    return None
+                step = min(left, 0.1 if cancel is not None else 0.5)
+                if nxt is not None:
+                    step = max(0.001, min(step, nxt - self._clock()))
+                self._cond.wait(step)
+
+    def release(self, handle: Any) -> None:
+        """The claimed entry was delivered: drop it and free its bytes (idempotent)."""
+        with self._cond:
+            self._free(handle)
+
+    def unclaim(self, handle: Any) -> None:
+        """The hand-over failed: make the entry available again (dropped if aborted or closed)."""
+        with self._cond:
+            if handle.eid not in self._entries:
+                return
+            handle.claimed = False
+            if handle.aborted or self._closed:
+                self._free(handle)
+            else:
+                self._index(handle)
+                self._cond.notify_all()
+
+    def fetch(self, input_tokens: Optional[torch.Tensor] = None, roi: Optional[torch.Tensor] = None, *,
+              request_id: Optional[str] = None, prefix: bool = False, min_prefix: int = 1, wait_s: float = 0.0,
+              device: Any = None, timeout: Optional[float] = None) -> Optional[Match]:
+        """Select and drop the matching entry; None when nothing matched within ``wait_s`` seconds.
+
+        ``device`` moves the returned tensors there (they are the stored ones
+        otherwise). ``timeout`` is accepted for signature parity with
+        :meth:`LookupClient.fetch` and unused.
+        """
+        hit = self.claim(input_tokens, roi, request_id=request_id, prefix=prefix, min_prefix=min_prefix,
+                         wait_s=wait_s)
+        if hit is None:
+            return None
+        handle, m = hit
+        self.release(handle)
+        if device is not None:
+            m = m.to(device)
+        return m
+
+    def drop_select(self, input_tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], *,
+                    wait_s: float = 0.0, **kw: Any) -> List[Any]:
+        """``[input_tokens, roi, key, value, hidden]`` of the matching entry, removed from the buffer.
+
+        All five are None when nothing matched within ``wait_s`` seconds. See
+        :meth:`fetch` for the keyword arguments (``request_id``, ``prefix``...).
+        """
+        m = self.fetch(input_tokens, roi, wait_s=wait_s, **kw)
+        return [None] * 5 if m is None else m.as_list()
+
+    def abort(self, request_id: str) -> int:
+        """Drop the entries of ``request_id``; returns how many (claimed ones go when their send ends)."""
+        n = 0
+        with self._cond:
+            for e in list(self._entries.values()):
+                if e.request_id != request_id:
+                    continue
+                n += 1
+                if e.claimed:
+                    e.aborted = True
+                else:
+                    self._unindex(e)
+                    self._free(e)
+        if n:
+            log.info("aborted %d lookup entr%s of request %s", n, "y" if n == 1 else "ies", request_id)
+        return n
+
+    def close(self) -> None:
+        """Drop every available entry, wake all waiters, refuse further inserts (idempotent)."""
+        with self._cond:
+            self._closed = True
+            for e in list(self._entries.values()):
+                if e.claimed:
+                    e.aborted = True
+                else:
+                    self._unindex(e)
+                    self._free(e)
+            self._cond.notify_all()
+
+    def __enter__(self) -> "LookupBuffer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- remote access ---------------------------------------------------
+    def serve(self, host: str = "127.0.0.1", port: int = 0, **kw: Any) -> "LookupServer":
+        """Serve this buffer to remote consumers; see :class:`LookupServer` for ``kw``."""
+        return LookupServer(self, host, port, **kw)
+
+    @staticmethod
+    def connect(address: str, **kw: Any) -> "LookupClient":
+        """A client of the buffer served at ``address``; see :class:`LookupClient` for ``kw``."""
+        return LookupClient(address, **kw)
+
+

@@ -1,0 +1,80 @@
+"""The connector's settings, read once from vLLM's ``kv_transfer_config`` into a frozen record.
+
+Configuration (``kv_connector_extra_config``), with defaults:
+
+``kv_host`` ("127.0.0.1")  address prefill's KV server binds to: one of this host's
+  addresses, or 0.0.0.0 / :: for all (a non-local one is refused at startup);
+``kv_advertise_host`` (see below)  the address put in kv_transfer_params for decode to dial;
+``kv_advertise_interface`` (unset)  advertise this interface's address instead (e.g. "eth0",
+  "ib0"); an unknown interface or one without an address is refused at startup;
+  without either: kv_host, or when kv_host is a wildcard the address of the interface
+  holding the default route (else the first non-loopback one). A loopback kv_host with a
+  non-loopback advertised address (or the reverse) is refused: decode could not connect;
+``kv_port`` (the config's ``kv_port``, 14579)  prefill's KV server port;
+``kv_buffer_size`` (2 GiB)  staging capacity on prefill (back-pressure past it);
+``lease_s`` (30)  how long prefill keeps an unclaimed request's KV;
+``insert_timeout_s`` (10)  how long a full buffer may block a save;
+``fetch_timeout_s`` (30)  bound on one fetch on decode;
+``ucx_tls`` (unset)  sets ``UCX_TLS`` for the worker process;
+``debug_perturb_loaded_kv`` (false)  testing only: add noise to loaded KV (also per
+  request with ``"ucxkv_debug_perturb": true`` in its kv_transfer_params).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .addresses import resolve_advertise_host
+
+__all__ = ["UcxConfig"]
+
+
+@dataclass(frozen=True)
+class UcxConfig:
+    """Every setting of one connector instance (both roles read the same record)."""
+
+    is_producer: bool
+    is_consumer: bool
+    kv_host: str = "127.0.0.1"
+    kv_port: int = 14579
+    advertise_host: str = "127.0.0.1"
+    block_size: int = 16
+    buffer_bytes: int = 2 << 30
+    lease_s: float = 30.0
+    insert_timeout_s: float = 10.0
+    fetch_timeout_s: float = 30.0
+    ucx_tls: Optional[str] = None
+    perturb: bool = False
+
+    @classmethod
+    def from_vllm(cls, vllm_config: Any) -> "UcxConfig":
+        """Read ``vllm_config.kv_transfer_config``; a producer's advertised address is checked here.
+
+        Raises :class:`~kv_transfer.KVTransferError` for an address decode could not reach
+        (see :func:`~kv_transfer.vllm.addresses.resolve_advertise_host`).
+        """
+        tc = vllm_config.kv_transfer_config
+        get = tc.get_from_extra_config
+        is_producer = bool(tc.is_kv_producer)
+        kv_host = str(get("kv_host", "127.0.0.1"))
+        adv = get("kv_advertise_host", None)
+        if is_producer:  # a consumer's kv_host names the (remote) prefill node: nothing to check
+            advertise = resolve_advertise_host(kv_host, adv, get("kv_advertise_interface", None))
+        else:
+            advertise = str(adv) if adv else kv_host
+        tls = get("ucx_tls", None)
+        return cls(
+            is_producer=is_producer,
+            is_consumer=bool(tc.is_kv_consumer),
+            kv_host=kv_host,
+            kv_port=int(get("kv_port", tc.kv_port)),
+            advertise_host=advertise,
+            block_size=int(vllm_config.cache_config.block_size),
+            buffer_bytes=int(float(get("kv_buffer_size", 2 << 30))),
+            lease_s=float(get("lease_s", 30.0)),
+            insert_timeout_s=float(get("insert_timeout_s", 10.0)),
+            fetch_timeout_s=float(get("fetch_timeout_s", 30.0)),
+            ucx_tls=str(tls) if tls else None,
+            perturb=bool(get("debug_perturb_loaded_kv", False)),
+        )

@@ -1,0 +1,172 @@
+"""The connector's scheduler half: decides per step what prefill stages and what decode loads; never blocks.
+
+Prefill (producer): a request with ``do_remote_decode`` is tracked from its
+allocation until ``request_finished``; in the step its prompt completes, its
+blocks go into the step's metadata as a :class:`SaveSpec`, and
+``request_finished`` returns the ``kv_transfer_params`` decode needs.
+
+Decode (consumer): a request with ``do_remote_prefill`` and a matching
+compatibility record gets its remote tokens counted as external, its blocks
+reserved and a :class:`LoadSpec` queued; the load is asynchronous (vLLM waits
+for ``finished_recving``). A request finished while still loading keeps its
+blocks (``request_finished`` returns True) until the worker reports the load
+stopped. Rank-agnostic: under tensor parallelism every worker rank receives the
+same metadata.
+
+:meth:`UcxScheduler.books` counts what the scheduler holds; all zero once every
+request has finished and the worker reported its loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.v1.request import RequestStatus
+
+from .config import UcxConfig
+from .metadata import LoadSpec, SaveSpec, UcxConnectorMetadata, compat_problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+__all__ = ["UcxScheduler"]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class UcxScheduler:
+    """Scheduler-side state of one connector; needs no model, no caches and no transport.
+
+    Args:
+        config: The connector's settings.
+        compat: This instance's compatibility record (see :mod:`.metadata`).
+    """
+
+    def __init__(self, config: UcxConfig, compat: dict[str, str]):
+        self.config = config
+        self.compat = compat
+        # producer books
+        self._producer_reqs: dict[str, Any] = {}  # request id -> Request, allocation .. request_finished
+        self._save_blocks: dict[str, list[int]] = {}
+        self._saved: set[str] = set()  # staged this run, params not yet returned
+        # consumer books
+        self._pending_loads: list[LoadSpec] = []  # queued for the next step's metadata
+        self._loading: set[str] = set()  # handed to the worker, not yet reported back
+        self._cancel: list[str] = []  # finished while loading: tell the worker
+        self.loads_failed = 0  # blocks the worker reported as not loaded (requests recomputed)
+
+    def books(self) -> dict[str, int]:
+        """How many entries each of the scheduler's books holds (all zero when idle)."""
+        return {"producer_reqs": len(self._producer_reqs), "save_blocks": len(self._save_blocks),
+                "saved": len(self._saved), "pending_loads": len(self._pending_loads),
+                "loading": len(self._loading), "cancel": len(self._cancel)}
+
+    # ------------------------------------------------------------- decode side
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens decode will load from prefill beyond ``num_computed_tokens``, and True (asynchronously)."""
+        params = request.kv_transfer_params or {}
+        if not self.config.is_consumer or not params.get("do_remote_prefill") or request.request_id in self._loading:
+            return 0, False
+        problem = compat_problem(self.compat, params.get("compat"))
+        if problem:
+            log.error("request %s: prefill and decode KV caches are incompatible (%s); recomputing locally",
+                      request.request_id, problem)
+            return 0, False
+        n = min(int(params.get("remote_num_tokens", 0)), len(request.prompt_token_ids)) - num_computed_tokens
+        if n <= 0:
+            return 0, False
+        return n, True
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        """Track a producer request, or queue a consumer request's load into its newly reserved blocks."""
+        params = request.kv_transfer_params or {}
+        rid = request.request_id
+        if self.config.is_producer and params.get("do_remote_decode"):
+            self._producer_reqs[rid] = request
+        if not (self.config.is_consumer and params.get("do_remote_prefill") and num_external_tokens > 0):
+            return
+        if rid in self._loading:
+            return
+        bs = self.config.block_size
+        num_tokens = min(int(params["remote_num_tokens"]), len(request.prompt_token_ids))
+        self._pending_loads.append(LoadSpec(
+            req_id=rid,
+            remote_request_id=str(params["remote_request_id"]),
+            remote_address=f"{params['remote_host']}:{params['remote_port']}",
+            token_ids=list(request.prompt_token_ids[:num_tokens]),
+            num_tokens=num_tokens,
+            block_ids=list(blocks.get_block_ids()[0])[:_cdiv(num_tokens, bs)],
+            skip_blocks=request.num_computed_tokens // bs,
+            perturb=self.config.perturb or bool(params.get("ucxkv_debug_perturb", False)),
+        ))
+        self._loading.add(rid)
+        params["do_remote_prefill"] = False  # a retry after failure recomputes instead of looping
+
+    # -------------------------------------------------------------- both sides
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> UcxConnectorMetadata:
+        """This step's saves (prompts completed in it), queued loads and cancellations; empties the queues."""
+        meta = UcxConnectorMetadata()
+        if self.config.is_producer:
+            n_sched = scheduler_output.num_scheduled_tokens
+            for new in scheduler_output.scheduled_new_reqs:
+                if new.req_id in self._producer_reqs:
+                    self._save_blocks[new.req_id] = list(new.block_ids[0])
+                    self._maybe_save(meta, new.req_id, new.num_computed_tokens + n_sched.get(new.req_id, 0))
+            cached = scheduler_output.scheduled_cached_reqs
+            for i, rid in enumerate(cached.req_ids):
+                if rid in self._producer_reqs and rid not in self._saved:
+                    nb = cached.new_block_ids[i]
+                    if nb is not None:
+                        if rid in cached.resumed_req_ids:
+                            self._save_blocks[rid] = list(nb[0])
+                        else:
+                            self._save_blocks.setdefault(rid, []).extend(nb[0])
+                    self._maybe_save(meta, rid, cached.num_computed_tokens[i] + n_sched.get(rid, 0))
+        meta.to_load, self._pending_loads = self._pending_loads, []
+        meta.cancel_loads, self._cancel = self._cancel, []
+        return meta
+
+    def _maybe_save(self, meta: UcxConnectorMetadata, rid: str, computed_after_step: int) -> None:
+        req = self._producer_reqs[rid]
+        n = len(req.prompt_token_ids)
+        if rid in self._saved or computed_after_step < n:
+            return
+        blocks = self._save_blocks.get(rid, [])[:_cdiv(n, self.config.block_size)]
+        meta.to_save.append(SaveSpec(rid, list(req.prompt_token_ids), blocks))
+        self._saved.add(rid)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """The workers' report: loads that ended (either way) leave the books; failed blocks are counted."""
+        for rid in connector_output.finished_recving or ():
+            self._loading.discard(rid)
+        self.loads_failed += len(getattr(connector_output, "invalid_block_ids", None) or ())
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Forget the request; returns (keep its blocks until the worker stops writing, decode's params)."""
+        rid = request.request_id
+        self._producer_reqs.pop(rid, None)
+        self._save_blocks.pop(rid, None)
+        if self.config.is_consumer and rid in self._loading:
+            # The worker may still be writing into these blocks: keep them until it says it stopped.
+            self._cancel.append(rid)
+            return True, None
+        staged = rid in self._saved
+        self._saved.discard(rid)
+        if not (self.config.is_producer and staged) or request.status == RequestStatus.FINISHED_ABORTED:
+            return False, None
+        return False, {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_request_id": rid,
+            "remote_host": self.config.advertise_host,
+            "remote_port": self.config.kv_port,
+            "remote_num_tokens": len(request.prompt_token_ids),
+            "compat": dict(self.compat),
+        }

@@ -1,0 +1,242 @@
+"""The connector's worker half: one per worker rank; stages saves on prefill, loads on decode, through the connector core.
+
+Prefill: :meth:`UcxWorker.wait_for_save` stages each request the scheduler
+named (:class:`~kv_transfer.KVProducer` gathers its blocks into the rank's
+:class:`~kv_transfer.LookupBuffer`, served on ``kv_host:kv_port``).
+
+Decode: :meth:`UcxWorker.start_load_kv` hands each load to a background thread
+that goes through :class:`~kv_transfer.KVConsumer` (the same validation as any
+other consumer) with one redialling :class:`~kv_transfer.LookupClient` per
+producer address, then reports the request in ``finished_recving`` and any
+block that did not arrive through ``get_block_ids_with_load_errors`` (vLLM then
+applies ``kv_load_failure_policy``).
+
+Per-rank state lives here and only here (:class:`RankInfo`, the caches, the
+buffer and server, the clients): tensor/data parallelism adds per-rank
+endpoints and head slicing to this class, not to the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+import transport
+
+from ..connector import KVConsumer, KVProducer, KVRequest
+from ..errors import KVTransferError
+from ..lookup_client import LookupClient
+from ..lookup_server import LookupServer
+from ..lookup_store import LookupBuffer
+from ..paged import PagedLayout, gather_blocks, scatter_blocks
+from .config import UcxConfig
+from .metadata import LoadSpec, UcxConnectorMetadata
+from .stats import TransferCounters, UcxKVConnectorStats
+
+log = logging.getLogger(__name__)
+
+__all__ = ["UcxWorker", "RankInfo"]
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this worker sits in its instance (tensor- and data-parallel rank and size)."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @classmethod
+    def from_vllm(cls, vllm_config: Any) -> "RankInfo":
+        """This process's ranks; rank 0 of size 1 where vLLM's groups are not set up (scheduler, tests)."""
+        pc = vllm_config.parallel_config
+        tp_rank = 0
+        try:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = int(get_tensor_model_parallel_rank())
+        except Exception:  # noqa: BLE001 - no TP group in this process
+            pass
+        return cls(tp_rank=tp_rank, tp_size=int(getattr(pc, "tensor_parallel_size", 1) or 1),
+                   dp_rank=int(getattr(pc, "data_parallel_rank", 0) or 0),
+                   dp_size=int(getattr(pc, "data_parallel_size", 1) or 1))
+
+
+def _warm_up_transport() -> None:
+    try:
+        transport.warm_up()
+    except Exception as exc:  # noqa: BLE001 - the first load will report the real error
+        log.debug("transport warm-up failed: %s", exc)
+
+
+class UcxWorker:
+    """Worker-side state of one connector (one worker rank).
+
+    Args:
+        config: The connector's settings.
+        rank: This worker's place in the instance.
+        num_blocks: Blocks per layer cache, when vLLM's kv_cache_config says (finds the block dimension).
+        layout_name: vLLM's KV cache layout name, if known.
+    """
+
+    def __init__(self, config: UcxConfig, rank: RankInfo, *, num_blocks: Optional[int] = None,
+                 layout_name: Optional[str] = None):
+        self.config = config
+        self.rank = rank
+        self._num_blocks = num_blocks
+        self._layout_name = layout_name
+        if config.ucx_tls:
+            os.environ["UCX_TLS"] = config.ucx_tls
+        self._caches: list[torch.Tensor] = []
+        self._layout: Optional[PagedLayout] = None
+        self._block_bytes = 0  # one block, all layers
+        self._buffer: Optional[LookupBuffer] = None
+        self._producer: Optional[KVProducer] = None
+        self._server: Optional[LookupServer] = None
+        self._consumers: dict[str, KVConsumer] = {}  # producer address -> consumer over a redialling client
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._lock = threading.Lock()
+        self._done_recv: set[str] = set()
+        self._done_send: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self._cancelled: set[str] = set()
+        self.counters = TransferCounters()
+
+    # ------------------------------------------------------------------ setup
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Adopt vLLM's per-layer caches; a producer starts serving, a consumer warms UCX up."""
+        self._caches = list(kv_caches.values())
+        first = self._caches[0]
+        num_blocks = self._num_blocks or first.shape[0]
+        block_dim = 0 if first.shape[0] == num_blocks else next(
+            (d for d, s in enumerate(first.shape) if s == num_blocks), 0)
+        name = self._layout_name or f"block_dim{block_dim}"
+        self._layout = PagedLayout(name=name, block_dim=block_dim)
+        self._block_bytes = sum(self._layout.block_nbytes(c) for c in self._caches)
+        log.info("UcxConnector worker tp %d/%d dp %d/%d: %d layers, per-layer cache %s %s, layout %s (block dim %d)",
+                 self.rank.tp_rank, self.rank.tp_size, self.rank.dp_rank, self.rank.dp_size, len(self._caches),
+                 tuple(first.shape), first.dtype, name, block_dim)
+        if self.config.is_producer:
+            self._buffer = LookupBuffer(self.config.buffer_bytes, lease_s=self.config.lease_s)
+            self._producer = KVProducer(self._buffer, self._caches, self._layout,
+                                        insert_timeout_s=self.config.insert_timeout_s, lease_s=self.config.lease_s)
+            self._server = self._buffer.serve(self.config.kv_host, self.config.kv_port)
+            log.info("UcxConnector producer serving KV on %s", self._server.address)
+        if self.config.is_consumer:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucxkv-load")
+            self._pool.submit(_warm_up_transport)  # UCX init takes ~0.5 s: not on the first request's path
+
+    # ------------------------------------------------------------------- load
+    def start_load_kv(self, meta: UcxConnectorMetadata) -> None:
+        """Note this step's cancellations and start its loads in the background (returns at once)."""
+        if self._pool is None:
+            return
+        with self._lock:
+            self._cancelled.update(meta.cancel_loads)
+        for spec in meta.to_load:
+            self._pool.submit(self._load, spec)
+
+    def _consumer(self, address: str) -> KVConsumer:
+        c = self._consumers.get(address)
+        if c is None:
+            client = LookupClient(address, timeout_s=self.config.fetch_timeout_s, device=self._caches[0].device,
+                                  redial=True)
+            c = KVConsumer(client, self._caches, self._layout, wait_s=0.0)
+            self._consumers[address] = c
+        return c
+
+    def _perturb(self, block_ids: list[int]) -> None:
+        """Testing only: add noise to loaded blocks (proves decode uses what it loaded)."""
+        staged = gather_blocks(self._caches, self._layout, block_ids)
+        scatter_blocks(self._caches, self._layout, block_ids, staged + torch.randn_like(staged))
+
+    def _load(self, spec: LoadSpec) -> None:
+        t0 = time.monotonic()
+        req = KVRequest(spec.remote_request_id, spec.token_ids, spec.block_ids, skip_blocks=spec.skip_blocks)
+        failed = spec.block_ids[spec.skip_blocks:]
+        loaded, ok = 0, False
+        try:
+            with self._lock:
+                cancelled = spec.req_id in self._cancelled
+            consumer = self._consumer(spec.remote_address)
+            if cancelled:
+                consumer.abort(spec.remote_request_id, num_layers=0)
+                raise KVTransferError("request aborted before its KV was fetched")
+            res = consumer.load([req])[req.request_id]
+            failed, loaded = res.failed_block_ids, len(res.loaded_block_ids)
+            if loaded and spec.perturb:
+                self._perturb(res.loaded_block_ids)
+            if not res.ok:
+                raise KVTransferError(f"producer {spec.remote_address}: {res.error}")
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reported load error
+            log.error("KV load for %s from %s failed (%d blocks not loaded): %s", spec.req_id,
+                      spec.remote_address, len(failed), exc)
+        if not ok:
+            self.counters.add(load_failures=1)
+        else:
+            self.counters.add(bytes_loaded=loaded * self._block_bytes, requests_loaded=1,
+                              load_s=time.monotonic() - t0)
+        with self._lock:
+            self._failed_blocks.update(failed)
+            if spec.req_id in self._cancelled:
+                self._cancelled.discard(spec.req_id)
+                self._done_send.add(spec.req_id)  # frees the blocks held for an aborted request
+            self._done_recv.add(spec.req_id)
+
+    # ------------------------------------------------------------------- save
+    def wait_for_save(self, meta: UcxConnectorMetadata) -> None:
+        """Stage every request the scheduler named in this step (blocks while the buffer is full)."""
+        if self._producer is None:
+            return
+        for spec in meta.to_save:
+            t0 = time.monotonic()
+            try:
+                self._producer.save([KVRequest(spec.req_id, spec.token_ids, spec.block_ids)])
+            except Exception as exc:  # noqa: BLE001 - decode will see "no KV" and apply its policy
+                log.error("saving KV of %s failed: %s", spec.req_id, exc)
+                self.counters.add(save_failures=1)
+                continue
+            self.counters.add(bytes_saved=len(spec.block_ids) * self._block_bytes, requests_saved=1,
+                              save_s=time.monotonic() - t0)
+
+    # ----------------------------------------------------------------- report
+    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose held blocks may be freed, requests whose load ended) since the last call."""
+        with self._lock:
+            recv, self._done_recv = self._done_recv, set()
+            send, self._done_send = self._done_send, set()
+        return (send or None), (recv or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks whose load failed since the last call."""
+        with self._lock:
+            bad, self._failed_blocks = self._failed_blocks, set()
+        return bad
+
+    def get_kv_connector_stats(self) -> Optional[UcxKVConnectorStats]:
+        """This interval's counters (None when nothing happened)."""
+        return self.counters.take()
+
+    def shutdown(self) -> None:
+        """Stop loading, close clients, server and buffer (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        consumers, self._consumers = self._consumers, {}
+        for c in consumers.values():
+            c.source.close()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
