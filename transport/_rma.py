@@ -368,8 +368,8 @@ class _Flush:
         return True
 
     def check_error(self) -> None:
-        if self._status < 0:
-            raise TransportError(f"{self._what}: {_ucp_rma.status_string(self._status)}")
+        if self._status < 0:  # the endpoint failed: the peer is gone or unreachable
+            raise PeerDeadError(f"{self._what}: {_ucp_rma.status_string(self._status)}")
 
     def release(self) -> None:
         if self._req is not None:
