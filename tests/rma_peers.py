@@ -156,7 +156,7 @@ def looping_reader(q: Any, tls: str, address: str, nbytes: int) -> None:
             for i in range(1_000_000):
                 if i == 1:
                     q.put(("reading", i))
-                rm.get(reg, lo, lo, 65536, timeout=20)
+                rm.get(reg, lo[::-1].copy(), lo, 65536, timeout=20)
             return {"error": "never failed"}
         except Exception as exc:  # noqa: BLE001
             t = time.monotonic()

@@ -70,17 +70,23 @@ def test_rma_get_put_bit_exact_bounds_and_stale(peers, tls: str) -> None:
     assert res["closed"] and "error" not in res, res
 
 
-@pytest.mark.parametrize("tls", TLS)
-def test_rma_owner_killed_mid_get(peers, tls: str) -> None:
+def _start_looping(peers, tls: str) -> tuple:
+    """An owner of 64 MiB and a reader GETting all of it in a loop, already reading."""
     nbytes = 64 << 20
     own = peers.start(rma_peers.owner, tls, nbytes)
     addr = peers.expect(own, "addr")
     rd = peers.start(rma_peers.looping_reader, tls, addr, nbytes)
-    pid = peers.expect(own, "ready")
+    peers.expect(own, "ready")
     peers.expect(rd, "ready")
     peers.expect(rd, "reading")
     time.sleep(0.3)
-    os.kill(pid, signal.SIGKILL)
+    return own, rd
+
+
+@pytest.mark.parametrize("tls", TLS)
+def test_rma_owner_killed_mid_get(peers, tls: str) -> None:
+    own, rd = _start_looping(peers, tls)
+    os.kill(own.pid, signal.SIGKILL)
     t = time.monotonic()
     res = peers.expect(rd, "ok", timeout=60)
     took = time.monotonic() - t
@@ -93,15 +99,8 @@ def test_rma_owner_killed_mid_get(peers, tls: str) -> None:
 
 @pytest.mark.parametrize("tls", TLS)
 def test_rma_reader_killed_mid_get(peers, tls: str) -> None:
-    nbytes = 64 << 20
-    own = peers.start(rma_peers.owner, tls, nbytes)
-    addr = peers.expect(own, "addr")
-    rd = peers.start(rma_peers.looping_reader, tls, addr, nbytes)
-    peers.expect(own, "ready")
-    pid = peers.expect(rd, "ready")
-    peers.expect(rd, "reading")
-    time.sleep(0.3)
-    os.kill(pid, signal.SIGKILL)
+    own, rd = _start_looping(peers, tls)
+    os.kill(rd.pid, signal.SIGKILL)
     res = peers.expect(own, "ok", timeout=60)
     assert res["error"] in ("PeerDeadError", "PeerTimeoutError", "PeerClosedError"), res
     assert res["closed"], res
