@@ -361,7 +361,7 @@ def _serve_kv_rma(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
 
     import torch
 
-    from transport import register
+    from transport import register, transfer_many
 
     spec = kv_spec(cfg)
     layout = _layout(cfg["layout"])
@@ -381,8 +381,7 @@ def _serve_kv_rma(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
         for _ in range(cfg["iters"] + cfg["warmup"]):
             pipe.recv_tensor()  # go
             t0 = time.perf_counter()
-            for rm, reg in zip(remotes, regs):
-                rm.get(reg, lo, ro, ln)
+            transfer_many([(rm, reg, lo, ro, ln) for rm, reg in zip(remotes, regs)])  # one round for all layers
             timings.append(time.perf_counter() - t0)
             pipe.send_tensor(None)  # this request is in place
     finally:

@@ -16,7 +16,7 @@ from .errors import (
     TransportError,
     VersionMismatchError,
 )
-from ._rma import MemoryDescriptor, Registration, RemoteMemory, StaleMemoryError, register
+from ._rma import MemoryDescriptor, Registration, RemoteMemory, StaleMemoryError, register, transfer_many
 from .pipe import Handle, Pipe, PipeListener
 
 
@@ -33,6 +33,7 @@ __all__ = [
     "warm_up",
     "Handle",
     "register",
+    "transfer_many",
     "Registration",
     "MemoryDescriptor",
     "RemoteMemory",

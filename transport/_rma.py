@@ -37,12 +37,13 @@ from __future__ import annotations
 import atexit
 import ctypes
 import logging
+import os
 import secrets
 import struct
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import msgspec
 import numpy as np
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MemoryDescriptor", "Registration", "RemoteMemory", "StaleMemoryError", "register"]
+__all__ = ["MemoryDescriptor", "Registration", "RemoteMemory", "StaleMemoryError", "register", "transfer_many"]
 
 #: Version of the descriptor encoding; a peer with another one is refused by name.
 DESCRIPTOR_VERSION = 1
@@ -65,6 +66,9 @@ _MAGIC = b"UKVM"
 _PRE = struct.Struct("<4sI")
 MAX_DESCRIPTOR_BYTES = 16 * 1024
 _MAX_LEN = 1 << 62
+#: Bytes posted per round (then one flush). Bounds what a peer must have queued for us at once:
+#: UCX 1.21 crashes a process whose emulated (tcp) GET replies are queued when the reader dies.
+WINDOW_BYTES = int(os.environ.get("UCXKV_RMA_WINDOW_BYTES", str(4 << 20)))
 _STATUS_SLOTS = 4096
 
 
@@ -440,7 +444,6 @@ class RemoteMemory:
         self.nbytes = descriptor.nbytes
         self._engine: Engine = pipe._engine
         self._lock = threading.Lock()  # one transfer at a time (they share the liveness word buffer)
-        self._word = np.zeros(1, dtype=np.uint64)
         self._rkeys: list[ctypes.c_void_p] = []
         self._closed = False
         lib = _ucp_rma.lib()
@@ -499,9 +502,10 @@ class RemoteMemory:
         posted), :class:`StaleMemoryError` if the remote registration was closed
         before or during the transfer, :class:`PeerTimeoutError` /
         :class:`PeerDeadError` (naming the peer) if it does not complete in time.
-        Destination pieces must not overlap.
+        Destination pieces must not overlap. See :func:`transfer_many` for several
+        regions in one call.
         """
-        return self._transfer(False, local, local_offsets, remote_offsets, lengths, timeout)
+        return transfer_many([(self, local, local_offsets, remote_offsets, lengths)], put=False, timeout=timeout)
 
     def put(self, local: Registration, local_offsets: Any, remote_offsets: Any, lengths: Any,
             timeout: float | None = None) -> int:
@@ -509,71 +513,131 @@ class RemoteMemory:
 
         Same checks and errors as :meth:`get`.
         """
-        return self._transfer(True, local, local_offsets, remote_offsets, lengths, timeout)
-
-    def _transfer(self, put: bool, local: Registration, lo: Any, ro: Any, ln: Any, timeout: float | None) -> int:
-        verb = "PUT into" if put else "GET from"
-        if not isinstance(local, Registration):
-            raise LocalUsageError(f"the local side of an RMA {verb} must be a Registration (see transport.register)")
-        if local.closed:
-            raise LocalUsageError(f"local {local.name} is closed")
-        if not put and not local.writable:
-            raise LocalUsageError(f"local {local.name} is read-only; cannot GET into it")
-        lo, ro, ln = plan_pieces(lo, ro, ln, local.nbytes, self.nbytes, f"RMA {verb} {self.descriptor.owner}")
-        what = f"RMA {verb} {self.descriptor.owner} at {self.peer} ({int(ln.sum())} bytes in {ln.size} pieces)"
-        with self._lock:
-            self.pipe._ready()
-            self._check_usable()
-            deadline = time.monotonic() + (self.pipe.timeout_s if timeout is None else timeout)
-            self._check_live(deadline, what, "before")
-            if ln.size:
-                self._post_and_flush(put, local, lo, ro, ln, deadline, what)
-            self._check_live(deadline, what, "during")
-        return int(ln.sum())
+        return transfer_many([(self, local, local_offsets, remote_offsets, lengths)], put=True, timeout=timeout)
 
     def _check_usable(self) -> None:
         if self._closed:
             raise LocalUsageError(f"remote memory {self.descriptor.owner} at {self.peer} is closed "
                                   "(or its pipe's endpoint was)")
 
-    def _check_live(self, deadline: float, what: str, when: str) -> None:
-        self._word[0] = 0
-        zero = np.zeros(1, dtype=np.int64)
-        self._post_and_flush(False, None, zero, zero, np.full(1, 8, np.int64), deadline, what + " (liveness check)",
-                             status=True)
-        if int(self._word[0]) != self.descriptor.token:
-            raise StaleMemoryError(f"{what}: the remote registration was closed {when} the transfer "
-                                   "(stale descriptor)")
-
-    def _post_and_flush(self, put: bool, local: Registration | None, lo: np.ndarray, ro: np.ndarray, ln: np.ndarray,
-                        deadline: float, what: str, status: bool = False) -> None:
-        lib = _ucp_rma.lib()
-        posted = ctypes.c_size_t()
-        req = ctypes.c_void_p()
-        i64p = ctypes.POINTER(ctypes.c_int64)
-        with self._engine._lock:
-            self._check_usable()
-            if status:
-                rbase, rkey, lbase, lmemh = self.descriptor.status_address, self._rkeys[1], self._word.ctypes.data, None
-            else:
-                rbase, rkey = self.descriptor.address, self._rkeys[0]
-                lbase, lmemh = local.address, local._mapped.memh
-            ep = self.pipe._ep.handle
-            rc = lib.ukv_post(ep, int(put), lbase, lmemh, rbase, rkey, lo.size, lo.ctypes.data_as(i64p),
-                              ro.ctypes.data_as(i64p), ln.ctypes.data_as(i64p), ctypes.byref(posted))
-            frc = lib.ukv_flush(ep, ctypes.byref(req)) if rc == 0 or posted.value else rc
-        if rc != 0:
-            err = PeerDeadError(f"{what}: posting piece {posted.value} failed: {_ucp_rma.status_string(rc)}")
-            flush = _Flush(req.value if frc == 1 else None, frc if frc < 0 else 0, what)
-            with self._engine._lock:
-                flush.release()
-            self.pipe._fail(err, what)
-        flush = _Flush(req.value if frc == 1 else None, frc if frc < 0 else 0, what)
-        try:
-            self.pipe._wait_ops([Op([flush], [lo, ro, ln, local, self._word])], deadline, what)
-        finally:
-            with self._engine._lock:
-                flush.release()
-
     def __repr__(self) -> str:
         return f"<RemoteMemory {self.descriptor.owner} {self.nbytes} bytes at {self.peer}{' closed' if self._closed else ''}>"
+
+
+_I64P = ctypes.POINTER(ctypes.c_int64)
+
+
+def transfer_many(items: Sequence[tuple[RemoteMemory, Registration, Any, Any, Any]], *, put: bool = False,
+                  timeout: float | None = None) -> int:
+    """GET (or PUT) pieces of several remote regions reached over the *same* pipe, in one round.
+
+    Each item is ``(remote, local, local_offsets, remote_offsets, lengths)`` as for
+    :meth:`RemoteMemory.get`. Everything is validated before anything is posted;
+    then one liveness check of all remote regions, all pieces, one flush, and a
+    second liveness check: three round trips for the whole batch. Returns the
+    bytes moved; errors as :meth:`RemoteMemory.get`.
+    """
+    if not items:
+        return 0
+    verb = "PUT into" if put else "GET from"
+    pipe = items[0][0].pipe
+    plans = []
+    for rm, local, lo, ro, ln in items:
+        if not isinstance(rm, RemoteMemory) or rm.pipe is not pipe:
+            raise LocalUsageError("transfer_many needs RemoteMemory objects of one pipe")
+        if not isinstance(local, Registration):
+            raise LocalUsageError(f"the local side of an RMA {verb} must be a Registration (see transport.register)")
+        if local.closed:
+            raise LocalUsageError(f"local {local.name} is closed")
+        if not put and not local.writable:
+            raise LocalUsageError(f"local {local.name} is read-only; cannot GET into it")
+        plans.append((rm, local) + plan_pieces(lo, ro, ln, local.nbytes, rm.nbytes, f"RMA {verb} {rm.descriptor.owner}"))
+    total = sum(int(p[4].sum()) for p in plans)
+    npieces = sum(int(p[4].size) for p in plans)
+    owners = sorted({p[0].descriptor.owner for p in plans})
+    what = (f"RMA {verb} {', '.join(owners[:3])}{' ...' if len(owners) > 3 else ''} at {pipe.peer} "
+            f"({total} bytes in {npieces} pieces)")
+    remotes = sorted({id(p[0]): p[0] for p in plans}.values(), key=id)
+    for rm in remotes:
+        rm._lock.acquire()
+    try:
+        pipe._ready()
+        for rm in remotes:
+            rm._check_usable()
+        deadline = time.monotonic() + (pipe.timeout_s if timeout is None else timeout)
+        _check_live(pipe, remotes, deadline, what, "before")
+        for window in _windows(plans, WINDOW_BYTES):
+            _post_and_flush(pipe, put, window, deadline, what)
+        _check_live(pipe, remotes, deadline, what, "during")
+    finally:
+        for rm in remotes:
+            rm._lock.release()
+    return total
+
+
+def _windows(plans: list[tuple], limit: int) -> list[list[tuple]]:
+    """Split plans into rounds of at most ``limit`` bytes (a piece larger than that is split too)."""
+    if limit <= 0:
+        return [plans]
+    out: list[list[tuple]] = []
+    for rm, local, lo, ro, ln in plans:
+        if ln.size and int(ln.max()) > limit:  # split long runs into limit-sized pieces
+            counts = -(-ln // limit)
+            idx = np.repeat(np.arange(ln.size), counts)
+            within = np.arange(idx.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            step = within * limit
+            lo, ro = lo[idx] + step, ro[idx] + step
+            ln = np.minimum(ln[idx] - step, limit)
+        ends = np.cumsum(ln)
+        cuts = np.searchsorted(ends, np.arange(limit, int(ends[-1]) if ends.size else 0, limit), side="right")
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, ln.size]):
+            if b > a:
+                out.append([(rm, local, lo[a:b], ro[a:b], ln[a:b])])
+    return out
+
+
+def _check_live(pipe: "Pipe", remotes: list[RemoteMemory], deadline: float, what: str, when: str) -> None:
+    words = np.zeros(len(remotes), dtype=np.uint64)
+    zero, eight = np.zeros(1, dtype=np.int64), np.full(1, 8, dtype=np.int64)
+    plans = [(rm, None, zero + 8 * i, zero, eight) for i, rm in enumerate(remotes)]
+    _post_and_flush(pipe, False, plans, deadline, what + " (liveness check)", status_words=words)
+    for rm, word in zip(remotes, words.tolist()):
+        if word != rm.descriptor.token:
+            raise StaleMemoryError(f"{what}: the remote registration {rm.descriptor.owner} was closed {when} "
+                                   "the transfer (stale descriptor)")
+
+
+def _post_and_flush(pipe: "Pipe", put: bool, plans: list[tuple], deadline: float, what: str,
+                    status_words: np.ndarray | None = None) -> None:
+    """Post every plan's pieces, then one endpoint flush, and wait for it (engine lock only while posting)."""
+    lib = _ucp_rma.lib()
+    engine: Engine = pipe._engine
+    posted = ctypes.c_size_t()
+    req = ctypes.c_void_p()
+    rc = 0
+    with engine._lock:
+        for rm, *_ in plans:
+            rm._check_usable()
+        ep = pipe._ep.handle
+        for rm, local, lo, ro, ln in plans:
+            if not lo.size:
+                continue
+            if status_words is not None:
+                rbase, rkey, lbase, lmemh = rm.descriptor.status_address, rm._rkeys[1], status_words.ctypes.data, None
+            else:
+                rbase, rkey, lbase, lmemh = rm.descriptor.address, rm._rkeys[0], local.address, local._mapped.memh
+            rc = lib.ukv_post(ep, int(put), lbase, lmemh, rbase, rkey, lo.size, lo.ctypes.data_as(_I64P),
+                              ro.ctypes.data_as(_I64P), ln.ctypes.data_as(_I64P), ctypes.byref(posted))
+            if rc != 0:
+                break
+        frc = lib.ukv_flush(ep, ctypes.byref(req))
+        flush = _Flush(req.value if frc == 1 else None, frc if frc < 0 else 0, what)
+    if rc != 0:
+        with engine._lock:
+            flush.release()
+        pipe._fail(PeerDeadError(f"{what}: posting failed: {_ucp_rma.status_string(rc)}"), what)
+    try:
+        pipe._wait_ops([Op([flush], [plans, status_words])], deadline, what)
+    finally:
+        with engine._lock:
+            flush.release()
