@@ -36,7 +36,7 @@ def put_pieces(n: int, nbytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return scattered_pieces(n, nbytes, 7)
 
 
-def owner(q: Any, tls: str, nbytes: int = REGION) -> None:
+def owner(q: Any, tls: str, nbytes: int = REGION, device: str = "cpu") -> None:
     """Registers ``nbytes`` of pattern(seed 1), sends its descriptor, then obeys commands from the reader."""
     _set_tls(tls)
     from transport import Pipe, register
@@ -44,7 +44,7 @@ def owner(q: Any, tls: str, nbytes: int = REGION) -> None:
     def body() -> Any:
         p = Pipe.listen("127.0.0.1", 0, timeout_s=60, heartbeat_s=0.2, peer_timeout_s=2.0)
         q.put(("addr", p.address))
-        region = pattern(nbytes, 1)
+        region = pattern(nbytes, 1).to(device)
         reg = register(region, "owner-region")
         p.send_tensor(torch.frombuffer(bytearray(reg.descriptor().to_bytes()), dtype=torch.uint8))
         q.put(("ready", os.getpid()))
@@ -58,7 +58,7 @@ def owner(q: Any, tls: str, nbytes: int = REGION) -> None:
                     expect = pattern(nbytes, 1)
                     for a, b, n in zip(lo, ro, ln):
                         expect[b:b + n] = src[a:a + n]
-                    result["put_ok"] = bool(torch.equal(region, expect))
+                    result["put_ok"] = bool(torch.equal(region.cpu(), expect))
                     p.send_tensor(None)
                 elif cmd == CMD_DEREGISTER:
                     reg.close()
@@ -90,7 +90,7 @@ def _command(p: Any, cmd: int) -> None:
     p.recv_tensor(timeout=60)
 
 
-def reader(q: Any, tls: str, address: str) -> None:
+def reader(q: Any, tls: str, address: str, device: str = "cpu") -> None:
     """Scattered GET and PUT checked bit for bit, an out-of-range piece, then a stale descriptor."""
     _set_tls(tls)
     from transport import LocalUsageError, StaleMemoryError, register
@@ -98,7 +98,7 @@ def reader(q: Any, tls: str, address: str) -> None:
     def body() -> Any:
         out: dict[str, Any] = {}
         p, rm = _connect(address)
-        local = torch.zeros(REGION, dtype=torch.uint8)
+        local = torch.zeros(REGION, dtype=torch.uint8, device=device)
         reg = register(local, "reader-local")
         lo, ro, ln = scattered_pieces(3000, REGION, 3)
         out["bytes"] = rm.get(reg, lo, ro, ln)
@@ -106,7 +106,7 @@ def reader(q: Any, tls: str, address: str) -> None:
         expect = torch.zeros(REGION, dtype=torch.uint8)
         for a, b, n in zip(lo, ro, ln):
             expect[a:a + n] = remote[b:b + n]
-        out["get_ok"] = bool(torch.equal(local, expect))
+        out["get_ok"] = bool(torch.equal(local.cpu(), expect))
         # PUT: our pattern(seed 2) pieces into the owner's region; the owner checks.
         local.copy_(pattern(REGION, 2))
         lo, ro, ln = put_pieces(1000, REGION)

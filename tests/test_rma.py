@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from tests import rma_peers
 from transport import LocalUsageError
@@ -52,11 +53,10 @@ def test_descriptor_round_trip_and_hostile_bytes() -> None:
             MemoryDescriptor.from_bytes(evil.to_bytes(), "peer")
 
 
-@pytest.mark.parametrize("tls", TLS)
-def test_rma_get_put_bit_exact_bounds_and_stale(peers, tls: str) -> None:
-    own = peers.start(rma_peers.owner, tls)
+def _run_get_put(peers, tls: str, owner_dev: str = "cpu", reader_dev: str = "cpu") -> None:
+    own = peers.start(rma_peers.owner, tls, rma_peers.REGION, owner_dev)
     addr = peers.expect(own, "addr")
-    rd = peers.start(rma_peers.reader, tls, addr)
+    rd = peers.start(rma_peers.reader, tls, addr, reader_dev)
     peers.expect(own, "ready")
     out = peers.expect(rd, "ok")
     res = peers.expect(own, "ok")
@@ -68,6 +68,18 @@ def test_rma_get_put_bit_exact_bounds_and_stale(peers, tls: str) -> None:
     assert "closed before the transfer (stale descriptor)" in out["stale"] and "owner-region" in out["stale"]
     assert out["stale_s"] < 5
     assert res["closed"] and "error" not in res, res
+
+
+@pytest.mark.parametrize("tls", TLS)
+def test_rma_get_put_bit_exact_bounds_and_stale(peers, tls: str) -> None:
+    _run_get_put(peers, tls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("owner_dev,reader_dev", [("cuda", "cuda"), ("cpu", "cuda"), ("cuda", "cpu")])
+def test_rma_cuda_memory(peers, owner_dev: str, reader_dev: str) -> None:
+    _run_get_put(peers, "default", owner_dev, reader_dev)
 
 
 def _start_looping(peers, tls: str) -> tuple:
