@@ -68,6 +68,9 @@ MAX_DESCRIPTOR_BYTES = 16 * 1024
 _MAX_LEN = 1 << 62
 #: Bytes posted per round (then one flush). Bounds what a peer must have queued for us at once:
 #: UCX 1.21 crashes a process whose emulated (tcp) GET replies are queued when the reader dies.
+#: How long the owner-side progress thread keeps polling after the last event before it
+#: sleeps on the worker's event fd.
+_SERVE_SPIN_S = 0.05
 WINDOW_BYTES = int(os.environ.get("UCXKV_RMA_WINDOW_BYTES", str(4 << 20)))
 _STATUS_SLOTS = 4096
 
@@ -213,7 +216,6 @@ class _Server:
         self._lock = threading.Lock()
         self._count = 0
         self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
 
     def acquire(self, engine: Engine) -> None:
         with self._lock:
@@ -225,12 +227,16 @@ class _Server:
     def release(self) -> None:
         with self._lock:
             self._count -= 1
-            self._wake.set()
 
     def _run(self, engine: Engine) -> None:
+        """Poll while peers are active; after _IDLE_AFTER_S without events, sleep on the worker's event fd."""
+        import select
+
         lib = _ucp_rma.lib()
         worker = engine.worker.handle
-        sleep = 0.0
+        poller = select.poll()
+        poller.register(engine.worker.epoll_file_descriptor, select.POLLIN)
+        sleep, last = 0.0, time.monotonic()
         while True:
             with self._lock:
                 if self._count <= 0 or engine._stop.is_set():
@@ -238,12 +244,19 @@ class _Server:
                     return
             with engine._lock:
                 n = lib.ukv_worker_progress(worker)
-            sleep = 0.0 if n else min(max(sleep * 2, 1e-5), 1e-3)
-            if sleep:
-                self._wake.wait(sleep)
-                self._wake.clear()
-            else:
+            now = time.monotonic()
+            if n:
+                sleep, last = 0.0, now
                 time.sleep(0)
+                continue
+            if now - last < _SERVE_SPIN_S:
+                sleep = min(max(sleep * 2, 1e-5), 2e-4)
+                time.sleep(sleep)
+                continue
+            with engine._lock:
+                armed = engine.worker.arm()  # False: events are pending, progress again
+            if armed and poller.poll(100):  # woken by the next event for this worker
+                last, sleep = time.monotonic(), 0.0
 
 
 _server = _Server()
