@@ -66,12 +66,28 @@ _MAGIC = b"UKVM"
 _PRE = struct.Struct("<4sI")
 MAX_DESCRIPTOR_BYTES = 16 * 1024
 _MAX_LEN = 1 << 62
-#: Bytes posted per round (then one flush). Bounds what a peer must have queued for us at once:
-#: UCX 1.21 crashes a process whose emulated (tcp) GET replies are queued when the reader dies.
 #: How long the owner-side progress thread keeps polling after the last event before it
 #: sleeps on the worker's event fd.
 _SERVE_SPIN_S = 0.05
-WINDOW_BYTES = int(os.environ.get("UCXKV_RMA_WINDOW_BYTES", str(4 << 20)))
+#: Bytes posted per round (then one flush) where GET may be emulated by the owner (tcp, posix/sysv):
+#: bounds what the owner has queued for us at once, because UCX 1.21 crashes an owner whose
+#: emulated GET replies are still queued when its reader dies. ``UCXKV_RMA_WINDOW_BYTES`` overrides
+#: (0: no windows).
+DEFAULT_WINDOW_BYTES = 4 << 20
+
+
+def window_bytes(engine: Engine) -> int:
+    """The RMA window for this engine's transports: none when shared memory with cma (zero-copy
+    reads, nothing queued at the owner) is the only choice, else :data:`DEFAULT_WINDOW_BYTES`."""
+    env = os.environ.get("UCXKV_RMA_WINDOW_BYTES")
+    if env is not None:
+        return int(env)
+    cached = getattr(engine, "_rma_window", None)
+    if cached is None:
+        names = {n.strip() for n in str(engine.context.config.get("TLS", "all")).split(",")}
+        emulated = names & {"tcp", "all"} or not names & {"cma", "sm", "shm"} or any(n.startswith("^") for n in names)
+        cached = engine._rma_window = DEFAULT_WINDOW_BYTES if emulated else 0
+    return cached
 _STATUS_SLOTS = 4096
 
 
@@ -579,7 +595,7 @@ def transfer_many(items: Sequence[tuple[RemoteMemory, Registration, Any, Any, An
             rm._check_usable()
         deadline = time.monotonic() + (pipe.timeout_s if timeout is None else timeout)
         _check_live(pipe, remotes, deadline, what, "before")
-        for window in _windows(plans, WINDOW_BYTES):
+        for window in _windows(plans, window_bytes(pipe._engine)):
             _post_and_flush(pipe, put, window, deadline, what)
         _check_live(pipe, remotes, deadline, what, "during")
     finally:
