@@ -645,6 +645,7 @@ def _post_and_flush(pipe: "Pipe", put: bool, plans: list[tuple], deadline: float
     req = ctypes.c_void_p()
     rc = 0
     with engine._lock:
+        pipe._check_usable()  # broken mid-transfer (peer death, timeout): the peer's error, not ours
         for rm, *_ in plans:
             rm._check_usable()
         ep = pipe._ep.handle
