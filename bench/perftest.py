@@ -23,8 +23,10 @@ Tests:
 * ``kv_bw``: one request's paged KV cache from the client's caches into
   *other* block ids of the server's caches, per iteration; ``--kv-mode gather``
   stages (gather, one tensor, scatter), ``--kv-mode views`` sends one tensor
-  per contiguous block run and copies each into place on arrival. Checked
-  bit-exact once, after the last iteration.
+  per contiguous block run and copies each into place on arrival, ``--kv-mode rma``
+  has the client register its caches and the server GET the request's blocks
+  one-sidedly straight into its own registered caches (no staging, no receive).
+  Checked bit-exact once, after the last iteration.
 * ``lookup_lat``: the LookupBuffer round trip. The server process inserts entries of
   SIZE bytes (request id + tokens) into a served ``LookupBuffer`` ahead of the client,
   under back-pressure (capacity: 8 entries); the client times each ``drop_select``
@@ -94,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recv", choices=["into", "alloc"], default=None,
                     help="into: receive into preallocated tensors (recv_tensor(out=...), like ucx_perftest); "
                          "alloc: let every receive allocate (default: into when the Pipe supports it)")
-    kv.add_argument("--kv-mode", choices=["layers", "gather", "views"], default="layers",
-                    help="gather: stage in one tensor and scatter; views: send block views, copy into place")
+    kv.add_argument("--kv-mode", choices=["layers", "gather", "views", "rma"], default="layers",
+                    help="gather: stage in one tensor and scatter; views: send block views, copy into place; "
+                         "rma: the server GETs the client's registered blocks into its own (compare: ucp_get)")
     ap.add_argument("--log-level", default="WARNING")
     return ap
 
@@ -271,6 +274,8 @@ def _serve_one(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
                 done += k
             pipe.send_tensor(None)  # ack
         return {}
+    if test == "kv_bw" and cfg["kv_mode"] == "rma":
+        return _serve_kv_rma(pipe, cfg, dev)
     if test == "kv_bw":
         return _serve_kv(pipe, cfg, dev)
     raise ValueError(f"unknown test {test!r}")
@@ -279,7 +284,7 @@ def _serve_one(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
 def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     import torch
 
-    from kv_transfer.paged import block_views, gather_blocks, scatter_blocks, staging_shape
+    from kv_transfer.paged import block_views, scatter_blocks, staging_shape
 
     spec = kv_spec(cfg)
     layout = _layout(cfg["layout"])
@@ -319,16 +324,76 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
                     v.copy_(g)
         timings.append(time.perf_counter() - t0)
         pipe.send_tensor(None)  # this request is in place
-    # Verify once, layer by layer, against the sender's deterministic data.
+    bad = _verify_kv(cfg, spec, layout, dst, dev)  # once, against the sender's deterministic data
+    return {"verified": not bad, "bad_layers": bad, "blocks": spec["nblk"],
+            "recv_place_s_median": sorted(timings)[len(timings) // 2]}
+
+
+def rma_pieces(cache: Any, layout: Any, ids: Sequence[int]) -> tuple[Any, Any]:
+    """(byte offsets, byte lengths) in ``cache`` of the contiguous runs holding blocks ``ids``."""
+    import numpy as np
+
+    from kv_transfer.paged import block_views
+
+    views = block_views([cache], layout, ids)
+    esize = cache.element_size()
+    off = np.array([(v.storage_offset() - cache.storage_offset()) * esize for v in views], dtype=np.int64)
+    return off, np.array([v.numel() * esize for v in views], dtype=np.int64)
+
+
+def _verify_kv(cfg: dict[str, Any], spec: dict[str, Any], layout: Any, dst: list[Any], dev: str) -> list[int]:
+    """Layers of ``dst`` whose destination blocks differ from the sender's deterministic source blocks."""
+    from kv_transfer.paged import gather_blocks
+
     bad = []
     for layer in range(cfg["layers"]):
         src = _src_layer(cfg, spec["shape"], layer, dev)
         want = gather_blocks([src], layout, spec["src_ids"])
-        got = gather_blocks([dst[layer]], layout, dst_ids)
+        got = gather_blocks([dst[layer]], layout, spec["dst_ids"])
         if not _same_bits(want, got):
             bad.append(layer)
+    return bad
+
+
+def _serve_kv_rma(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
+    """The consumer side of ``--kv-mode rma``: GET the client's registered blocks into our registered caches."""
+    import resource
+
+    import torch
+
+    from transport import register, transfer_many
+
+    spec = kv_spec(cfg)
+    layout = _layout(cfg["layout"])
+    dtype = getattr(torch, cfg["dtype"])
+    dst = [torch.zeros(spec["shape"], dtype=dtype, device=dev) for _ in range(cfg["layers"])]
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    descs = pipe.recv_tensors_async(cfg["layers"]).wait()
+    remotes = [pipe.remote_memory(bytes(d.numpy())) for d in descs]
+    regs = [register(d, f"kv-dst-layer{i}") for i, d in enumerate(dst)]
+    meta = torch.empty(spec["shape"], dtype=dtype, device="meta")  # the client's caches have our shape
+    ro, ln = rma_pieces(meta, layout, spec["src_ids"])
+    lo, ln2 = rma_pieces(dst[0], layout, spec["dst_ids"])
+    if list(ln) != list(ln2):
+        raise RuntimeError("source and destination block runs differ in size")
+    timings: list[float] = []
+    try:
+        for _ in range(cfg["iters"] + cfg["warmup"]):
+            pipe.recv_tensor()  # go
+            t0 = time.perf_counter()
+            transfer_many([(rm, reg, lo, ro, ln) for rm, reg in zip(remotes, regs)])  # one round for all layers
+            timings.append(time.perf_counter() - t0)
+            pipe.send_tensor(None)  # this request is in place
+    finally:
+        for rm in remotes:
+            rm.close()
+        for reg in regs:
+            reg.close()
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # before verification allocates
+    bad = _verify_kv(cfg, spec, layout, dst, dev)
     return {"verified": not bad, "bad_layers": bad, "blocks": spec["nblk"],
-            "recv_place_s_median": sorted(timings)[len(timings) // 2]}
+            "get_s_median": sorted(timings)[len(timings) // 2],
+            "server_peak_rss_growth_mib": round((rss1 - rss0) / 1024, 1)}
 
 
 def _serve_lookup(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -488,9 +553,17 @@ def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
         one = staging_shape(src[:1], layout, len(ids))
         layer_out = [torch.empty(one, dtype=src[0].dtype, device=dev) for _ in src]
     durs: list[float] = []
+    regs: list[Any] = []
+    if cfg["kv_mode"] == "rma":
+        from transport import register
+
+        regs = [register(s, f"kv-src-layer{i}") for i, s in enumerate(src)]
+        pipe.send_tensors([torch.frombuffer(bytearray(r.descriptor().to_bytes()), dtype=torch.uint8) for r in regs])
     for i in range(cfg["warmup"] + cfg["iters"]):
         t0 = time.perf_counter()
-        if layer_out is not None:
+        if regs:
+            pipe.send_tensor(None)  # go: the server GETs this request's blocks from our caches
+        elif layer_out is not None:
             # gather layer l+1 while layer l is on the wire (the engine progresses it in the background)
             handles = []
             for layer, buf in enumerate(layer_out):
@@ -506,6 +579,8 @@ def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
         pipe.recv_tensor()  # the request's blocks are in the server's cache
         if i >= cfg["warmup"]:
             durs.append(time.perf_counter() - t0)
+    for r in regs:
+        r.close()  # the server's last GET completed before its ack
     res = compute_rows("kv_bw", cfg["size"], list(_cumsum(durs)), durs_s=durs)
     pieces = len(block_views(src, layout, ids))
     res.info.update({"kv_pieces": pieces, "kv_mode": cfg["kv_mode"], "layout": cfg["layout"]})
@@ -600,7 +675,8 @@ def run_client(args: argparse.Namespace) -> int:
             if b == "ucx_perftest":
                 mem = None if args.mem in ("host", "host,host") else args.mem
                 for r in ours:
-                    per[r.size] = B.run_ucx_perftest(UCX_TEST_FOR[test], r.size, r.info["iters"], r.info["warmup"],
+                    ucx_test = "ucp_get" if test == "kv_bw" and args.kv_mode == "rma" else UCX_TEST_FOR[test]
+                    per[r.size] = B.run_ucx_perftest(ucx_test, r.size, r.info["iters"], r.info["warmup"],
                                                      env, mem=mem)
             elif b in ("pyzmq", "gloo"):
                 if send_dev != "cpu" or recv_dev != "cpu":
@@ -652,7 +728,9 @@ def run_client(args: argparse.Namespace) -> int:
 def _print_header(res: Any, args: argparse.Namespace, out: Any) -> None:
     from ._report import header_box
 
-    lines = [("API", "ucxkv Pipe (ucxx tag send/recv + ZeroMQ control)"),
+    rma = res.test == "kv_bw" and args.kv_mode == "rma"
+    lines = [("API", "ucxkv RemoteMemory.get (ucp_get_nbx on registered caches)" if rma
+              else "ucxkv Pipe (ucxx tag send/recv + ZeroMQ control)"),
              ("Test", {"tensor_lat": "tensor ping-pong latency", "tensor_bw": "tensor streaming bandwidth",
                        "kv_bw": "paged KV request bandwidth",
                        "lookup_lat": "LookupBuffer drop_select round trip"}[res.test]),

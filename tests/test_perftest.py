@@ -82,7 +82,8 @@ def test_ucx_perftest_baseline_runner() -> None:
     assert lat.final is not None and lat.final.iterations == 100
 
 
-@pytest.mark.parametrize("layout,mode", [("vllm_cpu", "gather"), ("flash_attn", "views")])
+@pytest.mark.parametrize("layout,mode", [("vllm_cpu", "gather"), ("flash_attn", "views"), ("flash_attn", "rma"),
+                                         ("vllm_cpu", "rma")])
 def test_kv_bw_local_moves_verified_data(layout: str, mode: str) -> None:
     p = _cli("-t", "kv_bw", "--layers", "3", "--kv-heads", "2", "--head-size", "16", "--block-size", "4",
              "--tokens", "60", "--layout", layout, "--kv-mode", mode, "-n", "2", "-w", "1", "--json")

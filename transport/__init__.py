@@ -1,6 +1,7 @@
 """ucxkv's bottom layer: a ZeroMQ control plane, a UCX data plane, and the Pipe.
 
-Knows nothing of KV caches. Public surface: :class:`Pipe`, :class:`PipeListener`, :class:`Handle` and
+Knows nothing of KV caches. Public surface: :class:`Pipe`, :class:`PipeListener`, :class:`Handle`, one-sided RMA
+(:func:`register`, :class:`Registration`, :class:`MemoryDescriptor`, :class:`RemoteMemory`) and
 the errors in :mod:`transport.errors`.
 """
 
@@ -15,6 +16,7 @@ from .errors import (
     TransportError,
     VersionMismatchError,
 )
+from ._rma import MemoryDescriptor, Registration, RemoteMemory, StaleMemoryError, register, transfer_many
 from .pipe import Handle, Pipe, PipeListener
 
 
@@ -30,6 +32,12 @@ __all__ = [
     "PipeListener",
     "warm_up",
     "Handle",
+    "register",
+    "transfer_many",
+    "Registration",
+    "MemoryDescriptor",
+    "RemoteMemory",
+    "StaleMemoryError",
     "TransportError",
     "LocalUsageError",
     "RemoteProtocolError",

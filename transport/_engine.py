@@ -91,7 +91,7 @@ class Engine:
         self._pid = os.getpid()
         self._lock = threading.RLock()
         config = _safe_tls_config()
-        self.context = ucx_api.UCXContext(config, feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
+        self.context = ucx_api.UCXContext(config, feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP, ucx_api.Feature.RMA))
         self.worker = ucx_api.UCXWorker(self.context)
         self.worker.init_blocking_progress_mode()
         self.address: bytes = bytes(self.worker.address.tobytes())

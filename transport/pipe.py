@@ -20,7 +20,7 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from ._control import PEER_TIMEOUT_S, HEARTBEAT_S, ClientLink, ControlServer, Li
 from ._engine import Engine, Op, get_engine
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
 from .auth import Auth
+
+if TYPE_CHECKING:
+    from ._rma import MemoryDescriptor, RemoteMemory
 from .errors import LocalUsageError, PeerClosedError, PeerError, PeerTimeoutError, RemoteProtocolError, TransportError
 
 log = logging.getLogger(__name__)
@@ -140,6 +143,8 @@ class Pipe:
         self._ep: Any = None
         self._ep_lock = threading.Lock()
         self._ep_closed = False
+        #: Called (engine lock held) right after the endpoint closed: RMA remote keys unpacked on it.
+        self._ep_users: list[Any] = []
         self._link: Link | None = None
         self._server: ControlServer | None = None
         self._owns_server = True
@@ -488,6 +493,17 @@ class Pipe:
             self._slots.pop(0)
             return tensor
 
+    # -- one-sided access --------------------------------------------------
+    def remote_memory(self, descriptor: "bytes | MemoryDescriptor") -> "RemoteMemory":
+        """The peer's registered memory described by ``descriptor``, for one-sided GET/PUT over this pipe.
+
+        The remote keys are unpacked on this pipe's endpoint and released when the
+        returned object or this pipe closes (or the peer dies). See :mod:`transport._rma`.
+        """
+        from ._rma import RemoteMemory
+
+        return RemoteMemory(self, descriptor)
+
     # -- closing ---------------------------------------------------------
     def _close_ep(self) -> None:
         # Exactly once: a second ucxx close of the same endpoint crashes the process.
@@ -495,6 +511,10 @@ class Pipe:
             if self._ep is not None and not self._ep_closed:
                 self._ep_closed = True
                 self._engine.close_endpoint(self._ep)
+                with self._engine._lock:
+                    users, self._ep_users = self._ep_users, []
+                    for release in users:
+                        release()
 
     def close(self) -> None:
         """Tell the peer, cancel what is in flight, release everything (idempotent, bounded)."""
