@@ -87,6 +87,36 @@ _MAX_BODY = 64 * 1024 * 1024
 #: deepest JSON nesting accepted in a request body (deeper ones are a 400)
 _MAX_DEPTH = 128
 
+#: bodies above this size are parsed and re-encoded on a worker thread, so the event loop
+#: keeps serving other clients; at most _PARSE_THREADS such bodies are worked on at once
+_OFFLOAD_BYTES = 256 * 1024
+_PARSE_THREADS = 2
+
+
+class _BadBody(Exception):
+    """A client's request body cannot be used; the message says why (a 400)."""
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    """The request object in ``raw``; raises :class:`_BadBody` for anything else."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, LookupError, RecursionError) as exc:
+        # ValueError: bad JSON, bad UTF-8, an integer past Python's digit limit;
+        # LookupError: an unknown charset; RecursionError: nesting too deep to parse
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise _BadBody(f"request body is not valid JSON: {reason}") from None
+    if not isinstance(body, dict):
+        raise _BadBody("request body must be a JSON object")
+    if _too_deep(body, _MAX_DEPTH):
+        # copying and re-encoding it for the upstreams would overflow the stack
+        raise _BadBody(f"request body is nested deeper than {_MAX_DEPTH} levels")
+    return body
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
 
 def _too_deep(obj: Any, limit: int) -> bool:
     """Whether ``obj`` (parsed JSON) nests lists/dicts deeper than ``limit``; iterative."""
@@ -232,6 +262,7 @@ class Proxy:
         self.decode = InstancePool("decode", cfg.decode, cfg.policy)
         self.stats = _Stats()
         self._session: aiohttp.ClientSession | None = None
+        self._parse_slots = asyncio.Semaphore(_PARSE_THREADS)
         self.started = time.time()
 
     # -- lifecycle ---------------------------------------------------------
@@ -268,7 +299,7 @@ class Proxy:
         method: str,
         path: str,
         *,
-        json_body: Any = None,
+        json_body: bytes | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
     ) -> AsyncIterator[tuple[Instance, aiohttp.ClientResponse]]:
@@ -280,6 +311,8 @@ class Proxy:
         move on to the next instance (the request never reached the server).
         """
         unreachable: list[str] = []
+        if json_body is not None:
+            headers = {**(headers or {}), "Content-Type": "application/json"}
         for inst in pool.candidates():
             url = inst.url + path
             inst.requests += 1
@@ -287,7 +320,7 @@ class Proxy:
             try:
                 try:
                     resp = await self.session.request(
-                        method, url, json=json_body, headers=headers, timeout=self._timeout(stream)
+                        method, url, data=json_body, headers=headers, timeout=self._timeout(stream)
                     )
                 except aiohttp.ConnectionTimeoutError as exc:
                     reason = f"connect timed out after {self.cfg.connect_timeout:g}s ({_describe(exc)})"
@@ -385,26 +418,26 @@ class Proxy:
         self.stats.requests[path] += 1
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         try:
-            body = await request.json(loads=json.loads)
-        except (ValueError, LookupError, RecursionError) as exc:
-            # ValueError: bad JSON, bad UTF-8, an integer past Python's digit limit;
-            # LookupError: an unknown charset; RecursionError: nesting too deep to parse
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            return self._done(error_response(400, "invalid_request_error", f"request body is not valid JSON: {reason}"))
-        if not isinstance(body, dict):
-            return self._done(error_response(400, "invalid_request_error", "request body must be a JSON object"))
-        if _too_deep(body, _MAX_DEPTH):
-            # copying and re-encoding it for the upstreams would overflow the stack
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
             return self._done(error_response(
-                400, "invalid_request_error", f"request body is nested deeper than {_MAX_DEPTH} levels"))
+                413, "invalid_request_error", f"request body is larger than {_MAX_BODY} bytes"))
+        except (ConnectionError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            # the client went away mid-body: nothing to answer, nothing worth a traceback
+            log.info("request %s: client disconnected while sending its body (%s)", request_id, _describe(exc))
+            return self._done(error_response(400, "invalid_request_error", "request body incomplete"))
+        big = len(raw) > _OFFLOAD_BYTES
+        try:
+            body = await self._off_loop(big, _parse_body, raw)
+        except _BadBody as exc:
+            return self._done(error_response(400, "invalid_request_error", str(exc)))
         headers = self.forward_headers(request, request_id)
         stream = bool(body.get("stream"))
         t0 = time.perf_counter()
         try:
             # 1. prefill
-            async with self.upstream(
-                self.prefill, "POST", path, json_body=self.prefill_body(body, chat), headers=headers
-            ) as (p_inst, p_resp):
+            p_body = await self._off_loop(big, lambda: _dumps(self.prefill_body(body, chat)))
+            async with self.upstream(self.prefill, "POST", path, json_body=p_body, headers=headers) as (p_inst, p_resp):
                 p_raw = await self._read_body(p_inst, p_resp)
                 if p_resp.status != 200:
                     if p_resp.status >= 500:
@@ -432,7 +465,7 @@ class Proxy:
                     request_id, p_inst.url,
                 )
             # 2. decode
-            d_body = self.decode_body(body, kv_params)
+            d_body = await self._off_loop(big, lambda: _dumps(self.decode_body(body, kv_params)))
             if stream:
                 return await self._stream_decode(request, path, d_body, headers, request_id, t0, t_prefill, p_inst)
             async with self.upstream(self.decode, "POST", path, json_body=d_body, headers=headers) as (d_inst, d_resp):
@@ -451,11 +484,18 @@ class Proxy:
             extra = {"Retry-After": str(max(1, round(self.cfg.down_time)))} if exc.status == 503 else None
             return self._done(error_response(exc.status, exc.err_type, exc.message, headers=extra))
 
+    async def _off_loop(self, big: bool, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``: inline for a small body, on a worker thread (at most a few at once) for a big one."""
+        if not big:
+            return fn(*args)
+        async with self._parse_slots:
+            return await asyncio.to_thread(fn, *args)
+
     async def _stream_decode(
         self,
         request: web.Request,
         path: str,
-        d_body: dict[str, Any],
+        d_body: bytes,
         headers: dict[str, str],
         request_id: str,
         t0: float,
