@@ -390,7 +390,11 @@ class Pipe:
                         f"{codec.dtype_name(out.dtype)}{list(out.shape)}")
                 t = out
             else:
-                t = torch.empty(h.shape, dtype=codec.DTYPES[h.dtype], device=device)
+                try:
+                    t = torch.empty(h.shape, dtype=codec.DTYPES[h.dtype], device=device)
+                except (RuntimeError, MemoryError) as exc:  # the peer's claim, not our fault
+                    raise RemoteProtocolError(f"{what} claims {h.dtype}{h.shape[:8]} ({h.nbytes} bytes), which "
+                                              f"cannot be allocated on {device}: {_wire.clip(str(exc))}") from None
             slot.tensor = t
             self.bytes_received += h.nbytes
             if h.inline:

@@ -1,0 +1,299 @@
+"""Hostile peers against the bounds of a listener (issue 15): one message never crashes,
+stalls or grows it, and after each attack the listener still serves a well-behaved peer."""
+
+from __future__ import annotations
+
+import gc
+import struct
+import threading
+import time
+import weakref
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from transport import _wire
+from transport._wire import Hello
+
+
+# -- a listener in its own process: an abort there must not take the test with it --------
+def echo_listener(q: Any) -> None:
+    """Serve a PipeListener that echoes every tensor back, until the parent goes away."""
+    from transport import PipeListener
+
+    lst = PipeListener("127.0.0.1", 0, timeout_s=30)
+    q.put(("ok", lst.address))
+
+    def serve(p: Any) -> None:
+        try:
+            while True:
+                t = p.recv_tensor(timeout=30)
+                p.send_tensor(t)
+                if t is None:
+                    break
+        except Exception:  # noqa: BLE001 - a hostile peer's pipe breaks; the listener goes on
+            pass
+        finally:
+            p.close()
+
+    while True:
+        threading.Thread(target=serve, args=(lst.accept(timeout=None),), daemon=True).start()
+
+
+def _dealer(address: str) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 10000)
+    s.connect(f"tcp://{address}")
+    return s
+
+
+def _hello_frames(body: bytes) -> list[bytes]:
+    return [struct.pack("<4sI", _wire.MAGIC, _wire.PROTOCOL_VERSION), body]
+
+
+def _still_serves(address: str, proc: Any = None) -> None:
+    """A well-behaved peer connects, sends a tensor and gets it back."""
+    from transport import Pipe
+
+    if proc is not None:
+        assert proc.is_alive(), f"listener process died (exit code {proc.exitcode})"
+    with Pipe.connect(address, timeout_s=30) as c:
+        x = torch.arange(100_000, dtype=torch.float32)
+        c.send_tensor(x)
+        assert torch.equal(c.recv_tensor(timeout=30), x)
+        c.send_tensor(None)
+        assert c.recv_tensor(timeout=30) is None
+
+
+@pytest.fixture
+def remote_listener(peers):
+    p = peers.start(echo_listener)
+    address = peers.expect(p, "ok", 120)
+    yield address, p
+    p.kill()
+
+
+# -- 1. fields that reach native code ---------------------------------------------------
+@pytest.mark.parametrize("worker_address", [b"", b"\x02", b"\xff", b"x", b"\x0f" + b"\x00" * 100])
+def test_bad_worker_address_is_rejected_not_aborting(remote_listener, worker_address):
+    address, proc = remote_listener
+    s = _dealer(address)
+    s.send_multipart(_wire.encode(Hello(role="pipe", name="evil", worker_address=worker_address, recv_tag=5)))
+    ans = _wire.decode(s.recv_multipart(), "listener")  # the old code aborted here (SIGABRT in UCX)
+    assert isinstance(ans, _wire.Reject) and "worker address" in ans.reason, ans
+    s.close(0)
+    _still_serves(address, proc)
+
+
+# -- 2. any decoder exception is a Reject; the control thread cannot die -------------------
+def test_deeply_nested_hello_is_rejected_and_control_thread_lives(remote_listener):
+    address, proc = remote_listener
+    ok = msgspec.msgpack.encode({"type": "Hello", "role": "pipe", "name": "n", "worker_address": b"",
+                                 "recv_tag": 5, "zz": 0})
+    body = ok[:-1] + b"\x91" * 60000 + b"\xc0"  # the unknown field "zz" nested 60,000 deep
+    s = _dealer(address)
+    for _ in range(3):
+        s.send_multipart(_hello_frames(body))
+        ans = _wire.decode(s.recv_multipart(), "listener")
+        assert isinstance(ans, _wire.Reject) and ans.code == "malformed", ans
+    s.close(0)
+    _still_serves(address, proc)
+
+
+# -- also noted: a Reject never echoes a huge attacker field ------------------------------
+def test_reject_does_not_echo_huge_fields(remote_listener):
+    address, proc = remote_listener
+    s = _dealer(address)
+    huge = "S" * 60000
+    s.send_multipart(_wire.encode(Hello(role="pipe", name="n", worker_address=b"\x00" * 20, recv_tag=5,
+                                        service=huge)))
+    ans = _wire.decode(s.recv_multipart(), "listener")
+    assert isinstance(ans, _wire.Reject) and len(ans.reason) < 400, len(ans.reason)
+    s.send_multipart(_hello_frames(msgspec.msgpack.encode({"type": "Hello", "role": huge})))
+    ans = _wire.decode(s.recv_multipart(), "listener")
+    assert isinstance(ans, _wire.Reject) and len(ans.reason) < 400, len(ans.reason)
+    s.close(0)
+    _still_serves(address, proc)
+
+
+# -- 5. received lengths are checked against the header ------------------------------------
+def _raw_pair() -> tuple[Any, Any, Any]:
+    from transport import Pipe, PipeListener
+
+    lst = PipeListener("127.0.0.1", 0, timeout_s=30)
+    client = Pipe.connect(lst.address, timeout_s=30)
+    server = lst.accept(timeout=30)
+    return lst, client, server
+
+
+def _send_raw(client: Any, seq: int, header: Any, inline: bytes | None, payload: np.ndarray | None) -> list[Any]:
+    from transport import _tensor_codec as codec
+
+    frame = np.zeros(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
+    used = codec.encode_header(memoryview(frame), header, inline)
+    eng = client._engine
+    reqs = [eng.tag_send(client._ep, frame[:used], client._tag(client._send_tag, seq, False)), frame]
+    if payload is not None:
+        reqs += [eng.tag_send(client._ep, payload, client._tag(client._send_tag, seq, True)), payload]
+    return reqs
+
+
+@pytest.mark.parametrize("case", ["short_payload", "long_payload", "missing_inline"])
+def test_payload_or_inline_shorter_than_header_is_a_protocol_error(case):
+    from transport import RemoteProtocolError
+    from transport import _tensor_codec as codec
+
+    lst, client, server = _raw_pair()
+    try:
+        if case == "missing_inline":  # header says 1000 inline bytes, none follow
+            h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[1000], nbytes=1000, inline=True)
+            keep = _send_raw(client, 0, h, None, None)
+        else:
+            n = 1 << 20
+            sent = n - 10 if case == "short_payload" else n + 10
+            h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[n], nbytes=n, inline=False)
+            keep = _send_raw(client, 0, h, None, np.ones(sent, dtype=np.uint8))
+        with pytest.raises(RemoteProtocolError, match="arrived|overruns|frame holds"):
+            server.recv_tensor(timeout=20)  # the old code returned a tensor with a stale tail
+        del keep
+        client.close()
+        server.close()
+        # the listener still serves a well-behaved peer
+        from transport import Pipe
+
+        with Pipe.connect(lst.address, timeout_s=30) as c2:
+            s2 = lst.accept(timeout=30)
+            h2 = c2.send_tensor_async(torch.arange(1 << 18))
+            assert torch.equal(s2.recv_tensor(timeout=30), torch.arange(1 << 18))
+            h2.wait(30)
+            s2.close()
+    finally:
+        client.close()
+        server.close()
+        lst.close()
+
+
+def test_unallocatable_shape_claim_is_a_protocol_error():
+    from transport import RemoteProtocolError
+    from transport import _tensor_codec as codec
+
+    lst, client, server = _raw_pair()
+    try:
+        h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[0, 1 << 62], nbytes=0, inline=False)
+        keep = _send_raw(client, 0, h, None, None)
+        with pytest.raises(RemoteProtocolError):
+            server.recv_tensor(timeout=20)
+        del keep
+    finally:
+        client.close()
+        server.close()
+        lst.close()
+
+
+# -- 7. no reference cycle keeps a received tensor alive -----------------------------------
+def test_received_tensor_is_freed_with_its_last_reference():
+    lst, client, server = _raw_pair()
+    gc.disable()
+    try:
+        for n in (100, 1 << 22):  # inline and rendezvous-size
+            h = client.send_tensor_async(torch.ones(n))
+            t = server.recv_tensor(timeout=30)
+            h.wait(30)
+            ref = weakref.ref(t)
+            del t
+            assert ref() is None, f"a received {n}-element tensor outlived its last reference (reference cycle)"
+        hs = client.send_tensors_async([torch.ones(1 << 20), torch.ones(10)])
+        got = server.recv_tensors_async(2).wait(30)
+        hs.wait(30)
+        refs = [weakref.ref(t) for t in got]
+        del got
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+        client.close()
+        server.close()
+        lst.close()
+
+
+# -- 8. what a peer parks in the shared worker goes when its pipe goes ---------------------
+def test_unreceived_messages_are_dropped_when_the_pipe_closes():
+    from transport import _tensor_codec as codec
+
+    lst, client, server = _raw_pair()
+    try:
+        keep = []
+        for seq in range(1000, 1200):  # eager messages on tags nobody will receive
+            h = codec.TensorHeader(seq=seq, none=True)
+            keep += _send_raw(client, seq, h, None, None)
+        eng = server._engine
+        api = eng._api
+        base = server._tag(server._recv_tag, 0, False)
+        mask = api.UCXXTagMask(((1 << 64) - 1) ^ ((1 << 24) - 1))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with eng._lock:
+                eng.worker.progress()
+                if eng.worker.tag_probe(api.UCXXTag(base | (1199 << 1)), remove=False).matched:
+                    break
+        with eng._lock:
+            assert eng.worker.tag_probe(api.UCXXTag(base), mask, remove=False).matched, "test sent nothing"
+        server.close()
+        with eng._lock:
+            eng.worker.progress()
+            left = eng.worker.tag_probe(api.UCXXTag(base), mask, remove=False).matched
+        assert not left, "messages of a closed pipe stayed in the worker's unexpected queue"
+        del keep
+    finally:
+        client.close()
+        server.close()
+    from transport import Pipe
+
+    with Pipe.connect(lst.address, timeout_s=30) as c2:
+        s2 = lst.accept(timeout=30)
+        c2.send_tensor_async(torch.arange(10)).wait(30)
+        assert torch.equal(s2.recv_tensor(timeout=30), torch.arange(10))
+        s2.close()
+    lst.close()
+
+
+# -- 4. a lookup request carries only the tensors its type needs ----------------------------
+def test_lookup_request_cannot_announce_tensors_it_does_not_carry():
+    from kv_transfer import _lookup_wire as wire
+    from kv_transfer.lookup_buffer import LookupBuffer
+    from transport import Pipe, PeerError
+
+    buf = LookupBuffer(capacity_bytes=1 << 20)
+    server = buf.serve("127.0.0.1", 0)
+    try:
+        with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
+            # a Stats announcing 2 tensors: refused before any of them is received
+            c.send_tensors([wire.encode(wire.Stats(seq=1), n_tensors=2)])
+            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
+            assert isinstance(ans, wire.ErrorReply) and "carries 0" in ans.message, ans
+            # the pipe stays in step: the server drained the two announced and answers the next request
+            c.send_tensors([torch.ones(4), torch.ones(4)])
+            c.send_tensors([wire.encode(wire.Stats(seq=2))])
+            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
+            assert isinstance(ans, wire.StatsReply) and ans.seq == 2
+        with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
+            # thousands announced: the server answers and drops this consumer without receiving them
+            c.send_tensors([wire.encode(wire.Stats(seq=3), n_tensors=5000)])
+            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
+            assert isinstance(ans, wire.ErrorReply)
+        with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
+            # a query tensor above the request bound is refused by the server's pipe, not allocated
+            c.send_tensors_async([wire.encode(wire.Fetch(seq=4), n_tensors=2),
+                                  torch.zeros((wire.MAX_REQUEST_TENSOR_BYTES // 8) + 1, dtype=torch.int64), None])
+            with pytest.raises(PeerError):
+                c.recv_tensor(timeout=30)
+        # still serves
+        client = LookupBuffer.connect(server.address, timeout_s=30)
+        assert client.stats()["num_entries"] == 0
+        client.close()
+    finally:
+        server.close()
