@@ -87,10 +87,10 @@ _MAX_BODY = 64 * 1024 * 1024
 #: deepest JSON nesting accepted in a request body (deeper ones are a 400)
 _MAX_DEPTH = 128
 
-#: bodies above this size are parsed and re-encoded on a worker thread, so the event loop
-#: keeps serving other clients; at most _PARSE_THREADS such bodies are worked on at once
+#: bodies above this size are parsed and re-encoded in a worker process (json holds the GIL,
+#: so a thread would still stall the event loop); at most _PARSE_WORKERS at once
 _OFFLOAD_BYTES = 256 * 1024
-_PARSE_THREADS = 2
+_PARSE_WORKERS = 2
 
 
 class _BadBody(Exception):
@@ -116,6 +116,23 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj).encode()
+
+
+def _prepare(raw: bytes, chat: bool) -> tuple[bytes, bytes, bool]:
+    """Parse a client body once: the prefill request, the decode request less its closing
+    brace and ``kv_transfer_params`` (see :func:`_decode_request`), and whether it streams."""
+    body = _parse_body(raw)
+    rest = dict(body)
+    rest.pop("kv_transfer_params", None)
+    return _dumps(Proxy.prefill_body(body, chat)), _dumps(rest)[:-1], bool(body.get("stream"))
+
+
+def _decode_request(prefix: bytes, kv_params: Any) -> bytes:
+    """The original request (``prefix`` from :func:`_prepare`) carrying prefill's ``kv_transfer_params``."""
+    if kv_params is None:
+        return prefix + b"}"
+    sep = b"" if prefix == b"{" else b", "
+    return prefix + sep + b'"kv_transfer_params": ' + _dumps(kv_params) + b"}"
 
 
 def _too_deep(obj: Any, limit: int) -> bool:
@@ -262,7 +279,8 @@ class Proxy:
         self.decode = InstancePool("decode", cfg.decode, cfg.policy)
         self.stats = _Stats()
         self._session: aiohttp.ClientSession | None = None
-        self._parse_slots = asyncio.Semaphore(_PARSE_THREADS)
+        self._parse_slots = asyncio.Semaphore(_PARSE_WORKERS)
+        self._parse_pool: Any = None
         self.started = time.time()
 
     # -- lifecycle ---------------------------------------------------------
@@ -275,6 +293,8 @@ class Proxy:
         finally:
             await self._session.close()
             self._session = None
+            if self._parse_pool is not None:
+                self._parse_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -388,16 +408,6 @@ class Proxy:
         return req
 
     @staticmethod
-    def decode_body(body: dict[str, Any], kv_params: Any) -> dict[str, Any]:
-        """The original request, carrying prefill's ``kv_transfer_params`` (if any)."""
-        req = dict(body)
-        if kv_params is None:
-            req.pop("kv_transfer_params", None)
-        else:
-            req["kv_transfer_params"] = kv_params
-        return req
-
-    @staticmethod
     def forward_headers(request: web.Request, request_id: str) -> dict[str, str]:
         headers = {"X-Request-Id": request_id}
         for name in _FORWARDED_HEADERS:
@@ -426,17 +436,14 @@ class Proxy:
             # the client went away mid-body: nothing to answer, nothing worth a traceback
             log.info("request %s: client disconnected while sending its body (%s)", request_id, _describe(exc))
             return self._done(error_response(400, "invalid_request_error", "request body incomplete"))
-        big = len(raw) > _OFFLOAD_BYTES
         try:
-            body = await self._off_loop(big, _parse_body, raw)
+            p_body, d_prefix, stream = await self._off_loop(len(raw) > _OFFLOAD_BYTES, _prepare, raw, chat)
         except _BadBody as exc:
             return self._done(error_response(400, "invalid_request_error", str(exc)))
         headers = self.forward_headers(request, request_id)
-        stream = bool(body.get("stream"))
         t0 = time.perf_counter()
         try:
             # 1. prefill
-            p_body = await self._off_loop(big, lambda: _dumps(self.prefill_body(body, chat)))
             async with self.upstream(self.prefill, "POST", path, json_body=p_body, headers=headers) as (p_inst, p_resp):
                 p_raw = await self._read_body(p_inst, p_resp)
                 if p_resp.status != 200:
@@ -465,7 +472,7 @@ class Proxy:
                     request_id, p_inst.url,
                 )
             # 2. decode
-            d_body = await self._off_loop(big, lambda: _dumps(self.decode_body(body, kv_params)))
+            d_body = _decode_request(d_prefix, kv_params)
             if stream:
                 return await self._stream_decode(request, path, d_body, headers, request_id, t0, t_prefill, p_inst)
             async with self.upstream(self.decode, "POST", path, json_body=d_body, headers=headers) as (d_inst, d_resp):
@@ -485,11 +492,17 @@ class Proxy:
             return self._done(error_response(exc.status, exc.err_type, exc.message, headers=extra))
 
     async def _off_loop(self, big: bool, fn: Any, *args: Any) -> Any:
-        """``fn(*args)``: inline for a small body, on a worker thread (at most a few at once) for a big one."""
+        """``fn(*args)``: inline for a small body, in a worker process (a few at once) for a big one."""
         if not big:
             return fn(*args)
         async with self._parse_slots:
-            return await asyncio.to_thread(fn, *args)
+            if self._parse_pool is None:
+                import concurrent.futures
+                import multiprocessing
+
+                self._parse_pool = concurrent.futures.ProcessPoolExecutor(
+                    _PARSE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            return await asyncio.get_running_loop().run_in_executor(self._parse_pool, fn, *args)
 
     async def _stream_decode(
         self,

@@ -4,6 +4,8 @@ stalls or grows it, and after each attack the listener still serves a well-behav
 from __future__ import annotations
 
 import gc
+import json
+import os
 import struct
 import threading
 import time
@@ -297,3 +299,123 @@ def test_lookup_request_cannot_announce_tensors_it_does_not_carry():
         client.close()
     finally:
         server.close()
+
+
+# -- 6. closed pipes give their sockets back ----------------------------------------------
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_fds_return_to_baseline_after_many_short_lived_consumers(remote_listener):
+    from transport import Pipe
+
+    address, proc = remote_listener
+    x = torch.ones(1 << 18)  # 1 MiB: rendezvous size, the case that leaked a TCP socket per pipe
+
+    def consumer() -> None:
+        with Pipe.connect(address, timeout_s=30) as c:
+            c.send_tensor(x)
+            assert c.recv_tensor(timeout=30).numel() == x.numel()
+            c.send_tensor(None)
+            assert c.recv_tensor(timeout=30) is None
+
+    for _ in range(3):
+        consumer()
+    time.sleep(0.5)
+    base_l, base_c, rss0 = _fds(proc.pid), _fds(os.getpid()), _rss_mib(proc.pid)
+    for _ in range(200):
+        consumer()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (_fds(proc.pid) > base_l + 3 or _fds(os.getpid()) > base_c + 3):
+        time.sleep(0.2)
+    assert _fds(proc.pid) <= base_l + 3, f"listener fds {base_l} -> {_fds(proc.pid)} after 200 consumers"
+    assert _fds(os.getpid()) <= base_c + 3, f"consumer fds {base_c} -> {_fds(os.getpid())} after 200 pipes"
+    assert _rss_mib(proc.pid) < rss0 + 200, f"listener RSS {rss0:.0f} -> {_rss_mib(proc.pid):.0f} MiB"
+    _still_serves(address, proc)
+
+
+# -- 9. the proxy: JSON 413, big bodies off the event loop, quiet disconnects --------------
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    from tests.test_proxy import FakeCluster, ProxyProc
+
+    cluster = FakeCluster()
+    p1, d1 = cluster.start("p1", "prefill"), cluster.start("d1", "decode")
+    proc = ProxyProc(["--prefill", p1.url, "--decode", d1.url, "--timeout", "60"],
+                     tmp_path_factory.mktemp("proxy") / "proxy.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.close()
+        cluster.close()
+
+
+def _proxy_serves(proxy: Any) -> None:
+    from tests.test_proxy import call
+
+    status, body = call("POST", proxy.url + "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+    assert status == 200 and body["served_by"] == "d1", (status, body)
+
+
+def test_proxy_oversized_body_gets_a_json_413(proxy):
+    import socket
+
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    n = 64 * 1024 * 1024 + 1
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {n}\r\nConnection: close\r\n\r\n".encode())
+        try:
+            s.sendall(b" " * n)
+        except OSError:
+            pass  # the proxy may answer and close before reading it all
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert b"application/json" in head
+    assert json.loads(body)["error"]["code"] == 413
+    _proxy_serves(proxy)
+
+
+def test_proxy_client_closing_mid_body_logs_no_traceback(proxy):
+    import socket
+
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(5):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100000\r\n\r\n{\"prompt\": [1, 2")
+            time.sleep(0.05)
+    time.sleep(0.5)
+    _proxy_serves(proxy)
+    logs = proxy.logs()
+    assert "Traceback" not in logs and "Error handling request" not in logs, logs[-3000:]
+
+
+def test_proxy_big_body_does_not_stall_other_clients(proxy):
+    from tests.test_proxy import call
+
+    body = {"prompt": list(range(2_500_000)), "max_tokens": 3}  # ~20 MiB of JSON
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.update(r=call("POST", proxy.url + "/v1/completions", body,
+                                                             timeout=120)))
+    t.start()
+    worst = 0.0
+    while t.is_alive():
+        t0 = time.monotonic()
+        status, _ = call("GET", proxy.url + "/metrics", timeout=30)
+        worst = max(worst, time.monotonic() - t0)
+        assert status == 200
+        time.sleep(0.05)
+    t.join()
+    assert result["r"][0] == 200, result["r"]
+    assert worst < 1.0, f"/metrics took {worst:.2f}s while a 20 MiB body was being handled"
+    _proxy_serves(proxy)

@@ -35,6 +35,9 @@ _MAX_SLEEP_S = 0.0005
 # ... and after this long without a completion, up to _IDLE_SLEEP_S.
 _IDLE_AFTER_S = 0.05
 _IDLE_SLEEP_S = 0.002
+# Endpoint close: UCX gets this many attempts of this long each to disconnect.
+_CLOSE_PERIOD_NS = 100_000
+_CLOSE_ATTEMPTS = 100
 
 # A packed UCX worker address starts with a header byte whose low 4 bits are the
 # address format version (ucp/wireup/address.c: UCP_OBJECT_VERSION_V1 = 0, V2 = 1;
@@ -209,10 +212,13 @@ class Engine:
             try:
                 # Closing an endpoint that UCX already failed crashes ucxx: skip it.
                 if ep.alive:
-                    ep.close()
+                    # A blocking close (bounded: 100 attempts of 0.1 ms) lets UCX finish the
+                    # disconnect; the non-blocking close left one TCP socket per endpoint in
+                    # CLOSE-WAIT on both sides for the life of the process.
+                    ep.close_blocking(_CLOSE_PERIOD_NS, _CLOSE_ATTEMPTS)
             except Exception as exc:  # noqa: BLE001
                 log.debug("endpoint close: %s", exc)
-            for _ in range(100):
+            for _ in range(10):
                 self.worker.progress()
 
     # -- requests --------------------------------------------------------
