@@ -206,16 +206,22 @@ class Engine:
             except Exception as exc:  # noqa: BLE001
                 raise PeerDeadError(f"cannot create a UCX endpoint to {peer}: {exc}") from exc
 
-    def close_endpoint(self, ep: Any) -> None:
-        """Close an endpoint, cancelling its in-flight requests; never blocks for long."""
+    def close_endpoint(self, ep: Any, orderly: bool = False) -> None:
+        """Close an endpoint, cancelling its in-flight requests.
+
+        ``orderly`` (the peer is alive and nothing is in flight) lets UCX finish the
+        disconnect, bounded by a few milliseconds: otherwise the endpoint's TCP
+        connection stays in CLOSE-WAIT on both sides for the life of the process.
+        Without it (a dead or broken peer) the close is forced and never blocks.
+        """
         with self._lock:
             try:
                 # Closing an endpoint that UCX already failed crashes ucxx: skip it.
                 if ep.alive:
-                    # A blocking close (bounded: 100 attempts of 0.1 ms) lets UCX finish the
-                    # disconnect; the non-blocking close left one TCP socket per endpoint in
-                    # CLOSE-WAIT on both sides for the life of the process.
-                    ep.close_blocking(_CLOSE_PERIOD_NS, _CLOSE_ATTEMPTS)
+                    if orderly:
+                        ep.close_blocking(_CLOSE_PERIOD_NS, _CLOSE_ATTEMPTS)
+                    else:  # a blocking close waits on in-flight requests to a dead peer
+                        ep.close()
             except Exception as exc:  # noqa: BLE001
                 log.debug("endpoint close: %s", exc)
             for _ in range(10):

@@ -508,7 +508,11 @@ class Pipe:
                 dropped = self._engine.drain(self._ep, self._tag(self._recv_tag, 0, False), _SEQ_BITS + 1)
                 if dropped:
                     log.info("pipe %s: dropped %d unreceived message(s) from %s", self.name, dropped, self.peer)
-                self._engine.close_endpoint(self._ep)
+                link = self._link
+                # orderly: unbroken, nothing posted, and the peer healthy or gone with a Goodbye
+                orderly = (self._broken is None and not self._slots and link is not None
+                           and (link.closed_reason is not None or link.problem() is None))
+                self._engine.close_endpoint(self._ep, orderly)
 
     def close(self) -> None:
         """Tell the peer, cancel what is in flight, release everything (idempotent, bounded)."""
