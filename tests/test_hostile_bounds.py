@@ -432,3 +432,28 @@ def test_proxy_big_body_does_not_stall_other_clients(proxy, tmp_path):
     worst = float(poller.stdout.read().split()[-1])
     assert worst < 1.0, f"/metrics took {worst:.2f}s while a 20 MiB body was being handled"
     _proxy_serves(proxy)
+
+
+# -- issue 10: a configuration that works prints no UCX ERROR line ------------------------
+_SM_PIPE = """
+import torch
+from transport import Pipe, PipeListener
+lst = PipeListener("127.0.0.1", 0)
+c = Pipe.connect(lst.address, timeout_s=30)
+s = lst.accept(timeout=30)
+h = c.send_tensor_async(torch.ones(1 << 20))
+assert s.recv_tensor(timeout=30).numel() == 1 << 20
+h.wait(30)
+c.close(); s.close(); lst.close()
+print("moved")
+"""
+
+
+def test_shared_memory_only_pipe_logs_no_ucx_error():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, UCX_TLS="sm")
+    r = subprocess.run([sys.executable, "-c", _SM_PIPE], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "moved" in r.stdout, r.stderr[-2000:]
+    assert "UCX  ERROR" not in r.stderr, r.stderr[-2000:]
