@@ -534,7 +534,8 @@ class LookupServer:
                 self._pipes.append(pipe)
                 t = threading.Thread(target=self._serve_pipe, args=(pipe,), daemon=True,
                                      name=f"kvlookup-{pipe.peer}")
-                self._threads.append(t)
+                # forget finished handlers: a long-lived server sees many short-lived consumers
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
 
     def _reap_loop(self) -> None:
