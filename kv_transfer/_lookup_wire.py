@@ -104,6 +104,12 @@ class ErrorReply(msgspec.Struct, tag=True, frozen=True):
 
 
 Request = Union[Fetch, Stats, Abort]
+
+#: How many tensors each request carries; a server receives no more than its request type needs.
+REQUEST_TENSORS = {Fetch: 2, Stats: 0, Abort: 0}
+MAX_REQUEST_TENSORS = max(REQUEST_TENSORS.values())
+#: Largest tensor a request may carry (query tokens or roi: 64 MiB is 8M int64 tokens).
+MAX_REQUEST_TENSOR_BYTES = 64 << 20
 Response = Union[Found, NotFound, StatsReply, AbortReply, ErrorReply]
 
 _encoder = msgspec.msgpack.Encoder()
@@ -154,17 +160,27 @@ def _decode(frame: torch.Tensor, peer: str, decoder: Any, what: str) -> Tuple[An
         raise LookupProtocolError(f"lookup {what} from {peer}: body of {body.numel()} bytes exceeds {MAX_BODY}")
     try:
         return decoder.decode(body.numpy().tobytes()), n
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise LookupProtocolError(f"undecodable lookup {what} from {peer}: {exc}") from None
     except RecursionError:
         # msgspec raises this for deeply nested msgpack (even in an ignored field);
         # a body fits in MAX_BODY bytes, so it is only ever a malformed message
         raise LookupProtocolError(f"undecodable lookup {what} from {peer}: nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - DecodeError, ValidationError, anything else: the peer's fault
+        text = str(exc)
+        text = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} chars)"
+        raise LookupProtocolError(f"undecodable lookup {what} from {peer}: {text}") from None
 
 
 def decode_request(frame: torch.Tensor, peer: str) -> Tuple[Request, int]:
-    """Decode a request tensor; returns ``(message, n_tensors_following)``."""
-    return _decode(frame, peer, _request_decoder, "request")
+    """Decode a request tensor; returns ``(message, n_tensors_following)``.
+
+    Raises :class:`LookupProtocolError` when the preamble announces another
+    number of tensors than the request's type carries (:data:`REQUEST_TENSORS`).
+    """
+    msg, n = _decode(frame, peer, _request_decoder, "request")
+    want = REQUEST_TENSORS[type(msg)]
+    if n != want:
+        raise LookupProtocolError(f"lookup {type(msg).__name__} from {peer} announces {n} tensors; it carries {want}")
+    return msg, n
 
 
 def decode_response(frame: torch.Tensor, peer: str) -> Tuple[Response, int]:

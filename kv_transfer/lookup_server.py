@@ -64,7 +64,8 @@ class LookupServer:
         self.served = 0  # answers with a match that were delivered
         self.failed_sends = 0
         self._listener = PipeListener(host, port, name=name, service=self.SERVICE, timeout_s=timeout_s,
-                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s, auth=auth)
+                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s, auth=auth,
+                                      max_tensor_bytes=wire.MAX_REQUEST_TENSOR_BYTES)
         self.address: str = self._listener.address
         self._reap_interval_s = reap_interval_s
         ready = threading.Event()
@@ -101,7 +102,8 @@ class LookupServer:
                 self._pipes.append(pipe)
                 t = threading.Thread(target=self._serve_pipe, args=(pipe,), daemon=True,
                                      name=f"kvlookup-{pipe.peer}")
-                self._threads.append(t)
+                # forget finished handlers: a long-lived server sees many short-lived consumers
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
 
     def _reap_loop(self) -> None:
@@ -128,7 +130,7 @@ class LookupServer:
                     pipe.send_tensors([wire.encode(wire.ErrorReply(-1, "protocol", str(exc)))],
                                       timeout=self.send_timeout_s)
                     break
-                tensors = [pipe.recv_tensor(timeout=self.send_timeout_s) for _ in range(n)]
+                # the request says what follows before anything is received: never more than it needs
                 try:
                     msg, _ = wire.decode_request(frame, peer)
                 except LookupProtocolError as exc:
@@ -136,7 +138,12 @@ class LookupServer:
                     log.warning("lookup server %s: %s", self.address, exc)
                     pipe.send_tensors([wire.encode(wire.ErrorReply(-1, code, str(exc)))],
                                       timeout=self.send_timeout_s)
+                    if n > wire.MAX_REQUEST_TENSORS:
+                        break  # cannot stay in step without receiving what no request carries: drop it
+                    for _ in range(n):
+                        pipe.recv_tensor(timeout=self.send_timeout_s)
                     continue
+                tensors = [pipe.recv_tensor(timeout=self.send_timeout_s) for _ in range(n)]
                 if not self._handle(pipe, msg, tensors):
                     break
         except PeerError as exc:

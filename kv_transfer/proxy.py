@@ -95,6 +95,53 @@ _MAX_BODY = 64 * 1024 * 1024
 #: deepest JSON nesting accepted in a request body (deeper ones are a 400)
 _MAX_DEPTH = 128
 
+#: bodies above this size are parsed and re-encoded in a worker process (json holds the GIL,
+#: so a thread would still stall the event loop); at most _PARSE_WORKERS at once
+_OFFLOAD_BYTES = 256 * 1024
+_PARSE_WORKERS = 2
+
+
+class _BadBody(Exception):
+    """A client's request body cannot be used; the message says why (a 400)."""
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    """The request object in ``raw``; raises :class:`_BadBody` for anything else."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, LookupError, RecursionError) as exc:
+        # ValueError: bad JSON, bad UTF-8, an integer past Python's digit limit;
+        # LookupError: an unknown charset; RecursionError: nesting too deep to parse
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise _BadBody(f"request body is not valid JSON: {reason}") from None
+    if not isinstance(body, dict):
+        raise _BadBody("request body must be a JSON object")
+    if _too_deep(body, _MAX_DEPTH):
+        # copying and re-encoding it for the upstreams would overflow the stack
+        raise _BadBody(f"request body is nested deeper than {_MAX_DEPTH} levels")
+    return body
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def _prepare(raw: bytes, chat: bool) -> tuple[bytes, bytes, bool]:
+    """Parse a client body once: the prefill request, the decode request less its closing
+    brace and ``kv_transfer_params`` (see :func:`_decode_request`), and whether it streams."""
+    body = _parse_body(raw)
+    rest = dict(body)
+    rest.pop("kv_transfer_params", None)
+    return _dumps(Proxy.prefill_body(body, chat)), _dumps(rest)[:-1], bool(body.get("stream"))
+
+
+def _decode_request(prefix: bytes, kv_params: Any) -> bytes:
+    """The original request (``prefix`` from :func:`_prepare`) carrying prefill's ``kv_transfer_params``."""
+    if kv_params is None:
+        return prefix + b"}"
+    sep = b"" if prefix == b"{" else b", "
+    return prefix + sep + b'"kv_transfer_params": ' + _dumps(kv_params) + b"}"
+
 
 def _too_deep(obj: Any, limit: int) -> bool:
     """Whether ``obj`` (parsed JSON) nests lists/dicts deeper than ``limit``; iterative."""
@@ -240,6 +287,8 @@ class Proxy:
         self.decode = InstancePool("decode", cfg.decode, cfg.policy)
         self.stats = _Stats()
         self._session: aiohttp.ClientSession | None = None
+        self._parse_slots = asyncio.Semaphore(_PARSE_WORKERS)
+        self._parse_pool: Any = None
         self.started = time.time()
 
     # -- lifecycle ---------------------------------------------------------
@@ -252,6 +301,8 @@ class Proxy:
         finally:
             await self._session.close()
             self._session = None
+            if self._parse_pool is not None:
+                self._parse_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -276,7 +327,7 @@ class Proxy:
         method: str,
         path: str,
         *,
-        json_body: Any = None,
+        json_body: bytes | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
     ) -> AsyncIterator[tuple[Instance, aiohttp.ClientResponse]]:
@@ -288,6 +339,8 @@ class Proxy:
         move on to the next instance (the request never reached the server).
         """
         unreachable: list[str] = []
+        if json_body is not None:
+            headers = {**(headers or {}), "Content-Type": "application/json"}
         for inst in pool.candidates():
             url = inst.url + path
             inst.requests += 1
@@ -295,7 +348,7 @@ class Proxy:
             try:
                 try:
                     resp = await self.session.request(
-                        method, url, json=json_body, headers=headers, timeout=self._timeout(stream)
+                        method, url, data=json_body, headers=headers, timeout=self._timeout(stream)
                     )
                 except aiohttp.ConnectionTimeoutError as exc:
                     reason = f"connect timed out after {self.cfg.connect_timeout:g}s ({_describe(exc)})"
@@ -363,16 +416,6 @@ class Proxy:
         return req
 
     @staticmethod
-    def decode_body(body: dict[str, Any], kv_params: Any) -> dict[str, Any]:
-        """The original request, carrying prefill's ``kv_transfer_params`` (if any)."""
-        req = dict(body)
-        if kv_params is None:
-            req.pop("kv_transfer_params", None)
-        else:
-            req["kv_transfer_params"] = kv_params
-        return req
-
-    @staticmethod
     def forward_headers(request: web.Request, request_id: str) -> dict[str, str]:
         headers = {"X-Request-Id": request_id}
         for name in _FORWARDED_HEADERS:
@@ -393,26 +436,23 @@ class Proxy:
         self.stats.requests[path] += 1
         request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         try:
-            body = await request.json(loads=json.loads)
-        except (ValueError, LookupError, RecursionError) as exc:
-            # ValueError: bad JSON, bad UTF-8, an integer past Python's digit limit;
-            # LookupError: an unknown charset; RecursionError: nesting too deep to parse
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            return self._done(error_response(400, "invalid_request_error", f"request body is not valid JSON: {reason}"))
-        if not isinstance(body, dict):
-            return self._done(error_response(400, "invalid_request_error", "request body must be a JSON object"))
-        if _too_deep(body, _MAX_DEPTH):
-            # copying and re-encoding it for the upstreams would overflow the stack
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
             return self._done(error_response(
-                400, "invalid_request_error", f"request body is nested deeper than {_MAX_DEPTH} levels"))
+                413, "invalid_request_error", f"request body is larger than {_MAX_BODY} bytes"))
+        except (ConnectionError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            # the client went away mid-body: nothing to answer, nothing worth a traceback
+            log.info("request %s: client disconnected while sending its body (%s)", request_id, _describe(exc))
+            return self._done(error_response(400, "invalid_request_error", "request body incomplete"))
+        try:
+            p_body, d_prefix, stream = await self._off_loop(len(raw) > _OFFLOAD_BYTES, _prepare, raw, chat)
+        except _BadBody as exc:
+            return self._done(error_response(400, "invalid_request_error", str(exc)))
         headers = self.forward_headers(request, request_id)
-        stream = bool(body.get("stream"))
         t0 = time.perf_counter()
         try:
             # 1. prefill
-            async with self.upstream(
-                self.prefill, "POST", path, json_body=self.prefill_body(body, chat), headers=headers
-            ) as (p_inst, p_resp):
+            async with self.upstream(self.prefill, "POST", path, json_body=p_body, headers=headers) as (p_inst, p_resp):
                 p_raw = await self._read_body(p_inst, p_resp)
                 if p_resp.status != 200:
                     if p_resp.status >= 500:
@@ -440,7 +480,7 @@ class Proxy:
                     request_id, p_inst.url,
                 )
             # 2. decode
-            d_body = self.decode_body(body, kv_params)
+            d_body = _decode_request(d_prefix, kv_params)
             if stream:
                 return await self._stream_decode(request, path, d_body, headers, request_id, t0, t_prefill, p_inst)
             async with self.upstream(self.decode, "POST", path, json_body=d_body, headers=headers) as (d_inst, d_resp):
@@ -459,11 +499,24 @@ class Proxy:
             extra = {"Retry-After": str(max(1, round(self.cfg.down_time)))} if exc.status == 503 else None
             return self._done(error_response(exc.status, exc.err_type, exc.message, headers=extra))
 
+    async def _off_loop(self, big: bool, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``: inline for a small body, in a worker process (a few at once) for a big one."""
+        if not big:
+            return fn(*args)
+        async with self._parse_slots:
+            if self._parse_pool is None:
+                import concurrent.futures
+                import multiprocessing
+
+                self._parse_pool = concurrent.futures.ProcessPoolExecutor(
+                    _PARSE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            return await asyncio.get_running_loop().run_in_executor(self._parse_pool, fn, *args)
+
     async def _stream_decode(
         self,
         request: web.Request,
         path: str,
-        d_body: dict[str, Any],
+        d_body: bytes,
         headers: dict[str, str],
         request_id: str,
         t0: float,

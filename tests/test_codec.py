@@ -33,7 +33,8 @@ def test_header_round_trip_and_inline_payload():
         (codec.TensorHeader(seq=0, none=False, dtype="float99", shape=[4], nbytes=16), "unknown dtype"),
         (codec.TensorHeader(seq=0, none=False, dtype="float32", shape=[4], nbytes=17), "says 17 bytes"),
         (codec.TensorHeader(seq=0, none=False, dtype="float32", shape=[-4], nbytes=-16), "invalid shape"),
-        (codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[1 << 40], nbytes=1 << 40), "limit"),
+        (codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[1 << 40], nbytes=1 << 40), "invalid shape"),
+        (codec.TensorHeader(seq=0, none=False, dtype="float32", shape=[1 << 29], nbytes=1 << 31), "limit"),
         (codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[100], nbytes=100, inline=True), None),
     ],
 )

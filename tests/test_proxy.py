@@ -68,7 +68,7 @@ class FakeUpstream:
         }
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=256 << 20)  # big-body tests send tens of MiB
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_get("/v1/models", self.models)

@@ -31,7 +31,8 @@ import zmq.utils.z85
 from . import _wire
 from ._wire import Challenge, Goodbye, Heartbeat, Hello, Reject, Welcome
 from .auth import NONCE_BYTES, Auth
-from .errors import LocalUsageError, PeerRejectedError, PeerTimeoutError, RemoteProtocolError, TransportError
+from .errors import (LocalUsageError, PeerRejectedError, PeerTimeoutError, RemoteProtocolError, TransportError,
+                     VersionMismatchError)
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ class Link:
         self.closed_reason: str | None = None  # set when the peer said goodbye
         self.peer_sent = -1  # what the Goodbye said the peer had sent
         self.local_closed = False
-        self.hello: Hello | None = None
-        self.welcome: Welcome | None = None
 
     def heard(self) -> None:
         self.last_heard = time.monotonic()
@@ -184,9 +183,6 @@ class ControlServer:
         self._thread.start()
         self._ready.wait(5.0)
 
-    def links(self) -> list[Link]:
-        return list(self._links.values())
-
     def say_goodbye(self, link: Link, reason: str, sent: int = -1) -> None:
         """Queue a Goodbye to ``link``'s peer (sent by the server thread)."""
         for ident, l in list(self._links.items()):
@@ -216,10 +212,15 @@ class ControlServer:
                 if self._sock in events:
                     while True:
                         try:
-                            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                            frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        self._handle(frames)
+                        try:
+                            self._handle(frames)
+                        except Exception:  # noqa: BLE001 - one message must never end the server
+                            self.rejected += 1
+                            log.exception("control server %s: handling one message failed; still serving",
+                                          self.address)
                 with self._outbox_lock:
                     out, self._outbox = self._outbox, []
                 for ident, frames in out:
@@ -297,9 +298,10 @@ class ControlServer:
             msg = _wire.decode(body, peer)
         except TransportError as exc:
             self.rejected += 1
-            log.warning("rejected control message: %s", exc)
-            code = "version" if "version" in str(exc) else "malformed"
-            self._send(ident, _wire.encode(Reject(code, str(exc))))
+            reason = _wire.clip(str(exc))
+            log.warning("rejected control message: %s", reason)
+            code = "version" if isinstance(exc, VersionMismatchError) else "malformed"
+            self._send(ident, _wire.encode(Reject(code, reason)))
             return
         if link is not None:
             link.heard()
@@ -313,23 +315,25 @@ class ControlServer:
                 if isinstance(checked, Reject):
                     self.rejected += 1
                     self.auth_failures += 1
-                    log.warning("control server %s: %s (from %s)", self.address, checked.reason, msg.name or peer)
+                    log.warning("control server %s: %s (from %s)", self.address, checked.reason,
+                                _wire.clip(msg.name, 120) or peer)
                 if not isinstance(checked, bytes):
                     self._send(ident, _wire.encode(checked))
                     return
                 sn = checked
-            new = Link(msg.name or peer, self._hb, self._timeout)
-            new.hello = msg
+            new = Link(_wire.clip(msg.name, 120) or peer, self._hb, self._timeout)
             try:
                 answer = self._on_hello(msg, new)
+            except TransportError as exc:  # e.g. an unusable worker address: the peer's fault, said briefly
+                log.warning("control server %s refused %s: %s", self.address, new.peer, _wire.clip(str(exc)))
+                answer = Reject("malformed", _wire.clip(str(exc)))
             except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the server
-                log.exception("hello handler failed for %s", msg.name)
-                answer = Reject("internal", f"listener failed to accept: {exc}")
+                log.exception("hello handler failed for %s", new.peer)
+                answer = Reject("internal", _wire.clip(f"listener failed to accept: {exc}"))
             if isinstance(answer, Welcome):
                 if sn:
                     answer = msgspec.structs.replace(
                         answer, auth_proof=_welcome_proof(self.auth, answer, msg.auth_nonce, sn))
-                new.welcome = answer
                 self._links[ident] = new
             else:
                 self.rejected += 1
@@ -380,7 +384,7 @@ class ClientLink(Link):
                     except zmq.Again:
                         continue
                     except TransportError as exc:
-                        log.warning("ignoring bad control message: %s", exc)
+                        log.warning("ignoring bad control message: %s", _wire.clip(str(exc)))
                         continue
                     self.heard()
                     if isinstance(msg, Goodbye):
@@ -490,7 +494,8 @@ def dial(
             if isinstance(msg, Heartbeat):
                 continue
             if isinstance(msg, Reject):
-                raise PeerRejectedError(f"{address} rejected our handshake ({msg.code}): {msg.reason}")
+                raise PeerRejectedError(f"{address} rejected our handshake ({_wire.clip(msg.code, 40)}): "
+                                        f"{_wire.clip(msg.reason)}")
             if isinstance(msg, Challenge):
                 if auth.mode != "secret":
                     raise PeerRejectedError(
@@ -521,8 +526,8 @@ def dial(
                 sock.disable_monitor()
                 monitor.close(0)
                 monitor = None
-            link = ClientLink(ctx, sock, f"{msg.name}@{address}" if msg.name else address, heartbeat_s, peer_timeout_s)
-            link.welcome = msg
+            name = _wire.clip(msg.name, 120)
+            link = ClientLink(ctx, sock, f"{name}@{address}" if name else address, heartbeat_s, peer_timeout_s)
             ok = True
             return link, msg
     finally:

@@ -23,7 +23,7 @@ import time
 import weakref
 from typing import Any, Callable
 
-from .errors import LocalUsageError, PeerDeadError, PeerTimeoutError, TransportError
+from .errors import LocalUsageError, PeerDeadError, PeerTimeoutError, RemoteProtocolError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,36 @@ _MAX_SLEEP_S = 0.0005
 # ... and after this long without a completion, up to _IDLE_SLEEP_S.
 _IDLE_AFTER_S = 0.05
 _IDLE_SLEEP_S = 0.002
+# Endpoint close: UCX gets this many attempts of this long each to disconnect.
+_CLOSE_PERIOD_NS = 100_000
+_CLOSE_ATTEMPTS = 100
+
+# A packed UCX worker address starts with a header byte whose low 4 bits are the
+# address format version (ucp/wireup/address.c: UCP_OBJECT_VERSION_V1 = 0, V2 = 1;
+# any other value trips an assertion that aborts the process), then a 64-bit uuid.
+_UCX_ADDRESS_VERSIONS = (0, 1)
+_UCX_ADDRESS_MIN = 1 + 8
+#: Largest worker address accepted (ours are a few hundred bytes; many NICs make a few KiB).
+MAX_WORKER_ADDRESS = 16 * 1024
+
+
+def check_worker_address(address: object, peer: str) -> bytes:
+    """Return ``address`` if UCX can safely unpack it; raise :class:`RemoteProtocolError` otherwise.
+
+    Everything a peer sends that reaches native code passes here first: the
+    type, the length and the format version are checked in Python, so a
+    malformed address is refused instead of aborting the process inside UCX.
+    """
+    if not isinstance(address, bytes):
+        raise RemoteProtocolError(f"{peer} sent a worker address of type {type(address).__name__}, expected bytes")
+    if not _UCX_ADDRESS_MIN <= len(address) <= MAX_WORKER_ADDRESS:
+        raise RemoteProtocolError(f"{peer} sent a {len(address)}-byte UCX worker address "
+                                  f"(a valid one has {_UCX_ADDRESS_MIN} to {MAX_WORKER_ADDRESS} bytes)")
+    version = address[0] & 0x0F
+    if version not in _UCX_ADDRESS_VERSIONS:
+        raise RemoteProtocolError(f"{peer} sent a UCX worker address of unknown format version {version} "
+                                  f"(this UCX reads {list(_UCX_ADDRESS_VERSIONS)})")
+    return address
 
 
 class Op:
@@ -44,13 +74,12 @@ class Op:
     so memory UCX may still touch is never freed under it.
     """
 
-    __slots__ = ("requests", "keepalive", "on_done", "result", "error", "_done")
+    __slots__ = ("requests", "keepalive", "on_done", "error", "_done")
 
     def __init__(self, requests: list[Any], keepalive: list[Any], on_done: Callable[[], Any] | None = None):
         self.requests = requests
         self.keepalive = keepalive
         self.on_done = on_done
-        self.result: Any = None
         self.error: BaseException | None = None
         self._done = False
 
@@ -65,15 +94,62 @@ class Op:
                 return False
         self._done = True
         self.keepalive = []
+        # Drop the callback once it ran (or cannot run): it usually refers back to the
+        # receive that owns this op, and a cycle would keep received tensors alive until gc.
+        on_done, self.on_done = self.on_done, None
         try:
             for r in self.requests:
                 r.check_error()
-            if self.on_done is not None:
-                self.result = self.on_done()
+            if on_done is not None:
+                on_done()
         except BaseException as exc:
             self.error = exc
             raise
         return True
+
+
+class ProbedRecv:
+    """A tag receive that is posted only once its message arrived, so its length is known.
+
+    UCX accepts a message *shorter* than the buffer posted for it without a word;
+    probing first lets the receiver compare the length with what it expects, and
+    a message longer than the buffer is refused too (it is still consumed, so
+    nothing is left behind in the worker). Quacks like a ucxx request for :class:`Op`.
+    """
+
+    __slots__ = ("_engine", "_ep", "_buf", "_tag", "_expect", "_what", "_is_open", "_req", "length", "_error")
+
+    def __init__(self, engine: "Engine", ep: Any, buf: Any, tag: int, expect: int | None, what: str,
+                 is_open: Callable[[], bool]):
+        self._engine, self._ep, self._buf, self._tag = engine, ep, buf, tag
+        self._expect, self._what, self._is_open = expect, what, is_open
+        self._req: Any = None
+        self.length = -1
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def completed(self) -> bool:
+        if self._req is None:
+            eng = self._engine
+            with eng._lock:
+                if not self._is_open():  # never post on a closed endpoint
+                    self._error = PeerDeadError(f"{self._what}: the endpoint was closed")
+                    return True
+                found = eng.worker.tag_probe(eng._api.UCXXTag(self._tag), remove=True)
+                if not found.matched:
+                    return False
+                self.length = n = found.length
+                room = len(self._buf)
+                if n > room or (self._expect is not None and n != self._expect):
+                    want = f"{self._expect} bytes" if self._expect is not None else f"at most {room} bytes"
+                    self._error = RemoteProtocolError(f"{self._what}: {n} bytes arrived, expected {want}")
+                self._req = self._ep.tag_recv_with_handle(_array(self._buf), found)
+        return self._req.completed
+
+    def check_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+        self._req.check_error()
 
 
 def _stop_engine(stop: threading.Event, thread: threading.Thread) -> None:
@@ -95,7 +171,11 @@ class Engine:
         self.worker = ucx_api.UCXWorker(self.context)
         self.worker.init_blocking_progress_mode()
         self.address: bytes = bytes(self.worker.address.tobytes())
+        # Ask endpoints for peer-failure handling only where a transport in use provides it:
+        # asking on shared memory alone makes UCX log an ERROR before the fallback works.
+        self._peer_error_handling = _has_error_handling(self.context.config.get("TLS", ""))
         self._pending: set[Op] = set()
+        self._draining: list[tuple[Any, Any]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
@@ -108,32 +188,43 @@ class Engine:
     def connect(self, worker_address: bytes, peer: str) -> Any:
         """Create an endpoint to a peer's worker address (any transport, shm included).
 
-        Peer-failure error handling is asked for first; transports that cannot
-        provide it (shared memory without keepalive) fall back to none, and the
-        control plane's heartbeats then detect a dead peer instead.
+        Peer-failure error handling is asked for when a transport in use can
+        provide it; otherwise (shared memory alone), or when UCX refuses it, the
+        endpoint has none and the control plane's heartbeats detect a dead peer.
+        Raises :class:`RemoteProtocolError` for an address UCX cannot safely read.
         """
         api = self._api
-        addr = api.UCXAddress.create_from_buffer(worker_address)
+        addr = api.UCXAddress.create_from_buffer(check_worker_address(worker_address, peer))
         with self._lock:
-            try:
-                return self.worker.create_endpoint_from_worker_address(addr, True)
-            except Exception as exc:  # noqa: BLE001 - UCX raises its own hierarchy
-                log.debug("endpoint to %s with error handling failed (%s); retrying without", peer, exc)
+            if self._peer_error_handling:
+                try:
+                    return self.worker.create_endpoint_from_worker_address(addr, True)
+                except Exception as exc:  # noqa: BLE001 - UCX raises its own hierarchy
+                    log.debug("endpoint to %s with error handling failed (%s); retrying without", peer, exc)
             try:
                 return self.worker.create_endpoint_from_worker_address(addr, False)
             except Exception as exc:  # noqa: BLE001
                 raise PeerDeadError(f"cannot create a UCX endpoint to {peer}: {exc}") from exc
 
-    def close_endpoint(self, ep: Any) -> None:
-        """Close an endpoint, cancelling its in-flight requests; never blocks for long."""
+    def close_endpoint(self, ep: Any, orderly: bool = False) -> None:
+        """Close an endpoint, cancelling its in-flight requests.
+
+        ``orderly`` (the peer is alive and nothing is in flight) lets UCX finish the
+        disconnect, bounded by a few milliseconds: otherwise the endpoint's TCP
+        connection stays in CLOSE-WAIT on both sides for the life of the process.
+        Without it (a dead or broken peer) the close is forced and never blocks.
+        """
         with self._lock:
             try:
                 # Closing an endpoint that UCX already failed crashes ucxx: skip it.
                 if ep.alive:
-                    ep.close()
+                    if orderly:
+                        ep.close_blocking(_CLOSE_PERIOD_NS, _CLOSE_ATTEMPTS)
+                    else:  # a blocking close waits on in-flight requests to a dead peer
+                        ep.close()
             except Exception as exc:  # noqa: BLE001
                 log.debug("endpoint close: %s", exc)
-            for _ in range(100):
+            for _ in range(10):
                 self.worker.progress()
 
     # -- requests --------------------------------------------------------
@@ -142,10 +233,39 @@ class Engine:
         with self._lock:
             return ep.tag_send(_array(buf), tag=api.UCXXTag(tag))
 
-    def tag_recv(self, ep: Any, buf: Any, tag: int) -> Any:
+    def tag_recv(self, ep: Any, buf: Any, tag: int, expect: int | None, what: str,
+                 is_open: Callable[[], bool]) -> ProbedRecv:
+        """Receive the message tagged ``tag`` into ``buf`` once it arrived, while ``is_open()``.
+
+        ``expect`` is the exact length it must have (None: anything up to
+        ``len(buf)``; the request's ``length`` tells what came). Any other length
+        fails the request with :class:`RemoteProtocolError` naming ``what``.
+        """
+        return ProbedRecv(self, ep, buf, tag, expect, what, is_open)
+
+    def drain(self, ep: Any, tag_base: int, mask_bits: int, limit: int = 4096) -> int:
+        """Receive and drop what waits in the worker on tags that share ``tag_base``'s top bits.
+
+        Called when a peer goes, so messages it sent on tags nobody will receive
+        again do not stay in the process-wide worker's unexpected queue. Returns
+        how many messages were dropped.
+        """
         api = self._api
+        mask = api.UCXXTagMask(((1 << 64) - 1) ^ ((1 << mask_bits) - 1))
+        dropped = 0
         with self._lock:
-            return ep.tag_recv(_array(buf), tag=api.UCXXTag(tag))
+            # the drop receives own their scratch buffers: keep them until UCX is done with them
+            self._draining = [(r, b) for r, b in self._draining if not r.completed]
+            for _ in range(limit):
+                found = self.worker.tag_probe(api.UCXXTag(tag_base), mask, remove=True)
+                if not found.matched:
+                    break
+                buf = _scratch(found.length)
+                self._draining.append((ep.tag_recv_with_handle(_array(buf), found), buf))
+                dropped += 1
+            for _ in range(10 if dropped else 0):
+                self.worker.progress()
+        return dropped
 
     def track(self, op: Op) -> Op:
         """Let the background thread progress ``op`` until it completes."""
@@ -154,8 +274,8 @@ class Engine:
         self._wake.set()
         return op
 
-    def wait(self, op: Op, deadline: float, what: str, alive: Callable[[], str | None] | None = None) -> Any:
-        """Progress until ``op`` completes; return its result.
+    def wait(self, op: Op, deadline: float, what: str, alive: Callable[[], str | None] | None = None) -> None:
+        """Progress until ``op`` completes (its ``on_done`` has run).
 
         Raises :class:`PeerTimeoutError` at ``deadline`` (a ``time.monotonic`` value)
         and :class:`PeerDeadError` as soon as ``alive()`` returns a reason.
@@ -172,7 +292,7 @@ class Engine:
                 try:
                     if op.poll():
                         self._pending.discard(op)
-                        return op.result
+                        return
                 except TransportError:
                     self._pending.discard(op)
                     raise
@@ -226,6 +346,14 @@ _EH_CAPABLE = {"all", "tcp", "rc", "rc_v", "rc_x", "rc_verbs", "rc_mlx5", "ud", 
                "ud_mlx5", "dc", "dc_x", "dc_mlx5", "ib", "mlx5", "cuda", "cuda_ipc", "gdr_copy", "cuda_copy"}
 
 
+def _has_error_handling(tls: str) -> bool:
+    """Whether the transports of ``UCX_TLS`` value ``tls`` include one that detects a dead peer."""
+    names = [t.strip() for t in tls.split(",") if t.strip()]
+    if not names or tls.startswith("^"):
+        return True  # UCX's default set (or all but some): tcp/ib are in it
+    return any(n in _EH_CAPABLE for n in names)
+
+
 def _safe_tls_config() -> dict[str, str] | None:
     """Drop cma from a shared-memory-only ``UCX_TLS`` unless ``UCXKV_ALLOW_CMA=1``.
 
@@ -251,6 +379,13 @@ def _safe_tls_config() -> dict[str, str] | None:
     log.info("UCX_TLS=%s has no peer-failure handling; using %s without cma so a dying peer cannot abort "
              "this process (UCXKV_ALLOW_CMA=1 keeps cma: zero-copy, but unsafe)", tls, new)
     return {"TLS": new}
+
+
+def _scratch(n: int) -> Any:
+    import numpy as np
+
+    # a longer message fails as truncated, which is all a drain needs
+    return np.empty(max(1, min(n, 1 << 16)), dtype=np.uint8)
 
 
 def _array(buf: Any) -> Any:

@@ -108,7 +108,8 @@ def decode_header(frame: memoryview, peer: str, expected_seq: int, max_nbytes: i
 
     Rejects (with :class:`RemoteProtocolError`) a body length past the frame, an
     undecodable body, an out-of-order sequence number, an unknown dtype, a shape
-    that is negative or too deep, an ``nbytes`` that disagrees with dtype and shape,
+    that is negative, too deep or has a dimension above ``max_nbytes`` (even
+    beside a zero), an ``nbytes`` that disagrees with dtype and shape,
     and a claim above ``max_nbytes``; nothing is allocated from an unchecked length.
     """
     if len(frame) < _LEN.size:
@@ -126,7 +127,7 @@ def decode_header(frame: memoryview, peer: str, expected_seq: int, max_nbytes: i
         return h, frame[0:0]
     if h.dtype not in DTYPES:
         raise RemoteProtocolError(f"tensor header from {peer} names unknown dtype {h.dtype!r}")
-    if len(h.shape) > MAX_NDIM or any((not isinstance(s, int)) or s < 0 for s in h.shape):
+    if len(h.shape) > MAX_NDIM or any((not isinstance(s, int)) or not 0 <= s <= max_nbytes for s in h.shape):
         raise RemoteProtocolError(f"tensor header from {peer} has an invalid shape {h.shape[:8]}")
     expect = math.prod(h.shape) * _ITEMSIZE[h.dtype]
     if h.nbytes != expect:

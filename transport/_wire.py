@@ -107,8 +107,9 @@ def decode(frames: list[bytes], peer: str) -> ControlMessage:
     """Decode frames received from ``peer``.
 
     Raises :class:`VersionMismatchError` for another protocol version and
-    :class:`RemoteProtocolError` for anything else malformed; never allocates
-    more than the frames already hold.
+    :class:`RemoteProtocolError` for anything else malformed (any exception the
+    decoder raises, ``RecursionError`` from deep nesting included); never
+    allocates more than the frames already hold.
     """
     if len(frames) != 2:
         raise RemoteProtocolError(
@@ -133,5 +134,10 @@ def decode(frames: list[bytes], peer: str) -> ControlMessage:
         )
     try:
         return _decoder.decode(body)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise RemoteProtocolError(f"malformed control message from {peer}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - DecodeError, ValidationError, RecursionError (deep nesting), ...
+        raise RemoteProtocolError(f"malformed control message from {peer}: {clip(str(exc))}") from None
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters: what a peer sent is never echoed back or logged at length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"

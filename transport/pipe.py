@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import _tensor_codec as codec
+from . import _wire
 from ._control import PEER_TIMEOUT_S, HEARTBEAT_S, ClientLink, ControlServer, Link, dial
 from ._engine import Engine, Op, get_engine
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
@@ -57,7 +58,7 @@ def _capabilities() -> list[str]:
 def _hello_problem(hello: Hello, service: str) -> Reject | None:
     """The rejection a listener of ``service`` owes this Hello, or None if it may be accepted."""
     if hello.service != service:
-        return Reject("service", f"this listener serves {service!r}, not {hello.service!r}")
+        return Reject("service", f"this listener serves {service!r}, not {_wire.clip(hello.service, 40)!r}")
     if not (0 < hello.recv_tag < (1 << _TAG_BASE_BITS)):
         return Reject("malformed", f"recv_tag {hello.recv_tag} out of range")
     return None
@@ -158,8 +159,6 @@ class Pipe:
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
-        self.peer_capabilities: list[str] = []
-        self.peer_meta: dict[str, str] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -220,29 +219,29 @@ class Pipe:
         link, welcome = dial(address, hello, timeout_s=timeout_s, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
                              auth=auth)
         try:
-            self._attach(link, welcome.worker_address, welcome.recv_tag, welcome.capabilities)
+            if not 0 < welcome.recv_tag < (1 << _TAG_BASE_BITS):
+                raise RemoteProtocolError(f"{address} sent recv_tag {welcome.recv_tag} out of range")
+            self._attach(link, welcome.worker_address, welcome.recv_tag)
         except BaseException:
             link.close("endpoint creation failed")
             raise
         self.address = address
-        self.peer_meta = dict(welcome.meta)
         return self
 
     def _on_hello(self, hello: Hello, link: Link) -> Welcome | Reject:
-        if hello.service != "pipe":
-            return Reject("service", f"this listener serves a pipe, not {hello.service!r}")
+        bad = _hello_problem(hello, "pipe")
+        if bad is not None:
+            return bad
         if self._connected.is_set() or self._closed:
             return Reject("busy", f"pipe {self.name} already has a peer ({self.peer})")
-        if not (0 < hello.recv_tag < (1 << _TAG_BASE_BITS)):
-            return Reject("malformed", f"recv_tag {hello.recv_tag} out of range")
-        self._attach(link, hello.worker_address, hello.recv_tag, hello.capabilities)
+        self._attach(link, hello.worker_address, hello.recv_tag)
         return Welcome(role="pipe", name=self.name, worker_address=self._engine.address,
                        recv_tag=self._recv_tag, capabilities=_capabilities())
 
-    def _attach(self, link: Link, worker_address: bytes, send_tag: int, caps: list[str]) -> None:
+    def _attach(self, link: Link, worker_address: bytes, send_tag: int) -> None:
         self.peer = link.peer
         self._ep = self._engine.connect(worker_address, link.peer)
-        self._link, self._send_tag, self.peer_capabilities = link, send_tag, list(caps)
+        self._link, self._send_tag = link, send_tag
         self._connected.set()
         log.info("pipe %s connected to %s", self.name, self.peer)
 
@@ -380,10 +379,12 @@ class Pipe:
         self._recv_seq += 1
         frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
         slot_box: list[_RecvSlot] = []
+        what = f"tensor #{seq} from {self.peer}"
 
         def on_header() -> None:
-            slot = slot_box[0]
-            h, inline = codec.decode_header(memoryview(frame), self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
+            slot = slot_box.pop()  # the op drops this callback once run: no cycle keeps the slot alive
+            got = header_req.length  # only the bytes that arrived are parsed (inline bytes included)
+            h, inline = codec.decode_header(memoryview(frame)[:got], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
             slot.header = h
             if h.none:
                 return
@@ -394,7 +395,11 @@ class Pipe:
                         f"{codec.dtype_name(out.dtype)}{list(out.shape)}")
                 t = out
             else:
-                t = torch.empty(h.shape, dtype=codec.DTYPES[h.dtype], device=device)
+                try:
+                    t = torch.empty(h.shape, dtype=codec.DTYPES[h.dtype], device=device)
+                except (RuntimeError, MemoryError) as exc:  # the peer's claim, not our fault
+                    raise RemoteProtocolError(f"{what} claims {h.dtype}{h.shape[:8]} ({h.nbytes} bytes), which "
+                                              f"cannot be allocated on {device}: {_wire.clip(str(exc))}") from None
             slot.tensor = t
             self.bytes_received += h.nbytes
             if h.inline:
@@ -403,13 +408,15 @@ class Pipe:
                 return
             if h.nbytes:
                 buf = codec.ucx_buffer(t)
-                req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True))
+                req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True), h.nbytes,
+                                            f"payload of {what}", self._ep_open)
                 slot.payload_op = Op([req], [t, buf])
                 if background:
                     self._engine.track(slot.payload_op)
 
-        req = self._engine.tag_recv(self._ep, frame, self._tag(self._recv_tag, seq, False))
-        slot = _RecvSlot(seq, frame, Op([req], [frame], on_header))
+        header_req = self._engine.tag_recv(self._ep, frame, self._tag(self._recv_tag, seq, False), None,
+                                           f"header of {what}", self._ep_open)
+        slot = _RecvSlot(seq, frame, Op([header_req], [frame], on_header))
         slot_box.append(slot)
         if background:
             self._engine.track(slot.header_op)
@@ -505,12 +512,23 @@ class Pipe:
         return RemoteMemory(self, descriptor)
 
     # -- closing ---------------------------------------------------------
+    def _ep_open(self) -> bool:
+        return not self._ep_closed
+
     def _close_ep(self) -> None:
         # Exactly once: a second ucxx close of the same endpoint crashes the process.
         with self._ep_lock:
             if self._ep is not None and not self._ep_closed:
                 self._ep_closed = True
-                self._engine.close_endpoint(self._ep)
+                # what the peer sent that nobody will receive must not stay in the shared worker
+                dropped = self._engine.drain(self._ep, self._tag(self._recv_tag, 0, False), _SEQ_BITS + 1)
+                if dropped:
+                    log.info("pipe %s: dropped %d unreceived message(s) from %s", self.name, dropped, self.peer)
+                link = self._link
+                # orderly: unbroken, nothing posted, and the peer healthy or gone with a Goodbye
+                orderly = (self._broken is None and not self._slots and link is not None
+                           and (link.closed_reason is not None or link.problem() is None))
+                self._engine.close_endpoint(self._ep, orderly)
                 with self._engine._lock:
                     users, self._ep_users = self._ep_users, []
                     for release in users:
@@ -589,8 +607,7 @@ class PipeListener:
         pipe = Pipe(**self._kw)
         pipe._server, pipe._owns_server = self._server, False
         pipe.address = self.address
-        pipe.peer_meta = dict(hello.meta)
-        pipe._attach(link, hello.worker_address, hello.recv_tag, hello.capabilities)
+        pipe._attach(link, hello.worker_address, hello.recv_tag)
         self._accepted.put_nowait(pipe)
         return Welcome(role=self.service, name=self.name, worker_address=pipe._engine.address,
                        recv_tag=pipe._recv_tag, capabilities=_capabilities())

@@ -1,0 +1,459 @@
+"""Hostile peers against the bounds of a listener (issue 15): one message never crashes,
+stalls or grows it, and after each attack the listener still serves a well-behaved peer."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import struct
+import threading
+import time
+import weakref
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from transport import _wire
+from transport._wire import Hello
+
+
+# -- a listener in its own process: an abort there must not take the test with it --------
+def echo_listener(q: Any) -> None:
+    """Serve a PipeListener that echoes every tensor back, until the parent goes away."""
+    from transport import PipeListener
+
+    lst = PipeListener("127.0.0.1", 0, timeout_s=30)
+    q.put(("ok", lst.address))
+
+    def serve(p: Any) -> None:
+        try:
+            while True:
+                t = p.recv_tensor(timeout=30)
+                p.send_tensor(t)
+                if t is None:
+                    break
+        except Exception:  # noqa: BLE001 - a hostile peer's pipe breaks; the listener goes on
+            pass
+        finally:
+            p.close()
+
+    while True:
+        threading.Thread(target=serve, args=(lst.accept(timeout=None),), daemon=True).start()
+
+
+def _dealer(address: str) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 10000)
+    s.connect(f"tcp://{address}")
+    return s
+
+
+def _hello_frames(body: bytes) -> list[bytes]:
+    return [struct.pack("<4sI", _wire.MAGIC, _wire.PROTOCOL_VERSION), body]
+
+
+def _still_serves(address: str, proc: Any = None) -> None:
+    """A well-behaved peer connects, sends a tensor and gets it back."""
+    from transport import Pipe
+
+    if proc is not None:
+        assert proc.is_alive(), f"listener process died (exit code {proc.exitcode})"
+    with Pipe.connect(address, timeout_s=30) as c:
+        x = torch.arange(100_000, dtype=torch.float32)
+        c.send_tensor(x)
+        assert torch.equal(c.recv_tensor(timeout=30), x)
+        c.send_tensor(None)
+        assert c.recv_tensor(timeout=30) is None
+
+
+@pytest.fixture
+def remote_listener(peers):
+    p = peers.start(echo_listener)
+    address = peers.expect(p, "ok", 120)
+    yield address, p
+    p.kill()
+
+
+# -- 1. fields that reach native code ---------------------------------------------------
+@pytest.mark.parametrize("worker_address", [b"", b"\x02", b"\xff", b"x", b"\x0f" + b"\x00" * 100])
+def test_bad_worker_address_is_rejected_not_aborting(remote_listener, worker_address):
+    address, proc = remote_listener
+    s = _dealer(address)
+    s.send_multipart(_wire.encode(Hello(role="pipe", name="evil", worker_address=worker_address, recv_tag=5)))
+    ans = _wire.decode(s.recv_multipart(), "listener")  # the old code aborted here (SIGABRT in UCX)
+    assert isinstance(ans, _wire.Reject) and "worker address" in ans.reason, ans
+    s.close(0)
+    _still_serves(address, proc)
+
+
+# -- 2. any decoder exception is a Reject; the control thread cannot die -------------------
+def test_deeply_nested_hello_is_rejected_and_control_thread_lives(remote_listener):
+    address, proc = remote_listener
+    ok = msgspec.msgpack.encode({"type": "Hello", "role": "pipe", "name": "n", "worker_address": b"",
+                                 "recv_tag": 5, "zz": 0})
+    body = ok[:-1] + b"\x91" * 60000 + b"\xc0"  # the unknown field "zz" nested 60,000 deep
+    s = _dealer(address)
+    for _ in range(3):
+        s.send_multipart(_hello_frames(body))
+        ans = _wire.decode(s.recv_multipart(), "listener")
+        assert isinstance(ans, _wire.Reject) and ans.code == "malformed", ans
+    s.close(0)
+    _still_serves(address, proc)
+
+
+# -- also noted: a Reject never echoes a huge attacker field ------------------------------
+def test_reject_does_not_echo_huge_fields(remote_listener):
+    address, proc = remote_listener
+    s = _dealer(address)
+    huge = "S" * 60000
+    s.send_multipart(_wire.encode(Hello(role="pipe", name="n", worker_address=b"\x00" * 20, recv_tag=5,
+                                        service=huge)))
+    ans = _wire.decode(s.recv_multipart(), "listener")
+    assert isinstance(ans, _wire.Reject) and len(ans.reason) < 400, len(ans.reason)
+    s.send_multipart(_hello_frames(msgspec.msgpack.encode({"type": "Hello", "role": huge})))
+    ans = _wire.decode(s.recv_multipart(), "listener")
+    assert isinstance(ans, _wire.Reject) and len(ans.reason) < 400, len(ans.reason)
+    s.close(0)
+    _still_serves(address, proc)
+
+
+# -- 5. received lengths are checked against the header ------------------------------------
+def _raw_pair() -> tuple[Any, Any, Any]:
+    from transport import Pipe, PipeListener
+
+    lst = PipeListener("127.0.0.1", 0, timeout_s=30)
+    client = Pipe.connect(lst.address, timeout_s=30)
+    server = lst.accept(timeout=30)
+    return lst, client, server
+
+
+def _send_raw(client: Any, seq: int, header: Any, inline: bytes | None, payload: np.ndarray | None) -> list[Any]:
+    from transport import _tensor_codec as codec
+
+    frame = np.zeros(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
+    used = codec.encode_header(memoryview(frame), header, inline)
+    eng = client._engine
+    reqs = [eng.tag_send(client._ep, frame[:used], client._tag(client._send_tag, seq, False)), frame]
+    if payload is not None:
+        reqs += [eng.tag_send(client._ep, payload, client._tag(client._send_tag, seq, True)), payload]
+    return reqs
+
+
+@pytest.mark.parametrize("case", ["short_payload", "long_payload", "missing_inline"])
+def test_payload_or_inline_shorter_than_header_is_a_protocol_error(case):
+    from transport import RemoteProtocolError
+    from transport import _tensor_codec as codec
+
+    lst, client, server = _raw_pair()
+    try:
+        if case == "missing_inline":  # header says 1000 inline bytes, none follow
+            h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[1000], nbytes=1000, inline=True)
+            keep = _send_raw(client, 0, h, None, None)
+        else:
+            n = 1 << 20
+            sent = n - 10 if case == "short_payload" else n + 10
+            h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[n], nbytes=n, inline=False)
+            keep = _send_raw(client, 0, h, None, np.ones(sent, dtype=np.uint8))
+        with pytest.raises(RemoteProtocolError, match="arrived|overruns|frame holds"):
+            server.recv_tensor(timeout=20)  # the old code returned a tensor with a stale tail
+        del keep
+        client.close()
+        server.close()
+        # the listener still serves a well-behaved peer
+        from transport import Pipe
+
+        with Pipe.connect(lst.address, timeout_s=30) as c2:
+            s2 = lst.accept(timeout=30)
+            h2 = c2.send_tensor_async(torch.arange(1 << 18))
+            assert torch.equal(s2.recv_tensor(timeout=30), torch.arange(1 << 18))
+            h2.wait(30)
+            s2.close()
+    finally:
+        client.close()
+        server.close()
+        lst.close()
+
+
+def test_unallocatable_shape_claim_is_a_protocol_error():
+    from transport import RemoteProtocolError
+    from transport import _tensor_codec as codec
+
+    lst, client, server = _raw_pair()
+    try:
+        h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[0, 1 << 62], nbytes=0, inline=False)
+        keep = _send_raw(client, 0, h, None, None)
+        with pytest.raises(RemoteProtocolError):
+            server.recv_tensor(timeout=20)
+        del keep
+    finally:
+        client.close()
+        server.close()
+        lst.close()
+
+
+# -- 7. no reference cycle keeps a received tensor alive -----------------------------------
+def test_received_tensor_is_freed_with_its_last_reference():
+    lst, client, server = _raw_pair()
+    gc.disable()
+    try:
+        for n in (100, 1 << 22):  # inline and rendezvous-size
+            h = client.send_tensor_async(torch.ones(n))
+            t = server.recv_tensor(timeout=30)
+            h.wait(30)
+            ref = weakref.ref(t)
+            del t
+            assert ref() is None, f"a received {n}-element tensor outlived its last reference (reference cycle)"
+        hs = client.send_tensors_async([torch.ones(1 << 20), torch.ones(10)])
+        got = server.recv_tensors_async(2).wait(30)
+        hs.wait(30)
+        refs = [weakref.ref(t) for t in got]
+        del got
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+        client.close()
+        server.close()
+        lst.close()
+
+
+# -- 8. what a peer parks in the shared worker goes when its pipe goes ---------------------
+def test_unreceived_messages_are_dropped_when_the_pipe_closes():
+    from transport import _tensor_codec as codec
+
+    lst, client, server = _raw_pair()
+    try:
+        keep = []
+        for seq in range(1000, 1200):  # eager messages on tags nobody will receive
+            h = codec.TensorHeader(seq=seq, none=True)
+            keep += _send_raw(client, seq, h, None, None)
+        eng = server._engine
+        api = eng._api
+        base = server._tag(server._recv_tag, 0, False)
+        mask = api.UCXXTagMask(((1 << 64) - 1) ^ ((1 << 24) - 1))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with eng._lock:
+                eng.worker.progress()
+                if eng.worker.tag_probe(api.UCXXTag(base | (1199 << 1)), remove=False).matched:
+                    break
+        with eng._lock:
+            assert eng.worker.tag_probe(api.UCXXTag(base), mask, remove=False).matched, "test sent nothing"
+        server.close()
+        with eng._lock:
+            eng.worker.progress()
+            left = eng.worker.tag_probe(api.UCXXTag(base), mask, remove=False).matched
+        assert not left, "messages of a closed pipe stayed in the worker's unexpected queue"
+        del keep
+    finally:
+        client.close()
+        server.close()
+    from transport import Pipe
+
+    with Pipe.connect(lst.address, timeout_s=30) as c2:
+        s2 = lst.accept(timeout=30)
+        c2.send_tensor_async(torch.arange(10)).wait(30)
+        assert torch.equal(s2.recv_tensor(timeout=30), torch.arange(10))
+        s2.close()
+    lst.close()
+
+
+# -- 4. a lookup request carries only the tensors its type needs ----------------------------
+def test_lookup_request_cannot_announce_tensors_it_does_not_carry():
+    from kv_transfer import _lookup_wire as wire
+    from kv_transfer.lookup_buffer import LookupBuffer
+    from transport import Pipe, PeerError
+
+    buf = LookupBuffer(capacity_bytes=1 << 20)
+    server = buf.serve("127.0.0.1", 0)
+    try:
+        with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
+            # a Stats announcing 2 tensors: refused before any of them is received
+            c.send_tensors([wire.encode(wire.Stats(seq=1), n_tensors=2)])
+            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
+            assert isinstance(ans, wire.ErrorReply) and "carries 0" in ans.message, ans
+            # the pipe stays in step: the server drained the two announced and answers the next request
+            c.send_tensors([torch.ones(4), torch.ones(4)])
+            c.send_tensors([wire.encode(wire.Stats(seq=2))])
+            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
+            assert isinstance(ans, wire.StatsReply) and ans.seq == 2
+        with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
+            # thousands announced: the server answers and drops this consumer without receiving them
+            c.send_tensors([wire.encode(wire.Stats(seq=3), n_tensors=5000)])
+            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
+            assert isinstance(ans, wire.ErrorReply)
+        with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
+            # a query tensor above the request bound is refused by the server's pipe, not allocated
+            c.send_tensors_async([wire.encode(wire.Fetch(seq=4), n_tensors=2),
+                                  torch.zeros((wire.MAX_REQUEST_TENSOR_BYTES // 8) + 1, dtype=torch.int64), None])
+            with pytest.raises(PeerError):
+                c.recv_tensor(timeout=30)
+        # still serves
+        client = LookupBuffer.connect(server.address, timeout_s=30)
+        assert client.stats()["num_entries"] == 0
+        client.close()
+    finally:
+        server.close()
+
+
+# -- 6. closed pipes give their sockets back ----------------------------------------------
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_fds_return_to_baseline_after_many_short_lived_consumers(remote_listener):
+    from transport import Pipe
+
+    address, proc = remote_listener
+    x = torch.ones(1 << 18)  # 1 MiB: rendezvous size, the case that leaked a TCP socket per pipe
+
+    def consumer() -> None:
+        with Pipe.connect(address, timeout_s=30) as c:
+            c.send_tensor(x)
+            assert c.recv_tensor(timeout=30).numel() == x.numel()
+            c.send_tensor(None)
+            assert c.recv_tensor(timeout=30) is None
+
+    for _ in range(3):
+        consumer()
+    time.sleep(0.5)
+    base_l, base_c, rss0 = _fds(proc.pid), _fds(os.getpid()), _rss_mib(proc.pid)
+    for _ in range(200):
+        consumer()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (_fds(proc.pid) > base_l + 3 or _fds(os.getpid()) > base_c + 3):
+        time.sleep(0.2)
+    assert _fds(proc.pid) <= base_l + 3, f"listener fds {base_l} -> {_fds(proc.pid)} after 200 consumers"
+    assert _fds(os.getpid()) <= base_c + 3, f"consumer fds {base_c} -> {_fds(os.getpid())} after 200 pipes"
+    assert _rss_mib(proc.pid) < rss0 + 200, f"listener RSS {rss0:.0f} -> {_rss_mib(proc.pid):.0f} MiB"
+    _still_serves(address, proc)
+
+
+# -- 9. the proxy: JSON 413, big bodies off the event loop, quiet disconnects --------------
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    from tests.test_proxy import FakeCluster, ProxyProc
+
+    cluster = FakeCluster()
+    p1, d1 = cluster.start("p1", "prefill"), cluster.start("d1", "decode")
+    proc = ProxyProc(["--prefill", p1.url, "--decode", d1.url, "--timeout", "60"],
+                     tmp_path_factory.mktemp("proxy") / "proxy.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.close()
+        cluster.close()
+
+
+def _proxy_serves(proxy: Any) -> None:
+    from tests.test_proxy import call
+
+    status, body = call("POST", proxy.url + "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+    assert status == 200 and body["served_by"] == "d1", (status, body)
+
+
+def test_proxy_oversized_body_gets_a_json_413(proxy):
+    import socket
+
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    n = 64 * 1024 * 1024 + 1
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {n}\r\nConnection: close\r\n\r\n".encode())
+        try:
+            s.sendall(b" " * n)
+        except OSError:
+            pass  # the proxy may answer and close before reading it all
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert b"application/json" in head
+    assert json.loads(body)["error"]["code"] == 413
+    _proxy_serves(proxy)
+
+
+def test_proxy_client_closing_mid_body_logs_no_traceback(proxy):
+    import socket
+
+    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+    for _ in range(5):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100000\r\n\r\n{\"prompt\": [1, 2")
+            time.sleep(0.05)
+    time.sleep(0.5)
+    _proxy_serves(proxy)
+    logs = proxy.logs()
+    assert "Traceback" not in logs and "Error handling request" not in logs, logs[-3000:]
+
+
+_POLLER = """
+import sys, time, urllib.request
+url, worst = sys.argv[1], 0.0
+while True:
+    t0 = time.monotonic()
+    urllib.request.urlopen(url, timeout=60).read()
+    worst = max(worst, time.monotonic() - t0)
+    print(f"{worst:.3f}", flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_proxy_big_body_does_not_stall_other_clients(proxy, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_proxy import call
+
+    # the poller is its own process: the fake upstreams here parse 20 MiB too and hold our GIL
+    poller = subprocess.Popen([sys.executable, "-c", _POLLER, proxy.url + "/metrics"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert poller.stdout.readline()  # polling works before the big body arrives
+        body = {"prompt": list(range(2_500_000)), "max_tokens": 3}  # ~20 MiB of JSON
+        status, answer = call("POST", proxy.url + "/v1/completions", body, timeout=120)
+        assert status == 200, (status, answer)
+        time.sleep(0.3)
+    finally:
+        poller.kill()
+    worst = float(poller.stdout.read().split()[-1])
+    assert worst < 1.0, f"/metrics took {worst:.2f}s while a 20 MiB body was being handled"
+    _proxy_serves(proxy)
+
+
+# -- issue 10: a configuration that works prints no UCX ERROR line ------------------------
+_SM_PIPE = """
+import torch
+from transport import Pipe, PipeListener
+lst = PipeListener("127.0.0.1", 0)
+c = Pipe.connect(lst.address, timeout_s=30)
+s = lst.accept(timeout=30)
+h = c.send_tensor_async(torch.ones(1 << 20))
+assert s.recv_tensor(timeout=30).numel() == 1 << 20
+h.wait(30)
+c.close(); s.close(); lst.close()
+print("moved")
+"""
+
+
+def test_shared_memory_only_pipe_logs_no_ucx_error():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, UCX_TLS="sm")
+    r = subprocess.run([sys.executable, "-c", _SM_PIPE], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "moved" in r.stdout, r.stderr[-2000:]
+    assert "UCX  ERROR" not in r.stderr, r.stderr[-2000:]
