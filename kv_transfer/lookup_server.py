@@ -18,6 +18,7 @@ from transport.auth import Auth
 
 from . import _lookup_wire as wire
 from .errors import KVTransferError, KVUsageError, LookupProtocolError, WireVersionError
+from .lookup_source import narrow_part
 
 if TYPE_CHECKING:  # pragma: no cover
     from .lookup_store import LookupBuffer
@@ -172,7 +173,7 @@ class LookupServer:
         try:
             hit = self.buffer.claim(tokens, roi, request_id=msg.request_id, prefix=msg.prefix,
                                     min_prefix=msg.min_prefix, wait_s=min(max(0.0, msg.wait_s), self.max_wait_s),
-                                    cancel=self._stop)
+                                    cancel=self._stop, readers=msg.readers)
         except KVUsageError as exc:
             pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
                               timeout=self.send_timeout_s)
@@ -181,7 +182,14 @@ class LookupServer:
             pipe.send_tensors([wire.encode(wire.NotFound(msg.seq))], timeout=self.send_timeout_s)
             return True
         handle, m = hit
-        codes, flat = wire.flatten_parts([m.key, m.value, m.hidden])
+        try:
+            key = narrow_part(m.key, msg.narrow, f"Fetch from {peer}")
+        except KVUsageError as exc:
+            self.buffer.unclaim(handle)
+            pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
+                              timeout=self.send_timeout_s)
+            return True
+        codes, flat = wire.flatten_parts([key, m.value, m.hidden])
         head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id), 2 + len(flat))
         try:
             pipe.send_tensors([head, m.input_tokens, m.roi, *flat], timeout=self.send_timeout_s)

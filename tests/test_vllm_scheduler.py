@@ -202,3 +202,35 @@ def test_counters_hand_out_intervals_and_keep_totals():
     assert merged.data["bytes_saved"] == 7 and merged.data["bytes_loaded"] == 100
     with pytest.raises(KeyError, match="bytes_sent"):
         c.add(bytes_sent=1)
+
+
+def test_tp_producer_names_its_engine_base_port_and_tp_size():
+    from kv_transfer.vllm import RankInfo
+
+    s = UcxScheduler(UcxConfig(is_producer=True, is_consumer=False, block_size=BS, advertise_host="10.0.0.7",
+                               kv_port=14600), dict(COMPAT, tp_size="2"), RankInfo(tp_size=2, dp_rank=1, dp_size=2))
+    req = FakeRequest("p-1", list(range(4)), {"do_remote_decode": True})
+    s.update_state_after_alloc(req, FakeBlocks([3]), 0)
+    s.build_connector_meta(StepOutput([NewReq("p-1", ([3],))], num_scheduled_tokens={"p-1": 4}))
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    _, params = s.request_finished(req, [3])
+    # DP engine 1 of TP 2: its ranks serve on 14602 and 14603
+    assert (params["remote_port"], params["remote_tp_size"], params["remote_dp_index"]) == (14602, 2, 1)
+    assert s.books() == EMPTY
+
+
+@pytest.mark.parametrize("remote_tp,ok", [("1", True), ("2", True), ("4", True), ("3", False)])
+def test_tp_sizes_that_cannot_pair_are_refused_naming_both_sides(remote_tp, ok, caplog):
+    s = UcxScheduler(UcxConfig(is_producer=False, is_consumer=True, block_size=BS), dict(COMPAT, tp_size="2"))
+    req = FakeRequest("d-1", list(range(8)), remote_params(8, compat=dict(COMPAT, tp_size=remote_tp),
+                                                          remote_tp_size=int(remote_tp)))
+    if ok:
+        spec = start_load(s, req, [1, 2])
+        assert spec.remote_tp_size == int(remote_tp) and spec.total_kv_heads == 2
+        s.update_connector_output(WorkerReport(finished_recving={"d-1"}))
+    else:
+        assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+        assert f"tp_size: prefill='{remote_tp}' decode='2'" in caplog.text
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    s.request_finished(req, [1, 2])
+    assert s.books() == EMPTY

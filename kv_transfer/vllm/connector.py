@@ -73,10 +73,11 @@ class UcxConnector(KVConnectorBase_V1):
         self.compat = compat_record(vllm_config, kv_cache_config)
         self.scheduler: Optional[UcxScheduler] = None
         self.worker: Optional[UcxWorker] = None
+        rank = RankInfo.from_vllm(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = UcxScheduler(self.config, self.compat)
+            self.scheduler = UcxScheduler(self.config, self.compat, rank)
         else:
-            self.worker = UcxWorker(self.config, RankInfo.from_vllm(vllm_config),
+            self.worker = UcxWorker(self.config, rank,
                                     num_blocks=getattr(kv_cache_config, "num_blocks", None),
                                     layout_name=getattr(kv_cache_config, "kv_cache_layout", None))
         log.info("UcxConnector %s (%s) kv server %s:%s", role.name,

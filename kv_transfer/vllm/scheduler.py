@@ -11,7 +11,10 @@ reserved and a :class:`LoadSpec` queued; the load is asynchronous (vLLM waits
 for ``finished_recving``). A request finished while still loading keeps its
 blocks (``request_finished`` returns True) until the worker reports the load
 stopped. Rank-agnostic: under tensor parallelism every worker rank receives the
-same metadata.
+same metadata. It knows sizes, not ranks: prefill's ``kv_transfer_params``
+name its DP engine's *base* KV port (``rank_port(kv_port, 0, tp, dp_index=dp)``)
+and its TP size; each decode worker rank works out which prefill ranks (ports
+``base + p``) and heads it reads.
 
 :meth:`UcxScheduler.books` counts what the scheduler holds; all zero once every
 request has finished and the worker reported its loads.
@@ -20,12 +23,14 @@ request has finished and the worker reported its loads.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from vllm.v1.request import RequestStatus
 
 from .config import UcxConfig
+from ..tp_mapping import rank_port
 from .metadata import LoadSpec, SaveSpec, UcxConnectorMetadata, compat_problem
+from .worker import RankInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -49,9 +54,12 @@ class UcxScheduler:
         compat: This instance's compatibility record (see :mod:`.metadata`).
     """
 
-    def __init__(self, config: UcxConfig, compat: dict[str, str]):
+    def __init__(self, config: UcxConfig, compat: dict[str, str], rank: Optional[RankInfo] = None):
         self.config = config
         self.compat = compat
+        self.rank = rank or RankInfo()
+        #: The first port of this engine's workers (rank p serves on base_port + p); kv_port for TP 1 / DP 0.
+        self.base_port = rank_port(config.kv_port, 0, self.rank.tp_size, dp_index=self.rank.dp_rank)
         # producer books
         self._producer_reqs: dict[str, Any] = {}  # request id -> Request, allocation .. request_finished
         self._save_blocks: dict[str, list[int]] = {}
@@ -100,11 +108,15 @@ class UcxScheduler:
             req_id=rid,
             remote_request_id=str(params["remote_request_id"]),
             remote_address=f"{params['remote_host']}:{params['remote_port']}",
+            remote_tp_size=int(params.get("remote_tp_size", 1)),
+            total_kv_heads=int(self.compat.get("num_kv_heads", 0)),
+            perturb_rank=params.get("ucxkv_debug_perturb_rank"),
             token_ids=list(request.prompt_token_ids[:num_tokens]),
             num_tokens=num_tokens,
             block_ids=list(blocks.get_block_ids()[0])[:_cdiv(num_tokens, bs)],
             skip_blocks=request.num_computed_tokens // bs,
-            perturb=self.config.perturb or bool(params.get("ucxkv_debug_perturb", False)),
+            perturb=(self.config.perturb or bool(params.get("ucxkv_debug_perturb", False))
+                     or params.get("ucxkv_debug_perturb_rank") is not None),
         ))
         self._loading.add(rid)
         params["do_remote_prefill"] = False  # a retry after failure recomputes instead of looping
@@ -166,7 +178,9 @@ class UcxScheduler:
             "do_remote_decode": False,
             "remote_request_id": rid,
             "remote_host": self.config.advertise_host,
-            "remote_port": self.config.kv_port,
+            "remote_port": self.base_port,
+            "remote_tp_size": self.rank.tp_size,
+            "remote_dp_index": self.rank.dp_rank,
             "remote_num_tokens": len(request.prompt_token_ids),
             "compat": dict(self.compat),
         }
