@@ -54,6 +54,7 @@ class LoadSpec:
     remote_tp_size: int = 1  # prefill's TP size: remote_address's port is its rank 0's, rank p is port + p
     total_kv_heads: int = 0  # the model's KV heads (0: unknown, read whole shards from the same rank)
     perturb_rank: Optional[int] = None  # testing only: perturb on this decode TP rank only
+    kv_mode: str = "stage"  # how prefill holds the KV: staged entries, or leased blocks read in place ("rma")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class UcxConnectorMetadata(KVConnectorMetadata):
     to_save: list[SaveSpec] = field(default_factory=list)
     to_load: list[LoadSpec] = field(default_factory=list)
     cancel_loads: list[str] = field(default_factory=list)
+    release_leases: list[str] = field(default_factory=list)  # rma producer: no reader will come, free now
 
 
 def compat_record(vllm_config: Any, kv_cache_config: Any) -> dict[str, str]:

@@ -30,6 +30,7 @@ from vllm.v1.request import RequestStatus
 from .config import UcxConfig
 from ..tp_mapping import rank_port
 from .metadata import LoadSpec, SaveSpec, UcxConnectorMetadata, compat_problem
+from .rma_worker import choose_kv_mode
 from .worker import RankInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,12 +70,15 @@ class UcxScheduler:
         self._loading: set[str] = set()  # handed to the worker, not yet reported back
         self._cancel: list[str] = []  # finished while loading: tell the worker
         self.loads_failed = 0  # blocks the worker reported as not loaded (requests recomputed)
+        #: "stage" or "rma": how this producer holds a finished prompt's KV (rma: leased blocks, delayed free)
+        self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"
+        self._release: list[str] = []  # rma: leased requests no reader will come for (aborted)
 
     def books(self) -> dict[str, int]:
         """How many entries each of the scheduler's books holds (all zero when idle)."""
         return {"producer_reqs": len(self._producer_reqs), "save_blocks": len(self._save_blocks),
                 "saved": len(self._saved), "pending_loads": len(self._pending_loads),
-                "loading": len(self._loading), "cancel": len(self._cancel)}
+                "loading": len(self._loading), "cancel": len(self._cancel), "release": len(self._release)}
 
     # ------------------------------------------------------------- decode side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -111,6 +115,7 @@ class UcxScheduler:
             remote_tp_size=int(params.get("remote_tp_size", 1)),
             total_kv_heads=int(self.compat.get("num_kv_heads", 0)),
             perturb_rank=params.get("ucxkv_debug_perturb_rank"),
+            kv_mode=str(params.get("kv_mode", "stage")),
             token_ids=list(request.prompt_token_ids[:num_tokens]),
             num_tokens=num_tokens,
             block_ids=list(blocks.get_block_ids()[0])[:_cdiv(num_tokens, bs)],
@@ -143,6 +148,7 @@ class UcxScheduler:
                     self._maybe_save(meta, rid, cached.num_computed_tokens[i] + n_sched.get(rid, 0))
         meta.to_load, self._pending_loads = self._pending_loads, []
         meta.cancel_loads, self._cancel = self._cancel, []
+        meta.release_leases, self._release = self._release, []
         return meta
 
     def _maybe_save(self, meta: UcxConnectorMetadata, rid: str, computed_after_step: int) -> None:
@@ -171,9 +177,14 @@ class UcxScheduler:
             return True, None
         staged = rid in self._saved
         self._saved.discard(rid)
-        if not (self.config.is_producer and staged) or request.status == RequestStatus.FINISHED_ABORTED:
+        if not (self.config.is_producer and staged):
             return False, None
-        return False, {
+        rma = self.kv_mode == "rma"  # the worker leased these blocks: vLLM frees them when it reports them sent
+        if request.status == RequestStatus.FINISHED_ABORTED:
+            if rma:
+                self._release.append(rid)
+            return rma, None
+        return rma, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "remote_request_id": rid,
@@ -183,4 +194,5 @@ class UcxScheduler:
             "remote_dp_index": self.rank.dp_rank,
             "remote_num_tokens": len(request.prompt_token_ids),
             "compat": dict(self.compat),
+            "kv_mode": self.kv_mode,
         }

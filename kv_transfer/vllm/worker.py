@@ -51,6 +51,7 @@ from ..paged import PagedLayout, gather_blocks, scatter_blocks
 from ..tp_mapping import HeadRead, decode_reads, rank_port, readers_per_prefill_rank
 from .config import UcxConfig
 from .metadata import LoadSpec, UcxConnectorMetadata
+from .rma_worker import RmaTransfer, choose_kv_mode
 from .stats import TransferCounters, UcxKVConnectorStats
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class UcxWorker:
         self._failed_blocks: set[int] = set()
         self._cancelled: set[str] = set()
         self.counters = TransferCounters()
+        self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"  # what this producer serves
+        self._rma: Optional[RmaTransfer] = None  # rma mode (producer) or rma loads (consumer)
 
     # ------------------------------------------------------------------ setup
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -150,7 +153,13 @@ class UcxWorker:
         log.info("UcxConnector worker tp %d/%d dp %d/%d: %d layers, per-layer cache %s %s, layout %s (block dim %d)",
                  self.rank.tp_rank, self.rank.tp_size, self.rank.dp_rank, self.rank.dp_size, len(self._caches),
                  tuple(first.shape), first.dtype, name, block_dim)
-        if self.config.is_producer:
+        if self.config.is_producer or self.config.is_consumer:
+            self._rma = RmaTransfer(self.config, self._caches, self._layout, self._sent)
+        if self.config.is_producer and self.kv_mode == "rma":
+            port = rank_port(self.config.kv_port, self.rank.tp_rank, self.rank.tp_size, dp_index=self.rank.dp_rank)
+            log.info("UcxConnector producer (tp %d/%d dp %d) leasing KV blocks in place (kv_mode rma) on %s",
+                     self.rank.tp_rank, self.rank.tp_size, self.rank.dp_rank, self._rma.serve(self.config.kv_host, port))
+        elif self.config.is_producer:
             self._buffer = LookupBuffer(self.config.buffer_bytes, lease_s=self.config.lease_s)
             self._producer = KVProducer(self._buffer, self._caches, self._layout,
                                         insert_timeout_s=self.config.insert_timeout_s, lease_s=self.config.lease_s)
@@ -171,6 +180,11 @@ class UcxWorker:
             self._cancelled.update(meta.cancel_loads)
         for spec in meta.to_load:
             self._pool.submit(self._load, spec)
+
+    def _sent(self, req_id: str) -> None:
+        """rma producer: the request's leased blocks may be freed (reported in finished_sending)."""
+        with self._lock:
+            self._done_send.add(req_id)
 
     def _consumer(self, address: str) -> KVConsumer:
         c = self._consumers.get(address)
@@ -208,9 +222,11 @@ class UcxWorker:
             with self._lock:
                 cancelled = spec.req_id in self._cancelled
             if cancelled:
-                for address, _, _ in reads:
+                for address, _, _ in ([] if spec.kv_mode == "rma" else reads):  # an rma lease just runs out
                     self._consumer(address).abort(spec.remote_request_id, num_layers=0)
                 raise KVTransferError("request aborted before its KV was fetched")
+            if spec.kv_mode == "rma":
+                reads, loaded = [], self._rma.load(spec, reads)
             for address, rd, n_readers in reads:
                 consumer = self._consumer(address)
                 if rd is None:
@@ -243,6 +259,11 @@ class UcxWorker:
     # ------------------------------------------------------------------- save
     def wait_for_save(self, meta: UcxConnectorMetadata) -> None:
         """Stage every request the scheduler named in this step (blocks while the buffer is full)."""
+        if self._rma is not None and self._rma.server is not None:
+            self._rma.offer(meta.to_save)
+            self._rma.release(meta.release_leases)
+            self.counters.add(requests_saved=len(meta.to_save))
+            return
         if self._producer is None:
             return
         for spec in meta.to_save:
@@ -282,6 +303,8 @@ class UcxWorker:
         consumers, self._consumers = self._consumers, {}
         for c in consumers.values():
             c.source.close()
+        if self._rma is not None:
+            self._rma.shutdown()
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -1,0 +1,147 @@
+"""Connector mode ``rma``: decode reads prefill's KV blocks in place (one-sided GET), nothing staged.
+
+How ``kv_mode`` is chosen (:func:`choose_kv_mode`, the same answer in the
+scheduler and worker processes since it reads only the config and
+``UCX_TLS``): ``stage`` and ``rma`` are taken as given; ``auto`` picks ``rma``
+unless every transport in ``UCX_TLS`` is TCP, where the bench measured
+staging as fast or faster (docs/bench.md, "kv_mode auto").
+
+Prefill (producer, :class:`RmaTransfer` with ``is_producer``): instead of a
+LookupBuffer, the rank serves a :class:`~kv_transfer.rma_kv.RmaKVServer` on
+its KV port, with every layer cache registered once. A request whose prompt
+finished is *offered* (its block ids under a lease); the scheduler returned
+``delay_free=True`` for it, and the server's ``on_free`` (decode done, lease
+expired, decode's pipe died, or the scheduler released an aborted request)
+puts it in the worker's ``finished_sending`` set, which frees the blocks.
+
+Decode (consumer): one :class:`~kv_transfer.rma_kv.RmaKVClient` per producer
+rank address, all over one set of registrations of this rank's caches; a load
+GETs the blocks its prefix cache lacks straight into the request's blocks.
+Any failure (producer dead mid-read, lease gone, hostile or stale descriptor)
+fails every wanted block, so vLLM applies ``kv_load_failure_policy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import transport
+
+from ..errors import KVTransferError
+from ..paged import PagedLayout
+from ..rma_kv import RmaKVClient, RmaKVServer
+from ..tp_mapping import HeadRead
+from .config import UcxConfig
+from .metadata import LoadSpec, SaveSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KV_MODES", "choose_kv_mode", "RmaTransfer"]
+
+KV_MODES = ("stage", "rma", "auto")
+_TCP_ONLY = {"tcp", "^sm", "self"}
+_logged: set[tuple[str, str]] = set()
+
+
+def choose_kv_mode(config: UcxConfig) -> tuple[str, str]:
+    """(``stage`` or ``rma``, why) for this instance's ``kv_mode`` and UCX transports."""
+    mode = config.kv_mode
+    if mode not in KV_MODES:
+        raise KVTransferError(f"kv_mode {mode!r} is not one of {', '.join(KV_MODES)}")
+    if mode != "auto":
+        return mode, "set by kv_mode"
+    tls = config.ucx_tls or os.environ.get("UCX_TLS", "")
+    names = {t.strip() for t in tls.split(",") if t.strip()}
+    if names and names <= _TCP_ONLY and "tcp" in names:
+        why = (f"auto: UCX_TLS={tls} is TCP only, where staging measured as fast as one-sided GET "
+               "(emulated over TCP) -> stage")
+        choice = "stage"
+    else:
+        why = (f"auto: UCX_TLS={tls or '(unset)'} allows shared memory / RDMA, where one-sided GET measured "
+               "at or above staging with no staging memory -> rma")
+        choice = "rma"
+    if (mode, why) not in _logged:
+        _logged.add((mode, why))
+        log.info("UcxConnector kv_mode %s", why)
+    return choice, why
+
+
+class RmaTransfer:
+    """The rma-mode state of one worker rank (producer and/or consumer).
+
+    Args:
+        config: The connector's settings.
+        caches: This rank's per-layer caches.
+        layout: Their layout.
+        on_sent: Called with a request id whose leased blocks may be freed (producer).
+    """
+
+    def __init__(self, config: UcxConfig, caches: Sequence[torch.Tensor], layout: PagedLayout,
+                 on_sent: Callable[[str], None]):
+        self.config = config
+        self._caches = list(caches)
+        self._layout = layout
+        self._on_sent = on_sent
+        self.server: Optional[RmaKVServer] = None
+        self._regs: list[transport.Registration] = []
+        self._clients: dict[str, RmaKVClient] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- producer
+    def serve(self, host: str, port: int) -> str:
+        """Register the caches and serve their leased blocks on ``host:port``; returns the address."""
+        self.server = RmaKVServer(self._caches, self._layout, host, port, lease_s=self.config.lease_s,
+                                  on_free=self._on_sent, timeout_s=self.config.fetch_timeout_s)
+        return self.server.address
+
+    def offer(self, specs: Sequence[SaveSpec]) -> None:
+        """Lease each finished prompt's blocks to readers (no copy)."""
+        for spec in specs:
+            self.server.offer(spec.req_id, spec.token_ids, spec.block_ids)
+
+    def release(self, req_ids: Sequence[str]) -> None:
+        """Free the leases of requests no reader will come for (aborted on prefill)."""
+        for rid in req_ids:
+            if not self.server.release(rid, "aborted on prefill"):
+                self._on_sent(rid)  # never offered (its save failed): vLLM still waits for it
+
+    # ---------------------------------------------------------------- consumer
+    def _client(self, address: str) -> RmaKVClient:
+        with self._lock:
+            if not self._regs:
+                self._regs = [transport.register(c, f"kv-dst-layer{i}") for i, c in enumerate(self._caches)]
+            c = self._clients.get(address)
+            if c is None:
+                c = self._clients[address] = RmaKVClient(address, self._caches, self._regs, self._layout,
+                                                         timeout_s=self.config.fetch_timeout_s)
+            return c
+
+    def load(self, spec: LoadSpec, reads: Sequence[tuple[str, Optional[HeadRead], int]]) -> int:
+        """GET ``spec``'s blocks from every read; returns blocks loaded. Raises :class:`KVTransferError`."""
+        n = len(spec.block_ids) - spec.skip_blocks
+        for address, rd, readers in reads:
+            heads = None if rd is None else (rd.src_head, rd.num_heads, rd.dst_head)
+            res = self._client(address).load(spec.remote_request_id, spec.token_ids, spec.block_ids,
+                                             spec.skip_blocks, heads=heads, readers=readers)
+            if not res.ok:
+                raise KVTransferError(f"rma read from {address}: {res.error}")
+        return n
+
+    def shutdown(self) -> None:
+        """Close clients, the server (freeing its leases) and the registrations (idempotent)."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+            regs, self._regs = self._regs, []
+        for c in clients:
+            c.close()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for r in regs:
+            r.close()
+
