@@ -569,10 +569,14 @@ class RmaKVClient:
 
     def renew(self, request_ids: Sequence[str]) -> list[str]:
         """Extend the leases of ``request_ids``; returns those the producer still holds."""
-        self._connect()
-        rep = self._rpc(Renew(self._next(), list(request_ids)))
-        if not isinstance(rep, Renewed):
-            raise LookupProtocolError(f"kvrma producer {self.address} answered Renew with {type(rep).__name__}")
+        try:
+            self._connect()
+            rep = self._rpc(Renew(self._next(), list(request_ids)))
+            if not isinstance(rep, Renewed):
+                raise LookupProtocolError(f"kvrma producer {self.address} answered Renew with {type(rep).__name__}")
+        except BaseException:
+            self.close()  # the next call redials
+            raise
         return list(rep.known)
 
     def close(self) -> None:

@@ -229,3 +229,20 @@ def test_tp_rma_ranks_read_their_heads(p, d):
     finally:
         for w in conss + prods:
             w.shutdown()
+
+
+def test_renewed_lease_outlives_a_decode_backlog(pair):
+    """Decode renews (through its step metadata) while the request waits: the late load still succeeds."""
+    from kv_transfer.vllm.metadata import RenewSpec
+
+    prod, cons, src, dst, addr = pair
+    prod.wait_for_save(UcxConnectorMetadata(to_save=[SaveSpec("p1", TOKENS, [5, 1, 2])]))
+    for _ in range(6):  # 3 s of backlog against a 1.5 s lease
+        cons.start_load_kv(UcxConnectorMetadata(renew_leases=[RenewSpec("p1", addr)]))
+        time.sleep(0.5)
+    assert prod._rma.server.num_leases == 1 and prod.get_finished()[0] is None
+    cons.start_load_kv(_rma_load("d1", addr, [0, 3, 4]))
+    assert _finish(cons, "d1") == (set(), set())
+    for name in src:
+        assert torch.equal(dst[name][[0, 3, 4]], src[name][[5, 1, 2]])
+    assert _sent(prod, "p1", 1.0) < 0.5

@@ -20,7 +20,8 @@ from kv_transfer.vllm.stats import TransferCounters  # noqa: E402
 BS = 4
 COMPAT = {"protocol": str(CONNECTOR_PROTOCOL), "model": "m", "dtype": "torch.float32", "num_layers": "2",
           "num_kv_heads": "2", "head_size": "8", "block_size": str(BS), "layout": "NHD"}
-EMPTY = {"producer_reqs": 0, "save_blocks": 0, "saved": 0, "pending_loads": 0, "loading": 0, "cancel": 0}
+EMPTY = {"producer_reqs": 0, "save_blocks": 0, "saved": 0, "pending_loads": 0, "loading": 0, "cancel": 0,
+         "release": 0, "waiting_rma": 0}
 
 
 @dataclass
@@ -231,6 +232,46 @@ def test_tp_sizes_that_cannot_pair_are_refused_naming_both_sides(remote_tp, ok, 
     else:
         assert s.get_num_new_matched_tokens(req, 0) == (0, False)
         assert f"tp_size: prefill='{remote_tp}' decode='2'" in caplog.text
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    s.request_finished(req, [1, 2])
+    assert s.books() == EMPTY
+
+
+def test_rma_producer_delays_the_free_and_releases_aborted_requests():
+    s = UcxScheduler(UcxConfig(is_producer=True, is_consumer=False, block_size=BS, kv_port=14600, kv_mode="rma",
+                               lease_s=9.0), dict(COMPAT))
+    for rid, status in (("p-1", RequestStatus.FINISHED_LENGTH_CAPPED), ("p-2", RequestStatus.FINISHED_ABORTED)):
+        req = FakeRequest(rid, list(range(4)), {"do_remote_decode": True}, status=status)
+        s.update_state_after_alloc(req, FakeBlocks([1]), 0)
+        assert len(s.build_connector_meta(StepOutput([NewReq(rid, ([1],))], num_scheduled_tokens={rid: 4})).to_save) == 1
+        keep, params = s.request_finished(req, [1])
+        assert keep is True  # the blocks stay leased until the worker reports the request sent
+        if rid == "p-1":
+            assert params["kv_mode"] == "rma" and params["lease_s"] == 9.0
+        else:
+            assert params is None and s.build_connector_meta(StepOutput()).release_leases == ["p-2"]
+    assert s.books() == EMPTY
+    # a request never saved is not held
+    req = FakeRequest("p-3", list(range(4)), {"do_remote_decode": True}, status=RequestStatus.FINISHED_ABORTED)
+    assert s.request_finished(req, [1]) == (False, None)
+
+
+def test_rma_consumer_renews_the_lease_while_the_request_waits_for_blocks():
+    import time
+
+    s = consumer()
+    req = FakeRequest("d-1", list(range(8)), remote_params(8, kv_mode="rma", lease_s=0.3, remote_tp_size=1))
+    assert s.get_num_new_matched_tokens(req, 0) == (8, True)  # no blocks free yet: vLLM keeps it waiting
+    assert s.build_connector_meta(StepOutput()).renew_leases == []  # not due yet
+    time.sleep(0.12)
+    renew = s.build_connector_meta(StepOutput()).renew_leases
+    assert [(r.remote_request_id, r.remote_address) for r in renew] == [("p-1", "10.0.0.7:14600")]
+    assert s.build_connector_meta(StepOutput()).renew_leases == []  # once per lease_s / 3
+    assert s.get_num_new_matched_tokens(req, 0) == (8, True)
+    s.update_state_after_alloc(req, FakeBlocks([1, 2]), 8)  # allocated: the load takes over
+    meta = s.build_connector_meta(StepOutput())
+    assert meta.to_load[0].kv_mode == "rma" and s.books()["waiting_rma"] == 0
+    s.update_connector_output(WorkerReport(finished_recving={"d-1"}))
     req.status = RequestStatus.FINISHED_LENGTH_CAPPED
     s.request_finished(req, [1, 2])
     assert s.books() == EMPTY

@@ -20,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from ..tp_mapping import check_tp_pair
 
-__all__ = ["CONNECTOR_PROTOCOL", "COMPAT_KEYS", "SaveSpec", "LoadSpec", "UcxConnectorMetadata",
+__all__ = ["CONNECTOR_PROTOCOL", "COMPAT_KEYS", "SaveSpec", "LoadSpec", "RenewSpec", "UcxConnectorMetadata",
            "compat_record", "compat_problem"]
 
 #: Version of the prefill -> decode contract (kv_transfer_params and the staged entry format).
@@ -58,6 +58,16 @@ class LoadSpec:
 
 
 @dataclass
+class RenewSpec:
+    """rma: a decode request still waiting for blocks; its prefill lease is extended (read as in LoadSpec)."""
+
+    remote_request_id: str
+    remote_address: str
+    remote_tp_size: int = 1
+    total_kv_heads: int = 0
+
+
+@dataclass
 class UcxConnectorMetadata(KVConnectorMetadata):
     """What the scheduler tells its worker(s) for one step."""
 
@@ -65,6 +75,7 @@ class UcxConnectorMetadata(KVConnectorMetadata):
     to_load: list[LoadSpec] = field(default_factory=list)
     cancel_loads: list[str] = field(default_factory=list)
     release_leases: list[str] = field(default_factory=list)  # rma producer: no reader will come, free now
+    renew_leases: list[RenewSpec] = field(default_factory=list)  # rma consumer: still coming, keep them
 
 
 def compat_record(vllm_config: Any, kv_cache_config: Any) -> dict[str, str]:

@@ -132,6 +132,13 @@ class RmaTransfer:
                 raise KVTransferError(f"rma read from {address}: {res.error}")
         return n
 
+    def renew(self, remote_request_id: str, addresses: Sequence[str]) -> None:
+        """Extend the lease of ``remote_request_id`` at each producer address; a lease already gone is logged."""
+        for address in addresses:
+            if remote_request_id not in self._client(address).renew([remote_request_id]):
+                log.warning("prefill %s no longer holds %s: its load will fail and be recomputed", address,
+                            remote_request_id)
+
     def shutdown(self) -> None:
         """Close clients, the server (freeing its leases) and the registrations (idempotent)."""
         with self._lock:

@@ -23,13 +23,14 @@ request has finished and the worker reported its loads.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from vllm.v1.request import RequestStatus
 
 from .config import UcxConfig
 from ..tp_mapping import rank_port
-from .metadata import LoadSpec, SaveSpec, UcxConnectorMetadata, compat_problem
+from .metadata import LoadSpec, RenewSpec, SaveSpec, UcxConnectorMetadata, compat_problem
 from .rma_worker import choose_kv_mode
 from .worker import RankInfo
 
@@ -73,12 +74,14 @@ class UcxScheduler:
         #: "stage" or "rma": how this producer holds a finished prompt's KV (rma: leased blocks, delayed free)
         self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"
         self._release: list[str] = []  # rma: leased requests no reader will come for (aborted)
+        self._waiting_rma: dict[str, tuple[RenewSpec, float, float]] = {}  # rma consumer: (spec, every s, next at)
 
     def books(self) -> dict[str, int]:
         """How many entries each of the scheduler's books holds (all zero when idle)."""
         return {"producer_reqs": len(self._producer_reqs), "save_blocks": len(self._save_blocks),
                 "saved": len(self._saved), "pending_loads": len(self._pending_loads),
-                "loading": len(self._loading), "cancel": len(self._cancel), "release": len(self._release)}
+                "loading": len(self._loading), "cancel": len(self._cancel), "release": len(self._release),
+                "waiting_rma": len(self._waiting_rma)}
 
     # ------------------------------------------------------------- decode side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -94,6 +97,12 @@ class UcxScheduler:
         n = min(int(params.get("remote_num_tokens", 0)), len(request.prompt_token_ids)) - num_computed_tokens
         if n <= 0:
             return 0, False
+        if params.get("kv_mode") == "rma" and request.request_id not in self._waiting_rma:
+            # until its blocks are allocated, renew prefill's lease (a backlog must not turn into recomputation)
+            every = max(0.05, float(params.get("lease_s", 30.0)) / 3)
+            spec = RenewSpec(str(params["remote_request_id"]), f"{params['remote_host']}:{params['remote_port']}",
+                             int(params.get("remote_tp_size", 1)), int(self.compat.get("num_kv_heads", 0)))
+            self._waiting_rma[request.request_id] = (spec, every, time.monotonic() + every)
         return n, True
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
@@ -106,6 +115,7 @@ class UcxScheduler:
             return
         if rid in self._loading:
             return
+        self._waiting_rma.pop(rid, None)
         bs = self.config.block_size
         num_tokens = min(int(params["remote_num_tokens"]), len(request.prompt_token_ids))
         self._pending_loads.append(LoadSpec(
@@ -149,6 +159,11 @@ class UcxScheduler:
         meta.to_load, self._pending_loads = self._pending_loads, []
         meta.cancel_loads, self._cancel = self._cancel, []
         meta.release_leases, self._release = self._release, []
+        now = time.monotonic()
+        for rid, (spec, every, due) in list(self._waiting_rma.items()):
+            if now >= due:
+                meta.renew_leases.append(spec)
+                self._waiting_rma[rid] = (spec, every, now + every)
         return meta
 
     def _maybe_save(self, meta: UcxConnectorMetadata, rid: str, computed_after_step: int) -> None:
@@ -171,6 +186,7 @@ class UcxScheduler:
         rid = request.request_id
         self._producer_reqs.pop(rid, None)
         self._save_blocks.pop(rid, None)
+        self._waiting_rma.pop(rid, None)
         if self.config.is_consumer and rid in self._loading:
             # The worker may still be writing into these blocks: keep them until it says it stopped.
             self._cancel.append(rid)
@@ -195,4 +211,5 @@ class UcxScheduler:
             "remote_num_tokens": len(request.prompt_token_ids),
             "compat": dict(self.compat),
             "kv_mode": self.kv_mode,
+            "lease_s": self.config.lease_s,
         }

@@ -180,6 +180,17 @@ class UcxWorker:
             self._cancelled.update(meta.cancel_loads)
         for spec in meta.to_load:
             self._pool.submit(self._load, spec)
+        if meta.renew_leases:
+            self._pool.submit(self._renew, meta.renew_leases)
+
+    def _renew(self, specs: list) -> None:
+        """rma: extend prefill's leases of requests still waiting here for blocks (failures are logged only)."""
+        for spec in specs:
+            try:
+                self._rma.renew(spec.remote_request_id, [a for a, _, _ in self._reads(spec)])
+            except Exception as exc:  # noqa: BLE001 - the load itself will report what is wrong
+                log.warning("renewing prefill's lease of %s at %s failed: %s", spec.remote_request_id,
+                            spec.remote_address, exc)
 
     def _sent(self, req_id: str) -> None:
         """rma producer: the request's leased blocks may be freed (reported in finished_sending)."""
