@@ -43,6 +43,7 @@ import torch
 import transport
 from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, Registration, RemoteMemory
 
+from ._serving import accept_loop, stop_serving
 from .errors import KVTransferError, KVUsageError, LookupProtocolError
 from .paged import PagedLayout
 
@@ -325,23 +326,7 @@ class RmaKVServer:
 
     # -- serving
     def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                pipe = self._listener.accept(timeout=0.2)
-            except PeerTimeoutError:
-                continue
-            except Exception:  # noqa: BLE001 - the listener closed under us
-                if not self._stop.is_set():
-                    log.exception("kvrma server %s: accept failed", self.address)
-                return
-            with self._lock:
-                if self._stop.is_set():
-                    pipe.close()
-                    return
-                self._pipes.append(pipe)
-            t = threading.Thread(target=self._serve, args=(pipe,), daemon=True, name=f"kvrma-{pipe.peer}")
-            self._threads.append(t)
-            t.start()
+        accept_loop(self._listener, self._stop, self._lock, self._pipes, self._threads, self._serve, "kvrma")
 
     def _serve(self, pipe: Pipe) -> None:
         peer = pipe.peer
@@ -415,18 +400,8 @@ class RmaKVServer:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving, free every lease (``on_free`` for each), deregister the caches (idempotent)."""
-        if self._stop.is_set():
+        if not stop_serving(self._listener, self._stop, self._lock, self._pipes, self._threads, timeout):
             return
-        self._stop.set()
-        self._listener.close()
-        with self._lock:
-            pipes, self._pipes = self._pipes, []
-        for p in pipes:
-            p.close()
-        end = time.monotonic() + timeout
-        for t in list(self._threads):
-            if t is not threading.current_thread():
-                t.join(max(0.0, end - time.monotonic()))
         with self._lock:
             leases, self._leases = list(self._leases.values()), {}
         for ls in leases:

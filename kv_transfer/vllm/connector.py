@@ -23,7 +23,10 @@ How a request moves (decode pulls; prefill stages):
    ``kv_load_failure_policy``.
 
 Entries that decode never asks for are dropped when their lease ends (bytes
-released). Transfer statistics go through ``get_kv_connector_stats``
+released). With ``kv_mode`` ``rma`` (:mod:`.rma_worker`) step 2 stages nothing:
+prefill leases the request's blocks in place (``request_finished`` returns True)
+and decode GETs them straight into its own blocks, then tells prefill, whose
+worker reports the request in ``finished_sending`` so vLLM frees the blocks. Transfer statistics go through ``get_kv_connector_stats``
 (:mod:`.stats`); settings are in :mod:`.config`.
 
 Why pull + staging, not a push into decode's blocks: decode decides when it has

@@ -2,9 +2,10 @@
 
 How ``kv_mode`` is chosen (:func:`choose_kv_mode`, the same answer in the
 scheduler and worker processes since it reads only the config and
-``UCX_TLS``): ``stage`` and ``rma`` are taken as given; ``auto`` picks ``rma``
-unless every transport in ``UCX_TLS`` is TCP, where the bench measured
-staging as fast or faster (docs/bench.md, "kv_mode auto").
+``UCX_TLS``): ``stage`` and ``rma`` are taken as given; ``auto`` picks per transport family from the
+table :data:`_AUTO`, filled from the bench (docs/bench.md, "kv_mode: rma vs
+stage"): ``rma`` was faster in every run over shared memory and over TCP, and
+stages nothing, so today ``auto`` means ``rma`` everywhere.
 
 Prefill (producer, :class:`RmaTransfer` with ``is_producer``): instead of a
 LookupBuffer, the rank serves a :class:`~kv_transfer.rma_kv.RmaKVServer` on
@@ -44,12 +45,21 @@ log = logging.getLogger(__name__)
 __all__ = ["KV_MODES", "choose_kv_mode", "RmaTransfer"]
 
 KV_MODES = ("stage", "rma", "auto")
-_TCP_ONLY = {"tcp", "^sm", "self"}
-_logged: set[tuple[str, str]] = set()
+#: What ``auto`` picks per UCX transport family, and the measurement behind it (docs/bench.md,
+#: "kv_mode: rma vs stage": kv_bw, 256 MiB Llama-3-8B-shaped request, 3 runs each, load 5.3-8.6).
+_AUTO = {
+    "sm": ("rma", "rma 1087-2701 MB/s vs stage 360-608 MB/s over shared memory, and no staging memory"),
+    "tcp": ("rma", "rma 481-782 MB/s vs stage 253-310 MB/s over TCP, and no staging memory"),
+}
+_logged: set[str] = set()
 
 
 def choose_kv_mode(config: UcxConfig) -> tuple[str, str]:
-    """(``stage`` or ``rma``, why) for this instance's ``kv_mode`` and UCX transports."""
+    """(``stage`` or ``rma``, why) for this instance's ``kv_mode`` and UCX transports.
+
+    Deterministic (reads only the config and ``UCX_TLS``), so the scheduler and every
+    worker process of an instance make the same choice.
+    """
     mode = config.kv_mode
     if mode not in KV_MODES:
         raise KVTransferError(f"kv_mode {mode!r} is not one of {', '.join(KV_MODES)}")
@@ -57,16 +67,12 @@ def choose_kv_mode(config: UcxConfig) -> tuple[str, str]:
         return mode, "set by kv_mode"
     tls = config.ucx_tls or os.environ.get("UCX_TLS", "")
     names = {t.strip() for t in tls.split(",") if t.strip()}
-    if names and names <= _TCP_ONLY and "tcp" in names:
-        why = (f"auto: UCX_TLS={tls} is TCP only, where staging measured as fast as one-sided GET "
-               "(emulated over TCP) -> stage")
-        choice = "stage"
-    else:
-        why = (f"auto: UCX_TLS={tls or '(unset)'} allows shared memory / RDMA, where one-sided GET measured "
-               "at or above staging with no staging memory -> rma")
-        choice = "rma"
-    if (mode, why) not in _logged:
-        _logged.add((mode, why))
+    # TCP only: GET is emulated; anything else (unset, shared memory, RDMA) has native one-sided GET
+    family = "tcp" if names and names <= {"tcp", "self"} else "sm"
+    choice, measured = _AUTO[family]
+    why = f"auto: UCX_TLS={tls or '(unset)'} -> {choice} ({measured})"
+    if why not in _logged:
+        _logged.add(why)
         log.info("UcxConnector kv_mode %s", why)
     return choice, why
 
