@@ -64,6 +64,12 @@ def test_rma_greedy_output_matches_single_instance_with_prefix_caching(rma_pd):
     params = prefill.get("params")
     assert all(p and p["kv_mode"] == "rma" for p in params), params
     assert _ask(prefill, "pool_full") is False  # the blocks are leased to decode, not freed
+    # prefill stays busy with other requests while decode is slow: the leased blocks are not reused
+    others = sample_prompts(4, 80, 150, seed=42)
+    prefill.cmd.put(("prefill", others))
+    other_params = prefill.get("params")
+    decode.cmd.put(("generate", others, other_params, 2))
+    decode.get("tokens")
     before = _ask(decode, "totals")
     decode.cmd.put(("generate", prompts, params, 12))
     assert decode.get("tokens") == reference
