@@ -25,7 +25,8 @@ __all__ = ["CONNECTOR_PROTOCOL", "COMPAT_KEYS", "SaveSpec", "LoadSpec", "RenewSp
 
 #: Version of the prefill -> decode contract (kv_transfer_params and the staged entry format).
 #: 2: one KV server per worker rank (remote_port is the engine's base port), total KV heads, tp_size.
-CONNECTOR_PROTOCOL = 2
+#: 3: kv_mode ("stage" | "rma": the rank serves leased blocks over the kvrma service) and lease_s.
+CONNECTOR_PROTOCOL = 3
 
 COMPAT_KEYS = ("protocol", "model", "dtype", "num_layers", "num_kv_heads", "head_size", "block_size", "layout")
 
