@@ -62,7 +62,7 @@ def test_kv_mode_choice():
 
 
 def test_block_pieces_vllm_cpu_and_flash_attn_planes():
-    """vllm_cpu: one piece per block (head ranges too); flash_attn: a K and a V piece per block, bit-exact GET."""
+    """vllm_cpu: one piece per block (head ranges too); flash_attn: a K and a V piece per block."""
     cpu = Geometry.of(torch.empty(8, 4, BS, 16), 0)
     off, n = block_pieces(cpu, [3, 1])
     assert off.tolist() == [3 * 4 * BS * 16 * 4, 1 * 4 * BS * 16 * 4] and n == 4 * BS * 16 * 4
@@ -76,9 +76,14 @@ def test_block_pieces_vllm_cpu_and_flash_attn_planes():
         block_pieces(g, [5], heads=(0, 2), head_dim=3)
     with pytest.raises(Exception, match="out of range"):
         block_pieces(g, [8])
-    # flash_attn below the engine: a server of K/V-plane caches, a reader GETs two blocks, one skipped
-    src = [torch.randn(2, 8, BS, 4, 16) for _ in range(2)]
-    dst = [torch.zeros(2, 8, BS, 4, 16) for _ in range(2)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_flash_attn_k_and_v_planes_are_read_in_place(device):
+    """A server of flash_attn caches (K and V planes), a reader GETs two blocks (one prefix-cached, skipped)."""
+    src = [torch.randn(2, 8, BS, 4, 16, device=device) for _ in range(2)]
+    dst = [torch.zeros(2, 8, BS, 4, 16, device=device) for _ in range(2)]
     server = RmaKVServer(src, PagedLayout.flash_attn(), lease_s=30)
     client = RmaKVClient(server.address, dst, [register(t) for t in dst], PagedLayout.flash_attn(), timeout_s=10)
     try:
