@@ -21,7 +21,7 @@ BS = 4
 COMPAT = {"protocol": str(CONNECTOR_PROTOCOL), "model": "m", "dtype": "torch.float32", "num_layers": "2",
           "num_kv_heads": "2", "head_size": "8", "block_size": str(BS), "layout": "NHD"}
 EMPTY = {"producer_reqs": 0, "save_blocks": 0, "saved": 0, "pending_loads": 0, "loading": 0, "cancel": 0,
-         "release": 0, "waiting_rma": 0}
+         "release": 0, "waiting_rma": 0, "local_hit": 0}
 
 
 @dataclass
@@ -84,10 +84,11 @@ def remote_params(n_tokens: int, **extra: Any) -> dict[str, Any]:
                  "remote_port": 14600, "remote_num_tokens": n_tokens, "compat": dict(COMPAT)}, **extra)
 
 
-def start_load(s: UcxScheduler, req: FakeRequest, blocks: list[int]) -> LoadSpec:
-    """What vLLM's scheduler does for a new request with remote KV, up to the step's metadata."""
-    n, is_async = s.get_num_new_matched_tokens(req, req.num_computed_tokens)
-    assert is_async and n == len(req.prompt_token_ids) - req.num_computed_tokens
+def start_load(s: UcxScheduler, req: FakeRequest, blocks: list[int], local_hit: int = 0) -> LoadSpec:
+    """What vLLM's scheduler does for a new request with remote KV, up to the step's metadata: it asks with
+    the prefix-cache hit ``local_hit`` but sets ``request.num_computed_tokens`` only after the allocation."""
+    n, is_async = s.get_num_new_matched_tokens(req, local_hit)
+    assert is_async and n == len(req.prompt_token_ids) - local_hit
     s.update_state_after_alloc(req, FakeBlocks(blocks), n)
     meta = s.build_connector_meta(StepOutput())
     assert len(meta.to_load) == 1 and not meta.to_save
@@ -110,8 +111,8 @@ def test_loaded_request_leaves_nothing_behind():
 
 def test_prefix_cached_blocks_are_skipped():
     s = consumer()
-    req = FakeRequest("d-1", list(range(10)), remote_params(10), num_computed_tokens=BS)
-    spec = start_load(s, req, [5, 6, 8])
+    req = FakeRequest("d-1", list(range(10)), remote_params(10))  # num_computed_tokens still 0, as in vLLM
+    spec = start_load(s, req, [5, 6, 8], local_hit=BS)
     assert spec.skip_blocks == 1 and spec.block_ids == [5, 6, 8]
     s.update_connector_output(WorkerReport(finished_recving={"d-1"}))
     s.request_finished(req, [5, 6, 8])

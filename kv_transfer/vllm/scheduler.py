@@ -75,13 +75,16 @@ class UcxScheduler:
         self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"
         self._release: list[str] = []  # rma: leased requests no reader will come for (aborted)
         self._waiting_rma: dict[str, tuple[RenewSpec, float, float]] = {}  # rma consumer: (spec, every s, next at)
+        # tokens decode's prefix cache already holds, per request: vLLM sets request.num_computed_tokens
+        # only after update_state_after_alloc, so the skip is remembered from get_num_new_matched_tokens
+        self._local_hit: dict[str, int] = {}
 
     def books(self) -> dict[str, int]:
         """How many entries each of the scheduler's books holds (all zero when idle)."""
         return {"producer_reqs": len(self._producer_reqs), "save_blocks": len(self._save_blocks),
                 "saved": len(self._saved), "pending_loads": len(self._pending_loads),
                 "loading": len(self._loading), "cancel": len(self._cancel), "release": len(self._release),
-                "waiting_rma": len(self._waiting_rma)}
+                "waiting_rma": len(self._waiting_rma), "local_hit": len(self._local_hit)}
 
     # ------------------------------------------------------------- decode side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -97,6 +100,7 @@ class UcxScheduler:
         n = min(int(params.get("remote_num_tokens", 0)), len(request.prompt_token_ids)) - num_computed_tokens
         if n <= 0:
             return 0, False
+        self._local_hit[request.request_id] = num_computed_tokens
         if params.get("kv_mode") == "rma" and request.request_id not in self._waiting_rma:
             # until its blocks are allocated, renew prefill's lease (a backlog must not turn into recomputation)
             every = max(0.05, float(params.get("lease_s", 30.0)) / 3)
@@ -116,6 +120,7 @@ class UcxScheduler:
         if rid in self._loading:
             return
         self._waiting_rma.pop(rid, None)
+        local_hit = self._local_hit.pop(rid, request.num_computed_tokens)
         bs = self.config.block_size
         num_tokens = min(int(params["remote_num_tokens"]), len(request.prompt_token_ids))
         self._pending_loads.append(LoadSpec(
@@ -129,7 +134,7 @@ class UcxScheduler:
             token_ids=list(request.prompt_token_ids[:num_tokens]),
             num_tokens=num_tokens,
             block_ids=list(blocks.get_block_ids()[0])[:_cdiv(num_tokens, bs)],
-            skip_blocks=request.num_computed_tokens // bs,
+            skip_blocks=local_hit // bs,
             perturb=(self.config.perturb or bool(params.get("ucxkv_debug_perturb", False))
                      or params.get("ucxkv_debug_perturb_rank") is not None),
         ))
@@ -187,6 +192,7 @@ class UcxScheduler:
         self._producer_reqs.pop(rid, None)
         self._save_blocks.pop(rid, None)
         self._waiting_rma.pop(rid, None)
+        self._local_hit.pop(rid, None)
         if self.config.is_consumer and rid in self._loading:
             # The worker may still be writing into these blocks: keep them until it says it stopped.
             self._cancel.append(rid)
