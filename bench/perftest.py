@@ -290,6 +290,7 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     layout = _layout(cfg["layout"])
     dtype = getattr(torch, cfg["dtype"])
     dst = [torch.zeros(spec["shape"], dtype=dtype, device=dev) for _ in range(cfg["layers"])]
+    rss0 = _peak_rss_kib()
     dst_ids = spec["dst_ids"]
     into = cfg.get("recv") == "into"
     staging_in = None
@@ -324,9 +325,18 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
                     v.copy_(g)
         timings.append(time.perf_counter() - t0)
         pipe.send_tensor(None)  # this request is in place
+    rss1 = _peak_rss_kib()  # before verification allocates
     bad = _verify_kv(cfg, spec, layout, dst, dev)  # once, against the sender's deterministic data
     return {"verified": not bad, "bad_layers": bad, "blocks": spec["nblk"],
-            "recv_place_s_median": sorted(timings)[len(timings) // 2]}
+            "recv_place_s_median": sorted(timings)[len(timings) // 2],
+            "server_peak_rss_growth_mib": round((rss1 - rss0) / 1024, 1)}
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak resident set so far, KiB (Linux ``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def rma_pieces(cache: Any, layout: Any, ids: Sequence[int]) -> tuple[Any, Any]:
@@ -357,8 +367,6 @@ def _verify_kv(cfg: dict[str, Any], spec: dict[str, Any], layout: Any, dst: list
 
 def _serve_kv_rma(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     """The consumer side of ``--kv-mode rma``: GET the client's registered blocks into our registered caches."""
-    import resource
-
     import torch
 
     from transport import register, transfer_many
@@ -367,7 +375,7 @@ def _serve_kv_rma(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     layout = _layout(cfg["layout"])
     dtype = getattr(torch, cfg["dtype"])
     dst = [torch.zeros(spec["shape"], dtype=dtype, device=dev) for _ in range(cfg["layers"])]
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _peak_rss_kib()
     descs = pipe.recv_tensors_async(cfg["layers"]).wait()
     remotes = [pipe.remote_memory(bytes(d.numpy())) for d in descs]
     regs = [register(d, f"kv-dst-layer{i}") for i, d in enumerate(dst)]
@@ -389,7 +397,7 @@ def _serve_kv_rma(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
             rm.close()
         for reg in regs:
             reg.close()
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # before verification allocates
+    rss1 = _peak_rss_kib()  # before verification allocates
     bad = _verify_kv(cfg, spec, layout, dst, dev)
     return {"verified": not bad, "bad_layers": bad, "blocks": spec["nblk"],
             "get_s_median": sorted(timings)[len(timings) // 2],
@@ -544,6 +552,7 @@ def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
     layout = _layout(cfg["layout"])
     dev = cfg["send_dev"]
     src = [_src_layer(cfg, spec["shape"], layer, dev) for layer in range(cfg["layers"])]
+    rss0 = _peak_rss_kib()
     ids = spec["src_ids"]
     staging = None
     layer_out = None
@@ -583,7 +592,8 @@ def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
         r.close()  # the server's last GET completed before its ack
     res = compute_rows("kv_bw", cfg["size"], list(_cumsum(durs)), durs_s=durs)
     pieces = len(block_views(src, layout, ids))
-    res.info.update({"kv_pieces": pieces, "kv_mode": cfg["kv_mode"], "layout": cfg["layout"]})
+    res.info.update({"kv_pieces": pieces, "kv_mode": cfg["kv_mode"], "layout": cfg["layout"],
+                     "client_peak_rss_growth_mib": round((_peak_rss_kib() - rss0) / 1024, 1)})
     return res
 
 

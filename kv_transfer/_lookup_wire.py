@@ -45,13 +45,22 @@ PART_TENSOR = -2  # a single tensor; n >= 0 means a list of n tensors
 
 # -- requests (consumer -> producer) -------------------------------------------
 class Fetch(msgspec.Struct, tag=True, frozen=True):
-    """drop_select: followed by 2 tensors, the query tokens and roi (either may be None)."""
+    """drop_select: followed by 2 tensors, the query tokens and roi (either may be None).
+
+    ``narrow`` (``[dim, start, length]``) asks for every key tensor cut to that
+    range of one dim (a KV-head range under tensor parallelism); ``readers``
+    is how many fetches consume the entry (the first claim sets it, see
+    :meth:`LookupBuffer.claim`). Both were appended with defaults (version 1
+    peers that omit them get the whole entry, consumed by one fetch).
+    """
 
     seq: int
     request_id: Optional[str] = None
     prefix: bool = False
     min_prefix: int = 1
     wait_s: float = 0.0
+    narrow: Optional[List[int]] = None
+    readers: int = 1
 
 
 class Stats(msgspec.Struct, tag=True, frozen=True):

@@ -41,14 +41,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .errors import KVTransferError, KVUsageError
 from .lookup_source import KVSource
 from .lookup_store import LookupBuffer
-from .paged import BlockIds, PagedLayout, gather_blocks, scatter_blocks
+from .paged import BlockIds, PagedLayout, gather_blocks, head_dim_index, scatter_block_heads, scatter_blocks
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +195,24 @@ class KVConsumer:
         self.wait_s = float(wait_s)
         self._per_block = layout.per_block_shape(self.caches[0])
 
-    def _load_one(self, r: KVRequest, layers: List[int], request_id: str, wait_s: float) -> LoadResult:
+    def _load_one(self, r: KVRequest, layers: List[int], request_id: str, wait_s: float,
+                  heads: Optional[Tuple[int, int, int]] = None, readers: int = 1) -> LoadResult:
         dst = r.block_list()
         lo = int(r.skip_blocks)
         if not 0 <= lo <= len(dst):
             raise KVUsageError(f"request {r.request_id}: skip_blocks {lo} outside [0, {len(dst)}]")
         res = LoadResult(r.request_id, False, [], dst[lo:])
+        per_block, kw = list(self._per_block), {}
+        if heads is not None:  # the producer cuts its entry to our heads: [dim, start, length] of a layer tensor
+            hd = head_dim_index(self.layout)
+            pb_hd = hd if hd < self.layout.block_dim else hd - 1
+            per_block[pb_hd] = heads[1]
+            kw = {"narrow": [pb_hd + 1, heads[0], heads[1]], "readers": readers}
+        elif readers != 1:
+            kw = {"readers": readers}
         try:
             m = self.source.fetch(r.tokens_tensor(), None, request_id=request_id, wait_s=wait_s,
-                                  device=self.caches[0].device)
+                                  device=self.caches[0].device, **kw)
         except KVTransferError as exc:
             res.error = f"fetch failed: {exc}"
             return res
@@ -216,9 +225,9 @@ class KVConsumer:
             res.error = f"entry for {request_id} holds {got}, expected {len(layers)} layer tensor(s)"
             return res
         n = int(key[0].shape[0]) if key[0].dim() else -1
-        want = (len(dst), *self._per_block)
+        want = (len(dst), *per_block)
         bad = [i for i, t in enumerate(key)
-               if t.dtype != self.caches[0].dtype or tuple(t.shape[1:]) != tuple(self._per_block) or t.shape[0] != n]
+               if t.dtype != self.caches[0].dtype or tuple(t.shape[1:]) != tuple(per_block) or t.shape[0] != n]
         if bad or n < 0 or n > len(dst):
             t = key[bad[0] if bad else 0]
             res.error = (f"entry for {request_id}: layer tensor {t.dtype}{tuple(t.shape)} does not fit "
@@ -228,7 +237,11 @@ class KVConsumer:
         if hi > lo:
             dev = self.caches[0].device
             for li, t in zip(layers, key):
-                scatter_blocks([self.caches[li]], self.layout, dst[lo:hi], t[lo:hi].to(dev).unsqueeze(0))
+                staged = t[lo:hi].to(dev).unsqueeze(0)
+                if heads is None:
+                    scatter_blocks([self.caches[li]], self.layout, dst[lo:hi], staged)
+                else:
+                    scatter_block_heads([self.caches[li]], self.layout, dst[lo:hi], staged, heads[2])
         res.loaded_block_ids, res.failed_block_ids = dst[lo:hi], dst[hi:]
         res.hidden = m.hidden if isinstance(m.hidden, torch.Tensor) else None
         res.ok = n == len(dst)
@@ -244,6 +257,21 @@ class KVConsumer:
         w = self.wait_s if wait_s is None else float(wait_s)
         layers = list(range(len(self.caches)))
         return {r.request_id: self._load_one(r, layers, r.request_id, w) for r in requests}
+
+    def load_heads(self, request: KVRequest, src_head: int, num_heads: int, dst_head: int, *,
+                   readers: int = 1, wait_s: Optional[float] = None) -> LoadResult:
+        """Fetch KV heads ``[src_head, src_head + num_heads)`` of every layer of one request into heads from ``dst_head``.
+
+        For tensor parallelism with different sizes: the producer holds one
+        rank's shard, this consumer another; the fetch asks the producer to cut
+        its entry to the head range (only those bytes cross the wire), shared by
+        ``readers`` fetches (decode ranks reading the same prefill rank). Only
+        the head range of the destination blocks is written (other heads are
+        left for other sources). Outcomes as :meth:`load`.
+        """
+        w = self.wait_s if wait_s is None else float(wait_s)
+        return self._load_one(request, list(range(len(self.caches))), request.request_id, w,
+                              (int(src_head), int(num_heads), int(dst_head)), readers)
 
     def load_layer(self, layer_idx: int, requests: Sequence[KVRequest], *,
                    wait_s: Optional[float] = None) -> Dict[str, LoadResult]:

@@ -20,7 +20,7 @@ from transport.auth import Auth
 from . import _lookup_wire as wire
 from .errors import KVUsageError, LookupProtocolError, PeerUnavailableError, ProducerError, WireVersionError
 from .lookup_server import SERVICE
-from .lookup_source import KVSource, Match, check_query
+from .lookup_source import KVSource, Match, check_query, check_readers
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,14 @@ class LookupClient:
 
     def fetch(self, input_tokens: Optional[torch.Tensor] = None, roi: Optional[torch.Tensor] = None, *,
               request_id: Optional[str] = None, prefix: bool = False, min_prefix: int = 1, wait_s: float = 0.0,
-              device: Any = None, timeout: Optional[float] = None) -> Optional[Match]:
+              device: Any = None, timeout: Optional[float] = None, narrow: Optional[List[int]] = None,
+              readers: int = 1) -> Optional[Match]:
         """Select and drop the matching entry on the producer; None if nothing matched within ``wait_s``.
 
         The whole call is bounded by ``wait_s + timeout`` (``timeout`` defaults
-        to the client's ``timeout_s``). Tensors land on ``device``.
+        to the client's ``timeout_s``). Tensors land on ``device``. ``narrow``
+        and ``readers``: see :meth:`LookupBuffer.fetch` (the producer narrows,
+        so only the asked range crosses the wire).
 
         Raises:
             KVUsageError: bad query; PeerUnavailableError: the producer is
@@ -142,7 +145,9 @@ class LookupClient:
         if input_tokens is None and request_id is None:
             raise KVUsageError("drop_select: a query needs input_tokens or a request_id")
         t = (self.timeout_s if timeout is None else timeout) + max(0.0, wait_s)
-        msg = wire.Fetch(next(self._seq), request_id, bool(prefix), int(min_prefix), float(wait_s))
+        check_readers(readers)
+        msg = wire.Fetch(next(self._seq), request_id, bool(prefix), int(min_prefix), float(wait_s),
+                         None if narrow is None else [int(v) for v in narrow], readers)
         ans, rest = self._rpc(msg, [input_tokens, roi], t, self.device if device is None else device)
         if isinstance(ans, wire.NotFound):
             return None

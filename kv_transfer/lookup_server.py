@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any, List, Optional
 
 from transport import PeerError, PeerTimeoutError, Pipe, PipeListener
 from transport.auth import Auth
 
 from . import _lookup_wire as wire
+from ._serving import accept_loop, stop_serving
 from .errors import KVTransferError, KVUsageError, LookupProtocolError, WireVersionError
+from .lookup_source import narrow_part
 
 if TYPE_CHECKING:  # pragma: no cover
     from .lookup_store import LookupBuffer
@@ -86,25 +87,7 @@ class LookupServer:
 
     def _accept_loop(self, ready: threading.Event) -> None:
         ready.set()
-        while not self._stop.is_set():
-            try:
-                pipe = self._listener.accept(timeout=0.2)
-            except PeerTimeoutError:
-                continue
-            except Exception:  # noqa: BLE001 - the listener closed under us
-                if not self._stop.is_set():
-                    log.exception("lookup server %s: accept failed", self.address)
-                break
-            with self._lock:
-                if self._stop.is_set():
-                    pipe.close()
-                    break
-                self._pipes.append(pipe)
-                t = threading.Thread(target=self._serve_pipe, args=(pipe,), daemon=True,
-                                     name=f"kvlookup-{pipe.peer}")
-                # forget finished handlers: a long-lived server sees many short-lived consumers
-                self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            t.start()
+        accept_loop(self._listener, self._stop, self._lock, self._pipes, self._threads, self._serve_pipe, "kvlookup")
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(self._reap_interval_s):
@@ -179,7 +162,7 @@ class LookupServer:
         try:
             hit = self.buffer.claim(tokens, roi, request_id=msg.request_id, prefix=msg.prefix,
                                     min_prefix=msg.min_prefix, wait_s=min(max(0.0, msg.wait_s), self.max_wait_s),
-                                    cancel=self._stop)
+                                    cancel=self._stop, readers=msg.readers)
         except KVUsageError as exc:
             pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
                               timeout=self.send_timeout_s)
@@ -188,7 +171,14 @@ class LookupServer:
             pipe.send_tensors([wire.encode(wire.NotFound(msg.seq))], timeout=self.send_timeout_s)
             return True
         handle, m = hit
-        codes, flat = wire.flatten_parts([m.key, m.value, m.hidden])
+        try:
+            key = narrow_part(m.key, msg.narrow, f"Fetch from {peer}")
+        except KVUsageError as exc:
+            self.buffer.unclaim(handle)
+            pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
+                              timeout=self.send_timeout_s)
+            return True
+        codes, flat = wire.flatten_parts([key, m.value, m.hidden])
         head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id), 2 + len(flat))
         try:
             pipe.send_tensors([head, m.input_tokens, m.roi, *flat], timeout=self.send_timeout_s)
@@ -204,18 +194,8 @@ class LookupServer:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop accepting and serving, close every consumer pipe (idempotent, bounded)."""
-        if self._stop.is_set():
+        if not stop_serving(self._listener, self._stop, self._lock, self._pipes, self._threads, timeout):
             return
-        self._stop.set()
-        self._listener.close()
-        with self._lock:
-            pipes, self._pipes = self._pipes, []
-        for p in pipes:  # interrupts the handlers' waits
-            p.close()
-        end = time.monotonic() + timeout
-        for t in list(self._threads):
-            if t is not threading.current_thread():
-                t.join(max(0.0, end - time.monotonic()))
         log.info("lookup server %s closed", self.address)
 
     def __enter__(self) -> "LookupServer":

@@ -9,14 +9,17 @@ remote producer) or a :class:`~kv_transfer.MultiProducerClient` (several).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Protocol, runtime_checkable
+from typing import Any, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from . import _lookup_wire as wire
 from .errors import KVUsageError
 
-__all__ = ["Match", "Part", "KVSource", "check_query"]
+__all__ = ["Match", "Part", "KVSource", "check_query", "check_readers", "narrow_part", "MAX_READERS"]
+
+#: Most fetches one entry may be shared by (decode TP ranks reading one prefill rank).
+MAX_READERS = 1024
 
 #: One of an entry's key / value / hidden: None, a tensor, or a list of tensors (e.g. per layer).
 Part = wire.Part
@@ -34,6 +37,35 @@ def check_query(tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], wha
             raise KVUsageError(f"{what} roi: expected a tensor or None, got {type(roi).__name__}")
         if tokens is None:
             raise KVUsageError(f"{what}: roi given without input_tokens")
+
+
+def check_readers(readers: Any) -> int:
+    """``readers`` as an int in ``[1, MAX_READERS]``; anything else raises :class:`KVUsageError`."""
+    if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= MAX_READERS:
+        raise KVUsageError(f"readers must be an int in [1, {MAX_READERS}], got {readers!r}")
+    return readers
+
+
+def narrow_part(part: Part, narrow: Optional[Sequence[int]], what: str) -> Part:
+    """``part`` (a tensor or list of tensors) with each tensor cut to ``[dim, start, length]`` (contiguous copies).
+
+    None ``narrow`` returns ``part`` unchanged. A ``narrow`` that is not three
+    ints, or a range outside a tensor's dim, raises :class:`KVUsageError`
+    naming the tensor's shape.
+    """
+    if narrow is None or part is None:
+        return part
+    if (not isinstance(narrow, (list, tuple)) or len(narrow) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in narrow)):
+        raise KVUsageError(f"{what}: narrow must be [dim, start, length] (ints), got {narrow!r}")
+    dim, start, length = narrow
+    tensors = [part] if isinstance(part, torch.Tensor) else list(part)
+    out = []
+    for i, t in enumerate(tensors):
+        if not 0 <= dim < t.dim() or start < 0 or length < 1 or start + length > t.shape[dim]:
+            raise KVUsageError(f"{what}: narrow {list(narrow)} does not fit tensor {i} of shape {tuple(t.shape)}")
+        out.append(t.narrow(dim, start, length).contiguous())
+    return out[0] if isinstance(part, torch.Tensor) else out
 
 
 @dataclass
@@ -70,8 +102,12 @@ class KVSource(Protocol):
     """Where a consumer fetches entries from (local buffer, one producer, several producers)."""
 
     def fetch(self, input_tokens: Optional[torch.Tensor] = None, roi: Optional[torch.Tensor] = None, *,
-              request_id: Optional[str] = None, wait_s: float = 0.0, device: Any = None) -> Optional[Match]:
+              request_id: Optional[str] = None, wait_s: float = 0.0, device: Any = None,
+              narrow: Optional[List[int]] = None, readers: int = 1) -> Optional[Match]:
         """Select and drop the matching entry; None when nothing matched within ``wait_s`` seconds.
+
+        ``narrow`` cuts every key tensor to ``[dim, start, length]``; the entry
+        is dropped after ``readers`` fetches (see :meth:`LookupBuffer.claim`).
 
         Raises :class:`~kv_transfer.KVTransferError` subclasses when the source is unreachable.
         """

@@ -22,6 +22,12 @@ in use by the transport until its send ends). ``abort(request_id)`` drops the
 available entries of a request and marks its claimed ones to be dropped when
 their send ends.
 
+Shared entries (tensor parallelism: several decode ranks read one prefill
+rank's entry): a claim with ``readers=n`` on an entry not claimed before sets
+its count of readers to ``n``; the entry stays available (and its lease stays
+off while a send is in flight) until ``n`` claims were released, then it is
+dropped. An unclaimed (failed) hand-over gives its read back.
+
 Inserted tensors are stored by reference, not copied: do not modify them after
 ``insert``.
 """
@@ -41,7 +47,7 @@ from . import _lookup_wire as wire
 from .errors import BufferFullError, EntryTooLargeError, KVUsageError
 from .lookup_client import LookupClient
 from .lookup_server import LookupServer
-from .lookup_source import Match, Part, check_query
+from .lookup_source import Match, Part, check_query, check_readers, narrow_part
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +74,7 @@ def _part_nbytes(part: Part, what: str) -> int:
 
 class _Entry:
     __slots__ = ("eid", "tokens", "roi", "masked", "mkey", "request_id", "key", "value", "hidden",
-                 "nbytes", "deadline", "claimed", "aborted")
+                 "nbytes", "deadline", "claimed", "aborted", "reads_left", "sends")
 
     def __init__(self, eid: int, tokens: Any, roi: Any, masked: Optional[np.ndarray], request_id: Optional[str],
                  key: Part, value: Part, hidden: Part, nbytes: int, deadline: float):
@@ -76,8 +82,15 @@ class _Entry:
         self.mkey = None if masked is None else masked.tobytes()
         self.request_id, self.key, self.value, self.hidden = request_id, key, value, hidden
         self.nbytes, self.deadline = nbytes, deadline
-        self.claimed = False
+        self.claimed = False  # every read handed out: no longer indexed
         self.aborted = False
+        self.reads_left: Optional[int] = None  # set by the first claim's readers
+        self.sends = 0  # claims handed out and not yet released or unclaimed
+
+    @property
+    def busy(self) -> bool:
+        """A send is in flight or every read was handed out: leases, abort and close must not free it now."""
+        return self.claimed or self.sends > 0
 
     def match(self, matched: int) -> Match:
         return Match(self.tokens, self.roi, self.key, self.value, self.hidden, matched, self.request_id)
@@ -170,7 +183,7 @@ class LookupBuffer:
         nxt: Optional[float] = None
         dead = []
         for e in self._entries.values():
-            if e.claimed:
+            if e.busy:
                 continue
             if e.deadline <= now:
                 dead.append(e)
@@ -276,14 +289,18 @@ class LookupBuffer:
 
     def claim(self, input_tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], *,
               request_id: Optional[str] = None, prefix: bool = False, min_prefix: int = 1, wait_s: float = 0.0,
-              cancel: Optional[threading.Event] = None) -> Optional[tuple]:
+              cancel: Optional[threading.Event] = None, readers: int = 1) -> Optional[tuple]:
         """Find and claim a matching entry, waiting up to ``wait_s`` for one to be inserted.
 
         Returns ``(handle, Match)`` or None. The claimed entry is invisible to
         other queries and keeps its bytes until :meth:`release` (consumed) or
         :meth:`unclaim` (the hand-over failed; it becomes available again).
+        ``readers`` (first claim of an entry only) shares the entry between
+        that many claims: it stays visible until the last one was handed out
+        and is dropped when every handed-out claim was released.
         """
         check_query(input_tokens, roi, "drop_select")
+        check_readers(readers)
         if input_tokens is None and request_id is None:
             raise KVUsageError("drop_select: a query needs input_tokens or a request_id")
         masked = wire.tokens_key(input_tokens, roi)
@@ -296,8 +313,11 @@ class LookupBuffer:
                 hit = self._find_locked(masked, request_id, prefix, min_prefix)
                 if hit is not None:
                     e, n = hit
-                    self._unindex(e)
-                    e.claimed = True
+                    e.reads_left = (readers if e.reads_left is None else e.reads_left) - 1
+                    e.sends += 1
+                    if e.reads_left <= 0:
+                        self._unindex(e)
+                        e.claimed = True
                     return e, e.match(n)
                 left = end - time.monotonic()
                 if left <= 0 or (cancel is not None and cancel.is_set()):
@@ -308,36 +328,57 @@ class LookupBuffer:
                 self._cond.wait(step)
 
     def release(self, handle: Any) -> None:
-        """The claimed entry was delivered: drop it and free its bytes (idempotent)."""
+        """The claimed entry was delivered: drop it and free its bytes once its last reader got it (idempotent)."""
         with self._cond:
-            self._free(handle)
+            if handle.eid not in self._entries:
+                return
+            handle.sends = max(0, handle.sends - 1)
+            if handle.sends == 0 and (handle.claimed or handle.aborted or self._closed):
+                if not handle.claimed:
+                    self._unindex(handle)
+                self._free(handle)
 
     def unclaim(self, handle: Any) -> None:
         """The hand-over failed: make the entry available again (dropped if aborted or closed)."""
         with self._cond:
             if handle.eid not in self._entries:
                 return
-            handle.claimed = False
+            handle.sends = max(0, handle.sends - 1)
+            handle.reads_left = (handle.reads_left or 0) + 1
+            was_claimed, handle.claimed = handle.claimed, False
             if handle.aborted or self._closed:
-                self._free(handle)
+                if not was_claimed:
+                    self._unindex(handle)
+                if handle.sends == 0:
+                    self._free(handle)
+                else:
+                    handle.claimed = True  # hidden until the sends in flight end
             else:
-                self._index(handle)
+                if was_claimed:
+                    self._index(handle)
                 self._cond.notify_all()
 
     def fetch(self, input_tokens: Optional[torch.Tensor] = None, roi: Optional[torch.Tensor] = None, *,
               request_id: Optional[str] = None, prefix: bool = False, min_prefix: int = 1, wait_s: float = 0.0,
-              device: Any = None, timeout: Optional[float] = None) -> Optional[Match]:
+              device: Any = None, timeout: Optional[float] = None, narrow: Optional[List[int]] = None,
+              readers: int = 1) -> Optional[Match]:
         """Select and drop the matching entry; None when nothing matched within ``wait_s`` seconds.
 
         ``device`` moves the returned tensors there (they are the stored ones
         otherwise). ``timeout`` is accepted for signature parity with
-        :meth:`LookupClient.fetch` and unused.
+        :meth:`LookupClient.fetch` and unused. ``narrow`` (``[dim, start,
+        length]``) cuts every key tensor (copies); ``readers`` as in :meth:`claim`.
         """
         hit = self.claim(input_tokens, roi, request_id=request_id, prefix=prefix, min_prefix=min_prefix,
-                         wait_s=wait_s)
+                         wait_s=wait_s, readers=readers)
         if hit is None:
             return None
         handle, m = hit
+        try:
+            m.key = narrow_part(m.key, narrow, "fetch")
+        except KVUsageError:
+            self.unclaim(handle)
+            raise
         self.release(handle)
         if device is not None:
             m = m.to(device)
@@ -361,8 +402,11 @@ class LookupBuffer:
                 if e.request_id != request_id:
                     continue
                 n += 1
-                if e.claimed:
+                if e.busy:
                     e.aborted = True
+                    if not e.claimed:
+                        self._unindex(e)
+                        e.claimed = True
                 else:
                     self._unindex(e)
                     self._free(e)
@@ -375,8 +419,11 @@ class LookupBuffer:
         with self._cond:
             self._closed = True
             for e in list(self._entries.values()):
-                if e.claimed:
+                if e.busy:
                     e.aborted = True
+                    if not e.claimed:
+                        self._unindex(e)
+                        e.claimed = True
                 else:
                     self._unindex(e)
                     self._free(e)

@@ -278,3 +278,53 @@ def test_full_buffer_three_concurrent_consumers_back_pressure_no_deadlock(peers)
     assert res["done"] and res["served"] == K.N_CONSUMERS * K.PER_CONSUMER
     assert res["max_used"] <= res["capacity"] and res["max_wait"] > 0.01  # insert did block
     assert res["bytes_used"] == 0 and res["num_entries"] == 0
+
+
+# -- shared entries and narrowed keys (tensor parallelism) ------------------------------
+def test_shared_entry_is_dropped_after_its_last_reader_and_narrow_cuts_the_key():
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 20, lease_s=10, clock=clock)
+    key = [torch.arange(24.0).reshape(2, 3, 4), torch.arange(24.0).reshape(2, 3, 4) + 100]
+    buf.insert(toks(1, 2), None, key, None, None, request_id="r")
+    h1, _ = buf.claim(toks(1, 2), None, request_id="r", readers=3)
+    m2 = buf.fetch(toks(1, 2), None, request_id="r", narrow=[1, 1, 2])  # readers of later claims are ignored
+    assert [tuple(t.shape) for t in m2.key] == [(2, 2, 4)] * 2 and torch.equal(m2.key[1], key[1][:, 1:3])
+    clock.t += 11  # past the lease, but a send is in flight: nothing is dropped
+    assert buf.num_entries == 1
+    buf.release(h1)
+    assert buf.num_entries == 0 and buf.expired == 1  # the third reader never came: the lease ended it
+    buf.insert(toks(3), None, key, None, None, request_id="s")
+    handle, _ = buf.claim(toks(3), None, readers=2)
+    buf.unclaim(handle)  # a failed hand-over gives its read back: two more fetches find it
+    assert buf.fetch(toks(3), None) is not None and buf.fetch(toks(3), None) is not None
+    assert buf.fetch(toks(3), None) is None and buf.bytes_used == 0
+
+
+def test_bad_readers_or_narrow_are_refused_and_leave_the_entry():
+    buf = LookupBuffer(1 << 20)
+    buf.insert(toks(1), None, [torch.zeros(2, 3)], None, None)
+    for bad in (0, -1, 1 << 20, True, 1.5):
+        with pytest.raises(KVUsageError, match="readers"):
+            buf.fetch(toks(1), None, readers=bad)
+    for bad in ([0, 0], [5, 0, 1], [1, 2, 2], [1, 0, 0], ["a", 0, 1]):
+        with pytest.raises(KVUsageError, match="narrow"):
+            buf.fetch(toks(1), None, narrow=bad)
+    assert buf.num_entries == 1 and buf.fetch(toks(1), None).key[0].shape == (2, 3)
+
+
+def test_remote_narrow_and_readers_over_the_wire():
+    from kv_transfer import ProducerError
+
+    buf = LookupBuffer(1 << 20)
+    key = [torch.arange(48.0).reshape(2, 4, 6)]
+    buf.insert(toks(1, 2), None, key, None, None, request_id="r")
+    with buf.serve("127.0.0.1", 0) as server, LookupBuffer.connect(server.address, timeout_s=10) as client:
+        with pytest.raises(ProducerError, match=r"bad_query.*narrow \[1, 3, 2\] does not fit tensor 0 of shape"):
+            client.fetch(toks(1, 2), None, request_id="r", narrow=[1, 3, 2], readers=2)
+        assert buf.num_entries == 1
+        halves = [client.fetch(toks(1, 2), None, request_id="r", narrow=[1, i * 2, 2], readers=2) for i in (0, 1)]
+        assert torch.equal(torch.cat([h.key[0] for h in halves], dim=1), key[0])
+        assert buf.bytes_used == 0  # both readers served: dropped
+        with pytest.raises(KVUsageError, match="readers"):
+            client.fetch(toks(1, 2), None, readers=0)
+    assert wire.decode_request(wire.encode(wire.Fetch(1, "r", narrow=[1, 0, 2], readers=2)), "p")[0].readers == 2

@@ -20,7 +20,8 @@ from kv_transfer.vllm.stats import TransferCounters  # noqa: E402
 BS = 4
 COMPAT = {"protocol": str(CONNECTOR_PROTOCOL), "model": "m", "dtype": "torch.float32", "num_layers": "2",
           "num_kv_heads": "2", "head_size": "8", "block_size": str(BS), "layout": "NHD"}
-EMPTY = {"producer_reqs": 0, "save_blocks": 0, "saved": 0, "pending_loads": 0, "loading": 0, "cancel": 0}
+EMPTY = {"producer_reqs": 0, "save_blocks": 0, "saved": 0, "pending_loads": 0, "loading": 0, "cancel": 0,
+         "release": 0, "waiting_rma": 0, "local_hit": 0}
 
 
 @dataclass
@@ -83,10 +84,11 @@ def remote_params(n_tokens: int, **extra: Any) -> dict[str, Any]:
                  "remote_port": 14600, "remote_num_tokens": n_tokens, "compat": dict(COMPAT)}, **extra)
 
 
-def start_load(s: UcxScheduler, req: FakeRequest, blocks: list[int]) -> LoadSpec:
-    """What vLLM's scheduler does for a new request with remote KV, up to the step's metadata."""
-    n, is_async = s.get_num_new_matched_tokens(req, req.num_computed_tokens)
-    assert is_async and n == len(req.prompt_token_ids) - req.num_computed_tokens
+def start_load(s: UcxScheduler, req: FakeRequest, blocks: list[int], local_hit: int = 0) -> LoadSpec:
+    """What vLLM's scheduler does for a new request with remote KV, up to the step's metadata: it asks with
+    the prefix-cache hit ``local_hit`` but sets ``request.num_computed_tokens`` only after the allocation."""
+    n, is_async = s.get_num_new_matched_tokens(req, local_hit)
+    assert is_async and n == len(req.prompt_token_ids) - local_hit
     s.update_state_after_alloc(req, FakeBlocks(blocks), n)
     meta = s.build_connector_meta(StepOutput())
     assert len(meta.to_load) == 1 and not meta.to_save
@@ -109,8 +111,8 @@ def test_loaded_request_leaves_nothing_behind():
 
 def test_prefix_cached_blocks_are_skipped():
     s = consumer()
-    req = FakeRequest("d-1", list(range(10)), remote_params(10), num_computed_tokens=BS)
-    spec = start_load(s, req, [5, 6, 8])
+    req = FakeRequest("d-1", list(range(10)), remote_params(10))  # num_computed_tokens still 0, as in vLLM
+    spec = start_load(s, req, [5, 6, 8], local_hit=BS)
     assert spec.skip_blocks == 1 and spec.block_ids == [5, 6, 8]
     s.update_connector_output(WorkerReport(finished_recving={"d-1"}))
     s.request_finished(req, [5, 6, 8])
@@ -202,3 +204,75 @@ def test_counters_hand_out_intervals_and_keep_totals():
     assert merged.data["bytes_saved"] == 7 and merged.data["bytes_loaded"] == 100
     with pytest.raises(KeyError, match="bytes_sent"):
         c.add(bytes_sent=1)
+
+
+def test_tp_producer_names_its_engine_base_port_and_tp_size():
+    from kv_transfer.vllm import RankInfo
+
+    s = UcxScheduler(UcxConfig(is_producer=True, is_consumer=False, block_size=BS, advertise_host="10.0.0.7",
+                               kv_port=14600), dict(COMPAT, tp_size="2"), RankInfo(tp_size=2, dp_rank=1, dp_size=2))
+    req = FakeRequest("p-1", list(range(4)), {"do_remote_decode": True})
+    s.update_state_after_alloc(req, FakeBlocks([3]), 0)
+    s.build_connector_meta(StepOutput([NewReq("p-1", ([3],))], num_scheduled_tokens={"p-1": 4}))
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    _, params = s.request_finished(req, [3])
+    # DP engine 1 of TP 2: its ranks serve on 14602 and 14603
+    assert (params["remote_port"], params["remote_tp_size"], params["remote_dp_index"]) == (14602, 2, 1)
+    assert s.books() == EMPTY
+
+
+@pytest.mark.parametrize("remote_tp,ok", [("1", True), ("2", True), ("4", True), ("3", False)])
+def test_tp_sizes_that_cannot_pair_are_refused_naming_both_sides(remote_tp, ok, caplog):
+    s = UcxScheduler(UcxConfig(is_producer=False, is_consumer=True, block_size=BS), dict(COMPAT, tp_size="2"))
+    req = FakeRequest("d-1", list(range(8)), remote_params(8, compat=dict(COMPAT, tp_size=remote_tp),
+                                                          remote_tp_size=int(remote_tp)))
+    if ok:
+        spec = start_load(s, req, [1, 2])
+        assert spec.remote_tp_size == int(remote_tp) and spec.total_kv_heads == 2
+        s.update_connector_output(WorkerReport(finished_recving={"d-1"}))
+    else:
+        assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+        assert f"tp_size: prefill='{remote_tp}' decode='2'" in caplog.text
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    s.request_finished(req, [1, 2])
+    assert s.books() == EMPTY
+
+
+def test_rma_producer_delays_the_free_and_releases_aborted_requests():
+    s = UcxScheduler(UcxConfig(is_producer=True, is_consumer=False, block_size=BS, kv_port=14600, kv_mode="rma",
+                               lease_s=9.0), dict(COMPAT))
+    for rid, status in (("p-1", RequestStatus.FINISHED_LENGTH_CAPPED), ("p-2", RequestStatus.FINISHED_ABORTED)):
+        req = FakeRequest(rid, list(range(4)), {"do_remote_decode": True}, status=status)
+        s.update_state_after_alloc(req, FakeBlocks([1]), 0)
+        assert len(s.build_connector_meta(StepOutput([NewReq(rid, ([1],))], num_scheduled_tokens={rid: 4})).to_save) == 1
+        keep, params = s.request_finished(req, [1])
+        assert keep is True  # the blocks stay leased until the worker reports the request sent
+        if rid == "p-1":
+            assert params["kv_mode"] == "rma" and params["lease_s"] == 9.0
+        else:
+            assert params is None and s.build_connector_meta(StepOutput()).release_leases == ["p-2"]
+    assert s.books() == EMPTY
+    # a request never saved is not held
+    req = FakeRequest("p-3", list(range(4)), {"do_remote_decode": True}, status=RequestStatus.FINISHED_ABORTED)
+    assert s.request_finished(req, [1]) == (False, None)
+
+
+def test_rma_consumer_renews_the_lease_while_the_request_waits_for_blocks():
+    import time
+
+    s = consumer()
+    req = FakeRequest("d-1", list(range(8)), remote_params(8, kv_mode="rma", lease_s=0.3, remote_tp_size=1))
+    assert s.get_num_new_matched_tokens(req, 0) == (8, True)  # no blocks free yet: vLLM keeps it waiting
+    assert s.build_connector_meta(StepOutput()).renew_leases == []  # not due yet
+    time.sleep(0.12)
+    renew = s.build_connector_meta(StepOutput()).renew_leases
+    assert [(r.remote_request_id, r.remote_address) for r in renew] == [("p-1", "10.0.0.7:14600")]
+    assert s.build_connector_meta(StepOutput()).renew_leases == []  # once per lease_s / 3
+    assert s.get_num_new_matched_tokens(req, 0) == (8, True)
+    s.update_state_after_alloc(req, FakeBlocks([1, 2]), 8)  # allocated: the load takes over
+    meta = s.build_connector_meta(StepOutput())
+    assert meta.to_load[0].kv_mode == "rma" and s.books()["waiting_rma"] == 0
+    s.update_connector_output(WorkerReport(finished_recving={"d-1"}))
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    s.request_finished(req, [1, 2])
+    assert s.books() == EMPTY

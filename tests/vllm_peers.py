@@ -17,7 +17,8 @@ def _connector_totals(worker: Any) -> dict:
     return get_kv_transfer_group().worker.counters.totals()
 
 
-def _llm(model: str, role: str, extra: dict[str, Any], core: str, policy: str = "recompute") -> Any:
+def _llm(model: str, role: str, extra: dict[str, Any], core: str, policy: str = "recompute",
+         prefix_caching: bool = False) -> Any:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core
     from vllm import LLM
@@ -26,7 +27,7 @@ def _llm(model: str, role: str, extra: dict[str, Any], core: str, policy: str = 
     cfg = KVTransferConfig(kv_role=role, kv_connector_extra_config=extra, kv_load_failure_policy=policy, **CONNECTOR)
     return LLM(model=model, dtype="float32", max_model_len=512, enforce_eager=True, block_size=32,
                kv_transfer_config=cfg, gpu_memory_utilization=0.5,
-               enable_prefix_caching=False)  # the single-instance reference must not reuse loaded KV
+               enable_prefix_caching=prefix_caching)  # off by default: a reference must not reuse loaded KV
 
 
 def _sp(max_tokens: int, params: dict | None) -> Any:
@@ -43,15 +44,19 @@ def _shutdown(llm: Any) -> None:
         core.shutdown()
 
 
-def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0) -> None:
-    """Serves prefills on command: ("prefill", prompts) -> list of kv_transfer_params; ("stop",)."""
+def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0, kv_mode: str = "stage") -> None:
+    """Serves prefills on command: ("prefill", prompts) -> list of kv_transfer_params; ("pool_full",) ->
+    whether every KV block is free (vLLM's reset_prefix_cache succeeds only then); ("stop",)."""
     try:
-        llm = _llm(model, "kv_producer", {"kv_port": kv_port, "lease_s": lease_s}, "0")
+        llm = _llm(model, "kv_producer", {"kv_port": kv_port, "lease_s": lease_s, "kv_mode": kv_mode}, "0")
         q.put(("ready", None))
         while True:
             c = cmd.get(timeout=600)
             if c[0] == "stop":
                 break
+            if c[0] == "pool_full":
+                q.put(("pool_full", bool(llm.reset_prefix_cache())))
+                continue
             outs = llm.generate(c[1], [_sp(1, {"do_remote_decode": True}) for _ in c[1]], use_tqdm=False)
             q.put(("params", [o.kv_transfer_params for o in outs]))
         _shutdown(llm)
@@ -60,12 +65,12 @@ def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0) -
         q.put(("error", type(exc).__name__, str(exc), traceback.format_exc()))
 
 
-def decode(q: Any, cmd: Any, model: str, policy: str = "recompute") -> None:
+def decode(q: Any, cmd: Any, model: str, policy: str = "recompute", prefix_caching: bool = False) -> None:
     """On command ("generate", prompts, params_list, max_tokens) -> token id lists; ("totals",) -> the
-    connector worker's transfer counters; ("stop",)."""
+    connector worker's transfer counters; ("reset_prefix_cache",) -> its result; ("stop",)."""
     try:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # lets collective_rpc run _connector_totals
-        llm = _llm(model, "kv_consumer", {"fetch_timeout_s": 20}, "1", policy)
+        llm = _llm(model, "kv_consumer", {"fetch_timeout_s": 20}, "1", policy, prefix_caching)
         q.put(("ready", None))
         while True:
             c = cmd.get(timeout=600)
@@ -73,6 +78,9 @@ def decode(q: Any, cmd: Any, model: str, policy: str = "recompute") -> None:
                 break
             if c[0] == "totals":
                 q.put(("totals", llm.collective_rpc(_connector_totals)[0]))
+                continue
+            if c[0] == "reset_prefix_cache":
+                q.put(("reset", bool(llm.reset_prefix_cache())))
                 continue
             if c[0] == "abort_while_loading":
                 # add a request whose KV is remote, let the scheduler start the load, abort it at once

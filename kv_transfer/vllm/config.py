@@ -12,7 +12,12 @@ Configuration (``kv_connector_extra_config``), with defaults:
   non-loopback advertised address (or the reverse) is refused: decode could not connect;
 ``kv_port`` (the config's ``kv_port``, 14579)  prefill's KV server port;
 ``kv_buffer_size`` (2 GiB)  staging capacity on prefill (back-pressure past it);
-``lease_s`` (30)  how long prefill keeps an unclaimed request's KV;
+``kv_mode`` ("stage")  ``stage``: prefill copies a finished request's KV into a staging buffer
+  (``kv_buffer_size``) and decode fetches it; ``rma``: nothing is staged, decode GETs
+  prefill's blocks in place while prefill keeps them leased; ``auto``: ``rma`` unless
+  ``UCX_TLS`` is TCP only (see :mod:`.rma_worker`). Prefill's choice travels to decode;
+``lease_s`` (30)  how long prefill keeps an unclaimed request's KV (staged bytes, or in
+  rma mode its blocks, which vLLM cannot reuse meanwhile);
 ``insert_timeout_s`` (10)  how long a full buffer may block a save;
 ``fetch_timeout_s`` (30)  bound on one fetch on decode;
 ``ucx_tls`` (unset)  sets ``UCX_TLS`` for the worker process;
@@ -46,6 +51,7 @@ class UcxConfig:
     fetch_timeout_s: float = 30.0
     ucx_tls: Optional[str] = None
     perturb: bool = False
+    kv_mode: str = "stage"
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "UcxConfig":
@@ -77,4 +83,5 @@ class UcxConfig:
             fetch_timeout_s=float(get("fetch_timeout_s", 30.0)),
             ucx_tls=str(tls) if tls else None,
             perturb=bool(get("debug_perturb_loaded_kv", False)),
+            kv_mode=str(get("kv_mode", "stage")),
         )

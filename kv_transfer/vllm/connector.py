@@ -23,7 +23,10 @@ How a request moves (decode pulls; prefill stages):
    ``kv_load_failure_policy``.
 
 Entries that decode never asks for are dropped when their lease ends (bytes
-released). Transfer statistics go through ``get_kv_connector_stats``
+released). With ``kv_mode`` ``rma`` (:mod:`.rma_worker`) step 2 stages nothing:
+prefill leases the request's blocks in place (``request_finished`` returns True)
+and decode GETs them straight into its own blocks, then tells prefill, whose
+worker reports the request in ``finished_sending`` so vLLM frees the blocks. Transfer statistics go through ``get_kv_connector_stats``
 (:mod:`.stats`); settings are in :mod:`.config`.
 
 Why pull + staging, not a push into decode's blocks: decode decides when it has
@@ -73,10 +76,11 @@ class UcxConnector(KVConnectorBase_V1):
         self.compat = compat_record(vllm_config, kv_cache_config)
         self.scheduler: Optional[UcxScheduler] = None
         self.worker: Optional[UcxWorker] = None
+        rank = RankInfo.from_vllm(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = UcxScheduler(self.config, self.compat)
+            self.scheduler = UcxScheduler(self.config, self.compat, rank)
         else:
-            self.worker = UcxWorker(self.config, RankInfo.from_vllm(vllm_config),
+            self.worker = UcxWorker(self.config, rank,
                                     num_blocks=getattr(kv_cache_config, "num_blocks", None),
                                     layout_name=getattr(kv_cache_config, "kv_cache_layout", None))
         log.info("UcxConnector %s (%s) kv server %s:%s", role.name,

@@ -2,9 +2,12 @@
 
 The compatibility record travels in ``kv_transfer_params`` from prefill to decode;
 decode refuses (and recomputes) a request whose record differs from its own in
-any of :data:`COMPAT_KEYS`, naming both sides' values. ``protocol`` is the
-connector protocol version: bump :data:`CONNECTOR_PROTOCOL` whenever what prefill
-stages or what ``kv_transfer_params`` mean changes.
+any of :data:`COMPAT_KEYS`, or whose tensor-parallel size cannot pair with its
+own (:func:`kv_transfer.tp_mapping.check_tp_pair`), naming both sides' values.
+``num_kv_heads`` is the model's *total* KV heads (not one rank's shard), so
+instances of different TP sizes compare equal. ``protocol`` is the connector
+protocol version: bump :data:`CONNECTOR_PROTOCOL` whenever what prefill stages
+or what ``kv_transfer_params`` mean changes.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ from typing import Any, Optional
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-__all__ = ["CONNECTOR_PROTOCOL", "COMPAT_KEYS", "SaveSpec", "LoadSpec", "UcxConnectorMetadata",
+from ..tp_mapping import check_tp_pair
+
+__all__ = ["CONNECTOR_PROTOCOL", "COMPAT_KEYS", "SaveSpec", "LoadSpec", "RenewSpec", "UcxConnectorMetadata",
            "compat_record", "compat_problem"]
 
 #: Version of the prefill -> decode contract (kv_transfer_params and the staged entry format).
-CONNECTOR_PROTOCOL = 1
+#: 2: one KV server per worker rank (remote_port is the engine's base port), total KV heads, tp_size.
+#: 3: kv_mode ("stage" | "rma": the rank serves leased blocks over the kvrma service) and lease_s.
+CONNECTOR_PROTOCOL = 3
 
 COMPAT_KEYS = ("protocol", "model", "dtype", "num_layers", "num_kv_heads", "head_size", "block_size", "layout")
 
@@ -45,6 +52,20 @@ class LoadSpec:
     block_ids: list[int]  # local blocks, in order
     skip_blocks: int  # leading blocks already computed locally (prefix cache)
     perturb: bool = False  # testing only: add noise to what was loaded
+    remote_tp_size: int = 1  # prefill's TP size: remote_address's port is its rank 0's, rank p is port + p
+    total_kv_heads: int = 0  # the model's KV heads (0: unknown, read whole shards from the same rank)
+    perturb_rank: Optional[int] = None  # testing only: perturb on this decode TP rank only
+    kv_mode: str = "stage"  # how prefill holds the KV: staged entries, or leased blocks read in place ("rma")
+
+
+@dataclass
+class RenewSpec:
+    """rma: a decode request still waiting for blocks; its prefill lease is extended (read as in LoadSpec)."""
+
+    remote_request_id: str
+    remote_address: str
+    remote_tp_size: int = 1
+    total_kv_heads: int = 0
 
 
 @dataclass
@@ -54,6 +75,8 @@ class UcxConnectorMetadata(KVConnectorMetadata):
     to_save: list[SaveSpec] = field(default_factory=list)
     to_load: list[LoadSpec] = field(default_factory=list)
     cancel_loads: list[str] = field(default_factory=list)
+    release_leases: list[str] = field(default_factory=list)  # rma producer: no reader will come, free now
+    renew_leases: list[RenewSpec] = field(default_factory=list)  # rma consumer: still coming, keep them
 
 
 def compat_record(vllm_config: Any, kv_cache_config: Any) -> dict[str, str]:
@@ -66,7 +89,7 @@ def compat_record(vllm_config: Any, kv_cache_config: Any) -> dict[str, str]:
     mc = vllm_config.model_config
     try:
         num_layers = mc.get_num_layers(vllm_config.parallel_config)
-        kv_heads = mc.get_num_kv_heads(vllm_config.parallel_config)
+        kv_heads = mc.get_total_num_kv_heads()
         head = mc.get_head_size()
     except Exception:  # noqa: BLE001
         num_layers = kv_heads = head = -1
@@ -76,10 +99,11 @@ def compat_record(vllm_config: Any, kv_cache_config: Any) -> dict[str, str]:
         "model": os.path.basename(str(mc.model).rstrip("/")),
         "dtype": str(getattr(spec, "dtype", vllm_config.cache_config.cache_dtype)),
         "num_layers": str(num_layers),
-        "num_kv_heads": str(getattr(spec, "num_kv_heads", kv_heads)),
+        "num_kv_heads": str(kv_heads),  # total, not this rank's shard (spec.num_kv_heads)
         "head_size": str(getattr(spec, "head_size", head)),
         "block_size": str(getattr(spec, "block_size", vllm_config.cache_config.block_size)),
         "layout": str(layout),
+        "tp_size": str(int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)),
     }
 
 
@@ -88,6 +112,13 @@ def compat_problem(mine: dict[str, str], remote: Optional[dict[str, Any]]) -> Op
     if not remote:
         return "the producer sent no compatibility record"
     bad = [k for k in COMPAT_KEYS if str(remote.get(k)) != mine.get(k)]
-    if not bad:
-        return None
-    return "; ".join(f"{k}: prefill={remote.get(k)!r} decode={mine.get(k)!r}" for k in bad)
+    if bad:
+        return "; ".join(f"{k}: prefill={remote.get(k)!r} decode={mine.get(k)!r}" for k in bad)
+    if str(remote.get("tp_size", "1")) == mine.get("tp_size", "1"):
+        return None  # same TP size: rank r reads rank r, whatever the heads
+    try:
+        check_tp_pair(int(remote.get("tp_size", 1)), int(mine.get("tp_size", 1)), int(mine["num_kv_heads"]))
+    except (ValueError, TypeError) as exc:  # ParallelMismatchError is a ValueError
+        return (f"tp_size: prefill={remote.get('tp_size')!r} decode={mine.get('tp_size')!r} "
+                f"num_kv_heads={mine.get('num_kv_heads')!r}: {exc}")
+    return None

@@ -11,7 +11,10 @@ reserved and a :class:`LoadSpec` queued; the load is asynchronous (vLLM waits
 for ``finished_recving``). A request finished while still loading keeps its
 blocks (``request_finished`` returns True) until the worker reports the load
 stopped. Rank-agnostic: under tensor parallelism every worker rank receives the
-same metadata.
+same metadata. It knows sizes, not ranks: prefill's ``kv_transfer_params``
+name its DP engine's *base* KV port (``rank_port(kv_port, 0, tp, dp_index=dp)``)
+and its TP size; each decode worker rank works out which prefill ranks (ports
+``base + p``) and heads it reads.
 
 :meth:`UcxScheduler.books` counts what the scheduler holds; all zero once every
 request has finished and the worker reported its loads.
@@ -20,12 +23,16 @@ request has finished and the worker reported its loads.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, Optional
 
 from vllm.v1.request import RequestStatus
 
 from .config import UcxConfig
-from .metadata import LoadSpec, SaveSpec, UcxConnectorMetadata, compat_problem
+from ..tp_mapping import rank_port
+from .metadata import LoadSpec, RenewSpec, SaveSpec, UcxConnectorMetadata, compat_problem
+from .rma_worker import choose_kv_mode
+from .worker import RankInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -49,9 +56,12 @@ class UcxScheduler:
         compat: This instance's compatibility record (see :mod:`.metadata`).
     """
 
-    def __init__(self, config: UcxConfig, compat: dict[str, str]):
+    def __init__(self, config: UcxConfig, compat: dict[str, str], rank: Optional[RankInfo] = None):
         self.config = config
         self.compat = compat
+        self.rank = rank or RankInfo()
+        #: The first port of this engine's workers (rank p serves on base_port + p); kv_port for TP 1 / DP 0.
+        self.base_port = rank_port(config.kv_port, 0, self.rank.tp_size, dp_index=self.rank.dp_rank)
         # producer books
         self._producer_reqs: dict[str, Any] = {}  # request id -> Request, allocation .. request_finished
         self._save_blocks: dict[str, list[int]] = {}
@@ -61,12 +71,20 @@ class UcxScheduler:
         self._loading: set[str] = set()  # handed to the worker, not yet reported back
         self._cancel: list[str] = []  # finished while loading: tell the worker
         self.loads_failed = 0  # blocks the worker reported as not loaded (requests recomputed)
+        #: "stage" or "rma": how this producer holds a finished prompt's KV (rma: leased blocks, delayed free)
+        self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"
+        self._release: list[str] = []  # rma: leased requests no reader will come for (aborted)
+        self._waiting_rma: dict[str, tuple[RenewSpec, float, float]] = {}  # rma consumer: (spec, every s, next at)
+        # tokens decode's prefix cache already holds, per request: vLLM sets request.num_computed_tokens
+        # only after update_state_after_alloc, so the skip is remembered from get_num_new_matched_tokens
+        self._local_hit: dict[str, int] = {}
 
     def books(self) -> dict[str, int]:
         """How many entries each of the scheduler's books holds (all zero when idle)."""
         return {"producer_reqs": len(self._producer_reqs), "save_blocks": len(self._save_blocks),
                 "saved": len(self._saved), "pending_loads": len(self._pending_loads),
-                "loading": len(self._loading), "cancel": len(self._cancel)}
+                "loading": len(self._loading), "cancel": len(self._cancel), "release": len(self._release),
+                "waiting_rma": len(self._waiting_rma), "local_hit": len(self._local_hit)}
 
     # ------------------------------------------------------------- decode side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -82,6 +100,13 @@ class UcxScheduler:
         n = min(int(params.get("remote_num_tokens", 0)), len(request.prompt_token_ids)) - num_computed_tokens
         if n <= 0:
             return 0, False
+        self._local_hit[request.request_id] = num_computed_tokens
+        if params.get("kv_mode") == "rma" and request.request_id not in self._waiting_rma:
+            # until its blocks are allocated, renew prefill's lease (a backlog must not turn into recomputation)
+            every = max(0.05, float(params.get("lease_s", 30.0)) / 3)
+            spec = RenewSpec(str(params["remote_request_id"]), f"{params['remote_host']}:{params['remote_port']}",
+                             int(params.get("remote_tp_size", 1)), int(self.compat.get("num_kv_heads", 0)))
+            self._waiting_rma[request.request_id] = (spec, every, time.monotonic() + every)
         return n, True
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
@@ -94,17 +119,24 @@ class UcxScheduler:
             return
         if rid in self._loading:
             return
+        self._waiting_rma.pop(rid, None)
+        local_hit = self._local_hit.pop(rid, request.num_computed_tokens)
         bs = self.config.block_size
         num_tokens = min(int(params["remote_num_tokens"]), len(request.prompt_token_ids))
         self._pending_loads.append(LoadSpec(
             req_id=rid,
             remote_request_id=str(params["remote_request_id"]),
             remote_address=f"{params['remote_host']}:{params['remote_port']}",
+            remote_tp_size=int(params.get("remote_tp_size", 1)),
+            total_kv_heads=int(self.compat.get("num_kv_heads", 0)),
+            perturb_rank=params.get("ucxkv_debug_perturb_rank"),
+            kv_mode=str(params.get("kv_mode", "stage")),
             token_ids=list(request.prompt_token_ids[:num_tokens]),
             num_tokens=num_tokens,
             block_ids=list(blocks.get_block_ids()[0])[:_cdiv(num_tokens, bs)],
-            skip_blocks=request.num_computed_tokens // bs,
-            perturb=self.config.perturb or bool(params.get("ucxkv_debug_perturb", False)),
+            skip_blocks=local_hit // bs,
+            perturb=(self.config.perturb or bool(params.get("ucxkv_debug_perturb", False))
+                     or params.get("ucxkv_debug_perturb_rank") is not None),
         ))
         self._loading.add(rid)
         params["do_remote_prefill"] = False  # a retry after failure recomputes instead of looping
@@ -131,6 +163,12 @@ class UcxScheduler:
                     self._maybe_save(meta, rid, cached.num_computed_tokens[i] + n_sched.get(rid, 0))
         meta.to_load, self._pending_loads = self._pending_loads, []
         meta.cancel_loads, self._cancel = self._cancel, []
+        meta.release_leases, self._release = self._release, []
+        now = time.monotonic()
+        for rid, (spec, every, due) in list(self._waiting_rma.items()):
+            if now >= due:
+                meta.renew_leases.append(spec)
+                self._waiting_rma[rid] = (spec, every, now + every)
         return meta
 
     def _maybe_save(self, meta: UcxConnectorMetadata, rid: str, computed_after_step: int) -> None:
@@ -153,20 +191,31 @@ class UcxScheduler:
         rid = request.request_id
         self._producer_reqs.pop(rid, None)
         self._save_blocks.pop(rid, None)
+        self._waiting_rma.pop(rid, None)
+        self._local_hit.pop(rid, None)
         if self.config.is_consumer and rid in self._loading:
             # The worker may still be writing into these blocks: keep them until it says it stopped.
             self._cancel.append(rid)
             return True, None
         staged = rid in self._saved
         self._saved.discard(rid)
-        if not (self.config.is_producer and staged) or request.status == RequestStatus.FINISHED_ABORTED:
+        if not (self.config.is_producer and staged):
             return False, None
-        return False, {
+        rma = self.kv_mode == "rma"  # the worker leased these blocks: vLLM frees them when it reports them sent
+        if request.status == RequestStatus.FINISHED_ABORTED:
+            if rma:
+                self._release.append(rid)
+            return rma, None
+        return rma, {
             "do_remote_prefill": True,
             "do_remote_decode": False,
             "remote_request_id": rid,
             "remote_host": self.config.advertise_host,
-            "remote_port": self.config.kv_port,
+            "remote_port": self.base_port,
+            "remote_tp_size": self.rank.tp_size,
+            "remote_dp_index": self.rank.dp_rank,
             "remote_num_tokens": len(request.prompt_token_ids),
             "compat": dict(self.compat),
+            "kv_mode": self.kv_mode,
+            "lease_s": self.config.lease_s,
         }

@@ -2,7 +2,19 @@
 
 Prefill: :meth:`UcxWorker.wait_for_save` stages each request the scheduler
 named (:class:`~kv_transfer.KVProducer` gathers its blocks into the rank's
-:class:`~kv_transfer.LookupBuffer`, served on ``kv_host:kv_port``).
+:class:`~kv_transfer.LookupBuffer`, served on the rank's own port
+``rank_port(kv_port, tp_rank, tp_size, dp_index=dp)``: ``kv_port`` itself for
+TP 1 / DP 0, ``kv_port + dp*tp + tp_rank`` otherwise).
+
+Tensor parallelism: decode rank ``r`` of TP ``D`` reads what
+:func:`~kv_transfer.tp_mapping.decode_reads` says for prefill TP ``P``
+(``remote_tp_size``) and the model's total KV heads: with ``P == D`` the whole
+shard of prefill rank ``r`` (the plain block path); otherwise a head range of
+each prefill rank it reads, cut by the prefill server (only those bytes cross
+the wire) and written at its head offset (:meth:`KVConsumer.load_heads`). An
+entry read by several decode ranks (``D > P``) is shared between that many
+fetches (``readers``) and dropped after the last. A read that fails fails the
+whole request on this rank (every block reported), so vLLM recomputes it.
 
 Decode: :meth:`UcxWorker.start_load_kv` hands each load to a background thread
 that goes through :class:`~kv_transfer.KVConsumer` (the same validation as any
@@ -36,8 +48,10 @@ from ..lookup_client import LookupClient
 from ..lookup_server import LookupServer
 from ..lookup_store import LookupBuffer
 from ..paged import PagedLayout, gather_blocks, scatter_blocks
+from ..tp_mapping import HeadRead, decode_reads, rank_port, readers_per_prefill_rank
 from .config import UcxConfig
 from .metadata import LoadSpec, UcxConnectorMetadata
+from .rma_worker import RmaTransfer, choose_kv_mode
 from .stats import TransferCounters, UcxKVConnectorStats
 
 log = logging.getLogger(__name__)
@@ -65,9 +79,22 @@ class RankInfo:
             tp_rank = int(get_tensor_model_parallel_rank())
         except Exception:  # noqa: BLE001 - no TP group in this process
             pass
+        # data_parallel_index: the engine's DP index even where vLLM runs non-MoE DP engines as DP 1
+        dp = getattr(pc, "data_parallel_index", None)
+        if dp is None:
+            dp = getattr(pc, "data_parallel_rank", 0)
         return cls(tp_rank=tp_rank, tp_size=int(getattr(pc, "tensor_parallel_size", 1) or 1),
-                   dp_rank=int(getattr(pc, "data_parallel_rank", 0) or 0),
+                   dp_rank=int(dp or 0),
                    dp_size=int(getattr(pc, "data_parallel_size", 1) or 1))
+
+
+def _layout_of(cache: torch.Tensor, block_dim: int, name: Optional[str]) -> PagedLayout:
+    """The layout of vLLM's per-layer cache: a preset naming the head dim where the shape is one vLLM uses."""
+    if cache.dim() == 4 and block_dim == 0 and cache.device.type == "cpu":
+        return PagedLayout.vllm_cpu()  # (blocks, kv_heads, block_size, 2 * head_size)
+    if cache.dim() == 5 and block_dim == 1:
+        return PagedLayout.flash_attn()  # (2, blocks, block_size, kv_heads, head_size)
+    return PagedLayout(name=name or f"block_dim{block_dim}", block_dim=block_dim)
 
 
 def _warm_up_transport() -> None:
@@ -109,6 +136,8 @@ class UcxWorker:
         self._failed_blocks: set[int] = set()
         self._cancelled: set[str] = set()
         self.counters = TransferCounters()
+        self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"  # what this producer serves
+        self._rma: Optional[RmaTransfer] = None  # rma mode (producer) or rma loads (consumer)
 
     # ------------------------------------------------------------------ setup
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -118,18 +147,26 @@ class UcxWorker:
         num_blocks = self._num_blocks or first.shape[0]
         block_dim = 0 if first.shape[0] == num_blocks else next(
             (d for d, s in enumerate(first.shape) if s == num_blocks), 0)
-        name = self._layout_name or f"block_dim{block_dim}"
-        self._layout = PagedLayout(name=name, block_dim=block_dim)
+        self._layout = _layout_of(first, block_dim, self._layout_name)
+        name = self._layout.name
         self._block_bytes = sum(self._layout.block_nbytes(c) for c in self._caches)
         log.info("UcxConnector worker tp %d/%d dp %d/%d: %d layers, per-layer cache %s %s, layout %s (block dim %d)",
                  self.rank.tp_rank, self.rank.tp_size, self.rank.dp_rank, self.rank.dp_size, len(self._caches),
                  tuple(first.shape), first.dtype, name, block_dim)
-        if self.config.is_producer:
+        if self.config.is_producer or self.config.is_consumer:
+            self._rma = RmaTransfer(self.config, self._caches, self._layout, self._sent)
+        if self.config.is_producer and self.kv_mode == "rma":
+            port = rank_port(self.config.kv_port, self.rank.tp_rank, self.rank.tp_size, dp_index=self.rank.dp_rank)
+            log.info("UcxConnector producer (tp %d/%d dp %d) leasing KV blocks in place (kv_mode rma) on %s",
+                     self.rank.tp_rank, self.rank.tp_size, self.rank.dp_rank, self._rma.serve(self.config.kv_host, port))
+        elif self.config.is_producer:
             self._buffer = LookupBuffer(self.config.buffer_bytes, lease_s=self.config.lease_s)
             self._producer = KVProducer(self._buffer, self._caches, self._layout,
                                         insert_timeout_s=self.config.insert_timeout_s, lease_s=self.config.lease_s)
-            self._server = self._buffer.serve(self.config.kv_host, self.config.kv_port)
-            log.info("UcxConnector producer serving KV on %s", self._server.address)
+            port = rank_port(self.config.kv_port, self.rank.tp_rank, self.rank.tp_size, dp_index=self.rank.dp_rank)
+            self._server = self._buffer.serve(self.config.kv_host, port)
+            log.info("UcxConnector producer (tp %d/%d dp %d) serving KV on %s", self.rank.tp_rank,
+                     self.rank.tp_size, self.rank.dp_rank, self._server.address)
         if self.config.is_consumer:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucxkv-load")
             self._pool.submit(_warm_up_transport)  # UCX init takes ~0.5 s: not on the first request's path
@@ -143,6 +180,22 @@ class UcxWorker:
             self._cancelled.update(meta.cancel_loads)
         for spec in meta.to_load:
             self._pool.submit(self._load, spec)
+        if meta.renew_leases:
+            self._pool.submit(self._renew, meta.renew_leases)
+
+    def _renew(self, specs: list) -> None:
+        """rma: extend prefill's leases of requests still waiting here for blocks (failures are logged only)."""
+        for spec in specs:
+            try:
+                self._rma.renew(spec.remote_request_id, [a for a, _, _ in self._reads(spec)])
+            except Exception as exc:  # noqa: BLE001 - the load itself will report what is wrong
+                log.warning("renewing prefill's lease of %s at %s failed: %s", spec.remote_request_id,
+                            spec.remote_address, exc)
+
+    def _sent(self, req_id: str) -> None:
+        """rma producer: the request's leased blocks may be freed (reported in finished_sending)."""
+        with self._lock:
+            self._done_send.add(req_id)
 
     def _consumer(self, address: str) -> KVConsumer:
         c = self._consumers.get(address)
@@ -158,28 +211,50 @@ class UcxWorker:
         staged = gather_blocks(self._caches, self._layout, block_ids)
         scatter_blocks(self._caches, self._layout, block_ids, staged + torch.randn_like(staged))
 
+    def _reads(self, spec: LoadSpec) -> list[tuple[str, Optional[HeadRead], int]]:
+        """(producer address, head read or None for the whole shard, readers sharing the entry) per read."""
+        host, _, port = spec.remote_address.rpartition(":")
+        base, p, d = int(port), spec.remote_tp_size, self.rank.tp_size
+        if p == d or spec.total_kv_heads <= 0:
+            return [(f"{host}:{base + (self.rank.tp_rank if p == d else 0)}", None, 1)]
+        readers = readers_per_prefill_rank(p, d, spec.total_kv_heads)
+        return [(f"{host}:{base + rd.prefill_rank}", rd, readers[rd.prefill_rank])
+                for rd in decode_reads(p, d, spec.total_kv_heads, self.rank.tp_rank)]
+
     def _load(self, spec: LoadSpec) -> None:
         t0 = time.monotonic()
         req = KVRequest(spec.remote_request_id, spec.token_ids, spec.block_ids, skip_blocks=spec.skip_blocks)
         failed = spec.block_ids[spec.skip_blocks:]
         loaded, ok = 0, False
+        where = spec.remote_address
         try:
+            reads = self._reads(spec)
+            where = ", ".join(a for a, _, _ in reads)
             with self._lock:
                 cancelled = spec.req_id in self._cancelled
-            consumer = self._consumer(spec.remote_address)
             if cancelled:
-                consumer.abort(spec.remote_request_id, num_layers=0)
+                for address, _, _ in ([] if spec.kv_mode == "rma" else reads):  # an rma lease just runs out
+                    self._consumer(address).abort(spec.remote_request_id, num_layers=0)
                 raise KVTransferError("request aborted before its KV was fetched")
-            res = consumer.load([req])[req.request_id]
-            failed, loaded = res.failed_block_ids, len(res.loaded_block_ids)
-            if loaded and spec.perturb:
-                self._perturb(res.loaded_block_ids)
-            if not res.ok:
-                raise KVTransferError(f"producer {spec.remote_address}: {res.error}")
-            ok = True
+            if spec.kv_mode == "rma":
+                reads, loaded = [], self._rma.load(spec, reads)
+            for address, rd, n_readers in reads:
+                consumer = self._consumer(address)
+                if rd is None:
+                    res = consumer.load([req])[req.request_id]
+                else:
+                    res = consumer.load_heads(req, rd.src_head, rd.num_heads, rd.dst_head, readers=n_readers)
+                if len(reads) == 1:
+                    failed = res.failed_block_ids
+                loaded = len(res.loaded_block_ids)
+                if not res.ok:  # a block missing some heads is as bad as a missing block: all of them failed
+                    raise KVTransferError(f"producer {address}: {res.error}")
+            if loaded and spec.perturb and spec.perturb_rank in (None, self.rank.tp_rank):
+                self._perturb(spec.block_ids[spec.skip_blocks:])
+            ok, failed = True, []
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reported load error
-            log.error("KV load for %s from %s failed (%d blocks not loaded): %s", spec.req_id,
-                      spec.remote_address, len(failed), exc)
+            log.error("KV load for %s (tp rank %d/%d) from %s failed (%d blocks not loaded): %s", spec.req_id,
+                      self.rank.tp_rank, self.rank.tp_size, where, len(failed), exc)
         if not ok:
             self.counters.add(load_failures=1)
         else:
@@ -195,6 +270,11 @@ class UcxWorker:
     # ------------------------------------------------------------------- save
     def wait_for_save(self, meta: UcxConnectorMetadata) -> None:
         """Stage every request the scheduler named in this step (blocks while the buffer is full)."""
+        if self._rma is not None and self._rma.server is not None:
+            self._rma.offer(meta.to_save)
+            self._rma.release(meta.release_leases)
+            self.counters.add(requests_saved=len(meta.to_save))
+            return
         if self._producer is None:
             return
         for spec in meta.to_save:
@@ -234,6 +314,8 @@ class UcxWorker:
         consumers, self._consumers = self._consumers, {}
         for c in consumers.values():
             c.source.close()
+        if self._rma is not None:
+            self._rma.shutdown()
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -1,0 +1,564 @@
+"""Zero-staging KV transfer: decode GETs prefill's registered paged-cache blocks in place, under a lease.
+
+Producer (:class:`RmaKVServer`): registers every layer cache once
+(:func:`transport.register`), serves a :class:`transport.PipeListener` of
+service ``kvrma`` and keeps each offered request's blocks under a
+:class:`Lease` until the reader says it is done, the lease runs out, or the
+reader's pipe dies; ``on_free(request_id)`` is then called exactly once (the
+vLLM connector reports the request as sent there, and vLLM frees its blocks).
+
+Consumer (:class:`RmaKVClient`): one pipe per producer. ``Hello`` fetches the
+producer's descriptors and cache geometry once; a load is ``Claim`` (checks the
+request id and a hash of its tokens, returns prefill's block ids and binds the
+lease to this pipe), one :func:`transport.transfer_many` round for all layers
+(GET into this side's registered caches; nothing is staged), then ``Done``,
+whose answer says whether the lease still held when the GETs had completed.
+A lease that ran out before ``Done`` arrived makes the load fail, because the
+producer may already have reused those blocks. ``Renew`` keeps leases of
+requests a reader still intends to read alive.
+
+Pieces: a block of one layer is one contiguous piece per index over the dims
+before the block dim (one for ``vllm_cpu``; a K and a V piece for
+``flash_attn``); a KV-head range is one piece when the head dim directly
+follows the block dim (``vllm_cpu``), else refused. Offsets come from each
+side's own shape and strides, so the two caches may hold different block
+counts. The wire is a msgpack body in one uint8 tensor: ``magic "KVR\\0" |
+version u16 | msgpack``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import msgspec
+import numpy as np
+import torch
+
+import transport
+from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, Registration, RemoteMemory
+
+from ._serving import accept_loop, stop_serving
+from .errors import KVTransferError, KVUsageError, LookupProtocolError
+from .paged import PagedLayout
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SERVICE", "RMA_WIRE_VERSION", "RmaKVServer", "RmaKVClient", "RmaLoadResult", "Geometry",
+           "block_pieces", "tokens_digest"]
+
+SERVICE = "kvrma"
+RMA_WIRE_VERSION = 1
+_MAGIC = b"KVR\x00"
+_PRE = struct.Struct("<4sH")
+_MAX_BODY = 4 << 20
+
+
+# -- wire ------------------------------------------------------------------------
+class LayerInfo(msgspec.Struct, frozen=True):
+    descriptor: bytes
+    shape: list[int]
+    stride: list[int]  # in elements
+    itemsize: int
+    dtype: str
+
+
+class Hello(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+
+
+class Claim(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    request_id: str
+    tokens_digest: str
+    num_tokens: int
+    readers: int = 1
+
+
+class Renew(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    request_ids: list[str]
+
+
+class Done(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    request_id: str
+
+
+class HelloReply(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    block_dim: int
+    layers: list[LayerInfo]
+
+
+class Claimed(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    block_ids: list[int]
+    lease_s: float
+
+
+class Renewed(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    known: list[str]
+
+
+class DoneReply(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    held: bool  # the lease still held when Done arrived: what was read is valid
+
+
+class Error(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    code: str
+    message: str
+
+
+_Req = Union[Hello, Claim, Renew, Done]
+_Rep = Union[HelloReply, Claimed, Renewed, DoneReply, Error]
+_enc = msgspec.msgpack.Encoder()
+_req_dec = msgspec.msgpack.Decoder(_Req)
+_rep_dec = msgspec.msgpack.Decoder(_Rep)
+
+
+def _encode(msg: Any) -> torch.Tensor:
+    body = _enc.encode(msg)
+    buf = bytearray(_PRE.size + len(body))
+    _PRE.pack_into(buf, 0, _MAGIC, RMA_WIRE_VERSION)
+    buf[_PRE.size:] = body
+    return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def _decode(frame: Any, decoder: Any, peer: str) -> Any:
+    if not isinstance(frame, torch.Tensor) or frame.dtype != torch.uint8 or frame.dim() != 1:
+        raise LookupProtocolError(f"expected a 1-D uint8 kvrma message from {peer}, got {type(frame).__name__}")
+    if frame.numel() < _PRE.size or frame.numel() > _PRE.size + _MAX_BODY:
+        raise LookupProtocolError(f"kvrma message from {peer} has {frame.numel()} bytes")
+    raw = frame.numpy().tobytes()
+    magic, version = _PRE.unpack_from(raw)
+    if magic != _MAGIC:
+        raise LookupProtocolError(f"message from {peer} lacks the kvrma magic (got {magic!r})")
+    if version != RMA_WIRE_VERSION:
+        raise LookupProtocolError(f"{peer} speaks kvrma version {version}, this side {RMA_WIRE_VERSION}")
+    try:
+        return decoder.decode(raw[_PRE.size:])
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        raise LookupProtocolError(f"undecodable kvrma message from {peer}: {exc}") from None
+
+
+def tokens_digest(token_ids: Sequence[int]) -> str:
+    """A short hash of a token sequence: the reader proves it wants the KV of exactly these tokens."""
+    return hashlib.sha256(np.asarray(list(token_ids), dtype=np.int64).tobytes()).hexdigest()[:32]
+
+
+# -- pieces ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    """One layer cache as RMA sees it: shape, strides (elements), element size, block dim."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    itemsize: int
+    block_dim: int
+
+    @classmethod
+    def of(cls, t: torch.Tensor, block_dim: int) -> "Geometry":
+        return cls(tuple(t.shape), tuple(t.stride()), t.element_size(), block_dim)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.shape[self.block_dim]
+
+    def nbytes(self) -> int:
+        """Bytes spanned from the tensor's start to its last element (what a registration must cover)."""
+        return (sum((s - 1) * st for s, st in zip(self.shape, self.stride)) + 1) * self.itemsize
+
+
+def _contiguous_tail(g: Geometry, first: int) -> bool:
+    expect = 1
+    for d in range(len(g.shape) - 1, first - 1, -1):
+        if g.shape[d] != 1 and g.stride[d] != expect:
+            return False
+        expect *= g.shape[d]
+    return True
+
+
+def block_pieces(g: Geometry, block_ids: Sequence[int], heads: Optional[tuple[int, int]] = None,
+                 head_dim: Optional[int] = None) -> tuple[np.ndarray, int]:
+    """(byte offsets, bytes per piece) of ``block_ids`` in one layer cache, in (block, leading index) order.
+
+    ``heads=(start, count)`` restricts each piece to that KV-head range of ``head_dim``,
+    which must directly follow the block dim. Raises :class:`KVUsageError` for block ids
+    out of range or a layout whose pieces are not contiguous.
+    """
+    bd = g.block_dim
+    ids = np.asarray(list(block_ids), dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= g.num_blocks):
+        raise KVUsageError(f"block ids out of range [0, {g.num_blocks}): {ids.min()}..{ids.max()}")
+    if not _contiguous_tail(g, bd + 1):
+        raise KVUsageError(f"cache of shape {g.shape} strides {g.stride}: one block is not contiguous")
+    piece = int(np.prod(g.shape[bd + 1:], dtype=np.int64))
+    base = np.int64(0)
+    if heads is not None:
+        if head_dim != bd + 1:
+            raise KVUsageError(f"a KV-head range is one piece only when heads follow the block dim "
+                               f"(head dim {head_dim}, block dim {bd})")
+        h0, n = heads
+        if h0 < 0 or n <= 0 or h0 + n > g.shape[head_dim]:
+            raise KVUsageError(f"head range {h0}+{n} outside {g.shape[head_dim]} heads")
+        base = np.int64(h0 * g.stride[head_dim])
+        piece = n * g.stride[head_dim]
+    lead = [np.int64(0)]
+    for d in range(bd):  # every index over the dims before the block dim (K, V planes)
+        lead = [x + i * g.stride[d] for x in lead for i in range(g.shape[d])]
+    lead_arr = np.asarray(lead, dtype=np.int64)
+    off = (ids[:, None] * g.stride[bd] + lead_arr[None, :] + base).reshape(-1)
+    return off * g.itemsize, piece * g.itemsize
+
+
+# -- producer ------------------------------------------------------------------------
+@dataclass
+class Lease:
+    """A finished request's blocks kept for readers."""
+
+    request_id: str
+    block_ids: list[int]
+    digest: str
+    num_tokens: int
+    expires: float
+    readers_left: Optional[int] = None  # set by the first claim
+    holders: set[int] = field(default_factory=set)  # ids of pipes that claimed and are not done
+
+
+class RmaKVServer:
+    """Registers ``caches`` and serves their leased blocks to readers (see the module docstring).
+
+    Args:
+        caches: Per-layer paged caches (each contiguous; registered whole).
+        layout: Their layout (only ``block_dim`` matters here).
+        host, port: Where to listen.
+        lease_s: How long an offered or claimed request stays leased without a renewal.
+        on_free: Called once per offered request when its blocks may be reused.
+        timeout_s, peer_timeout_s, heartbeat_s: For the listener's pipes.
+    """
+
+    def __init__(self, caches: Sequence[torch.Tensor], layout: PagedLayout, host: str = "127.0.0.1",
+                 port: int = 0, *, lease_s: float = 30.0, on_free: Optional[Callable[[str], None]] = None,
+                 timeout_s: float = 30.0, peer_timeout_s: float = 10.0, heartbeat_s: float = 0.5,
+                 reap_interval_s: float = 0.1, name: Optional[str] = None):
+        if not caches:
+            raise KVUsageError("RmaKVServer needs at least one layer cache")
+        self.lease_s = float(lease_s)
+        self.timeout_s = float(timeout_s)
+        self._on_free = on_free or (lambda rid: None)
+        self._lock = threading.Lock()
+        self._leases: dict[str, Lease] = {}
+        self._stop = threading.Event()
+        self._regs: list[Registration] = []
+        try:
+            for i, c in enumerate(caches):
+                self._regs.append(transport.register(c, f"{name or 'kv'}-layer{i}"))
+        except BaseException:
+            for r in self._regs:
+                r.close()
+            raise
+        self._layers = [LayerInfo(r.descriptor().to_bytes(), list(c.shape), list(c.stride()), c.element_size(),
+                                  str(c.dtype)) for r, c in zip(self._regs, caches)]
+        self._block_dim = layout.block_dim
+        self._pipes: list[Pipe] = []
+        self._listener = PipeListener(host, port, name=name, service=SERVICE, timeout_s=timeout_s,
+                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s)
+        self.address: str = self._listener.address
+        self._threads = [threading.Thread(target=self._accept_loop, daemon=True, name="kvrma-accept"),
+                         threading.Thread(target=self._reap_loop, args=(reap_interval_s,), daemon=True,
+                                          name="kvrma-reaper")]
+        for t in self._threads:
+            t.start()
+        log.info("kvrma server on %s: %d registered layer caches, lease %.1fs", self.address, len(caches), lease_s)
+
+    # -- leases
+    def offer(self, request_id: str, token_ids: Sequence[int], block_ids: Sequence[int]) -> None:
+        """Keep ``block_ids`` (holding ``token_ids``' KV) for readers under a lease of ``lease_s``."""
+        lease = Lease(request_id, [int(b) for b in block_ids], tokens_digest(token_ids), len(token_ids),
+                      time.monotonic() + self.lease_s)
+        with self._lock:
+            old = self._leases.get(request_id)
+            self._leases[request_id] = lease
+        if old is not None:
+            log.warning("kvrma: request %s offered twice; the earlier lease is replaced", request_id)
+
+    def release(self, request_id: str, why: str) -> bool:
+        """Free a request's lease now (``on_free`` is called); False when none was held."""
+        with self._lock:
+            lease = self._leases.pop(request_id, None)
+        if lease is None:
+            return False
+        log.debug("kvrma: freeing %s (%s)", request_id, why)
+        self._free(lease)
+        return True
+
+    def _free(self, lease: Lease) -> None:
+        try:
+            self._on_free(lease.request_id)
+        except Exception:  # noqa: BLE001 - the callback must not stop the server
+            log.exception("kvrma: on_free(%s) failed", lease.request_id)
+
+    @property
+    def num_leases(self) -> int:
+        with self._lock:
+            return len(self._leases)
+
+    def _reap_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            with self._lock:
+                gone = [rid for rid, ls in self._leases.items() if ls.expires <= now]
+                expired = [self._leases.pop(rid) for rid in gone]
+            for ls in expired:
+                log.warning("kvrma: lease of request %s expired after %.1fs without %s; its %d blocks are freed",
+                            ls.request_id, self.lease_s, "the reader's Done" if ls.holders else "a reader",
+                            len(ls.block_ids))
+                self._free(ls)
+
+    # -- serving
+    def _accept_loop(self) -> None:
+        accept_loop(self._listener, self._stop, self._lock, self._pipes, self._threads, self._serve, "kvrma")
+
+    def _serve(self, pipe: Pipe) -> None:
+        peer = pipe.peer
+        try:
+            while not self._stop.is_set():
+                try:
+                    frame = pipe.recv_tensor(timeout=1.0)
+                except PeerTimeoutError:
+                    continue
+                try:
+                    msg = _decode(frame, _req_dec, peer)
+                except LookupProtocolError as exc:
+                    log.warning("kvrma server %s: %s; closing that pipe", self.address, exc)
+                    pipe.send_tensor(_encode(Error(-1, "protocol", str(exc))), timeout=self.timeout_s)
+                    return
+                pipe.send_tensor(_encode(self._answer(id(pipe), msg)), timeout=self.timeout_s)
+        except PeerError as exc:
+            log.info("kvrma server %s: reader %s gone: %s", self.address, peer, exc)
+        except Exception:  # noqa: BLE001 - one reader's failure must not stop the server
+            if not self._stop.is_set():
+                log.exception("kvrma server %s: handler for %s failed", self.address, peer)
+        finally:
+            with self._lock:
+                if pipe in self._pipes:
+                    self._pipes.remove(pipe)
+                held = [rid for rid, ls in self._leases.items() if id(pipe) in ls.holders]
+                dead = [self._leases.pop(rid) for rid in held]
+            for ls in dead:
+                log.warning("kvrma: reader %s of request %s went away mid-read; its %d blocks are freed",
+                            peer, ls.request_id, len(ls.block_ids))
+                self._free(ls)
+            pipe.close()
+
+    def _answer(self, pid: int, msg: Any) -> Any:
+        if isinstance(msg, Hello):
+            return HelloReply(msg.seq, self._block_dim, self._layers)
+        now = time.monotonic()
+        if isinstance(msg, Renew):
+            with self._lock:
+                known = [rid for rid in msg.request_ids if rid in self._leases]
+                for rid in known:
+                    self._leases[rid].expires = max(self._leases[rid].expires, now + self.lease_s)
+            return Renewed(msg.seq, known)
+        if isinstance(msg, Claim):
+            with self._lock:
+                ls = self._leases.get(msg.request_id)
+                if ls is None:
+                    return Error(msg.seq, "not_found", f"no lease for request {msg.request_id!r} "
+                                 "(never offered, expired, or already read)")
+                if ls.digest != msg.tokens_digest or ls.num_tokens != msg.num_tokens:
+                    return Error(msg.seq, "tokens", f"request {msg.request_id!r}: the reader's {msg.num_tokens} "
+                                 f"tokens differ from the {ls.num_tokens} whose KV is held")
+                if ls.readers_left is None:
+                    ls.readers_left = max(1, int(msg.readers))
+                ls.holders.add(pid)
+                ls.expires = max(ls.expires, now + self.lease_s)
+                return Claimed(msg.seq, list(ls.block_ids), self.lease_s)
+        # Done
+        freed = None
+        with self._lock:
+            ls = self._leases.get(msg.request_id)
+            if ls is None or pid not in ls.holders:
+                return DoneReply(msg.seq, False)
+            ls.holders.discard(pid)
+            ls.readers_left = (ls.readers_left or 1) - 1
+            if ls.readers_left <= 0:
+                freed = self._leases.pop(msg.request_id)
+        if freed is not None:
+            self._free(freed)
+        return DoneReply(msg.seq, True)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop serving, free every lease (``on_free`` for each), deregister the caches (idempotent)."""
+        if not stop_serving(self._listener, self._stop, self._lock, self._pipes, self._threads, timeout):
+            return
+        with self._lock:
+            leases, self._leases = list(self._leases.values()), {}
+        for ls in leases:
+            self._free(ls)
+        for r in self._regs:
+            r.close()
+        log.info("kvrma server %s closed", self.address)
+
+
+# -- consumer ------------------------------------------------------------------------
+@dataclass
+class RmaLoadResult:
+    """What one load did: bytes moved, or the error (the caller fails every wanted block)."""
+
+    ok: bool
+    nbytes: int = 0
+    error: Optional[str] = None
+
+
+class RmaKVClient:
+    """Reads leased blocks of one producer into this side's registered caches (one pipe; not thread-safe).
+
+    Args:
+        address: The producer's ``host:port``.
+        caches: This side's per-layer caches (registered by the caller: ``registrations``).
+        registrations: One registration per cache, shared by every client of this process.
+        layout: Their layout.
+        timeout_s: Bound on each exchange and on the GET round.
+    """
+
+    def __init__(self, address: str, caches: Sequence[torch.Tensor], registrations: Sequence[Registration],
+                 layout: PagedLayout, *, timeout_s: float = 30.0, peer_timeout_s: float = 10.0):
+        self.address = address
+        self.timeout_s = float(timeout_s)
+        self._peer_timeout_s = peer_timeout_s
+        self._caches = list(caches)
+        self._regs = list(registrations)
+        self._geo = [Geometry.of(c, layout.block_dim) for c in self._caches]
+        self._pipe: Optional[Pipe] = None
+        self._remote: list[RemoteMemory] = []
+        self._rgeo: list[Geometry] = []
+        self._seq = 0
+
+    def _connect(self) -> Pipe:
+        if self._pipe is not None:
+            return self._pipe
+        pipe = Pipe.connect(self.address, service=SERVICE, timeout_s=self.timeout_s,
+                            peer_timeout_s=self._peer_timeout_s)
+        try:
+            self._pipe = pipe
+            rep = self._rpc(Hello(0))
+            if not isinstance(rep, HelloReply):
+                raise KVTransferError(f"kvrma producer {self.address} answered Hello with {type(rep).__name__}")
+            self._check_layers(rep)
+            self._remote = [pipe.remote_memory(li.descriptor) for li in rep.layers]
+        except BaseException:
+            self.close()
+            raise
+        return pipe
+
+    def _check_layers(self, rep: HelloReply) -> None:
+        if len(rep.layers) != len(self._caches):
+            raise KVTransferError(f"kvrma producer {self.address} has {len(rep.layers)} layer caches, "
+                                  f"this side {len(self._caches)}")
+        self._rgeo = []
+        for i, (li, c) in enumerate(zip(rep.layers, self._caches)):
+            g = Geometry(tuple(li.shape), tuple(li.stride), int(li.itemsize), int(rep.block_dim))
+            if li.dtype != str(c.dtype) or g.itemsize != c.element_size():
+                raise KVTransferError(f"kvrma producer {self.address} layer {i}: dtype {li.dtype}, here {c.dtype}")
+            if not (0 <= g.block_dim < len(g.shape)) or len(g.shape) != len(g.stride):
+                raise KVTransferError(f"kvrma producer {self.address} layer {i}: malformed geometry {li.shape}")
+            self._rgeo.append(g)
+
+    def _rpc(self, msg: Any) -> Any:
+        pipe = self._pipe
+        assert pipe is not None
+        pipe.send_tensor(_encode(msg), timeout=self.timeout_s)
+        rep = _decode(pipe.recv_tensor(timeout=self.timeout_s), _rep_dec, self.address)
+        if getattr(rep, "seq", None) not in (msg.seq, -1):
+            raise LookupProtocolError(f"kvrma producer {self.address} answered #{rep.seq} to #{msg.seq}")
+        return rep
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _plan(self, remote_blocks: Sequence[int], local_blocks: Sequence[int],
+              heads: Optional[tuple[int, int, int]]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Per layer: (local offsets, remote offsets, piece bytes)."""
+        plans = []
+        for g, rg in zip(self._geo, self._rgeo):
+            hd = g.block_dim + 1
+            if heads is None:
+                lo, ln = block_pieces(g, local_blocks)
+                ro, rn = block_pieces(rg, remote_blocks)
+            else:
+                src, n, dst = heads
+                lo, ln = block_pieces(g, local_blocks, (dst, n), hd)
+                ro, rn = block_pieces(rg, remote_blocks, (src, n), hd)
+            if ln != rn or lo.size != ro.size:
+                raise KVTransferError(f"kvrma producer {self.address}: its blocks are {rn}-byte pieces "
+                                      f"({ro.size}), this side's {ln} ({lo.size}): cache shapes differ")
+            plans.append((lo, ro, ln))
+        return plans
+
+    def load(self, request_id: str, token_ids: Sequence[int], local_blocks: Sequence[int], skip_blocks: int = 0,
+             *, heads: Optional[tuple[int, int, int]] = None, readers: int = 1) -> RmaLoadResult:
+        """GET request ``request_id``'s blocks ``skip_blocks..`` into ``local_blocks[skip_blocks:]``.
+
+        ``heads=(src_head, count, dst_head)`` reads a KV-head range of each block
+        (tensor parallelism); ``readers`` is how many loads share the lease. Never
+        raises for a transfer problem: the result says what went wrong (the pipe is
+        dropped and redialled on the next load after a transport error).
+        """
+        try:
+            self._connect()
+            rep = self._rpc(Claim(self._next(), request_id, tokens_digest(token_ids), len(token_ids), readers))
+            if isinstance(rep, Error):
+                return RmaLoadResult(False, error=f"{rep.code}: {rep.message}")
+            if not isinstance(rep, Claimed):
+                raise LookupProtocolError(f"kvrma producer {self.address} answered Claim with {type(rep).__name__}")
+            if len(rep.block_ids) < len(local_blocks):
+                raise KVTransferError(f"kvrma producer {self.address} holds {len(rep.block_ids)} blocks of "
+                                      f"{request_id}, {len(local_blocks)} wanted")
+            want_remote = rep.block_ids[skip_blocks:len(local_blocks)]
+            want_local = list(local_blocks)[skip_blocks:]
+            nbytes = 0
+            if want_local:
+                plans = self._plan(want_remote, want_local, heads)
+                items = [(rm, reg, lo, ro, ln) for rm, reg, (lo, ro, ln) in zip(self._remote, self._regs, plans)]
+                nbytes = transport.transfer_many(items, timeout=self.timeout_s)
+            done = self._rpc(Done(self._next(), request_id))
+            if not isinstance(done, DoneReply) or not done.held:
+                return RmaLoadResult(False, error=f"the lease of {request_id} at {self.address} ended before the "
+                                                  "read completed (the blocks may have been reused)")
+            return RmaLoadResult(True, nbytes)
+        except (KVTransferError, KVUsageError, LookupProtocolError, transport.TransportError) as exc:
+            self.close()
+            return RmaLoadResult(False, error=f"{type(exc).__name__}: {exc}")
+
+    def renew(self, request_ids: Sequence[str]) -> list[str]:
+        """Extend the leases of ``request_ids``; returns those the producer still holds."""
+        try:
+            self._connect()
+            rep = self._rpc(Renew(self._next(), list(request_ids)))
+            if not isinstance(rep, Renewed):
+                raise LookupProtocolError(f"kvrma producer {self.address} answered Renew with {type(rep).__name__}")
+        except BaseException:
+            self.close()  # the next call redials
+            raise
+        return list(rep.known)
+
+    def close(self) -> None:
+        """Release the remote keys and the pipe (idempotent; the next load redials)."""
+        remote, self._remote = self._remote, []
+        for rm in remote:
+            rm.close()
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.close()

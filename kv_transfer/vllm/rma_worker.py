@@ -1,0 +1,160 @@
+"""Connector mode ``rma``: decode reads prefill's KV blocks in place (one-sided GET), nothing staged.
+
+How ``kv_mode`` is chosen (:func:`choose_kv_mode`, the same answer in the
+scheduler and worker processes since it reads only the config and
+``UCX_TLS``): ``stage`` and ``rma`` are taken as given; ``auto`` picks per transport family from the
+table :data:`_AUTO`, filled from the bench (docs/bench.md, "kv_mode: rma vs
+stage"): ``rma`` was faster in every run over shared memory and over TCP, and
+stages nothing, so today ``auto`` means ``rma`` everywhere.
+
+Prefill (producer, :class:`RmaTransfer` with ``is_producer``): instead of a
+LookupBuffer, the rank serves a :class:`~kv_transfer.rma_kv.RmaKVServer` on
+its KV port, with every layer cache registered once. A request whose prompt
+finished is *offered* (its block ids under a lease); the scheduler returned
+``delay_free=True`` for it, and the server's ``on_free`` (decode done, lease
+expired, decode's pipe died, or the scheduler released an aborted request)
+puts it in the worker's ``finished_sending`` set, which frees the blocks.
+
+Decode (consumer): one :class:`~kv_transfer.rma_kv.RmaKVClient` per producer
+rank address, all over one set of registrations of this rank's caches; a load
+GETs the blocks its prefix cache lacks straight into the request's blocks.
+Any failure (producer dead mid-read, lease gone, hostile or stale descriptor)
+fails every wanted block, so vLLM applies ``kv_load_failure_policy``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import transport
+
+from ..errors import KVTransferError
+from ..paged import PagedLayout
+from ..rma_kv import RmaKVClient, RmaKVServer
+from ..tp_mapping import HeadRead
+from .config import UcxConfig
+from .metadata import LoadSpec, SaveSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KV_MODES", "choose_kv_mode", "RmaTransfer"]
+
+KV_MODES = ("stage", "rma", "auto")
+#: What ``auto`` picks per UCX transport family, and the measurement behind it (docs/bench.md,
+#: "kv_mode: rma vs stage": kv_bw, 256 MiB Llama-3-8B-shaped request, 3 runs each, load 5.3-8.6).
+_AUTO = {
+    "sm": ("rma", "rma 1087-2701 MB/s vs stage 360-608 MB/s over shared memory, and no staging memory"),
+    "tcp": ("rma", "rma 481-782 MB/s vs stage 253-310 MB/s over TCP, and no staging memory"),
+}
+_logged: set[str] = set()
+
+
+def choose_kv_mode(config: UcxConfig) -> tuple[str, str]:
+    """(``stage`` or ``rma``, why) for this instance's ``kv_mode`` and UCX transports.
+
+    Deterministic (reads only the config and ``UCX_TLS``), so the scheduler and every
+    worker process of an instance make the same choice.
+    """
+    mode = config.kv_mode
+    if mode not in KV_MODES:
+        raise KVTransferError(f"kv_mode {mode!r} is not one of {', '.join(KV_MODES)}")
+    if mode != "auto":
+        return mode, "set by kv_mode"
+    tls = config.ucx_tls or os.environ.get("UCX_TLS", "")
+    names = {t.strip() for t in tls.split(",") if t.strip()}
+    # TCP only: GET is emulated; anything else (unset, shared memory, RDMA) has native one-sided GET
+    family = "tcp" if names and names <= {"tcp", "self"} else "sm"
+    choice, measured = _AUTO[family]
+    why = f"auto: UCX_TLS={tls or '(unset)'} -> {choice} ({measured})"
+    if why not in _logged:
+        _logged.add(why)
+        log.info("UcxConnector kv_mode %s", why)
+    return choice, why
+
+
+class RmaTransfer:
+    """The rma-mode state of one worker rank (producer and/or consumer).
+
+    Args:
+        config: The connector's settings.
+        caches: This rank's per-layer caches.
+        layout: Their layout.
+        on_sent: Called with a request id whose leased blocks may be freed (producer).
+    """
+
+    def __init__(self, config: UcxConfig, caches: Sequence[torch.Tensor], layout: PagedLayout,
+                 on_sent: Callable[[str], None]):
+        self.config = config
+        self._caches = list(caches)
+        self._layout = layout
+        self._on_sent = on_sent
+        self.server: Optional[RmaKVServer] = None
+        self._regs: list[transport.Registration] = []
+        self._clients: dict[str, RmaKVClient] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- producer
+    def serve(self, host: str, port: int) -> str:
+        """Register the caches and serve their leased blocks on ``host:port``; returns the address."""
+        self.server = RmaKVServer(self._caches, self._layout, host, port, lease_s=self.config.lease_s,
+                                  on_free=self._on_sent, timeout_s=self.config.fetch_timeout_s)
+        return self.server.address
+
+    def offer(self, specs: Sequence[SaveSpec]) -> None:
+        """Lease each finished prompt's blocks to readers (no copy)."""
+        for spec in specs:
+            self.server.offer(spec.req_id, spec.token_ids, spec.block_ids)
+
+    def release(self, req_ids: Sequence[str]) -> None:
+        """Free the leases of requests no reader will come for (aborted on prefill)."""
+        for rid in req_ids:
+            if not self.server.release(rid, "aborted on prefill"):
+                self._on_sent(rid)  # never offered (its save failed): vLLM still waits for it
+
+    # ---------------------------------------------------------------- consumer
+    def _client(self, address: str) -> RmaKVClient:
+        with self._lock:
+            if not self._regs:
+                self._regs = [transport.register(c, f"kv-dst-layer{i}") for i, c in enumerate(self._caches)]
+            c = self._clients.get(address)
+            if c is None:
+                c = self._clients[address] = RmaKVClient(address, self._caches, self._regs, self._layout,
+                                                         timeout_s=self.config.fetch_timeout_s)
+            return c
+
+    def load(self, spec: LoadSpec, reads: Sequence[tuple[str, Optional[HeadRead], int]]) -> int:
+        """GET ``spec``'s blocks from every read; returns blocks loaded. Raises :class:`KVTransferError`."""
+        n = len(spec.block_ids) - spec.skip_blocks
+        for address, rd, readers in reads:
+            heads = None if rd is None else (rd.src_head, rd.num_heads, rd.dst_head)
+            res = self._client(address).load(spec.remote_request_id, spec.token_ids, spec.block_ids,
+                                             spec.skip_blocks, heads=heads, readers=readers)
+            if not res.ok:
+                raise KVTransferError(f"rma read from {address}: {res.error}")
+        return n
+
+    def renew(self, remote_request_id: str, addresses: Sequence[str]) -> None:
+        """Extend the lease of ``remote_request_id`` at each producer address; a lease already gone is logged."""
+        for address in addresses:
+            if remote_request_id not in self._client(address).renew([remote_request_id]):
+                log.warning("prefill %s no longer holds %s: its load will fail and be recomputed", address,
+                            remote_request_id)
+
+    def shutdown(self) -> None:
+        """Close clients, the server (freeing its leases) and the registrations (idempotent)."""
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+            regs, self._regs = self._regs, []
+        for c in clients:
+            c.close()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for r in regs:
+            r.close()
+
