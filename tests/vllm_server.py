@@ -149,11 +149,12 @@ class VllmServer:
         except OSError as exc:
             return f"(no log: {exc})"
 
-    def complete(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0, **fields: Any) -> dict:
+    def complete(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0,
+                 headers: Optional[dict] = None, **fields: Any) -> dict:
         """POST /v1/completions (greedy, ignore_eos) and return the decoded JSON answer."""
         body = dict(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **fields)
         req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 return json.loads(r.read())

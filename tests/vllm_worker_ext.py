@@ -17,3 +17,11 @@ class UcxkvWorkerExtension:
 
         w = get_kv_transfer_group().worker
         return dict(w.counters.totals(), tp_rank=w.rank.tp_rank, dp_rank=w.rank.dp_rank)
+
+    def ucxkv_pid(self) -> dict:
+        """This worker's process id and TP rank (tests kill one rank)."""
+        import os
+
+        from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+        return {"pid": os.getpid(), "tp_rank": get_kv_transfer_group().worker.rank.tp_rank}
