@@ -1,5 +1,5 @@
 # make test: create .venv if missing, install everything the suite needs, run it (without the slow tier).
-# make test-slow: the slow tier only (parallel deployments on real vLLM, ~8 min on 2 cores).
+# make test-slow: the slow tier only (parallel deployments on real vLLM, ~5 min on 2 cores).
 # make demo: run the main job.
 # make gpu-check OUT=DIR: on a CUDA machine, install the CUDA stack into .venv-gpu and write
 #   the GPU report to DIR (default gpu-report); without a CUDA device it says so and exits 0.
