@@ -42,9 +42,10 @@ def model(tmp_path_factory):
 def pair(model: str, tmp: pathlib.Path, prefill_spec: dict, decode_spec: dict, **decode_extra: Any):
     """A prefill (its KV on a free port) and a decode server; yields (prefill, decode, kv_port)."""
     port = free_port()
+    slow_start = dict(ready_timeout_s=480.0)  # a DP 2 prefill took >240 s to start on a loaded 2-core machine
     with start_servers(model, tmp, {
-        "p": dict(prefill_spec, kv_transfer_config=kv_config("kv_producer", kv_port=port)),
-        "d": dict(decode_spec, kv_transfer_config=kv_config("kv_consumer", **decode_extra)),
+        "p": dict(prefill_spec, kv_transfer_config=kv_config("kv_producer", kv_port=port), **slow_start),
+        "d": dict(decode_spec, kv_transfer_config=kv_config("kv_consumer", **decode_extra), **slow_start),
     }) as s:
         yield s["p"], s["d"], port
 
