@@ -1,4 +1,5 @@
-# make test: create .venv if missing, install everything the suite needs, run it.
+# make test: create .venv if missing, install everything the suite needs, run it (without the slow tier).
+# make test-slow: the slow tier only (parallel deployments on real vLLM, ~5 min on 2 cores).
 # make demo: run the main job.
 # make gpu-check OUT=DIR: on a CUDA machine, install the CUDA stack into .venv-gpu and write
 #   the GPU report to DIR (default gpu-report); without a CUDA device it says so and exits 0.
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ucxkv-installed
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: test demo install clean gpu-check
+.PHONY: test test-slow demo install clean gpu-check
 
 OUT ?= gpu-report
 
@@ -28,7 +29,10 @@ $(STAMP): pyproject.toml requirements-test.txt
 	touch $@
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m slow
 
 demo: $(STAMP)
 	$(BIN)/python -m bench.demo

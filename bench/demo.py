@@ -5,6 +5,10 @@ server wired with ``UcxConnector`` and the ``ucxkv-proxy`` in front of them, sen
 a few prompts through the proxy, and prints each answer next to the answer of a
 single instance (the decode server asked directly, computing the prompt itself),
 then the KV-transfer statistics the servers report.
+
+``DEMO_TP=2 make demo`` (or ``--tp 2``) runs both servers with tensor parallelism 2
+(prefill's ranks pinned to core 0, decode's to core 1): each decode rank loads its KV
+heads from the prefill rank holding them.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def _wait_health(name: str, url: str, proc: subprocess.Popen, timeout: float) ->
     raise SystemExit(f"{name} not healthy at {url} within {timeout:.0f}s")
 
 
-def _vllm(model: str, port: int, role: str, kv_port: int, cpus: str, log: pathlib.Path) -> subprocess.Popen:
+def _vllm(model: str, port: int, role: str, kv_port: int, cpus: str, log: pathlib.Path,
+          tp: int = 1) -> subprocess.Popen:
     cfg = {"kv_connector": "UcxConnector", "kv_connector_module_path": "kv_transfer.vllm_connector",
            "kv_role": role, "kv_load_failure_policy": "recompute",
            "kv_connector_extra_config": {"kv_host": "127.0.0.1", "kv_port": kv_port}}
@@ -66,6 +71,8 @@ def _vllm(model: str, port: int, role: str, kv_port: int, cpus: str, log: pathli
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
            "--block-size", "32", "--no-enable-prefix-caching", "--kv-transfer-config", json.dumps(cfg)]
+    if tp > 1:  # one KV server per rank: prefill's rank r serves on kv_port + r
+        cmd += ["--tensor-parallel-size", str(tp), "--distributed-executor-backend", "mp"]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -75,18 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each server")
+    ap.add_argument("--tp", type=int, default=int(os.environ.get("DEMO_TP", "1")),
+                    help="tensor-parallel size of both servers (default: $DEMO_TP or 1)")
     ap.add_argument("--stats-wait", type=float, default=11.0,
                     help="seconds to wait for vLLM's periodic stats log line before reading it")
     args = ap.parse_args(argv)
     work = pathlib.Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     model = str(make_tiny_model(work / "model", num_layers=4, num_heads=4, num_kv_heads=2))
-    print(f"model: {model} (tiny random-weight Llama, 4 layers, GQA 4 heads / 2 KV heads)")
+    print(f"model: {model} (tiny random-weight Llama, 4 layers, GQA 4 heads / 2 KV heads), TP {args.tp}")
     p_port, d_port, x_port, kv_port = (_free_port() for _ in range(4))
     procs: list[subprocess.Popen] = []
     try:
-        prefill = _vllm(model, p_port, "kv_producer", kv_port, "0", work / "prefill.log")
-        decode = _vllm(model, d_port, "kv_consumer", kv_port, "1", work / "decode.log")
+        # each instance's ranks on one core: a decode waiting for KV spins its cores (docs/parallel.md)
+        prefill = _vllm(model, p_port, "kv_producer", kv_port, "|".join(["0"] * args.tp), work / "prefill.log",
+                        args.tp)
+        decode = _vllm(model, d_port, "kv_consumer", kv_port, "|".join(["1"] * args.tp), work / "decode.log",
+                       args.tp)
         procs += [prefill, decode]
         proxy = subprocess.Popen(
             [sys.executable, "-m", "kv_transfer.proxy", "--port", str(x_port),

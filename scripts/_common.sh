@@ -14,6 +14,10 @@
 #   KV_EXTRA_CONFIG   [empty]    more kv_connector_extra_config members, as JSON text
 #                                without braces, e.g. '"lease_s": 60, "kv_buffer_size": 4e9'
 #   VLLM_EXTRA_ARGS   [empty]    extra vLLM server arguments, split on spaces
+#   PREFILL_TP, DECODE_TP [1]    --tensor-parallel-size of each side (any pair where one divides
+#                                the other and the KV heads split; workers use ports kv_port + rank)
+#   PREFILL_DP, DECODE_DP [1]    --data-parallel-size of each side (prefill DP engine i uses
+#                                ports kv_port + i*TP ...: leave PREFILL_KV_PORT .. + TP*DP - 1 free)
 #   UCX_TLS, UCX_NET_DEVICES [unset] exported to vLLM when set (UCX picks otherwise)
 #   VLLM_CPU_KVCACHE_SPACE [1]   GiB of KV cache on CPU builds (ignored on GPU)
 
@@ -57,9 +61,19 @@ kv_config() {
         "$KV_CONNECTOR" "$KV_CONNECTOR_MODULE" "$role" "$host" "$port" "$members" "$extra"
 }
 
-# vllm_cmd ROLE HTTP_HOST HTTP_PORT KV_HOST KV_PORT: fill the VLLM_CMD array.
+# cpu_bind CORES RANKS: VLLM_CPU_OMP_THREADS_BIND for RANKS worker ranks; a CORES without "|"
+# is repeated once per rank ("0" for 2 ranks: "0|0", every rank on core 0).
+cpu_bind() {
+    local cores="$1" ranks="$2" out="$1" i
+    if [[ "$cores" != *"|"* ]]; then
+        for ((i = 1; i < ranks; i++)); do out+="|${cores}"; done
+    fi
+    printf '%s' "$out"
+}
+
+# vllm_cmd ROLE HTTP_HOST HTTP_PORT KV_HOST KV_PORT [TP [DP]]: fill the VLLM_CMD array.
 vllm_cmd() {
-    local role="$1" http_host="$2" http_port="$3" kv_host="$4" kv_port="$5"
+    local role="$1" http_host="$2" http_port="$3" kv_host="$4" kv_port="$5" tp="${6:-1}" dp="${7:-1}"
     local -a extra=()
     read -r -a extra <<<"$VLLM_EXTRA_ARGS" || true
     VLLM_CMD=(
@@ -70,6 +84,8 @@ vllm_cmd() {
         --max-model-len "$MAX_MODEL_LEN"
     )
     if [[ "$ENFORCE_EAGER" == "1" ]]; then VLLM_CMD+=(--enforce-eager); fi
+    if ((tp > 1)); then VLLM_CMD+=(--tensor-parallel-size "$tp" --distributed-executor-backend mp); fi
+    if ((dp > 1)); then VLLM_CMD+=(--data-parallel-size "$dp"); fi
     VLLM_CMD+=(--kv-transfer-config "$(kv_config "$role" "$kv_host" "$kv_port")")
     if ((${#extra[@]})); then VLLM_CMD+=("${extra[@]}"); fi
 }

@@ -19,6 +19,8 @@
 #   KV_CONNECTOR_MODULE  [kv_transfer.vllm_connector]
 #   KV_LOAD_FAILURE_POLICY [unset]   recompute|fail, added to the config when set
 #   KV_EXTRA_CONFIG      [empty]     more kv_connector_extra_config members (JSON, no braces)
+#   DECODE_TP           [1]         --tensor-parallel-size
+#   DECODE_DP           [1]         --data-parallel-size
 #   VLLM_EXTRA_ARGS      [empty]     extra vLLM server arguments
 #   UCX_TLS              [unset]     exported when set
 #   UCX_NET_DEVICES      [unset]     exported when set
@@ -35,7 +37,9 @@ PREFILL_HOST="${PREFILL_HOST:-127.0.0.1}"
 PREFILL_KV_PORT="${PREFILL_KV_PORT:-14579}"
 
 ensure_model
-vllm_cmd kv_consumer "$DECODE_BIND_HOST" "$DECODE_HTTP_PORT" "$PREFILL_HOST" "$PREFILL_KV_PORT"
+DECODE_TP="${DECODE_TP:-1}"
+DECODE_DP="${DECODE_DP:-1}"
+vllm_cmd kv_consumer "$DECODE_BIND_HOST" "$DECODE_HTTP_PORT" "$PREFILL_HOST" "$PREFILL_KV_PORT" "$DECODE_TP" "$DECODE_DP"
 ucxkv_log "decode node: http://${DECODE_HOST}:${DECODE_HTTP_PORT}, prefill KV listener ${PREFILL_HOST}:${PREFILL_KV_PORT}"
 ucxkv_log "${VLLM_CMD[*]}"
 exec "${VLLM_CMD[@]}"

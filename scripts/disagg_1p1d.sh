@@ -29,8 +29,12 @@
 #   VLLM_EXTRA_ARGS      [empty]     extra arguments for both vLLM servers
 #   UCX_TLS, UCX_NET_DEVICES [unset] exported to the servers when set
 #   VLLM_CPU_KVCACHE_SPACE [1]       GiB of KV cache per server (CPU builds)
-#   PREFILL_CPUS         [0]         VLLM_CPU_OMP_THREADS_BIND for prefill (CPU builds)
-#   DECODE_CPUS          [1]         VLLM_CPU_OMP_THREADS_BIND for decode (CPU builds)
+#   PREFILL_TP, DECODE_TP [1]        --tensor-parallel-size of each server
+#   PREFILL_DP, DECODE_DP [1]        --data-parallel-size of each server (prefill's workers serve
+#                                    KV on PREFILL_KV_PORT .. PREFILL_KV_PORT + TP*DP - 1)
+#   PREFILL_CPUS         [0]         VLLM_CPU_OMP_THREADS_BIND for prefill (CPU builds); one core
+#                                    is repeated for every rank ("0" -> "0|0" for TP 2)
+#   DECODE_CPUS          [1]         VLLM_CPU_OMP_THREADS_BIND for decode (CPU builds), likewise
 #   PREFILL_GPU          [0]         CUDA_VISIBLE_DEVICES for prefill (GPU builds)
 #   DECODE_GPU           [1 if 2+ GPUs are visible, else 0]  CUDA_VISIBLE_DEVICES for decode
 set -euo pipefail
@@ -49,8 +53,12 @@ PROXY_POLICY="${PROXY_POLICY:-round_robin}"
 PROXY_TIMEOUT="${PROXY_TIMEOUT:-300}"
 HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-900}"
 LOG_DIR="${LOG_DIR:-${TMPDIR:-/tmp}/ucxkv-1p1d}"
-PREFILL_CPUS="${PREFILL_CPUS:-0}"
-DECODE_CPUS="${DECODE_CPUS:-1}"
+PREFILL_TP="${PREFILL_TP:-1}"
+PREFILL_DP="${PREFILL_DP:-1}"
+DECODE_TP="${DECODE_TP:-1}"
+DECODE_DP="${DECODE_DP:-1}"
+PREFILL_CPUS="$(cpu_bind "${PREFILL_CPUS:-0}" $((PREFILL_TP * PREFILL_DP)))"
+DECODE_CPUS="$(cpu_bind "${DECODE_CPUS:-1}" $((DECODE_TP * DECODE_DP)))"
 PREFILL_GPU="${PREFILL_GPU:-0}"
 if [[ -z "${DECODE_GPU:-}" ]]; then
     DECODE_GPU=0
@@ -84,7 +92,7 @@ mkdir -p "$LOG_DIR"
 ensure_model
 ucxkv_log "model: ${MODEL}; logs: ${LOG_DIR}"
 
-vllm_cmd kv_producer "$PREFILL_HOST" "$PREFILL_HTTP_PORT" "$PREFILL_HOST" "$PREFILL_KV_PORT"
+vllm_cmd kv_producer "$PREFILL_HOST" "$PREFILL_HTTP_PORT" "$PREFILL_HOST" "$PREFILL_KV_PORT" "$PREFILL_TP" "$PREFILL_DP"
 ucxkv_log "prefill: ${VLLM_CMD[*]}"
 spawn "$LOG_DIR/prefill.log" \
     env VLLM_CPU_OMP_THREADS_BIND="$PREFILL_CPUS" CUDA_VISIBLE_DEVICES="$PREFILL_GPU" "${VLLM_CMD[@]}"
@@ -92,7 +100,7 @@ PREFILL_PID=$SPAWNED_PID
 PIDS+=("$PREFILL_PID")
 
 # decode gets the producer's KV listener address too
-vllm_cmd kv_consumer "$DECODE_HOST" "$DECODE_HTTP_PORT" "$PREFILL_HOST" "$PREFILL_KV_PORT"
+vllm_cmd kv_consumer "$DECODE_HOST" "$DECODE_HTTP_PORT" "$PREFILL_HOST" "$PREFILL_KV_PORT" "$DECODE_TP" "$DECODE_DP"
 ucxkv_log "decode: ${VLLM_CMD[*]}"
 spawn "$LOG_DIR/decode.log" \
     env VLLM_CPU_OMP_THREADS_BIND="$DECODE_CPUS" CUDA_VISIBLE_DEVICES="$DECODE_GPU" "${VLLM_CMD[@]}"

@@ -20,7 +20,10 @@
 #   KV_CONNECTOR_MODULE  [kv_transfer.vllm_connector]
 #   KV_LOAD_FAILURE_POLICY [unset]   recompute|fail, added to the config when set
 #   KV_EXTRA_CONFIG      [empty]     more kv_connector_extra_config members (JSON, no braces)
-#   VLLM_EXTRA_ARGS      [empty]     extra vLLM server arguments (e.g. "--tensor-parallel-size 2")
+#   PREFILL_TP           [1]         --tensor-parallel-size
+#   PREFILL_DP           [1]         --data-parallel-size (workers serve KV on PREFILL_KV_PORT
+#                                    .. PREFILL_KV_PORT + TP*DP - 1: leave them free)
+#   VLLM_EXTRA_ARGS      [empty]     extra vLLM server arguments 
 #   UCX_TLS              [unset]     e.g. rc,cuda_copy,cuda_ipc or tcp; exported when set
 #   UCX_NET_DEVICES      [unset]     e.g. mlx5_0:1; exported when set
 #   VLLM_CPU_KVCACHE_SPACE [1]       GiB of KV cache (CPU builds)
@@ -35,7 +38,9 @@ PREFILL_HTTP_PORT="${PREFILL_HTTP_PORT:-8100}"
 PREFILL_KV_PORT="${PREFILL_KV_PORT:-14579}"
 
 ensure_model
-vllm_cmd kv_producer "$PREFILL_BIND_HOST" "$PREFILL_HTTP_PORT" "$PREFILL_HOST" "$PREFILL_KV_PORT"
+PREFILL_TP="${PREFILL_TP:-1}"
+PREFILL_DP="${PREFILL_DP:-1}"
+vllm_cmd kv_producer "$PREFILL_BIND_HOST" "$PREFILL_HTTP_PORT" "$PREFILL_HOST" "$PREFILL_KV_PORT" "$PREFILL_TP" "$PREFILL_DP"
 ucxkv_log "prefill node: http://${PREFILL_HOST}:${PREFILL_HTTP_PORT}, KV listener ${PREFILL_HOST}:${PREFILL_KV_PORT}"
 ucxkv_log "${VLLM_CMD[*]}"
 exec "${VLLM_CMD[@]}"

@@ -153,3 +153,29 @@ def test_two_hundred_requests_per_case_across_processes_bit_exact(peers):
     assert out["not_ok"] == [] and out["bad"] == [], (out["not_ok"][:5], out["bad"][:5])
     res = peers.expect(prod, "ok", 60)
     assert res["done"] and res["served"] == len(K.CASES) * K.N_REQUESTS and res["bytes_used"] == 0
+
+
+@pytest.mark.parametrize("layout_name", ["vllm_cpu", "flash_attn"])
+def test_load_heads_places_a_narrowed_shard_at_its_head_offset_and_shares_the_entry(layout_name):
+    """Two 1-head consumers (decode TP 2) read one 2-head producer shard (prefill TP 1): each gets its head."""
+    lay = getattr(PagedLayout, layout_name)()
+    src = _small(lay, 1)  # 2 KV heads
+    hd = lay.dims.index("head")
+    buf = LookupBuffer(1 << 20)
+    KVProducer(buf, src, lay).save([KVRequest("r", [1, 2, 3], [3, 9])])
+    for head in (0, 1):
+        dst = [c.narrow(hd, 0, 1).clone() for c in _small(lay, 2)]  # this rank's one head
+        before = [c.clone() for c in dst]
+        res = KVConsumer(buf, dst, lay).load_heads(KVRequest("r", [1, 2, 3], [5, 0]), head, 1, 0, readers=2)
+        assert res.ok and res.loaded_block_ids == [5, 0], res.error
+        for s, d, b in zip(src, dst, before):
+            want = s.narrow(hd, head, 1)
+            blk = lay.block_dim
+            assert torch.equal(d.index_select(blk, torch.tensor([5, 0])), want.index_select(blk, torch.tensor([3, 9])))
+            assert torch.equal(d.index_select(blk, torch.tensor([1, 2])), b.index_select(blk, torch.tensor([1, 2])))
+        assert buf.num_entries == (1 if head == 0 else 0)  # kept for the second reader, then dropped
+    # heads outside the producer's shard: refused by the producer, nothing written, the entry stays
+    KVProducer(buf, src, lay).save([KVRequest("s", [1, 2, 3], [3])])
+    dst = _small(lay, 3)
+    res = KVConsumer(buf, dst, lay).load_heads(KVRequest("s", [1, 2, 3], [4]), 1, 2, 0)
+    assert not res.ok and res.failed_block_ids == [4] and "narrow" in res.error and buf.num_entries == 1

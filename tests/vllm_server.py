@@ -149,16 +149,38 @@ class VllmServer:
         except OSError as exc:
             return f"(no log: {exc})"
 
-    def complete(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0, **fields: Any) -> dict:
+    def complete(self, prompt: str, max_tokens: int = 16, timeout_s: float = 120.0,
+                 headers: Optional[dict] = None, **fields: Any) -> dict:
         """POST /v1/completions (greedy, ignore_eos) and return the decoded JSON answer."""
         body = dict(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **fields)
         req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as exc:
             raise RuntimeError(f"vLLM server {self.url}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+
+    def rpc(self, method: str, timeout_s: float = 60.0) -> list:
+        """Call ``method`` on every worker (``/collective_rpc``; needs ``VLLM_SERVER_DEV_MODE=1`` and a
+        worker extension defining it, e.g. ``tests.vllm_worker_ext``); one result per worker rank."""
+        req = urllib.request.Request(self.url + "/collective_rpc", data=json.dumps({"method": method}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return json.loads(r.read())["results"]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the Prometheus samples ``name`` whose labels include ``labels`` (0 when none)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
 
     def pids(self) -> list[int]:
         """The server's process and all its descendants (engine cores, workers) now alive."""

@@ -1,0 +1,27 @@
+"""A vLLM worker extension for tests: each worker rank reports its connector's counters.
+
+Start the server with ``--worker-extension-cls tests.vllm_worker_ext.UcxkvWorkerExtension``
+and ``VLLM_SERVER_DEV_MODE=1``; ``VllmServer.rpc("ucxkv_totals")`` then returns one
+dict per worker rank (vLLM's ``/collective_rpc`` dev endpoint).
+"""
+
+from __future__ import annotations
+
+
+class UcxkvWorkerExtension:
+    """Mixed into vLLM's worker class by ``--worker-extension-cls``."""
+
+    def ucxkv_totals(self) -> dict:
+        """This rank's connector counters since start, with its TP/DP rank."""
+        from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+        w = get_kv_transfer_group().worker
+        return dict(w.counters.totals(), tp_rank=w.rank.tp_rank, dp_rank=w.rank.dp_rank)
+
+    def ucxkv_pid(self) -> dict:
+        """This worker's process id and TP rank (tests kill one rank)."""
+        import os
+
+        from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+        return {"pid": os.getpid(), "tp_rank": get_kv_transfer_group().worker.rank.tp_rank}
