@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model} (tiny random-weight Llama, 4 layers, GQA 4 heads / 2 KV heads), TP {args.tp}")
     p_port, d_port, x_port, kv_port = (_free_port() for _ in range(4))
     procs: list[subprocess.Popen] = []
+    shm_before = set(pathlib.Path("/dev/shm").glob("vllm_dist_*"))  # a TP > 1 shutdown leaves these behind
     try:
         # each instance's ranks on one core: a decode waiting for KV spins its cores (docs/parallel.md)
         prefill = _vllm(model, p_port, "kv_producer", kv_port, "|".join(["0"] * args.tp), work / "prefill.log",
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        for seg in set(pathlib.Path("/dev/shm").glob("vllm_dist_*")) - shm_before:
+            seg.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
