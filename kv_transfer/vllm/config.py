@@ -16,8 +16,15 @@ Configuration (``kv_connector_extra_config``), with defaults:
 ``insert_timeout_s`` (10)  how long a full buffer may block a save;
 ``fetch_timeout_s`` (30)  bound on one fetch on decode;
 ``ucx_tls`` (unset)  sets ``UCX_TLS`` for the worker process;
+``verify_kv`` (true)  prefill stores a per-block checksum with each staged entry and decode
+  checks it before using the KV; a mismatch (or, with verify_kv on at decode, an entry
+  without checksum) is a load error and the request is recomputed (see
+  :mod:`kv_transfer.integrity`); turn it off on both sides together;
 ``debug_perturb_loaded_kv`` (false)  testing only: add noise to loaded KV (also per
-  request with ``"ucxkv_debug_perturb": true`` in its kv_transfer_params).
+  request with ``"ucxkv_debug_perturb": true`` in its kv_transfer_params);
+``debug_corrupt_staged_kv`` (false)  testing only, prefill: flip one bit of every staged entry
+  after its checksum (also per request with ``"ucxkv_debug_corrupt": true`` in the prefill
+  request's kv_transfer_params).
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from typing import Any, Optional
 from .addresses import resolve_advertise_host
 
 __all__ = ["UcxConfig"]
+
+
+def _flag(v: Any) -> bool:
+    """A boolean setting given as a bool, a number or a string ("false", "0", "off", "no" are False)."""
+    if isinstance(v, str):
+        return v.strip().lower() not in ("false", "0", "off", "no", "")
+    return bool(v)
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,8 @@ class UcxConfig:
     fetch_timeout_s: float = 30.0
     ucx_tls: Optional[str] = None
     perturb: bool = False
+    verify_kv: bool = True
+    corrupt: bool = False
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "UcxConfig":
@@ -77,4 +93,6 @@ class UcxConfig:
             fetch_timeout_s=float(get("fetch_timeout_s", 30.0)),
             ucx_tls=str(tls) if tls else None,
             perturb=bool(get("debug_perturb_loaded_kv", False)),
+            verify_kv=_flag(get("verify_kv", True)),
+            corrupt=_flag(get("debug_corrupt_staged_kv", False)),
         )
