@@ -104,6 +104,7 @@ class UcxPromMetrics(KVConnectorPromMetrics):
         self.failed = {idx: {f"{role}/{cause}": failed.labels(*values, role, cause) for role, cause in FAILURE_LABELS}
                        for idx, values in per_engine_labelvalues.items()}
         self._failed_metric = failed
+        self._gauge_ranks: dict[tuple[int, str], dict[str, int]] = {}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         """Record one step's stats payload (:class:`~.stats.UcxKVConnectorStats` ``data``) for ``engine_idx``."""
@@ -123,5 +124,7 @@ class UcxPromMetrics(KVConnectorPromMetrics):
                                                                    role, cause)
             child.inc(n)
         for key, gauge in self.gauges.items():
-            if data[key]:
-                gauge[engine_idx].set(sum(data[key].values()))
+            if data[key]:  # ranks report only changes: keep every rank's latest, expose the sum
+                ranks = self._gauge_ranks.setdefault((engine_idx, key), {})
+                ranks.update(data[key])
+                gauge[engine_idx].set(sum(ranks.values()))
