@@ -2,9 +2,9 @@
 KV corrupted on prefill failing closed at decode.
 
 A prefill and a decode ``vllm.entrypoints.openai.api_server`` (one module-scoped
-pair, ~3 GB each: run under ``flock /tmp/vllm.lock``) with ``verify_kv`` on (the
-default). Values scraped from ``/metrics`` are checked against what moved: the
-prompts' token counts from the answers' ``usage`` and the model's KV shape.
+pair, ~3 GB each: run under ``flock /tmp/vllm.lock``) with ``verify_kv`` on.
+Values scraped from ``/metrics`` are checked against what moved: the prompts'
+token counts from the answers' ``usage`` and the model's KV shape.
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ def pd(tmp_path_factory):
     prefill = VllmServer.start(model, log_path=d / "prefill.log", cores="0", extra_args=_NO_PREFIX_CACHE,
                                kv_transfer_config=dict(CONNECTOR, kv_role="kv_producer",
                                                        kv_connector_extra_config={"kv_port": kv_port,
-                                                                                  "lease_s": 120}))
+                                                                                  "lease_s": 120,
+                                                                                  "verify_kv": True}))
     try:
         decode = VllmServer.start(model, log_path=d / "decode.log", cores="1", extra_args=_NO_PREFIX_CACHE,
                                   kv_transfer_config=dict(CONNECTOR, kv_role="kv_consumer",
-                                                          kv_connector_extra_config={"fetch_timeout_s": 20}))
+                                                          kv_connector_extra_config={"fetch_timeout_s": 20,
+                                                                                     "verify_kv": True}))
     except BaseException:
         prefill.stop()
         raise

@@ -16,10 +16,11 @@ Configuration (``kv_connector_extra_config``), with defaults:
 ``insert_timeout_s`` (10)  how long a full buffer may block a save;
 ``fetch_timeout_s`` (30)  bound on one fetch on decode;
 ``ucx_tls`` (unset)  sets ``UCX_TLS`` for the worker process;
-``verify_kv`` (true)  prefill stores a per-block checksum with each staged entry and decode
+``verify_kv`` (false)  prefill stores a per-block checksum with each staged entry and decode
   checks it before using the KV; a mismatch (or, with verify_kv on at decode, an entry
   without checksum) is a load error and the request is recomputed (see
-  :mod:`kv_transfer.integrity`); turn it off on both sides together;
+  :mod:`kv_transfer.integrity`); turn it on on both sides together. Off by default: on CPU
+  it costs more than 2 % of kv_bw (docs/bench.md, "Integrity cost");
 ``debug_perturb_loaded_kv`` (false)  testing only: add noise to loaded KV (also per
   request with ``"ucxkv_debug_perturb": true`` in its kv_transfer_params);
 ``debug_corrupt_staged_kv`` (false)  testing only, prefill: flip one bit of every staged entry
@@ -60,7 +61,7 @@ class UcxConfig:
     fetch_timeout_s: float = 30.0
     ucx_tls: Optional[str] = None
     perturb: bool = False
-    verify_kv: bool = True
+    verify_kv: bool = False
     corrupt: bool = False
 
     @classmethod
@@ -93,6 +94,6 @@ class UcxConfig:
             fetch_timeout_s=float(get("fetch_timeout_s", 30.0)),
             ucx_tls=str(tls) if tls else None,
             perturb=bool(get("debug_perturb_loaded_kv", False)),
-            verify_kv=_flag(get("verify_kv", True)),
+            verify_kv=_flag(get("verify_kv", False)),
             corrupt=_flag(get("debug_corrupt_staged_kv", False)),
         )
