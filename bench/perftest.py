@@ -304,6 +304,7 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     layer_in = None
     verify = bool(cfg.get("verify"))
     sums_in = [torch.empty((1, len(dst_ids)), dtype=torch.int64, device=dev) for _ in dst] if verify else []
+    sums_all = torch.empty((len(dst), len(dst_ids)), dtype=torch.int64, device=dev) if verify else None
     if cfg["kv_mode"] == "layers":
         one = staging_shape(dst[:1], layout, len(dst_ids))
         layer_in = [torch.empty(one, dtype=dtype, device=dev) for _ in dst]
@@ -318,7 +319,10 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
                     verify_block_sums([buf[0]], sums_in[layer], f"kv_bw layer {layer}")
                 scatter_blocks([dst[layer]], layout, dst_ids, buf)
         elif cfg["kv_mode"] == "gather":
-            if verify:
+            if verify and into:
+                pipe.recv_tensors_async(out=[staging_in, sums_all]).wait()
+                staging, sums = staging_in, sums_all
+            elif verify:
                 staging, sums = pipe.recv_tensors_async(2, dev).wait()
             else:
                 staging = pipe.recv_tensor(out=staging_in) if into else pipe.recv_tensor(device=dev)

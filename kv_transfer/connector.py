@@ -13,8 +13,9 @@ blocks arrived.
 Entry format (one per request, or one per request and layer):
 ``input_tokens`` = the token ids (int64), ``roi`` = None, ``key`` = a list of
 per-layer staging tensors, each ``(num_blocks, *per_block_shape)``, ``value``
-= None (the paged layouts here keep K and V in one tensor per layer),
-``hidden`` = the optional hidden states. Per-layer tensors are views of one
+= None (the paged layouts here keep K and V in one tensor per layer), or with
+``checksum`` on the int64 ``(layers, blocks)`` per-block checksums of
+:mod:`kv_transfer.integrity`, ``hidden`` = the optional hidden states. Per-layer tensors are views of one
 contiguous gather, so the server sends them without another copy.
 
 Why staging and not block views: sending :func:`block_views` would save the

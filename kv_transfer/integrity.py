@@ -26,11 +26,11 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import KVTransferError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["block_sums", "verify_block_sums", "flip_one_byte", "IntegrityError"]
-
-from .errors import KVTransferError  # noqa: E402
 
 
 class IntegrityError(KVTransferError):
