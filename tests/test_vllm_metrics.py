@@ -59,15 +59,15 @@ _LINE = re.compile(r'^(vllm:ucxkv_[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$')
 
 
 def scrape(server: VllmServer) -> dict[str, float]:
-    """``{name{labels without model_name/engine}: value}`` of every ``vllm:ucxkv_*`` sample."""
+    """``{name{labels sorted, without model_name/engine}: value}`` of every ``vllm:ucxkv_*`` sample."""
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = _LINE.match(line)
         if m:
-            labels = ",".join(p for p in (m.group(2) or "{}")[1:-1].split(",")
-                              if p and not p.startswith(("model_name=", "engine=")))
+            labels = ",".join(sorted(p for p in (m.group(2) or "{}")[1:-1].split(",")
+                                     if p and not p.startswith(("model_name=", "engine="))))
             out[m.group(1) + (f"{{{labels}}}" if labels else "")] = float(m.group(3))
     return out
 
@@ -86,7 +86,7 @@ def wait_metrics(server: VllmServer, want: dict[str, float], before: dict[str, f
 
 
 def _failed(role: str, cause: str) -> str:
-    return f'vllm:ucxkv_failed_transfers_total{{role="{role}",cause="{cause}"}}'
+    return f'vllm:ucxkv_failed_transfers_total{{cause="{cause}",role="{role}"}}'
 
 
 def _prefill(prefill: VllmServer, prompts: list[str], **extra: object) -> tuple[list[dict], list[int]]:
