@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--kv-mode", choices=["layers", "gather", "views", "rma"], default="layers",
                     help="gather: stage in one tensor and scatter; views: send block views, copy into place; "
                          "rma: the server GETs the client's registered blocks into its own (compare: ucp_get)")
+    kv.add_argument("--verify", action="store_true",
+                    help="per-block checksums (kv_transfer.integrity) computed on the sender's device after "
+                         "the gather, sent along and checked on the receiver's device before the scatter "
+                         "(--kv-mode layers and gather), as the connector's verify_kv does")
     ap.add_argument("--log-level", default="WARNING")
     return ap
 
@@ -284,6 +288,7 @@ def _serve_one(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
 def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     import torch
 
+    from kv_transfer.integrity import verify_block_sums
     from kv_transfer.paged import block_views, scatter_blocks, staging_shape
 
     spec = kv_spec(cfg)
@@ -298,20 +303,33 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
         staging_in = torch.empty(staging_shape(dst, layout, len(dst_ids)), dtype=dtype, device=dev)
     timings: list[float] = []
     layer_in = None
+    verify = bool(cfg.get("verify"))
+    sums_in = [torch.empty((1, len(dst_ids)), dtype=torch.int64, device=dev) for _ in dst] if verify else []
+    sums_all = torch.empty((len(dst), len(dst_ids)), dtype=torch.int64, device=dev) if verify else None
     if cfg["kv_mode"] == "layers":
         one = staging_shape(dst[:1], layout, len(dst_ids))
         layer_in = [torch.empty(one, dtype=dtype, device=dev) for _ in dst]
     for _ in range(cfg["iters"] + cfg["warmup"]):
         if layer_in is not None:
             # one receive per layer posted up front; scatter layer l while l+1.. arrive
-            handles = [pipe.recv_tensors_async(out=[buf]) for buf in layer_in]
+            handles = [pipe.recv_tensors_async(out=[buf, *sums_in[i:i + 1]]) for i, buf in enumerate(layer_in)]
             t0 = time.perf_counter()
             for layer, (h, buf) in enumerate(zip(handles, layer_in)):
                 h.wait()
+                if verify:  # before the layer is written: a mismatch raises, nothing lands
+                    verify_block_sums([buf[0]], sums_in[layer], f"kv_bw layer {layer}")
                 scatter_blocks([dst[layer]], layout, dst_ids, buf)
         elif cfg["kv_mode"] == "gather":
-            staging = pipe.recv_tensor(out=staging_in) if into else pipe.recv_tensor(device=dev)
+            if verify and into:
+                pipe.recv_tensors_async(out=[staging_in, sums_all]).wait()
+                staging, sums = staging_in, sums_all
+            elif verify:
+                staging, sums = pipe.recv_tensors_async(2, dev).wait()
+            else:
+                staging = pipe.recv_tensor(out=staging_in) if into else pipe.recv_tensor(device=dev)
             t0 = time.perf_counter()
+            if verify:
+                verify_block_sums(list(staging.unbind(0)), sums, "kv_bw request")
             scatter_blocks(dst, layout, dst_ids, staging)
         else:
             views = block_views(dst, layout, dst_ids)
@@ -544,11 +562,13 @@ def _cumsum(xs: Sequence[float]) -> Any:
 def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
     import torch
 
+    from kv_transfer.integrity import block_sums
     from kv_transfer.paged import block_views, gather_blocks, staging_shape
 
     from ._report import compute_rows
 
     spec = kv_spec(cfg)
+    verify = bool(cfg.get("verify"))
     layout = _layout(cfg["layout"])
     dev = cfg["send_dev"]
     src = [_src_layer(cfg, spec["shape"], layer, dev) for layer in range(cfg["layers"])]
@@ -577,12 +597,17 @@ def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
             handles = []
             for layer, buf in enumerate(layer_out):
                 gather_blocks([src[layer]], layout, ids, out=buf)
-                handles.append(pipe.send_tensor_async(buf))
+                # with --verify the layer's checksum follows it, computed on (and sent from) its device
+                handles.append(pipe.send_tensors_async([buf, block_sums(buf)]) if verify
+                               else pipe.send_tensor_async(buf))
             for h in handles:
                 h.wait()
         elif staging is not None:
             gather_blocks(src, layout, ids, out=staging)
-            pipe.send_tensor(staging)
+            if verify:
+                pipe.send_tensors([staging, block_sums(staging)])
+            else:
+                pipe.send_tensor(staging)
         else:
             pipe.send_tensors(block_views(src, layout, ids))
         pipe.recv_tensor()  # the request's blocks are in the server's cache
@@ -592,7 +617,7 @@ def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
         r.close()  # the server's last GET completed before its ack
     res = compute_rows("kv_bw", cfg["size"], list(_cumsum(durs)), durs_s=durs)
     pieces = len(block_views(src, layout, ids))
-    res.info.update({"kv_pieces": pieces, "kv_mode": cfg["kv_mode"], "layout": cfg["layout"],
+    res.info.update({"kv_pieces": pieces, "kv_mode": cfg["kv_mode"], "layout": cfg["layout"], "verify": verify,
                      "client_peak_rss_growth_mib": round((_peak_rss_kib() - rss0) / 1024, 1)})
     return res
 
@@ -619,7 +644,9 @@ def run_client(args: argparse.Namespace) -> int:
     test = args.test
     baselines = _baselines(args)
     send_dev, recv_dev = _devices(args.mem)
-    kv_keys = ("layers", "kv_heads", "head_size", "block_size", "tokens", "dtype", "layout", "kv_mode")
+    kv_keys = ("layers", "kv_heads", "head_size", "block_size", "tokens", "dtype", "layout", "kv_mode", "verify")
+    if test == "kv_bw" and args.verify and args.kv_mode not in ("layers", "gather"):
+        raise SystemExit("--verify needs --kv-mode layers or gather")
     if test == "kv_bw":
         kcfg = {k: getattr(args, k) for k in kv_keys}
         sizes = [kv_request_bytes(kcfg)]

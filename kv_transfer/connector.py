@@ -13,8 +13,9 @@ blocks arrived.
 Entry format (one per request, or one per request and layer):
 ``input_tokens`` = the token ids (int64), ``roi`` = None, ``key`` = a list of
 per-layer staging tensors, each ``(num_blocks, *per_block_shape)``, ``value``
-= None (the paged layouts here keep K and V in one tensor per layer),
-``hidden`` = the optional hidden states. Per-layer tensors are views of one
+= None (the paged layouts here keep K and V in one tensor per layer), or with
+``checksum`` on the int64 ``(layers, blocks)`` per-block checksums of
+:mod:`kv_transfer.integrity`, ``hidden`` = the optional hidden states. Per-layer tensors are views of one
 contiguous gather, so the server sends them without another copy.
 
 Why staging and not block views: sending :func:`block_views` would save the
@@ -41,18 +42,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .errors import KVTransferError, KVUsageError
+from .errors import KVTransferError, KVUsageError, PeerUnavailableError
+from .integrity import IntegrityError, block_sums, verify_block_sums
 from .lookup_source import KVSource
 from .lookup_store import LookupBuffer
 from .paged import BlockIds, PagedLayout, gather_blocks, head_dim_index, scatter_block_heads, scatter_blocks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KVRequest", "LoadResult", "KVProducer", "KVConsumer", "layer_request_id"]
+__all__ = ["KVRequest", "LoadResult", "KVProducer", "KVConsumer", "layer_request_id", "FAILURE_CAUSES"]
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -88,6 +90,10 @@ class KVRequest:
         return [int(x) for x in (b.tolist() if hasattr(b, "tolist") else b)]
 
 
+#: Called with (request, staging) after the checksum and before the insert (testing: corrupt in between).
+Tamper = Callable[[KVRequest, torch.Tensor], None]
+
+
 @dataclass
 class LoadResult:
     """What arrived for one request. ``ok`` means every block of the range (and layer asked for) arrived.
@@ -102,6 +108,26 @@ class LoadResult:
     failed_block_ids: List[int] = field(default_factory=list)
     hidden: Optional[torch.Tensor] = None
     error: Optional[str] = None
+    #: Why the load failed, for metrics: one of :data:`FAILURE_CAUSES` (None when ``ok``).
+    cause: Optional[str] = None
+
+
+#: Causes of a failed load: the producer is gone or broke the pipe; it stayed silent past the
+#: timeout; the entry does not fit this engine; no entry (lease ended, or never staged); the
+#: checksum did not match (:mod:`kv_transfer.integrity`); anything else.
+FAILURE_CAUSES = ("peer_dead", "timeout", "compat", "lease_expired", "integrity", "other")
+
+
+def _fetch_failure_cause(exc: BaseException) -> str:
+    """``timeout`` when the transport gave up waiting, ``peer_dead`` for any other broken pipe, else ``other``."""
+    if not isinstance(exc, PeerUnavailableError):
+        return "other"
+    cause: Optional[BaseException] = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, TimeoutError):
+            return "timeout"
+        cause = cause.__cause__
+    return "peer_dead"
 
 
 def _check_caches(caches: Sequence[torch.Tensor], layout: PagedLayout, who: str) -> List[torch.Tensor]:
@@ -122,27 +148,35 @@ class KVProducer:
         layout: Their :class:`PagedLayout`.
         insert_timeout_s: How long an insert may wait for room (back-pressure).
         lease_s: Lease of each entry (None: the buffer's default).
+        checksum: Store per-block checksums (:func:`~kv_transfer.integrity.block_sums`) as each
+            entry's ``value`` part, for consumers that verify.
     """
 
     def __init__(self, buffer: LookupBuffer, caches: Sequence[torch.Tensor], layout: PagedLayout, *,
-                 insert_timeout_s: float = 30.0, lease_s: Optional[float] = None):
+                 insert_timeout_s: float = 30.0, lease_s: Optional[float] = None, checksum: bool = False):
         self.buffer = buffer
         self.caches = _check_caches(caches, layout, "KVProducer")
         self.layout = layout
         self.insert_timeout_s = float(insert_timeout_s)
         self.lease_s = lease_s
+        self.checksum = bool(checksum)
 
-    def save(self, requests: Sequence[KVRequest], hidden: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    def save(self, requests: Sequence[KVRequest], hidden: Optional[Mapping[str, torch.Tensor]] = None, *,
+             tamper: Optional[Tamper] = None) -> None:
         """Gather every layer's blocks of each request and insert one entry per request.
 
         Returns once all entries are in the buffer. Raises
         :class:`BufferFullError` if the buffer stays full past
         ``insert_timeout_s`` (entries of earlier requests stay inserted).
+        ``tamper`` (testing only) may alter the staged bytes after the checksum.
         """
         for r in requests:
             staging = gather_blocks(self.caches, self.layout, r.block_list())
+            sums = block_sums(staging) if self.checksum else None
+            if tamper is not None:
+                tamper(r, staging)
             h = None if hidden is None else hidden.get(r.request_id)
-            self.buffer.insert(r.tokens_tensor(), None, list(staging.unbind(0)), None, h,
+            self.buffer.insert(r.tokens_tensor(), None, list(staging.unbind(0)), sums, h,
                                request_id=r.request_id, lease_s=self.lease_s, timeout=self.insert_timeout_s)
 
     def save_layer(self, layer_idx: int, requests: Sequence[KVRequest]) -> None:
@@ -174,12 +208,15 @@ class KVConsumer:
             requests' block ids).
         layout: Their :class:`PagedLayout`.
         wait_s: Default bound on waiting for each request's entry.
+        verify: Check every whole-request entry against the producer's checksum before writing
+            anything (:mod:`kv_transfer.integrity`); no checksum or a mismatch fails the load.
 
     What a load promises, per request (one validation path for every engine):
 
     * no entry within ``wait_s``, the source unreachable, or an entry of the
       wrong kind (layer count, dtype, per-block shape, more blocks than
-      ``block_ids``): nothing is written, every block of the range failed;
+      ``block_ids``), or with ``verify`` a missing or wrong checksum: nothing
+      is written, every block of the range failed;
     * an entry of ``n`` blocks with ``n < len(block_ids)`` (a short entry):
       the range's blocks below ``n`` are written and loaded, the rest failed,
       ``ok`` is False;
@@ -188,8 +225,9 @@ class KVConsumer:
     """
 
     def __init__(self, source: KVSource, caches: Sequence[torch.Tensor], layout: PagedLayout, *,
-                 wait_s: float = 5.0):
+                 wait_s: float = 5.0, verify: bool = False):
         self.source = source
+        self.verify = bool(verify)
         self.caches = _check_caches(caches, layout, "KVConsumer")
         self.layout = layout
         self.wait_s = float(wait_s)
@@ -214,11 +252,12 @@ class KVConsumer:
             m = self.source.fetch(r.tokens_tensor(), None, request_id=request_id, wait_s=wait_s,
                                   device=self.caches[0].device, **kw)
         except KVTransferError as exc:
-            res.error = f"fetch failed: {exc}"
+            res.error, res.cause = f"fetch failed: {exc}", _fetch_failure_cause(exc)
             return res
         if m is None:
-            res.error = f"no entry for {request_id} within {wait_s:.1f}s"
+            res.error, res.cause = f"no entry for {request_id} within {wait_s:.1f}s", "lease_expired"
             return res
+        res.cause = "compat"  # until the entry's shape is accepted
         key = m.key
         if not isinstance(key, list) or len(key) != len(layers):
             got = type(key).__name__ if not isinstance(key, list) else f"{len(key)} layers"
@@ -233,6 +272,16 @@ class KVConsumer:
             res.error = (f"entry for {request_id}: layer tensor {t.dtype}{tuple(t.shape)} does not fit "
                          f"{self.caches[0].dtype}{want} (destination blocks)")
             return res
+        res.cause = None
+        # The checksums cover whole blocks of the producer's shard: a head-sliced (narrowed) entry
+        # cannot be checked against them, so heterogeneous-TP reads go unverified (docs/operations.md).
+        if self.verify and heads is None and len(layers) == len(self.caches):
+            try:
+                verify_block_sums(key, m.value if isinstance(m.value, torch.Tensor) else None,
+                                  f"entry for {request_id}")
+            except IntegrityError as exc:
+                res.error, res.cause = str(exc), "integrity"
+                return res
         hi = max(lo, n)  # blocks [lo, hi) arrived
         if hi > lo:
             dev = self.caches[0].device
@@ -246,7 +295,7 @@ class KVConsumer:
         res.hidden = m.hidden if isinstance(m.hidden, torch.Tensor) else None
         res.ok = n == len(dst)
         if not res.ok:
-            res.error = f"short entry: {n} of {len(dst)} blocks arrived for {request_id}"
+            res.error, res.cause = f"short entry: {n} of {len(dst)} blocks arrived for {request_id}", "other"
         return res
 
     def load(self, requests: Sequence[KVRequest], *, wait_s: Optional[float] = None) -> Dict[str, LoadResult]:

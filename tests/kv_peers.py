@@ -318,3 +318,40 @@ def fixed_port_producer(q: Any, port: int, value: float) -> None:
         return "not killed"
 
     _report(q, body)
+
+
+# -- integrity: a producer whose staged bytes change after the checksum ------------
+def corrupting_producer(q: Any, seed: int, every: int) -> None:
+    """Stages the vllm_cpu/float32 case with checksums, flipping one bit of every ``every``-th request."""
+    from kv_transfer import KVProducer, LookupBuffer
+    from kv_transfer.integrity import flip_one_byte
+
+    def body() -> Any:
+        buf = LookupBuffer(64 << 20, lease_s=60)
+        server = buf.serve("127.0.0.1", 0)
+        q.put(("addr", server.address))
+        case = make_case("vllm_cpu", "float32", seed, "src")
+        prod = KVProducer(buf, case["caches"], case["layout"], checksum=True)
+        flip = flip_one_byte(block=1)
+        for i, r in enumerate(case["reqs"]):
+            prod.save([r], tamper=flip if i % every == 0 else None)
+        done = _wait_until(lambda: server.served == N_REQUESTS and buf.bytes_used == 0, 60)
+        server.close()
+        return {"done": done}
+
+    _report(q, body)
+
+
+def verifying_consumer(q: Any, seed: int, address: str) -> None:
+    """Loads the case with ``verify=True``; returns the failed request ids and causes, and the bad-bytes list."""
+    from kv_transfer import KVConsumer, LookupClient
+
+    def body() -> Any:
+        with LookupClient(address, timeout_s=30) as client:
+            case = make_case("vllm_cpu", "float32", seed, "dst")
+            res = KVConsumer(client, case["caches"], case["layout"], wait_s=20, verify=True).load(case["reqs"])
+        failed = {k: r.cause for k, r in res.items() if not r.ok}
+        loaded_nothing = all(not res[k].loaded_block_ids for k in failed)
+        return {"failed": failed, "loaded_nothing": loaded_nothing, "bad": check_case("vllm_cpu", "float32", seed, case)}
+
+    _report(q, body)

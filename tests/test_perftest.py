@@ -83,12 +83,15 @@ def test_ucx_perftest_baseline_runner() -> None:
 
 
 @pytest.mark.parametrize("layout,mode", [("vllm_cpu", "gather"), ("flash_attn", "views"), ("flash_attn", "rma"),
-                                         ("vllm_cpu", "rma")])
+                                         ("vllm_cpu", "rma"), ("vllm_cpu", "gather --verify"),
+                                         ("flash_attn", "layers --verify")])
 def test_kv_bw_local_moves_verified_data(layout: str, mode: str) -> None:
+    mode, *flags = mode.split()
     p = _cli("-t", "kv_bw", "--layers", "3", "--kv-heads", "2", "--head-size", "16", "--block-size", "4",
-             "--tokens", "60", "--layout", layout, "--kv-mode", mode, "-n", "2", "-w", "1", "--json")
+             "--tokens", "60", "--layout", layout, "--kv-mode", mode, "-n", "2", "-w", "1", "--json", *flags)
     (obj,) = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
     assert obj["verified"] is True and obj["bad_layers"] == []
+    assert obj["verify"] is bool(flags)  # --verify: checksums computed, sent and checked every iteration
     assert obj["blocks"] == 15 and obj["iterations"] == 2
     assert obj["size"] == 3 * 15 * 4 * 2 * 16 * 2 * 2  # layers*blocks*block*heads*head*K,V*bf16
 

@@ -155,9 +155,12 @@ def test_incompatible_producer_is_refused_before_anything_is_booked():
     s = consumer()
     req = FakeRequest("d-1", list(range(8)), remote_params(8, compat=dict(COMPAT, num_kv_heads="4")))
     assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)  # asked again (no blocks yet): counted once
     s.update_state_after_alloc(req, FakeBlocks([1, 2]), 0)
     assert s.request_finished(req, [1, 2]) == (False, None)
     assert s.books() == EMPTY
+    refused = s.counters.take()  # what the scheduler-side connector hands vLLM (vllm:ucxkv_* metrics)
+    assert refused.data["failed"] == {"compat/compat": 1} and s.counters.take() is None
 
 
 def test_producer_stages_when_the_prompt_completes_and_returns_decode_params():

@@ -29,7 +29,7 @@ def _caches(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def pair():
-    yield from worker_pair(lease_s=1.0)
+    yield from worker_pair(lease_s=1.0, verify_kv=True)
 
 
 def worker_pair(**producer: Any):
@@ -38,7 +38,7 @@ def worker_pair(**producer: Any):
     prod = UcxWorker(UcxConfig(is_producer=True, is_consumer=False, kv_port=port, block_size=BS, **producer),
                      RankInfo(), num_blocks=8)
     cons = UcxWorker(UcxConfig(is_producer=False, is_consumer=True, kv_port=port, block_size=BS,
-                               fetch_timeout_s=10), RankInfo(), num_blocks=8)
+                               fetch_timeout_s=10, verify_kv=True), RankInfo(), num_blocks=8)
     src, dst = _caches(1), _caches(2)
     prod.register_kv_caches(src)
     cons.register_kv_caches(dst)
@@ -184,3 +184,24 @@ def test_tp_read_of_a_missing_prefill_rank_fails_the_whole_request_on_that_rank(
     finally:
         for w in [cons, *prods]:
             w.shutdown()
+
+
+def test_corrupted_staged_kv_is_a_load_error_counted_as_integrity(pair):
+    prod, cons, src, dst, addr = pair
+    before = {k: v.clone() for k, v in dst.items()}
+    prod.wait_for_save(UcxConnectorMetadata(to_save=[SaveSpec("p1", list(range(10)), [5, 1, 2], corrupt=True)]))
+    cons.start_load_kv(_load("d1", "p1", addr, [0, 3, 4]))
+    assert _finish(cons, "d1") == (set(), {0, 3, 4})  # every block reported, vLLM recomputes them
+    assert all(torch.equal(dst[k], before[k]) for k in dst)  # nothing written
+    totals = cons.counters.totals()
+    assert totals["failed"] == {"load/integrity": 1} and totals["requests_loaded"] == 0
+    stats = cons.get_kv_connector_stats().data
+    assert stats["failed"] == {"load/integrity": 1} and stats["load_failures"] == 1
+    # the producer's gauge follows its buffer: staged, then claimed
+    prod.wait_for_save(UcxConnectorMetadata(to_save=[SaveSpec("p2", list(range(10)), [5, 1, 2])]))
+    staged = prod.get_kv_connector_stats().data
+    assert staged["staged_entries"] == {"tp0": 1} and staged["staged_bytes"]["tp0"] > 0
+    assert staged["save_bytes"] == [3 * prod._block_bytes] * 2 and staged["requests_saved"] == 2
+    cons.start_load_kv(_load("d2", "p2", addr, [0, 3, 4]))
+    assert _finish(cons, "d2") == (set(), set())
+    assert prod.get_kv_connector_stats().data["staged_bytes"] == {"tp0": 0}

@@ -21,8 +21,16 @@ Configuration (``kv_connector_extra_config``), with defaults:
 ``insert_timeout_s`` (10)  how long a full buffer may block a save;
 ``fetch_timeout_s`` (30)  bound on one fetch on decode;
 ``ucx_tls`` (unset)  sets ``UCX_TLS`` for the worker process;
+``verify_kv`` (false)  prefill stores a per-block checksum with each staged entry and decode
+  checks it before using the KV; a mismatch (or, with verify_kv on at decode, an entry
+  without checksum) is a load error and the request is recomputed (see
+  :mod:`kv_transfer.integrity`); turn it on on both sides together. Off by default: on CPU
+  it costs more than 2 % of kv_bw (docs/bench.md, "Integrity cost");
 ``debug_perturb_loaded_kv`` (false)  testing only: add noise to loaded KV (also per
-  request with ``"ucxkv_debug_perturb": true`` in its kv_transfer_params).
+  request with ``"ucxkv_debug_perturb": true`` in its kv_transfer_params);
+``debug_corrupt_staged_kv`` (false)  testing only, prefill: flip one bit of every staged entry
+  after its checksum (also per request with ``"ucxkv_debug_corrupt": true`` in the prefill
+  request's kv_transfer_params).
 """
 
 from __future__ import annotations
@@ -33,6 +41,13 @@ from typing import Any, Optional
 from .addresses import resolve_advertise_host
 
 __all__ = ["UcxConfig"]
+
+
+def _flag(v: Any) -> bool:
+    """A boolean setting given as a bool, a number or a string ("false", "0", "off", "no" are False)."""
+    if isinstance(v, str):
+        return v.strip().lower() not in ("false", "0", "off", "no", "")
+    return bool(v)
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,8 @@ class UcxConfig:
     ucx_tls: Optional[str] = None
     perturb: bool = False
     kv_mode: str = "stage"
+    verify_kv: bool = False
+    corrupt: bool = False
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "UcxConfig":
@@ -84,4 +101,6 @@ class UcxConfig:
             ucx_tls=str(tls) if tls else None,
             perturb=bool(get("debug_perturb_loaded_kv", False)),
             kv_mode=str(get("kv_mode", "stage")),
+            verify_kv=_flag(get("verify_kv", False)),
+            corrupt=_flag(get("debug_corrupt_staged_kv", False)),
         )

@@ -133,7 +133,17 @@ class UcxConnector(KVConnectorBase_V1):
         return self.worker.get_block_ids_with_load_errors()
 
     def get_kv_connector_stats(self) -> Optional[KVConnectorStats]:
-        return self.worker.get_kv_connector_stats() if self.worker is not None else None
+        if self.worker is not None:
+            return self.worker.get_kv_connector_stats()
+        return self.scheduler.counters.take() if self.scheduler is not None else None
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        """The ``vllm:ucxkv_*`` metrics on this instance's ``/metrics`` (see :mod:`.prom`)."""
+        from .prom import UcxPromMetrics
+
+        return UcxPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Optional[KVConnectorStats]:

@@ -38,6 +38,7 @@ class SaveSpec:
     req_id: str
     token_ids: list[int]
     block_ids: list[int]
+    corrupt: bool = False  # testing only: flip a bit of the staged KV after its checksum
 
 
 @dataclass

@@ -33,6 +33,8 @@ from ..tp_mapping import rank_port
 from .metadata import LoadSpec, RenewSpec, SaveSpec, UcxConnectorMetadata, compat_problem
 from .rma_worker import choose_kv_mode
 from .worker import RankInfo
+from .metadata import LoadSpec, SaveSpec, UcxConnectorMetadata, compat_problem
+from .stats import TransferCounters
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -78,6 +80,7 @@ class UcxScheduler:
         # tokens decode's prefix cache already holds, per request: vLLM sets request.num_computed_tokens
         # only after update_state_after_alloc, so the skip is remembered from get_num_new_matched_tokens
         self._local_hit: dict[str, int] = {}
+        self.counters = TransferCounters()  # requests refused for compatibility (vllm:ucxkv_* metrics)
 
     def books(self) -> dict[str, int]:
         """How many entries each of the scheduler's books holds (all zero when idle)."""
@@ -96,6 +99,8 @@ class UcxScheduler:
         if problem:
             log.error("request %s: prefill and decode KV caches are incompatible (%s); recomputing locally",
                       request.request_id, problem)
+            self.counters.record_failure("compat", "compat")
+            params["do_remote_prefill"] = False  # counted once: the request is now a local one
             return 0, False
         n = min(int(params.get("remote_num_tokens", 0)), len(request.prompt_token_ids)) - num_computed_tokens
         if n <= 0:
@@ -177,7 +182,8 @@ class UcxScheduler:
         if rid in self._saved or computed_after_step < n:
             return
         blocks = self._save_blocks.get(rid, [])[:_cdiv(n, self.config.block_size)]
-        meta.to_save.append(SaveSpec(rid, list(req.prompt_token_ids), blocks))
+        corrupt = bool((req.kv_transfer_params or {}).get("ucxkv_debug_corrupt", False))
+        meta.to_save.append(SaveSpec(rid, list(req.prompt_token_ids), blocks, corrupt=corrupt))
         self._saved.add(rid)
 
     def update_connector_output(self, connector_output: Any) -> None:

@@ -43,7 +43,8 @@ import torch
 import transport
 
 from ..connector import KVConsumer, KVProducer, KVRequest
-from ..errors import KVTransferError
+from ..errors import BufferFullError, KVTransferError
+from ..integrity import flip_one_byte
 from ..lookup_client import LookupClient
 from ..lookup_server import LookupServer
 from ..lookup_store import LookupBuffer
@@ -162,7 +163,8 @@ class UcxWorker:
         elif self.config.is_producer:
             self._buffer = LookupBuffer(self.config.buffer_bytes, lease_s=self.config.lease_s)
             self._producer = KVProducer(self._buffer, self._caches, self._layout,
-                                        insert_timeout_s=self.config.insert_timeout_s, lease_s=self.config.lease_s)
+                                        insert_timeout_s=self.config.insert_timeout_s, lease_s=self.config.lease_s,
+                                        checksum=self.config.verify_kv)
             port = rank_port(self.config.kv_port, self.rank.tp_rank, self.rank.tp_size, dp_index=self.rank.dp_rank)
             self._server = self._buffer.serve(self.config.kv_host, port)
             log.info("UcxConnector producer (tp %d/%d dp %d) serving KV on %s", self.rank.tp_rank,
@@ -202,7 +204,7 @@ class UcxWorker:
         if c is None:
             client = LookupClient(address, timeout_s=self.config.fetch_timeout_s, device=self._caches[0].device,
                                   redial=True)
-            c = KVConsumer(client, self._caches, self._layout, wait_s=0.0)
+            c = KVConsumer(client, self._caches, self._layout, wait_s=0.0, verify=self.config.verify_kv)
             self._consumers[address] = c
         return c
 
@@ -225,7 +227,7 @@ class UcxWorker:
         t0 = time.monotonic()
         req = KVRequest(spec.remote_request_id, spec.token_ids, spec.block_ids, skip_blocks=spec.skip_blocks)
         failed = spec.block_ids[spec.skip_blocks:]
-        loaded, ok = 0, False
+        loaded, ok, cause = 0, False, "other"
         where = spec.remote_address
         try:
             reads = self._reads(spec)
@@ -246,7 +248,7 @@ class UcxWorker:
                     res = consumer.load_heads(req, rd.src_head, rd.num_heads, rd.dst_head, readers=n_readers)
                 if len(reads) == 1:
                     failed = res.failed_block_ids
-                loaded = len(res.loaded_block_ids)
+                loaded, cause = len(res.loaded_block_ids), res.cause
                 if not res.ok:  # a block missing some heads is as bad as a missing block: all of them failed
                     raise KVTransferError(f"producer {address}: {res.error}")
             if loaded and spec.perturb and spec.perturb_rank in (None, self.rank.tp_rank):
@@ -256,10 +258,9 @@ class UcxWorker:
             log.error("KV load for %s (tp rank %d/%d) from %s failed (%d blocks not loaded): %s", spec.req_id,
                       self.rank.tp_rank, self.rank.tp_size, where, len(failed), exc)
         if not ok:
-            self.counters.add(load_failures=1)
+            self.counters.record_failure("load", cause)
         else:
-            self.counters.add(bytes_loaded=loaded * self._block_bytes, requests_loaded=1,
-                              load_s=time.monotonic() - t0)
+            self.counters.record_load(time.monotonic() - t0, loaded * self._block_bytes)
         with self._lock:
             self._failed_blocks.update(failed)
             if spec.req_id in self._cancelled:
@@ -280,13 +281,13 @@ class UcxWorker:
         for spec in meta.to_save:
             t0 = time.monotonic()
             try:
-                self._producer.save([KVRequest(spec.req_id, spec.token_ids, spec.block_ids)])
+                self._producer.save([KVRequest(spec.req_id, spec.token_ids, spec.block_ids)],
+                                    tamper=flip_one_byte() if spec.corrupt or self.config.corrupt else None)
             except Exception as exc:  # noqa: BLE001 - decode will see "no KV" and apply its policy
                 log.error("saving KV of %s failed: %s", spec.req_id, exc)
-                self.counters.add(save_failures=1)
+                self.counters.record_failure("save", "buffer_full" if isinstance(exc, BufferFullError) else "other")
                 continue
-            self.counters.add(bytes_saved=len(spec.block_ids) * self._block_bytes, requests_saved=1,
-                              save_s=time.monotonic() - t0)
+            self.counters.record_save(time.monotonic() - t0, len(spec.block_ids) * self._block_bytes)
 
     # ----------------------------------------------------------------- report
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
@@ -303,7 +304,11 @@ class UcxWorker:
         return bad
 
     def get_kv_connector_stats(self) -> Optional[UcxKVConnectorStats]:
-        """This interval's counters (None when nothing happened)."""
+        """This interval's counters (None when nothing happened); a producer adds its buffer's occupancy."""
+        if self._buffer is not None:
+            st = self._buffer.stats()
+            self.counters.set_gauges(f"tp{self.rank.tp_rank}", staged_bytes=st["bytes_used"],
+                                     staged_entries=st["num_entries"])
         return self.counters.take()
 
     def shutdown(self) -> None:
