@@ -439,7 +439,7 @@ class Pipe:
 
     def recv_tensors_async(
         self, n: int | None = None, device: str | torch.device | None = None, out: Sequence[torch.Tensor] | None = None,
-        _single: bool = False,
+        _single: bool = False, _background: bool = True,
     ) -> Handle:
         """Post receives for the next ``n`` tensors; ``wait()`` returns them as a list, in order.
 
@@ -458,7 +458,7 @@ class Pipe:
         with self._recv_lock:
             if any(not sl.batch for sl in self._slots):
                 raise LocalUsageError("a recv_tensor that timed out is still pending on this pipe; call recv_tensor first")
-            slots = [self._post_recv(dev, None if out is None else out[i]) for i in range(n)]
+            slots = [self._post_recv(dev, None if out is None else out[i], _background) for i in range(n)]
             for sl in slots:
                 sl.batch = True
             self._slots.extend(slots)
@@ -478,7 +478,8 @@ class Pipe:
         picks it up, so nothing the peer sends is lost or reordered.
         """
         if out is not None:
-            return self.recv_tensors_async(out=[out], _single=True).wait(timeout)
+            # waited on at once: this thread progresses it (no hand-over to the progress thread)
+            return self.recv_tensors_async(out=[out], _single=True, _background=False).wait(timeout)
         self._ready(timeout)
         dev = self.device if device is None else torch.device(device)
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
