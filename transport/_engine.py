@@ -187,6 +187,7 @@ class Engine:
         self._watching = False  # whether the progress thread sleeps on the worker's fd too
         self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._local = threading.local()
+        self._sleepers = 0  # threads asleep on the worker's fd in wait()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
@@ -297,12 +298,20 @@ class Engine:
         if delta > 0 and not watching:
             os.eventfd_write(self._wake_fd, 1)
 
-    def _progress(self) -> None:
-        """Progress the worker until it has nothing more to do (engine lock held)."""
+    def _progress(self, asleep_self: bool = False) -> None:
+        """Progress the worker until it has nothing more to do (engine lock held).
+
+        Events this consumes may be what a thread asleep on the worker's fd waits
+        for, and the next arm() drains that fd: such sleepers are kicked awake.
+        """
         progress_once = self.worker.progress_once
-        for _ in range(256):
+        if not progress_once():
+            return
+        for _ in range(255):
             if not progress_once():
                 break
+        if self._sleepers > asleep_self:  # other sleepers than the caller
+            os.eventfd_write(self._kick_fd, 1)
 
     def wait(self, op: Op, deadline: float, what: str, alive: Callable[[], str | None] | None = None) -> None:
         """Progress until ``op`` completes (its ``on_done`` has run).
@@ -317,47 +326,47 @@ class Engine:
         if os.getpid() != self._pid:
             raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
         lock = self._lock
+        worker = self.worker
         start = time.monotonic()
         spin_until = start + self._spin_s
+        # spinning: the progress thread need not watch the worker for this op meanwhile;
+        # then sleeping on the worker's event fd, and on the kick fd the progress thread
+        # writes when it completes an op a sleeper waits for (it may have drained the fd first)
+        spinning = op.spinning = self._spin_s > 0
+        poller = None if spinning else self._sleeper_poll()
+        armed = False
         n = 0
-        op.spinning = True  # the progress thread need not watch the worker for this op meanwhile
         try:
             while True:
                 with lock:
-                    self._progress()
+                    self._progress(op.sleeping)
                     if self._poll(op, what):
                         return
+                    if not spinning:
+                        if not op.sleeping:
+                            op.sleeping = True
+                            self._sleepers += 1
+                        armed = worker.arm()  # False: events are pending, progress again
                 n += 1
-                if (n & 31) == 0 or self._spin_s <= 0:
-                    now = time.monotonic()
-                    self._check(start, now, deadline, what, alive)
-                    if now >= spin_until:
-                        break
-        finally:
-            op.spinning = False
-        # sleep on the worker's event fd (and the kick fd the progress thread writes when it
-        # completes an op a sleeper waits for: it may have drained the worker's fd first)
-        poller = self._sleeper_poll()
-        worker = self.worker
-        with lock:
-            op.sleeping = True
-        try:
-            while True:
-                with lock:
-                    self._progress()
-                    if self._poll(op, what):
-                        return
-                    armed = worker.arm()  # False: events are pending, progress again
+                if spinning and (n & 31):
+                    continue
                 now = time.monotonic()
                 self._check(start, now, deadline, what, alive)
-                if armed:
-                    if poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
-                        try:
-                            os.eventfd_read(self._kick_fd)
-                        except BlockingIOError:
-                            pass
+                if spinning:
+                    if now >= spin_until:
+                        spinning = op.spinning = False
+                        poller = self._sleeper_poll()
+                elif armed and poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
+                    try:
+                        os.eventfd_read(self._kick_fd)
+                    except BlockingIOError:
+                        pass
         finally:
-            op.sleeping = False
+            op.spinning = False
+            if op.sleeping:
+                with lock:
+                    op.sleeping = False
+                    self._sleepers -= 1
 
     def _sleeper_poll(self) -> Any:
         p = getattr(self._local, "poller", None)
@@ -391,14 +400,13 @@ class Engine:
         return True
 
     def _progress_loop(self) -> None:
-        """The one thread that sleeps on the worker: progress, hand completions over, arm, sleep.
+        """Progress what nobody waits on: tracked operations and emulated RMA served to peers.
 
         It always sleeps on its wake-up fd, and on the worker's event fd too
-        while something needs progress that no thread is spinning for (tracked
-        operations, sleeping waiters, emulated RMA served to peers). So an idle
-        process uses no CPU, and a waiter spinning for a small message is not
-        slowed by a second thread waking for the same events (on two loaded
-        cores that wake-up alone took the latency from ~100 µs to ~1 ms).
+        only while such work exists (a tracked operation no waiter spins for,
+        or a live registration). So an idle process uses no CPU, and a waiter
+        is not slowed by a second thread waking for its events (measured in
+        docs/bench.md).
         """
         worker_fd = self.worker.epoll_file_descriptor
         poller = select.poll()
@@ -420,8 +428,6 @@ class Engine:
                 need = self._serving > 0 or any(not op.spinning for op in self._pending)
                 armed = self.worker.arm() if need else True  # False: events are pending, progress again
                 self._watching = need
-            if any(op.sleeping for op in done):  # it may sleep on a worker fd we just drained
-                os.eventfd_write(self._kick_fd, 1)
             if not armed:
                 continue
             if need != registered:
