@@ -32,9 +32,9 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 #: A waiting thread progresses the worker itself this long (µs) before it sleeps until the
 #: progress thread sees its operation complete; ``UCXKV_SPIN_US`` overrides (0: sleep at once).
-DEFAULT_SPIN_US = 0
+DEFAULT_SPIN_US = 200
 #: A sleeping waiter checks its peer's liveness and its deadline this often.
-_TICK_S = 0.02
+_TICK_S = 0.05
 # Endpoint close: UCX gets this many attempts of this long each to disconnect.
 _CLOSE_PERIOD_NS = 100_000
 _CLOSE_ATTEMPTS = 100
