@@ -74,7 +74,7 @@ class Op:
     so memory UCX may still touch is never freed under it.
     """
 
-    __slots__ = ("requests", "keepalive", "on_done", "error", "_done", "sleeping", "spinning")
+    __slots__ = ("requests", "keepalive", "on_done", "error", "_done", "sleeping")
 
     def __init__(self, requests: list[Any], keepalive: list[Any], on_done: Callable[[], Any] | None = None):
         self.requests = requests
@@ -83,7 +83,6 @@ class Op:
         self.error: BaseException | None = None
         self._done = False
         self.sleeping = False  # a waiter sleeps on the worker's fd for it
-        self.spinning = False  # a waiter progresses the worker for it right now
 
     def poll(self) -> bool:
         """True once every request completed; raises the first request's UCX error."""
@@ -188,6 +187,7 @@ class Engine:
         self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._local = threading.local()
         self._sleepers = 0  # threads asleep on the worker's fd in wait()
+        self._waiters = 0  # threads in wait()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
@@ -298,27 +298,45 @@ class Engine:
         if delta > 0 and not watching:
             os.eventfd_write(self._wake_fd, 1)
 
-    def _progress(self, asleep_self: bool = False) -> None:
-        """Progress the worker until it has nothing more to do (engine lock held).
+    def _progress(self, asleep_self: bool = False) -> bool:
+        """Progress the worker until it has nothing more to do (engine lock held); True if it did anything.
 
         Events this consumes may be what a thread asleep on the worker's fd waits
         for, and the next arm() drains that fd: such sleepers are kicked awake.
         """
         progress_once = self.worker.progress_once
         if not progress_once():
-            return
+            return False
         for _ in range(255):
             if not progress_once():
                 break
         if self._sleepers > asleep_self:  # other sleepers than the caller
             os.eventfd_write(self._kick_fd, 1)
+        self._poll_pending()  # run tracked ops' completions (a header's posts its payload receive)
+        return True
+
+    def _poll_pending(self) -> None:
+        """Poll the tracked ops and forget the finished ones (an error stays for its waiter)."""
+        if not self._pending:
+            return
+        done = []
+        for op in list(self._pending):  # a completion may track a new op (a payload receive)
+            try:
+                if op.poll():
+                    done.append(op)
+            except Exception:  # noqa: BLE001 - surfaced to its waiter
+                done.append(op)
+        for op in done:
+            self._pending.discard(op)
 
     def wait(self, op: Op, deadline: float, what: str, alive: Callable[[], str | None] | None = None) -> None:
         """Progress until ``op`` completes (its ``on_done`` has run).
 
-        The calling thread progresses the worker itself: for a short spin (the
-        fast path of a small message), then sleeping on the worker's event fd
-        between events (no CPU while nothing arrives). Raises :class:`PeerTimeoutError` at ``deadline`` (a
+        The calling thread progresses the worker itself (for every op, tracked
+        ones included): spinning while events come and for ``UCXKV_SPIN_US``
+        after the last one (the fast path of a small message, and a large
+        transfer's fragments), then sleeping on the worker's event fd (no CPU
+        while nothing arrives). Raises :class:`PeerTimeoutError` at ``deadline`` (a
         ``time.monotonic`` value) and :class:`PeerDeadError` as soon as
         ``alive()`` returns a reason (checked at least every ``_TICK_S``).
         ``what`` names the wait in those errors (it should name the peer).
@@ -329,19 +347,23 @@ class Engine:
         worker = self.worker
         start = time.monotonic()
         spin_until = start + self._spin_s
-        # spinning: the progress thread need not watch the worker for this op meanwhile;
-        # then sleeping on the worker's event fd, and on the kick fd the progress thread
-        # writes when it completes an op a sleeper waits for (it may have drained the fd first)
-        spinning = op.spinning = self._spin_s > 0
-        poller = None if spinning else self._sleeper_poll()
+        # spin while data moves and for spin_s after; then sleep on the worker's event fd and on
+        # the kick fd another thread writes when it consumed events (it may have drained the fd)
+        spinning = self._spin_s > 0
+        poller = self._sleeper_poll()
         armed = False
         n = 0
+        with lock:
+            self._waiters += 1  # while any, waiters progress the worker for everyone
         try:
             while True:
                 with lock:
-                    self._progress(op.sleeping)
+                    busy = self._progress(op.sleeping)
                     if self._poll(op, what):
                         return
+                    if busy and self._spin_s > 0:  # data is moving: keep spinning (a large transfer)
+                        spin_until = time.monotonic() + self._spin_s
+                        spinning = True
                     if not spinning:
                         if not op.sleeping:
                             op.sleeping = True
@@ -354,19 +376,21 @@ class Engine:
                 self._check(start, now, deadline, what, alive)
                 if spinning:
                     if now >= spin_until:
-                        spinning = op.spinning = False
-                        poller = self._sleeper_poll()
+                        spinning = False
                 elif armed and poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
                     try:
                         os.eventfd_read(self._kick_fd)
                     except BlockingIOError:
                         pass
         finally:
-            op.spinning = False
-            if op.sleeping:
-                with lock:
+            with lock:
+                if op.sleeping:
                     op.sleeping = False
                     self._sleepers -= 1
+                self._waiters -= 1
+                wake = not self._waiters and self._pending and not self._watching
+            if wake:  # tracked ops are left without a waiter: the progress thread takes over
+                os.eventfd_write(self._wake_fd, 1)
 
     def _sleeper_poll(self) -> Any:
         p = getattr(self._local, "poller", None)
@@ -403,8 +427,8 @@ class Engine:
         """Progress what nobody waits on: tracked operations and emulated RMA served to peers.
 
         It always sleeps on its wake-up fd, and on the worker's event fd too
-        only while such work exists (a tracked operation no waiter spins for,
-        or a live registration). So an idle process uses no CPU, and a waiter
+        only while such work exists and no thread is in :meth:`wait` (waiters
+        progress the worker for everyone, tracked ops included). So an idle process uses no CPU, and a waiter
         is not slowed by a second thread waking for its events (measured in
         docs/bench.md).
         """
@@ -415,17 +439,9 @@ class Engine:
         registered = False
         while not self._stop.is_set():
             with lock:
-                self._progress()
-                done = []
-                for op in self._pending:
-                    try:
-                        if op.poll():
-                            done.append(op)
-                    except Exception:  # noqa: BLE001 - surfaced to the waiter
-                        done.append(op)
-                for op in done:
-                    self._pending.discard(op)
-                need = self._serving > 0 or any(not op.spinning for op in self._pending)
+                if not self._progress():
+                    self._poll_pending()  # e.g. sends that completed at posting
+                need = self._serving > 0 or (bool(self._pending) and not self._waiters)
                 armed = self.worker.arm() if need else True  # False: events are pending, progress again
                 self._watching = need
             if not armed:
