@@ -74,15 +74,19 @@ class Op:
     so memory UCX may still touch is never freed under it.
     """
 
-    __slots__ = ("requests", "keepalive", "on_done", "error", "_done", "sleeping")
+    __slots__ = ("requests", "keepalive", "on_done", "error", "_done", "sleeping", "stream")
 
-    def __init__(self, requests: list[Any], keepalive: list[Any], on_done: Callable[[], Any] | None = None):
+    def __init__(self, requests: list[Any], keepalive: list[Any], on_done: Callable[[], Any] | None = None,
+                 stream: bool = False):
         self.requests = requests
         self.keepalive = keepalive
         self.on_done = on_done
         self.error: BaseException | None = None
         self._done = False
         self.sleeping = False  # a waiter sleeps on the worker's fd for it
+        # bulk data (many fragments): its waiter spins again after each wake-up instead of
+        # sleeping per fragment (a small op's waiter does not: an idle wait stays idle)
+        self.stream = stream
 
     def poll(self) -> bool:
         """True once every request completed; raises the first request's UCX error."""
@@ -333,10 +337,9 @@ class Engine:
         """Progress until ``op`` completes (its ``on_done`` has run).
 
         The calling thread progresses the worker itself (for every op, tracked
-        ones included): spinning while events come and for ``UCXKV_SPIN_US``
-        after the last one (the fast path of a small message, and a large
-        transfer's fragments), then sleeping on the worker's event fd (no CPU
-        while nothing arrives). Raises :class:`PeerTimeoutError` at ``deadline`` (a
+        ones included): spinning for ``UCXKV_SPIN_US`` (the fast path of a small
+        message), then sleeping on the worker's event fd (no CPU while nothing
+        arrives); a ``stream`` op's waiter spins again after each wake-up. Raises :class:`PeerTimeoutError` at ``deadline`` (a
         ``time.monotonic`` value) and :class:`PeerDeadError` as soon as
         ``alive()`` returns a reason (checked at least every ``_TICK_S``).
         ``what`` names the wait in those errors (it should name the peer).
@@ -347,7 +350,7 @@ class Engine:
         worker = self.worker
         start = time.monotonic()
         spin_until = start + self._spin_s
-        # spin while data moves and for spin_s after; then sleep on the worker's event fd and on
+        # spin for spin_s, then sleep on the worker's event fd and on
         # the kick fd another thread writes when it consumed events (it may have drained the fd)
         spinning = self._spin_s > 0
         poller = self._sleeper_poll()
@@ -358,12 +361,9 @@ class Engine:
         try:
             while True:
                 with lock:
-                    busy = self._progress(op.sleeping)
+                    self._progress(op.sleeping)
                     if self._poll(op, what):
                         return
-                    if busy and self._spin_s > 0:  # data is moving: keep spinning (a large transfer)
-                        spin_until = time.monotonic() + self._spin_s
-                        spinning = True
                     if not spinning:
                         if not op.sleeping:
                             op.sleeping = True
@@ -382,6 +382,8 @@ class Engine:
                         os.eventfd_read(self._kick_fd)
                     except BlockingIOError:
                         pass
+                    if op.stream:
+                        spinning, spin_until = self._spin_s > 0, time.monotonic() + self._spin_s
         finally:
             with lock:
                 if op.sleeping:

@@ -614,7 +614,7 @@ def _post_and_flush(pipe: "Pipe", put: bool, plans: list[tuple], deadline: float
             flush.release()
         pipe._fail(PeerDeadError(f"{what}: posting failed: {_ucp_rma.status_string(rc)}"), what)
     try:
-        pipe._wait_ops([Op([flush], [plans, status_words])], deadline, what)
+        pipe._wait_ops([Op([flush], [plans, status_words], stream=True)], deadline, what)
     finally:
         with engine._lock:
             flush.release()

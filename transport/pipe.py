@@ -38,6 +38,9 @@ from .errors import LocalUsageError, PeerClosedError, PeerError, PeerTimeoutErro
 
 log = logging.getLogger(__name__)
 
+#: A transfer at least this large is waited for as a stream (see transport._engine.Op).
+_STREAM_BYTES = 64 * 1024
+
 __all__ = ["Pipe", "PipeListener", "Handle", "TensorLike"]
 
 TensorLike = Any  # torch.Tensor, numpy.ndarray, cupy.ndarray, or anything with __dlpack__
@@ -356,7 +359,7 @@ class Pipe:
                 keep += k
                 total += n
         self.bytes_sent += total
-        op = Op(requests, keep)
+        op = Op(requests, keep, stream=total >= _STREAM_BYTES)
         if _background:  # a caller that waits at once progresses it itself (no lock/GIL contention)
             self._engine.track(op)
         return Handle(self, [op], f"sending {len(tensors)} tensor(s) to {self.peer}")
@@ -410,7 +413,7 @@ class Pipe:
                 buf = codec.ucx_buffer(t)
                 req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True), h.nbytes,
                                             f"payload of {what}", self._ep_open)
-                slot.payload_op = Op([req], [t, buf])
+                slot.payload_op = Op([req], [t, buf], stream=h.nbytes >= _STREAM_BYTES)
                 if background:
                     self._engine.track(slot.payload_op)
 
