@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import select
 import threading
 import time
 import weakref
@@ -29,12 +30,11 @@ log = logging.getLogger(__name__)
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
-# Spin this long before sleeping between progress calls while waiting.
-_SPIN_S = 0.002
-_MAX_SLEEP_S = 0.0005
-# ... and after this long without a completion, up to _IDLE_SLEEP_S.
-_IDLE_AFTER_S = 0.05
-_IDLE_SLEEP_S = 0.002
+#: A waiting thread progresses the worker itself this long (µs) before it sleeps until the
+#: progress thread sees its operation complete; ``UCXKV_SPIN_US`` overrides (0: sleep at once).
+DEFAULT_SPIN_US = 200
+#: A sleeping waiter checks its peer's liveness and its deadline this often.
+_TICK_S = 0.05
 # Endpoint close: UCX gets this many attempts of this long each to disconnect.
 _CLOSE_PERIOD_NS = 100_000
 _CLOSE_ATTEMPTS = 100
@@ -74,14 +74,19 @@ class Op:
     so memory UCX may still touch is never freed under it.
     """
 
-    __slots__ = ("requests", "keepalive", "on_done", "error", "_done")
+    __slots__ = ("requests", "keepalive", "on_done", "error", "_done", "sleeping", "stream")
 
-    def __init__(self, requests: list[Any], keepalive: list[Any], on_done: Callable[[], Any] | None = None):
+    def __init__(self, requests: list[Any], keepalive: list[Any], on_done: Callable[[], Any] | None = None,
+                 stream: bool = False):
         self.requests = requests
         self.keepalive = keepalive
         self.on_done = on_done
         self.error: BaseException | None = None
         self._done = False
+        self.sleeping = False  # a waiter sleeps on the worker's fd for it
+        # bulk data (many fragments): its waiter spins again after each wake-up instead of
+        # sleeping per fragment (a small op's waiter does not: an idle wait stays idle)
+        self.stream = stream
 
     def poll(self) -> bool:
         """True once every request completed; raises the first request's UCX error."""
@@ -152,8 +157,12 @@ class ProbedRecv:
         self._req.check_error()
 
 
-def _stop_engine(stop: threading.Event, thread: threading.Thread) -> None:
+def _stop_engine(stop: threading.Event, wake_fd: int, thread: threading.Thread) -> None:
     stop.set()
+    try:
+        os.eventfd_write(wake_fd, 1)
+    except OSError:
+        pass
     thread.join(timeout=2.0)
 
 
@@ -176,13 +185,21 @@ class Engine:
         self._peer_error_handling = _has_error_handling(self.context.config.get("TLS", ""))
         self._pending: set[Op] = set()
         self._draining: list[tuple[Any, Any]] = []
-        self._wake = threading.Event()
+        self._spin_s = _spin_seconds()
+        self._serving = 0  # users of unattended progress (see serve())
+        self._watching = False  # whether the progress thread sleeps on the worker's fd too
+        self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._local = threading.local()
+        self._sleepers = 0  # threads asleep on the worker's fd in wait()
+        self._waiters = 0  # threads in wait()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
         self._thread.start()
-        self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._thread)
+        self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._wake_fd, self._thread)
         cfg = self.context.config
-        log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s", cfg.get("TLS"), cfg.get("RNDV_THRESH"))
+        log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s spin=%.0fus", cfg.get("TLS"), cfg.get("RNDV_THRESH"),
+                 self._spin_s * 1e6)
 
     # -- endpoints -------------------------------------------------------
     def connect(self, worker_address: bytes, peer: str) -> Any:
@@ -268,77 +285,184 @@ class Engine:
         return dropped
 
     def track(self, op: Op) -> Op:
-        """Let the background thread progress ``op`` until it completes."""
+        """Let the progress thread progress ``op`` until it completes (nobody has to wait on it)."""
         with self._lock:
             self._pending.add(op)
-        self._wake.set()
+            watching = self._watching
+        if not watching:  # asleep on its wake-up fd alone: have it watch the worker too
+            os.eventfd_write(self._wake_fd, 1)
         return op
+
+    def serve(self, delta: int) -> None:
+        """Count a user (+1) or drop one (-1) of unattended progress: while any, the progress
+        thread wakes on every worker event (peers' emulated RMA on our registrations)."""
+        with self._lock:
+            self._serving += delta
+            watching = self._watching
+        if delta > 0 and not watching:
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _progress(self, asleep_self: bool = False) -> bool:
+        """Progress the worker until it has nothing more to do (engine lock held); True if it did anything.
+
+        Events this consumes may be what a thread asleep on the worker's fd waits
+        for, and the next arm() drains that fd: such sleepers are kicked awake.
+        """
+        progress_once = self.worker.progress_once
+        if not progress_once():
+            return False
+        for _ in range(255):
+            if not progress_once():
+                break
+        if self._sleepers > asleep_self:  # other sleepers than the caller
+            os.eventfd_write(self._kick_fd, 1)
+        self._poll_pending()  # run tracked ops' completions (a header's posts its payload receive)
+        return True
+
+    def _poll_pending(self) -> None:
+        """Poll the tracked ops and forget the finished ones (an error stays for its waiter)."""
+        if not self._pending:
+            return
+        done = []
+        for op in list(self._pending):  # a completion may track a new op (a payload receive)
+            try:
+                if op.poll():
+                    done.append(op)
+            except Exception:  # noqa: BLE001 - surfaced to its waiter
+                done.append(op)
+        for op in done:
+            self._pending.discard(op)
 
     def wait(self, op: Op, deadline: float, what: str, alive: Callable[[], str | None] | None = None) -> None:
         """Progress until ``op`` completes (its ``on_done`` has run).
 
-        Raises :class:`PeerTimeoutError` at ``deadline`` (a ``time.monotonic`` value)
-        and :class:`PeerDeadError` as soon as ``alive()`` returns a reason.
+        The calling thread progresses the worker itself (for every op, tracked
+        ones included): spinning for ``UCXKV_SPIN_US`` (the fast path of a small
+        message), then sleeping on the worker's event fd (no CPU while nothing
+        arrives); a ``stream`` op's waiter spins again after each wake-up. Raises :class:`PeerTimeoutError` at ``deadline`` (a
+        ``time.monotonic`` value) and :class:`PeerDeadError` as soon as
+        ``alive()`` returns a reason (checked at least every ``_TICK_S``).
         ``what`` names the wait in those errors (it should name the peer).
         """
         if os.getpid() != self._pid:
             raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
+        lock = self._lock
+        worker = self.worker
         start = time.monotonic()
-        sleep = 0.0
+        spin_until = start + self._spin_s
+        # spin for spin_s, then sleep on the worker's event fd and on
+        # the kick fd another thread writes when it consumed events (it may have drained the fd)
+        spinning = self._spin_s > 0
+        poller = self._sleeper_poll()
+        armed = False
         n = 0
-        while True:
-            with self._lock:
-                self.worker.progress()
-                try:
-                    if op.poll():
-                        self._pending.discard(op)
+        with lock:
+            self._waiters += 1  # while any, waiters progress the worker for everyone
+        try:
+            while True:
+                with lock:
+                    self._progress(op.sleeping)
+                    if self._poll(op, what):
                         return
-                except TransportError:
-                    self._pending.discard(op)
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a UCX error on this op
-                    self._pending.discard(op)
-                    raise PeerDeadError(f"{what} failed: {exc}") from exc
-            n += 1
-            if (n & 63) == 0:
+                    if not spinning:
+                        if not op.sleeping:
+                            op.sleeping = True
+                            self._sleepers += 1
+                        armed = worker.arm()  # False: events are pending, progress again
+                n += 1
+                if spinning and (n & 31):
+                    continue
                 now = time.monotonic()
-                if alive is not None:
-                    reason = alive()
-                    if reason:
-                        raise PeerDeadError(f"{what}: {reason}")
-                if now >= deadline:
-                    raise PeerTimeoutError(f"{what}: timed out after {now - start:.1f}s")
-                if now - start > _SPIN_S:
-                    # a long idle wait (a server waiting for its next request) backs off
-                    # further, so an idle process does not burn a core polling
-                    cap = _IDLE_SLEEP_S if now - start > _IDLE_AFTER_S else _MAX_SLEEP_S
-                    sleep = min(max(sleep * 2, 2e-5), cap)
-            if sleep:
-                time.sleep(sleep)
+                self._check(start, now, deadline, what, alive)
+                if spinning:
+                    if now >= spin_until:
+                        spinning = False
+                elif armed and poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
+                    try:
+                        os.eventfd_read(self._kick_fd)
+                    except BlockingIOError:
+                        pass
+                    if op.stream:
+                        spinning, spin_until = self._spin_s > 0, time.monotonic() + self._spin_s
+        finally:
+            with lock:
+                if op.sleeping:
+                    op.sleeping = False
+                    self._sleepers -= 1
+                self._waiters -= 1
+                wake = not self._waiters and self._pending and not self._watching
+            if wake:  # tracked ops are left without a waiter: the progress thread takes over
+                os.eventfd_write(self._wake_fd, 1)
+
+    def _sleeper_poll(self) -> Any:
+        p = getattr(self._local, "poller", None)
+        if p is None:
+            p = self._local.poller = select.poll()
+            p.register(self.worker.epoll_file_descriptor, select.POLLIN)
+            p.register(self._kick_fd, select.POLLIN)
+        return p
+
+    def _check(self, start: float, now: float, deadline: float, what: str,
+               alive: Callable[[], str | None] | None) -> None:
+        if alive is not None:
+            reason = alive()
+            if reason:
+                raise PeerDeadError(f"{what}: {reason}")
+        if now >= deadline:
+            raise PeerTimeoutError(f"{what}: timed out after {now - start:.1f}s")
+
+    def _poll(self, op: Op, what: str) -> bool:
+        """Whether ``op`` completed (engine lock held); raises its error, naming ``what``."""
+        try:
+            if not op.poll():
+                return False
+        except TransportError:
+            self._pending.discard(op)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a UCX error on this op
+            self._pending.discard(op)
+            raise PeerDeadError(f"{what} failed: {exc}") from exc
+        self._pending.discard(op)
+        return True
 
     def _progress_loop(self) -> None:
-        idle_sleep = 0.0
+        """Progress what nobody waits on: tracked operations and emulated RMA served to peers.
+
+        It always sleeps on its wake-up fd, and on the worker's event fd too
+        only while such work exists and no thread is in :meth:`wait` (waiters
+        progress the worker for everyone, tracked ops included). So an idle process uses no CPU, and a waiter
+        is not slowed by a second thread waking for its events (measured in
+        docs/bench.md).
+        """
+        worker_fd = self.worker.epoll_file_descriptor
+        poller = select.poll()
+        poller.register(self._wake_fd, select.POLLIN)
+        lock = self._lock
+        registered = False
         while not self._stop.is_set():
-            if not self._pending:
-                self._wake.wait(0.05)
-                self._wake.clear()
+            with lock:
+                if not self._progress():
+                    self._poll_pending()  # e.g. sends that completed at posting
+                need = self._serving > 0 or (bool(self._pending) and not self._waiters)
+                armed = self.worker.arm() if need else True  # False: events are pending, progress again
+                self._watching = need
+            if not armed:
                 continue
-            with self._lock:
-                self.worker.progress()
-                done = []
-                for op in list(self._pending):
-                    try:
-                        if op.poll():
-                            done.append(op)
-                    except Exception:  # noqa: BLE001 - surfaced to the waiter
-                        done.append(op)
-                for op in done:
-                    self._pending.discard(op)
-            idle_sleep = min(max(idle_sleep * 2, 1e-5), 2e-4) if not done else 0.0
-            time.sleep(idle_sleep)
+            if need != registered:
+                if need:
+                    poller.register(worker_fd, select.POLLIN)
+                else:
+                    poller.unregister(worker_fd)
+                registered = need
+            # pending ops are re-polled now and then in case one completes without an event
+            poller.poll(_TICK_S * 1000 if need and self._pending else -1)
+            try:
+                os.eventfd_read(self._wake_fd)
+            except BlockingIOError:
+                pass
 
     def shutdown(self) -> None:
-        """Stop the background progress thread (idempotent)."""
+        """Stop the progress thread (idempotent)."""
         self._finalizer()
 
 
@@ -379,6 +503,17 @@ def _safe_tls_config() -> dict[str, str] | None:
     log.info("UCX_TLS=%s has no peer-failure handling; using %s without cma so a dying peer cannot abort "
              "this process (UCXKV_ALLOW_CMA=1 keeps cma: zero-copy, but unsafe)", tls, new)
     return {"TLS": new}
+
+
+def _spin_seconds() -> float:
+    raw = os.environ.get("UCXKV_SPIN_US", str(DEFAULT_SPIN_US))
+    try:
+        us = float(raw)
+    except ValueError:
+        raise LocalUsageError(f"UCXKV_SPIN_US={raw!r} is not a number of microseconds") from None
+    if not 0 <= us <= 1e6:
+        raise LocalUsageError(f"UCXKV_SPIN_US={raw!r} must be between 0 and 1000000")
+    return us * 1e-6
 
 
 def _scratch(n: int) -> Any:

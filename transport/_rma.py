@@ -28,8 +28,9 @@ Promises:
   peer death). All closes are idempotent.
 
 Transports without hardware RMA (tcp, shared memory without cma) emulate GET
-and PUT with active messages served by the owner's worker, so a process with
-live registrations keeps a light progress thread running.
+and PUT with active messages served by the owner's worker: the engine's
+progress thread (which sleeps on the worker's event fd) serves them, so no
+thread of its own is needed here.
 """
 
 from __future__ import annotations
@@ -66,9 +67,6 @@ _MAGIC = b"UKVM"
 _PRE = struct.Struct("<4sI")
 MAX_DESCRIPTOR_BYTES = 16 * 1024
 _MAX_LEN = 1 << 62
-#: How long the owner-side progress thread keeps polling after the last event before it
-#: sleeps on the worker's event fd.
-_SERVE_SPIN_S = 0.05
 #: Bytes posted per round (then one flush) where GET may be emulated by the owner (tcp, posix/sysv):
 #: bounds what the owner has queued for us at once, because UCX 1.21 crashes an owner whose
 #: emulated GET replies are still queued when its reader dies. ``UCXKV_RMA_WINDOW_BYTES`` overrides
@@ -225,57 +223,6 @@ _status = _StatusPages()
 atexit.register(_status.release_all)
 
 
-class _Server:
-    """Progresses the worker while registrations exist, so emulated GET/PUT from peers are served."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-        self._thread: threading.Thread | None = None
-
-    def acquire(self, engine: Engine) -> None:
-        with self._lock:
-            self._count += 1
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, args=(engine,), name="ucxkv-rma-serve", daemon=True)
-                self._thread.start()
-
-    def release(self) -> None:
-        with self._lock:
-            self._count -= 1
-
-    def _run(self, engine: Engine) -> None:
-        """Poll while peers are active; after _IDLE_AFTER_S without events, sleep on the worker's event fd."""
-        import select
-
-        lib = _ucp_rma.lib()
-        worker = engine.worker.handle
-        poller = select.poll()
-        poller.register(engine.worker.epoll_file_descriptor, select.POLLIN)
-        sleep, last = 0.0, time.monotonic()
-        while True:
-            with self._lock:
-                if self._count <= 0 or engine._stop.is_set():
-                    self._thread = None
-                    return
-            with engine._lock:
-                n = lib.ukv_worker_progress(worker)
-            now = time.monotonic()
-            if n:
-                sleep, last = 0.0, now
-                time.sleep(0)
-                continue
-            if now - last < _SERVE_SPIN_S:
-                sleep = min(max(sleep * 2, 1e-5), 2e-4)
-                time.sleep(sleep)
-                continue
-            with engine._lock:
-                armed = engine.worker.arm()  # False: events are pending, progress again
-            if armed and poller.poll(100):  # woken by the next event for this worker
-                last, sleep = time.monotonic(), 0.0
-
-
-_server = _Server()
 
 
 def _buffer_span(obj: Any) -> tuple[int, int, str, bool, Any]:
@@ -332,7 +279,7 @@ class Registration:
         self.token = secrets.randbits(62) | 1
         self._words[self._slot_index] = self.token
         self._closed = False
-        _server.acquire(self._engine)
+        self._engine.serve(+1)  # peers' emulated GET/PUT need our worker progressed
         self._finalizer = weakref.finalize(self, Registration._release, self._engine, self._mapped, self._words,
                                            self._slot_index, self._slot)
         log.debug("registered %s: %d bytes of %s memory at %#x", self.name, nbytes, memory, addr)
@@ -342,7 +289,7 @@ class Registration:
         words[index] = 0  # revoke first: a reader's liveness check fails from here on
         mapped.release()
         _status.give_back(engine, slot)
-        _server.release()
+        engine.serve(-1)
 
     @property
     def closed(self) -> bool:
@@ -667,7 +614,7 @@ def _post_and_flush(pipe: "Pipe", put: bool, plans: list[tuple], deadline: float
             flush.release()
         pipe._fail(PeerDeadError(f"{what}: posting failed: {_ucp_rma.status_string(rc)}"), what)
     try:
-        pipe._wait_ops([Op([flush], [plans, status_words])], deadline, what)
+        pipe._wait_ops([Op([flush], [plans, status_words], stream=True)], deadline, what)
     finally:
         with engine._lock:
             flush.release()

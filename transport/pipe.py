@@ -38,6 +38,9 @@ from .errors import LocalUsageError, PeerClosedError, PeerError, PeerTimeoutErro
 
 log = logging.getLogger(__name__)
 
+#: A transfer at least this large is waited for as a stream (see transport._engine.Op).
+_STREAM_BYTES = 64 * 1024
+
 __all__ = ["Pipe", "PipeListener", "Handle", "TensorLike"]
 
 TensorLike = Any  # torch.Tensor, numpy.ndarray, cupy.ndarray, or anything with __dlpack__
@@ -356,7 +359,7 @@ class Pipe:
                 keep += k
                 total += n
         self.bytes_sent += total
-        op = Op(requests, keep)
+        op = Op(requests, keep, stream=total >= _STREAM_BYTES)
         if _background:  # a caller that waits at once progresses it itself (no lock/GIL contention)
             self._engine.track(op)
         return Handle(self, [op], f"sending {len(tensors)} tensor(s) to {self.peer}")
@@ -410,7 +413,7 @@ class Pipe:
                 buf = codec.ucx_buffer(t)
                 req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True), h.nbytes,
                                             f"payload of {what}", self._ep_open)
-                slot.payload_op = Op([req], [t, buf])
+                slot.payload_op = Op([req], [t, buf], stream=h.nbytes >= _STREAM_BYTES)
                 if background:
                     self._engine.track(slot.payload_op)
 
@@ -439,7 +442,7 @@ class Pipe:
 
     def recv_tensors_async(
         self, n: int | None = None, device: str | torch.device | None = None, out: Sequence[torch.Tensor] | None = None,
-        _single: bool = False,
+        _single: bool = False, _background: bool = True,
     ) -> Handle:
         """Post receives for the next ``n`` tensors; ``wait()`` returns them as a list, in order.
 
@@ -458,7 +461,7 @@ class Pipe:
         with self._recv_lock:
             if any(not sl.batch for sl in self._slots):
                 raise LocalUsageError("a recv_tensor that timed out is still pending on this pipe; call recv_tensor first")
-            slots = [self._post_recv(dev, None if out is None else out[i]) for i in range(n)]
+            slots = [self._post_recv(dev, None if out is None else out[i], _background) for i in range(n)]
             for sl in slots:
                 sl.batch = True
             self._slots.extend(slots)
@@ -478,7 +481,8 @@ class Pipe:
         picks it up, so nothing the peer sends is lost or reordered.
         """
         if out is not None:
-            return self.recv_tensors_async(out=[out], _single=True).wait(timeout)
+            # waited on at once: this thread progresses it (no hand-over to the progress thread)
+            return self.recv_tensors_async(out=[out], _single=True, _background=False).wait(timeout)
         self._ready(timeout)
         dev = self.device if device is None else torch.device(device)
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)

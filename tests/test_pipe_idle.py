@@ -1,0 +1,33 @@
+"""An idle pipe uses (almost) no CPU: a listener with one idle peer, a consumer waiting for data."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+# Process CPU time over the idle window (all threads: progress thread, control-plane
+# heartbeats). The engine sleeps on the worker's event fd: about 0.5-1.4 % measured here;
+# the bound leaves room for a loaded machine's slower heartbeats.
+MAX_IDLE_PERCENT = 3.0
+
+
+@pytest.mark.parametrize("tls", [
+    pytest.param("tcp", marks=pytest.mark.xfail(strict=False, reason=(
+        "open (issue 16): over tcp the waiting consumer was measured at 48-99 % of a core in some runs "
+        "(arm() keeps reporting pending events?), 1-3 % in others; not yet understood"))),
+    "sm",
+])
+def test_idle_listener_and_waiting_consumer_use_no_cpu(tls):
+    # a process of its own per transport: the UCX engine is per process
+    res = subprocess.run([sys.executable, "-m", "bench.idle_cpu", "--tls", tls, "--seconds", "4"],
+                         capture_output=True, text=True, timeout=180, env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = re.search(r"listener ([\d.]+)% of a core, consumer \(recv_tensor waiting\) ([\d.]+)% of a core", res.stdout)
+    assert m, res.stdout
+    listener, consumer = float(m.group(1)), float(m.group(2))
+    assert listener < MAX_IDLE_PERCENT, f"listener with an idle peer used {listener}% of a core"
+    assert consumer < MAX_IDLE_PERCENT, f"consumer waiting in recv_tensor used {consumer}% of a core"
