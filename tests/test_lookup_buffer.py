@@ -327,4 +327,4 @@ def test_remote_narrow_and_readers_over_the_wire():
         assert buf.bytes_used == 0  # both readers served: dropped
         with pytest.raises(KVUsageError, match="readers"):
             client.fetch(toks(1, 2), None, readers=0)
-    assert wire.decode_request(wire.encode(wire.Fetch(1, "r", narrow=[1, 0, 2], readers=2)), "p")[0].readers == 2
+    assert wire.decode_request(wire.encode(wire.Fetch(1, "r", narrow=[1, 0, 2], readers=2), 2), "p")[0].readers == 2
