@@ -285,16 +285,24 @@ def _serve_one(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown test {test!r}")
 
 
+def _kv_destination(cfg: dict[str, Any], dev: str) -> tuple[dict[str, Any], Any, list[Any]]:
+    """The receiving side's request spec, layout and zeroed per-layer caches for ``kv_bw``."""
+    import torch
+
+    spec = kv_spec(cfg)
+    dtype = getattr(torch, cfg["dtype"])
+    return spec, _layout(cfg["layout"]), [torch.zeros(spec["shape"], dtype=dtype, device=dev)
+                                          for _ in range(cfg["layers"])]
+
+
 def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     import torch
 
     from kv_transfer.integrity import verify_block_sums
     from kv_transfer.paged import block_views, scatter_blocks, staging_shape
 
-    spec = kv_spec(cfg)
-    layout = _layout(cfg["layout"])
-    dtype = getattr(torch, cfg["dtype"])
-    dst = [torch.zeros(spec["shape"], dtype=dtype, device=dev) for _ in range(cfg["layers"])]
+    spec, layout, dst = _kv_destination(cfg, dev)
+    dtype = dst[0].dtype
     rss0 = _peak_rss_kib()
     dst_ids = spec["dst_ids"]
     into = cfg.get("recv") == "into"
@@ -389,10 +397,8 @@ def _serve_kv_rma(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
 
     from transport import register, transfer_many
 
-    spec = kv_spec(cfg)
-    layout = _layout(cfg["layout"])
-    dtype = getattr(torch, cfg["dtype"])
-    dst = [torch.zeros(spec["shape"], dtype=dtype, device=dev) for _ in range(cfg["layers"])]
+    spec, layout, dst = _kv_destination(cfg, dev)
+    dtype = dst[0].dtype
     rss0 = _peak_rss_kib()
     descs = pipe.recv_tensors_async(cfg["layers"]).wait()
     remotes = [pipe.remote_memory(bytes(d.numpy())) for d in descs]

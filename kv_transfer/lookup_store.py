@@ -402,31 +402,28 @@ class LookupBuffer:
                 if e.request_id != request_id:
                     continue
                 n += 1
-                if e.busy:
-                    e.aborted = True
-                    if not e.claimed:
-                        self._unindex(e)
-                        e.claimed = True
-                else:
-                    self._unindex(e)
-                    self._free(e)
+                self._retire(e)
         if n:
             log.info("aborted %d lookup entr%s of request %s", n, "y" if n == 1 else "ies", request_id)
         return n
+
+    def _retire(self, e: Any) -> None:
+        # Caller holds the lock. An entry being sent is marked and freed by its sender when that ends.
+        if e.busy:
+            e.aborted = True
+            if not e.claimed:
+                self._unindex(e)
+                e.claimed = True
+        else:
+            self._unindex(e)
+            self._free(e)
 
     def close(self) -> None:
         """Drop every available entry, wake all waiters, refuse further inserts (idempotent)."""
         with self._cond:
             self._closed = True
             for e in list(self._entries.values()):
-                if e.busy:
-                    e.aborted = True
-                    if not e.claimed:
-                        self._unindex(e)
-                        e.claimed = True
-                else:
-                    self._unindex(e)
-                    self._free(e)
+                self._retire(e)
             self._cond.notify_all()
 
     def __enter__(self) -> "LookupBuffer":
