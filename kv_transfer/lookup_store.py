@@ -28,6 +28,14 @@ its count of readers to ``n``; the entry stays available (and its lease stays
 off while a send is in flight) until ``n`` claims were released, then it is
 dropped. An unclaimed (failed) hand-over gives its read back.
 
+Retained entries (decode failover): an entry inserted with ``retain=True`` is
+not consumed by a fetch: every claim is a read that leaves it available, so a
+second consumer (a decode instance taking over from one that died after
+loading) can fetch it again. It goes when ``abort(request_id)`` arrives (the
+consumer's acknowledgement that its request completed), when its lease ends
+(counted from the insert, never renewed: ``lease_s`` bounds how long its bytes
+are held), or on ``close``; reads in flight delay that drop until they end.
+
 Inserted tensors are stored by reference, not copied: do not modify them after
 ``insert``.
 """
@@ -74,10 +82,10 @@ def _part_nbytes(part: Part, what: str) -> int:
 
 class _Entry:
     __slots__ = ("eid", "tokens", "roi", "masked", "mkey", "request_id", "key", "value", "hidden",
-                 "nbytes", "deadline", "claimed", "aborted", "reads_left", "sends")
+                 "nbytes", "deadline", "claimed", "aborted", "reads_left", "sends", "retain")
 
     def __init__(self, eid: int, tokens: Any, roi: Any, masked: Optional[np.ndarray], request_id: Optional[str],
-                 key: Part, value: Part, hidden: Part, nbytes: int, deadline: float):
+                 key: Part, value: Part, hidden: Part, nbytes: int, deadline: float, retain: bool = False):
         self.eid, self.tokens, self.roi, self.masked = eid, tokens, roi, masked
         self.mkey = None if masked is None else masked.tobytes()
         self.request_id, self.key, self.value, self.hidden = request_id, key, value, hidden
@@ -86,6 +94,7 @@ class _Entry:
         self.aborted = False
         self.reads_left: Optional[int] = None  # set by the first claim's readers
         self.sends = 0  # claims handed out and not yet released or unclaimed
+        self.retain = retain  # reads never consume it: it stays until abort (the acknowledgement) or lease
 
     @property
     def busy(self) -> bool:
@@ -206,8 +215,11 @@ class LookupBuffer:
     # -- insert ----------------------------------------------------------
     def insert(self, input_tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], key: Part, value: Part,
                hidden: Part, *, request_id: Optional[str] = None, lease_s: Optional[float] = None,
-               timeout: Optional[float] = DEFAULT_INSERT_TIMEOUT_S) -> int:
+               timeout: Optional[float] = DEFAULT_INSERT_TIMEOUT_S, retain: bool = False) -> int:
         """Add an entry; returns its id. Tensors are kept by reference (not copied).
+
+        ``retain``: fetches do not consume the entry; it stays available until
+        ``abort(request_id)``, its lease or ``close`` (see the module docstring).
 
         Waits up to ``timeout`` seconds (None: forever is refused, use a number)
         for room when the buffer is full; leases and consumers free room.
@@ -250,7 +262,8 @@ class LookupBuffer:
                     step = max(0.001, min(step, nxt - self._clock()))
                 self._cond.wait(step)
             eid = next(self._ids)
-            e = _Entry(eid, input_tokens, roi, masked, request_id, key, value, hidden, nbytes, self._clock() + lease)
+            e = _Entry(eid, input_tokens, roi, masked, request_id, key, value, hidden, nbytes, self._clock() + lease,
+                       retain=bool(retain))
             self._entries[eid] = e
             self._index(e)
             self._bytes += nbytes
@@ -313,8 +326,10 @@ class LookupBuffer:
                 hit = self._find_locked(masked, request_id, prefix, min_prefix)
                 if hit is not None:
                     e, n = hit
-                    e.reads_left = (readers if e.reads_left is None else e.reads_left) - 1
                     e.sends += 1
+                    if e.retain:  # a read, not a consumption: it stays visible
+                        return e, e.match(n)
+                    e.reads_left = (readers if e.reads_left is None else e.reads_left) - 1
                     if e.reads_left <= 0:
                         self._unindex(e)
                         e.claimed = True
@@ -344,6 +359,9 @@ class LookupBuffer:
             if handle.eid not in self._entries:
                 return
             handle.sends = max(0, handle.sends - 1)
+            if handle.retain and not (handle.aborted or self._closed):
+                self._cond.notify_all()  # still indexed: nothing to put back
+                return
             handle.reads_left = (handle.reads_left or 0) + 1
             was_claimed, handle.claimed = handle.claimed, False
             if handle.aborted or self._closed:

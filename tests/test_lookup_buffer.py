@@ -328,3 +328,55 @@ def test_remote_narrow_and_readers_over_the_wire():
         with pytest.raises(KVUsageError, match="readers"):
             client.fetch(toks(1, 2), None, readers=0)
     assert wire.decode_request(wire.encode(wire.Fetch(1, "r", narrow=[1, 0, 2], readers=2), 2), "p")[0].readers == 2
+
+
+# -- retained entries (decode failover) --------------------------------------------------
+def test_retained_entry_survives_fetches_until_abort_acknowledges_it():
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 20, lease_s=10, clock=clock)
+    buf.insert(toks(1, 2), None, [torch.arange(4.0)], None, None, request_id="r", retain=True)
+    first = buf.fetch(toks(1, 2), None, request_id="r", readers=2)  # readers do not count for a retained entry
+    again = buf.fetch(toks(1, 2), None, request_id="r")  # a second decode after the first died
+    assert torch.equal(first.key[0], again.key[0]) and buf.num_entries == 1
+    handle, _ = buf.claim(toks(1, 2), None, request_id="r")  # a read in flight when the ack comes
+    assert buf.abort("r") == 1 and buf.num_entries == 1
+    assert buf.fetch(toks(1, 2), None, request_id="r") is None  # acknowledged: invisible at once
+    buf.release(handle)
+    assert buf.num_entries == 0 and buf.bytes_used == 0 and buf.expired == 0
+
+
+def test_retained_entry_is_bounded_by_its_lease_from_insert_and_by_close():
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 20, lease_s=10, clock=clock)
+    buf.insert(toks(1), None, torch.zeros(4), None, None, retain=True)
+    clock.t += 6
+    handle, _ = buf.claim(toks(1), None)
+    buf.unclaim(handle)  # a failed hand-over: still there
+    assert buf.fetch(toks(1), None) is not None  # fetching does not renew the lease
+    handle, _ = buf.claim(toks(1), None)
+    clock.t += 6  # past the lease while a read is in flight: kept until that read ends
+    assert buf.num_entries == 1
+    buf.release(handle)
+    assert buf.num_entries == 0 and buf.expired == 1
+    buf.insert(toks(2), None, torch.zeros(4), None, None, retain=True)
+    handle, _ = buf.claim(toks(2), None)
+    buf.close()
+    buf.close()
+    assert buf.num_entries == 1  # read in flight
+    buf.unclaim(handle)
+    assert buf.num_entries == 0 and buf.bytes_used == 0
+
+
+def test_retained_entry_over_the_wire_two_consumers_then_the_acknowledgement():
+    buf = LookupBuffer(1 << 20)
+    key = [torch.arange(12.0).reshape(3, 4)]
+    buf.insert(toks(5, 6, 7), None, key, None, None, request_id="r", retain=True)
+    with buf.serve("127.0.0.1", 0) as server:
+        for _ in range(2):  # the first decode, then the one taking over
+            with LookupBuffer.connect(server.address, timeout_s=10) as client:
+                assert torch.equal(client.fetch(toks(5, 6, 7), None, request_id="r").key[0], key[0])
+        assert buf.num_entries == 1
+        with LookupBuffer.connect(server.address, timeout_s=10) as client:
+            assert client.abort("r") == 1
+            assert client.fetch(toks(5, 6, 7), None, request_id="r") is None
+    assert buf.bytes_used == 0
