@@ -150,16 +150,20 @@ class KVProducer:
         lease_s: Lease of each entry (None: the buffer's default).
         checksum: Store per-block checksums (:func:`~kv_transfer.integrity.block_sums`) as each
             entry's ``value`` part, for consumers that verify.
+        retain: Whole-request entries survive fetches until ``abort(request_id)`` (the
+            consumer's acknowledgement) or their lease (:meth:`LookupBuffer.insert`).
     """
 
     def __init__(self, buffer: LookupBuffer, caches: Sequence[torch.Tensor], layout: PagedLayout, *,
-                 insert_timeout_s: float = 30.0, lease_s: Optional[float] = None, checksum: bool = False):
+                 insert_timeout_s: float = 30.0, lease_s: Optional[float] = None, checksum: bool = False,
+                 retain: bool = False):
         self.buffer = buffer
         self.caches = _check_caches(caches, layout, "KVProducer")
         self.layout = layout
         self.insert_timeout_s = float(insert_timeout_s)
         self.lease_s = lease_s
         self.checksum = bool(checksum)
+        self.retain = bool(retain)
 
     def save(self, requests: Sequence[KVRequest], hidden: Optional[Mapping[str, torch.Tensor]] = None, *,
              tamper: Optional[Tamper] = None) -> None:
@@ -177,7 +181,8 @@ class KVProducer:
                 tamper(r, staging)
             h = None if hidden is None else hidden.get(r.request_id)
             self.buffer.insert(r.tokens_tensor(), None, list(staging.unbind(0)), sums, h,
-                               request_id=r.request_id, lease_s=self.lease_s, timeout=self.insert_timeout_s)
+                               request_id=r.request_id, lease_s=self.lease_s, timeout=self.insert_timeout_s,
+                               retain=self.retain)
 
     def save_layer(self, layer_idx: int, requests: Sequence[KVRequest]) -> None:
         """Insert one entry per request holding only layer ``layer_idx`` (see :func:`layer_request_id`)."""

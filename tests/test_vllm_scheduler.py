@@ -21,7 +21,7 @@ BS = 4
 COMPAT = {"protocol": str(CONNECTOR_PROTOCOL), "model": "m", "dtype": "torch.float32", "num_layers": "2",
           "num_kv_heads": "2", "head_size": "8", "block_size": str(BS), "layout": "NHD"}
 EMPTY = {"producer_reqs": 0, "save_blocks": 0, "saved": 0, "pending_loads": 0, "loading": 0, "cancel": 0,
-         "release": 0, "waiting_rma": 0, "local_hit": 0}
+         "release": 0, "waiting_rma": 0, "local_hit": 0, "retained": 0, "acks": 0}
 
 
 @dataclass
@@ -279,3 +279,32 @@ def test_rma_consumer_renews_the_lease_while_the_request_waits_for_blocks():
     req.status = RequestStatus.FINISHED_LENGTH_CAPPED
     s.request_finished(req, [1, 2])
     assert s.books() == EMPTY
+
+
+def test_retained_kv_is_acknowledged_when_the_answer_completes_not_on_abort():
+    """Decode failover: prefill keeps the KV after the fetch; decode acknowledges it (the worker sends an
+    abort to prefill) once the request completed, never when it was cut off (another decode may retry)."""
+    p = UcxScheduler(UcxConfig(is_producer=True, is_consumer=False, block_size=BS, retain_kv=True), dict(COMPAT))
+    req = FakeRequest("p-1", list(range(4)), {"do_remote_decode": True})
+    p.update_state_after_alloc(req, FakeBlocks([1]), 0)
+    p.build_connector_meta(StepOutput([NewReq("p-1", ([1],))], num_scheduled_tokens={"p-1": 4}))
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    assert p.request_finished(req, [1])[1]["retain_kv"] is True and p.books() == EMPTY
+    s = consumer()
+    for status, acked in ((RequestStatus.FINISHED_ABORTED, False), (RequestStatus.FINISHED_STOPPED, True)):
+        req = FakeRequest("d-1", list(range(8)), remote_params(8, retain_kv=True, remote_tp_size=2))
+        spec = start_load(s, req, [1, 2])
+        assert spec.retain is True and s.books()["retained"] == 1
+        s.update_connector_output(WorkerReport(finished_recving={"d-1"}))
+        req.status = status
+        assert s.request_finished(req, [1, 2]) == (False, None)
+        acks = s.build_connector_meta(StepOutput()).ack_loads
+        assert [(a.remote_request_id, a.remote_address, a.remote_tp_size) for a in acks] == (
+            [("p-1", "10.0.0.7:14600", 2)] if acked else [])
+        assert s.books() == EMPTY
+    req = FakeRequest("d-2", list(range(8)), remote_params(8))  # prefill did not retain: nothing to acknowledge
+    assert start_load(s, req, [1, 2]).retain is False
+    s.update_connector_output(WorkerReport(finished_recving={"d-2"}))
+    req.status = RequestStatus.FINISHED_STOPPED
+    s.request_finished(req, [1, 2])
+    assert s.build_connector_meta(StepOutput()).ack_loads == [] and s.books() == EMPTY

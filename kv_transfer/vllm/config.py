@@ -18,6 +18,11 @@ Configuration (``kv_connector_extra_config``), with defaults:
   ``UCX_TLS`` is TCP only (see :mod:`.rma_worker`). Prefill's choice travels to decode;
 ``lease_s`` (30)  how long prefill keeps an unclaimed request's KV (staged bytes, or in
   rma mode its blocks, which vLLM cannot reuse meanwhile);
+``retain_kv`` (false)  prefill, stage mode: keep a staged entry after decode fetched it, until
+  decode's request completes (decode then acknowledges it, which drops it) or ``lease_s`` after
+  the save, so a second decode can load it when the first died or was cut off mid-answer
+  (decode failover through ``ucxkv-proxy``, docs/operations.md). Costs staging memory for the
+  length of each decode (at most ``lease_s``); off, a fetch drops the entry;
 ``insert_timeout_s`` (10)  how long a full buffer may block a save;
 ``fetch_timeout_s`` (30)  bound on one fetch on decode;
 ``ucx_tls`` (unset)  sets ``UCX_TLS`` for the worker process;
@@ -69,6 +74,7 @@ class UcxConfig:
     kv_mode: str = "stage"
     verify_kv: bool = False
     corrupt: bool = False
+    retain_kv: bool = False
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "UcxConfig":
@@ -103,4 +109,5 @@ class UcxConfig:
             kv_mode=str(get("kv_mode", "stage")),
             verify_kv=_flag(get("verify_kv", False)),
             corrupt=_flag(get("debug_corrupt_staged_kv", False)),
+            retain_kv=_flag(get("retain_kv", False)),
         )

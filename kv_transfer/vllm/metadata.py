@@ -57,6 +57,7 @@ class LoadSpec:
     total_kv_heads: int = 0  # the model's KV heads (0: unknown, read whole shards from the same rank)
     perturb_rank: Optional[int] = None  # testing only: perturb on this decode TP rank only
     kv_mode: str = "stage"  # how prefill holds the KV: staged entries, or leased blocks read in place ("rma")
+    retain: bool = False  # prefill keeps the entry after this fetch until acknowledged (decode failover)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class UcxConnectorMetadata(KVConnectorMetadata):
     cancel_loads: list[str] = field(default_factory=list)
     release_leases: list[str] = field(default_factory=list)  # rma producer: no reader will come, free now
     renew_leases: list[RenewSpec] = field(default_factory=list)  # rma consumer: still coming, keep them
+    ack_loads: list[RenewSpec] = field(default_factory=list)  # consumer: answered, prefill may drop retained KV
 
 
 def compat_record(vllm_config: Any, kv_cache_config: Any) -> dict[str, str]:

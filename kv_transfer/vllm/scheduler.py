@@ -77,6 +77,8 @@ class UcxScheduler:
         self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"
         self._release: list[str] = []  # rma: leased requests no reader will come for (aborted)
         self._waiting_rma: dict[str, tuple[RenewSpec, float, float]] = {}  # rma consumer: (spec, every s, next at)
+        self._retained: dict[str, RenewSpec] = {}  # consumer: loads of KV prefill keeps until acknowledged
+        self._acks: list[RenewSpec] = []  # consumer: answered requests whose retained KV prefill may drop
         # tokens decode's prefix cache already holds, per request: vLLM sets request.num_computed_tokens
         # only after update_state_after_alloc, so the skip is remembered from get_num_new_matched_tokens
         self._local_hit: dict[str, int] = {}
@@ -87,7 +89,8 @@ class UcxScheduler:
         return {"producer_reqs": len(self._producer_reqs), "save_blocks": len(self._save_blocks),
                 "saved": len(self._saved), "pending_loads": len(self._pending_loads),
                 "loading": len(self._loading), "cancel": len(self._cancel), "release": len(self._release),
-                "waiting_rma": len(self._waiting_rma), "local_hit": len(self._local_hit)}
+                "waiting_rma": len(self._waiting_rma), "local_hit": len(self._local_hit),
+                "retained": len(self._retained), "acks": len(self._acks)}
 
     # ------------------------------------------------------------- decode side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -128,6 +131,11 @@ class UcxScheduler:
         local_hit = self._local_hit.pop(rid, request.num_computed_tokens)
         bs = self.config.block_size
         num_tokens = min(int(params["remote_num_tokens"]), len(request.prompt_token_ids))
+        retain = bool(params.get("retain_kv", False))
+        if retain:  # acknowledged when the request completes (request_finished), so another decode may load it
+            self._retained[rid] = RenewSpec(str(params["remote_request_id"]),
+                                            f"{params['remote_host']}:{params['remote_port']}",
+                                            int(params.get("remote_tp_size", 1)), int(self.compat.get("num_kv_heads", 0)))
         self._pending_loads.append(LoadSpec(
             req_id=rid,
             remote_request_id=str(params["remote_request_id"]),
@@ -136,6 +144,7 @@ class UcxScheduler:
             total_kv_heads=int(self.compat.get("num_kv_heads", 0)),
             perturb_rank=params.get("ucxkv_debug_perturb_rank"),
             kv_mode=str(params.get("kv_mode", "stage")),
+            retain=retain,
             token_ids=list(request.prompt_token_ids[:num_tokens]),
             num_tokens=num_tokens,
             block_ids=list(blocks.get_block_ids()[0])[:_cdiv(num_tokens, bs)],
@@ -169,6 +178,7 @@ class UcxScheduler:
         meta.to_load, self._pending_loads = self._pending_loads, []
         meta.cancel_loads, self._cancel = self._cancel, []
         meta.release_leases, self._release = self._release, []
+        meta.ack_loads, self._acks = self._acks, []
         now = time.monotonic()
         for rid, (spec, every, due) in list(self._waiting_rma.items()):
             if now >= due:
@@ -199,6 +209,12 @@ class UcxScheduler:
         self._save_blocks.pop(rid, None)
         self._waiting_rma.pop(rid, None)
         self._local_hit.pop(rid, None)
+        retained = self._retained.pop(rid, None)
+        if retained is not None and request.status in (RequestStatus.FINISHED_STOPPED,
+                                                       RequestStatus.FINISHED_LENGTH_CAPPED):
+            # answered in full: prefill may drop the KV. Not on an abort (the client or the proxy cut
+            # decode off): the proxy may retry on another decode, which loads it again until the lease ends.
+            self._acks.append(retained)
         if self.config.is_consumer and rid in self._loading:
             # The worker may still be writing into these blocks: keep them until it says it stopped.
             self._cancel.append(rid)
@@ -224,4 +240,5 @@ class UcxScheduler:
             "compat": dict(self.compat),
             "kv_mode": self.kv_mode,
             "lease_s": self.config.lease_s,
+            **({"retain_kv": True} if self.config.retain_kv and not rma else {}),
         }

@@ -164,7 +164,7 @@ class UcxWorker:
             self._buffer = LookupBuffer(self.config.buffer_bytes, lease_s=self.config.lease_s)
             self._producer = KVProducer(self._buffer, self._caches, self._layout,
                                         insert_timeout_s=self.config.insert_timeout_s, lease_s=self.config.lease_s,
-                                        checksum=self.config.verify_kv)
+                                        checksum=self.config.verify_kv, retain=self.config.retain_kv)
             port = rank_port(self.config.kv_port, self.rank.tp_rank, self.rank.tp_size, dp_index=self.rank.dp_rank)
             self._server = self._buffer.serve(self.config.kv_host, port)
             log.info("UcxConnector producer (tp %d/%d dp %d) serving KV on %s", self.rank.tp_rank,
@@ -184,6 +184,19 @@ class UcxWorker:
             self._pool.submit(self._load, spec)
         if meta.renew_leases:
             self._pool.submit(self._renew, meta.renew_leases)
+        if meta.ack_loads:
+            self._pool.submit(self._acknowledge, meta.ack_loads)
+
+    def _acknowledge(self, specs: list) -> None:
+        """Requests answered in full: prefill may drop the KV it retained for a failover (failures are
+        logged only: the entry then goes when its lease ends)."""
+        for spec in specs:
+            for address, _, _ in self._reads(spec):
+                try:
+                    self._consumer(address).abort(spec.remote_request_id, num_layers=0)
+                except Exception as exc:  # noqa: BLE001 - the lease bounds what is left behind
+                    log.warning("acknowledging %s to prefill %s failed (its lease will drop it): %s",
+                                spec.remote_request_id, address, exc)
 
     def _renew(self, specs: list) -> None:
         """rma: extend prefill's leases of requests still waiting here for blocks (failures are logged only)."""
@@ -235,7 +248,8 @@ class UcxWorker:
             with self._lock:
                 cancelled = spec.req_id in self._cancelled
             if cancelled:
-                for address, _, _ in ([] if spec.kv_mode == "rma" else reads):  # an rma lease just runs out
+                # an rma lease just runs out; retained KV stays for a decode the proxy retries on
+                for address, _, _ in ([] if spec.kv_mode == "rma" or spec.retain else reads):
                     self._consumer(address).abort(spec.remote_request_id, num_layers=0)
                 raise KVTransferError("request aborted before its KV was fetched")
             if spec.kv_mode == "rma":
