@@ -2,7 +2,7 @@
 
 Needs the ``proxy`` extra (``pip install 'ucxkv[proxy]'``, i.e. aiohttp); without
 it importing this module raises an ImportError saying so. One file on purpose
-(~700 lines): configuration, instance pool, the two-hop forwarding and the CLI
+(~950 lines): configuration, instance pool, the two-hop forwarding with decode failover and the CLI
 of one small server that is read top to bottom; nothing else imports its parts.
 
 The proxy sits in front of one or more vLLM *prefill* instances (started with
@@ -22,6 +22,18 @@ and makes the pair look like a single OpenAI server. For each
 
 When prefill's answer carries no ``kv_transfer_params`` the request still goes to
 decode (without them) and a warning is logged: decode will recompute the prompt.
+
+Decode failover (``--decode-attempts``, default 2): when the decode instance fails
+after prefill finished (it answers 5xx, breaks off or stays silent past
+``--timeout``, or its stream carries an error event) the proxy sends the same
+request, with the same ``kv_transfer_params``, to another decode instance;
+prefill is not repeated. That decode loads the KV from prefill again when prefill
+retains it (``retain_kv``: until a decode acknowledges it by completing the
+request, or the lease ends) and recomputes the prompt otherwise. A stream cut
+mid-answer resumes: the proxy forwards whole SSE events only, checks that the
+new decode's first events repeat the ones already sent (same ``choices``:
+greedy or seeded sampling) and forwards the rest; if they differ it ends the
+stream with an error event instead of splicing two different answers.
 
 Instances are chosen per request by ``--policy``: ``round_robin`` or
 ``least_loaded`` (fewest requests in flight through this proxy, ties rotate). An
@@ -143,6 +155,43 @@ def _decode_request(prefix: bytes, kv_params: Any) -> bytes:
     return prefix + sep + b'"kv_transfer_params": ' + _dumps(kv_params) + b"}"
 
 
+def _event_data(event: bytes) -> Any:
+    """The JSON of one SSE event ``data: {...}`` (its raw bytes when it is not JSON, e.g. ``[DONE]``)."""
+    data = event.strip()
+    if data.startswith(b"data:"):
+        data = data[5:].strip()
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data
+
+
+def _event_choices(event: bytes) -> Any:
+    """What two decodes' events must agree on to be the same answer: the ``choices`` (not ids, times)."""
+    obj = _event_data(event)
+    return obj.get("choices") if isinstance(obj, dict) else obj
+
+
+def _error_event(event: bytes) -> str | None:
+    """The message of an SSE error event (vLLM's answer when its engine fails mid-stream), else None."""
+    if b'"error"' not in event:
+        return None
+    obj = _event_data(event)
+    if not isinstance(obj, dict) or "choices" in obj or not obj.get("error"):
+        return None
+    err = obj["error"]
+    return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
+
+
+async def _write(out: web.StreamResponse, data: bytes) -> bool:
+    """Write to the client; False when it went away."""
+    try:
+        await out.write(data)
+    except ConnectionResetError:
+        return False
+    return True
+
+
 def _too_deep(obj: Any, limit: int) -> bool:
     """Whether ``obj`` (parsed JSON) nests lists/dicts deeper than ``limit``; iterative."""
     stack = [(obj, 1)]
@@ -236,13 +285,22 @@ class InstancePool:
 
 
 class UpstreamFailure(Exception):
-    """A request could not be completed upstream; becomes an OpenAI-style error."""
+    """A request could not be completed upstream; becomes an OpenAI-style error.
 
-    def __init__(self, status: int, err_type: str, message: str) -> None:
+    ``instance`` is the upstream that accepted the request and then failed it (None when
+    none could be reached): a decode failure with an instance may be retried on another one.
+    """
+
+    def __init__(self, status: int, err_type: str, message: str, instance: "Instance | None" = None) -> None:
         super().__init__(message)
         self.status = status
         self.err_type = err_type
         self.message = message
+        self.instance = instance
+
+
+class _StreamDiverged(Exception):
+    """The decode taking over a stream did not repeat the events already sent (sampling not deterministic)."""
 
 
 def error_response(status: int, err_type: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -269,6 +327,7 @@ class ProxyConfig:
     connect_timeout: float = 5.0
     down_time: float = 5.0
     health_timeout: float = 5.0
+    decode_attempts: int = 2  # decode instances one request may try (1: no failover)
 
 
 @dataclass
@@ -276,6 +335,8 @@ class _Stats:
     requests: Counter = field(default_factory=Counter)  # route -> count
     responses: Counter = field(default_factory=Counter)  # status -> count
     missing_kv_params: int = 0
+    decode_failovers: int = 0  # requests moved to another decode after prefill
+    failover_diverged: int = 0  # streams ended because the new decode's answer differed
 
 
 class Proxy:
@@ -330,9 +391,10 @@ class Proxy:
         json_body: bytes | None = None,
         headers: dict[str, str] | None = None,
         stream: bool = False,
+        exclude: frozenset[str] = frozenset(),
     ) -> AsyncIterator[tuple[Instance, aiohttp.ClientResponse]]:
-        """Open ``method path`` on the first instance of ``pool`` that accepts a
-        connection; yields the instance and the response (headers read).
+        """Open ``method path`` on the first instance of ``pool`` (not in ``exclude``) that
+        accepts a connection; yields the instance and the response (headers read).
 
         Raises :class:`UpstreamFailure`: 503 when no instance could be reached,
         504 on a timeout, 502 on another client error. Only connection failures
@@ -342,6 +404,8 @@ class Proxy:
         if json_body is not None:
             headers = {**(headers or {}), "Content-Type": "application/json"}
         for inst in pool.candidates():
+            if inst.url in exclude:
+                continue
             url = inst.url + path
             inst.requests += 1
             inst.in_flight += 1
@@ -358,6 +422,7 @@ class Proxy:
                     raise UpstreamFailure(
                         504, "upstream_timeout",
                         f"{pool.role} instance {inst.url} timed out after {self.cfg.timeout:g}s ({method} {path})",
+                        inst,
                     ) from exc
                 except aiohttp.ClientConnectionError as exc:
                     reason = _describe(exc)
@@ -365,7 +430,7 @@ class Proxy:
                     inst.errors += 1
                     inst.last_error = _describe(exc)
                     raise UpstreamFailure(
-                        502, "upstream_error", f"{pool.role} instance {inst.url} failed: {_describe(exc)}"
+                        502, "upstream_error", f"{pool.role} instance {inst.url} failed: {_describe(exc)}", inst
                     ) from exc
                 else:
                     inst.mark_up()
@@ -381,6 +446,9 @@ class Proxy:
             inst.mark_down(reason, self.cfg.down_time)
             unreachable.append(f"{pool.role} instance {inst.url} unreachable: {reason}")
             log.warning("%s", unreachable[-1])
+        if not unreachable:
+            raise UpstreamFailure(503, "upstream_unavailable",
+                                  f"no {pool.role} instance left to try ({len(exclude)} tried)")
         raise UpstreamFailure(503, "upstream_unavailable", "; ".join(unreachable))
 
     async def _read_body(self, inst: Instance, resp: aiohttp.ClientResponse) -> bytes:
@@ -391,12 +459,14 @@ class Proxy:
             raise UpstreamFailure(
                 504, "upstream_timeout",
                 f"{inst.role} instance {inst.url} timed out after {self.cfg.timeout:g}s while sending its answer",
+                inst,
             ) from exc
         except aiohttp.ClientError as exc:
             inst.errors += 1
             inst.last_error = _describe(exc)
             raise UpstreamFailure(
-                502, "upstream_error", f"{inst.role} instance {inst.url} broke off its answer: {_describe(exc)}"
+                502, "upstream_error", f"{inst.role} instance {inst.url} broke off its answer: {_describe(exc)}",
+                inst,
             ) from exc
 
     # -- request bodies ----------------------------------------------------
@@ -483,17 +553,7 @@ class Proxy:
             d_body = _decode_request(d_prefix, kv_params)
             if stream:
                 return await self._stream_decode(request, path, d_body, headers, request_id, t0, t_prefill, p_inst)
-            async with self.upstream(self.decode, "POST", path, json_body=d_body, headers=headers) as (d_inst, d_resp):
-                d_raw = await self._read_body(d_inst, d_resp)
-                if d_resp.status >= 500:
-                    d_inst.errors += 1
-                log.debug("request %s: prefill %s %.3fs, decode %s %.3fs, status %d", request_id, p_inst.url,
-                          t_prefill, d_inst.url, time.perf_counter() - t0 - t_prefill, d_resp.status)
-                return self._done(web.Response(
-                    body=d_raw, status=d_resp.status,
-                    content_type=d_resp.content_type or "application/json",
-                    headers={"X-Request-Id": request_id},
-                ))
+            return await self._decode(path, d_body, headers, request_id, t0, t_prefill, p_inst)
         except UpstreamFailure as exc:
             log.error("request %s: %s", request_id, exc.message)
             extra = {"Retry-After": str(max(1, round(self.cfg.down_time)))} if exc.status == 503 else None
@@ -512,6 +572,52 @@ class Proxy:
                     _PARSE_WORKERS, mp_context=multiprocessing.get_context("spawn"))
             return await asyncio.get_running_loop().run_in_executor(self._parse_pool, fn, *args)
 
+    def _failover(self, request_id: str, exc: UpstreamFailure, tried: set[str], attempt: int,
+                  events: int = 0) -> bool:
+        """Whether the decode failure ``exc`` moves the request to another decode instance (logged, counted)."""
+        inst = exc.instance
+        if inst is None or inst.role != "decode":
+            return False
+        tried.add(inst.url)
+        if attempt + 1 >= self.cfg.decode_attempts or all(i.url in tried for i in self.decode.instances):
+            return False
+        inst.mark_down(exc.message, self.cfg.down_time)
+        self.stats.decode_failovers += 1
+        after = f" after {events} events were sent" if events else ""
+        log.warning("request %s: %s%s; retrying on another decode instance with the same kv_transfer_params "
+                    "(prefill is not repeated)", request_id, exc.message, after)
+        return True
+
+    async def _decode(self, path: str, d_body: bytes, headers: dict[str, str], request_id: str, t0: float,
+                      t_prefill: float, p_inst: Instance) -> web.Response:
+        """Decode's whole answer; a failed decode (5xx, broken or silent answer) moves to another one."""
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            try:
+                async with self.upstream(self.decode, "POST", path, json_body=d_body, headers=headers,
+                                         exclude=frozenset(tried)) as (d_inst, d_resp):
+                    tried.add(d_inst.url)
+                    d_raw = await self._read_body(d_inst, d_resp)
+                    if d_resp.status >= 500:
+                        d_inst.errors += 1
+                        failed = UpstreamFailure(d_resp.status, "upstream_error",
+                                                 f"decode instance {d_inst.url} answered {d_resp.status}", d_inst)
+                        if self._failover(request_id, failed, tried, attempt):
+                            attempt += 1
+                            continue
+                    log.debug("request %s: prefill %s %.3fs, decode %s %.3fs, status %d", request_id, p_inst.url,
+                              t_prefill, d_inst.url, time.perf_counter() - t0 - t_prefill, d_resp.status)
+                    return self._done(web.Response(
+                        body=d_raw, status=d_resp.status,
+                        content_type=d_resp.content_type or "application/json",
+                        headers={"X-Request-Id": request_id},
+                    ))
+            except UpstreamFailure as exc:
+                if not self._failover(request_id, exc, tried, attempt):
+                    raise
+                attempt += 1
+
     async def _stream_decode(
         self,
         request: web.Request,
@@ -523,51 +629,112 @@ class Proxy:
         t_prefill: float,
         p_inst: Instance,
     ) -> web.StreamResponse:
-        async with self.upstream(
-            self.decode, "POST", path, json_body=d_body, headers=headers, stream=True
-        ) as (d_inst, d_resp):
-            if d_resp.status != 200:
-                d_raw = await self._read_body(d_inst, d_resp)
-                if d_resp.status >= 500:
-                    d_inst.errors += 1
-                return self._done(web.Response(
-                    body=d_raw, status=d_resp.status,
-                    content_type=d_resp.content_type or "application/json",
-                    headers={"X-Request-Id": request_id},
-                ))
-            out = web.StreamResponse(status=200, headers={
-                "Content-Type": d_resp.headers.get("Content-Type", "text/event-stream"),
-                "Cache-Control": "no-cache",
-                "X-Request-Id": request_id,
-            })
-            await out.prepare(request)
-            self.stats.responses[200] += 1
+        """Pass decode's SSE stream through; a decode failing before or during it moves to another one."""
+        out: web.StreamResponse | None = None
+        sent: list[bytes] = []  # the SSE events forwarded so far
+        tried: set[str] = set()
+        attempt = 0
+        while True:
             try:
-                async for chunk in d_resp.content.iter_any():
-                    await out.write(chunk)
-            except ConnectionResetError:
-                # the client went away: closing upstream makes vLLM abort the request
-                log.info("request %s: client disconnected during the stream; aborting decode", request_id)
-                d_resp.close()
-                return out
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                d_inst.errors += 1
-                if isinstance(exc, TimeoutError):
-                    msg = f"decode instance {d_inst.url} sent nothing for {self.cfg.timeout:g}s"
-                    err_type = "upstream_timeout"
-                else:
-                    msg = f"decode instance {d_inst.url} broke off the stream: {_describe(exc)}"
-                    err_type = "upstream_error"
-                d_inst.last_error = msg
+                async with self.upstream(self.decode, "POST", path, json_body=d_body, headers=headers, stream=True,
+                                         exclude=frozenset(tried)) as (d_inst, d_resp):
+                    tried.add(d_inst.url)
+                    if d_resp.status != 200:
+                        d_raw = await self._read_body(d_inst, d_resp)
+                        why = f"decode instance {d_inst.url} answered {d_resp.status}: " + \
+                            d_raw[:300].decode(errors="replace")
+                        if d_resp.status >= 500:
+                            d_inst.errors += 1
+                            if self._failover(request_id, UpstreamFailure(502, "upstream_error", why, d_inst),
+                                              tried, attempt, len(sent)):
+                                attempt += 1
+                                continue
+                        if out is not None:  # the stream already began: it ends with an error event
+                            raise UpstreamFailure(502, "upstream_error", why)
+                        return self._done(web.Response(
+                            body=d_raw, status=d_resp.status,
+                            content_type=d_resp.content_type or "application/json",
+                            headers={"X-Request-Id": request_id},
+                        ))
+                    if out is None:
+                        out = web.StreamResponse(status=200, headers={
+                            "Content-Type": d_resp.headers.get("Content-Type", "text/event-stream"),
+                            "Cache-Control": "no-cache",
+                            "X-Request-Id": request_id,
+                        })
+                        await out.prepare(request)
+                        self.stats.responses[200] += 1
+                    if not await self._relay(out, d_inst, d_resp, sent):
+                        log.info("request %s: client disconnected during the stream; aborting decode", request_id)
+                        d_resp.close()  # closing upstream makes vLLM abort the request
+                        return out
+                    log.debug("request %s: prefill %s %.3fs, decode %s stream %.3fs", request_id, p_inst.url,
+                              t_prefill, d_inst.url, time.perf_counter() - t0 - t_prefill)
+                    msg = None
+            except _StreamDiverged as exc:
+                self.stats.failover_diverged += 1
+                msg, err_type = str(exc), "upstream_error"
+            except UpstreamFailure as exc:
+                if self._failover(request_id, exc, tried, attempt, len(sent)):
+                    attempt += 1
+                    continue
+                if out is None:
+                    raise
+                msg, err_type = exc.message, exc.err_type
+            if msg is not None:
                 log.error("request %s: %s", request_id, msg)
                 event = {"error": {"message": msg, "type": err_type, "code": 502}}
                 with contextlib.suppress(ConnectionResetError):
                     await out.write(f"data: {json.dumps(event)}\n\n".encode())
-            log.debug("request %s: prefill %s %.3fs, decode %s stream %.3fs", request_id, p_inst.url,
-                      t_prefill, d_inst.url, time.perf_counter() - t0 - t_prefill)
             with contextlib.suppress(ConnectionResetError):
                 await out.write_eof()
             return out
+
+    async def _relay(self, out: web.StreamResponse, d_inst: Instance, d_resp: aiohttp.ClientResponse,
+                     sent: list[bytes]) -> bool:
+        """Forward decode's stream to ``out`` in whole SSE events, appending each to ``sent``.
+
+        A retry's first ``len(sent)`` events are checked against ``sent`` and dropped (raises
+        :class:`_StreamDiverged` when they differ or the stream ends first). Returns False when the
+        client went away; raises :class:`UpstreamFailure` (with the instance) when decode breaks
+        off, stays silent past ``--timeout`` or sends an error event.
+        """
+        skip, seen, buf = len(sent), 0, b""
+        try:
+            async for chunk in d_resp.content.iter_any():
+                buf += chunk
+                while (cut := buf.find(b"\n\n")) >= 0:
+                    event, buf = buf[:cut + 2], buf[cut + 2:]
+                    if seen < skip:
+                        if _event_choices(event) != _event_choices(sent[seen]):
+                            raise _StreamDiverged(
+                                f"decode failover: decode instance {d_inst.url} does not repeat event {seen} of "
+                                f"the {skip} already sent (sampling is not deterministic); the answer is incomplete")
+                        seen += 1
+                        continue
+                    err = _error_event(event)
+                    if err is not None:
+                        d_inst.errors += 1
+                        raise UpstreamFailure(502, "upstream_error",
+                                              f"decode instance {d_inst.url} sent an error event: {err}", d_inst)
+                    seen += 1
+                    if not await _write(out, event):
+                        return False
+                    sent.append(event)
+        except TimeoutError as exc:
+            d_inst.errors += 1
+            raise UpstreamFailure(504, "upstream_timeout",
+                                  f"decode instance {d_inst.url} sent nothing for {self.cfg.timeout:g}s", d_inst) from exc
+        except aiohttp.ClientError as exc:
+            d_inst.errors += 1
+            d_inst.last_error = f"broke off the stream: {_describe(exc)}"
+            raise UpstreamFailure(502, "upstream_error",
+                                  f"decode instance {d_inst.url} broke off the stream: {_describe(exc)}",
+                                  d_inst) from exc
+        if seen < skip:
+            raise _StreamDiverged(f"decode failover: decode instance {d_inst.url} ended its stream after {seen} "
+                                  f"events, before repeating the {skip} already sent; the answer is incomplete")
+        return not buf or await _write(out, buf)  # a last event without its blank line
 
     def _done(self, resp: web.Response) -> web.Response:
         self.stats.responses[resp.status] += 1
@@ -617,6 +784,8 @@ class Proxy:
             "requests": dict(self.stats.requests),
             "responses": {str(k): v for k, v in sorted(self.stats.responses.items())},
             "missing_kv_transfer_params": self.stats.missing_kv_params,
+            "decode_failovers": self.stats.decode_failovers,
+            "failover_diverged": self.stats.failover_diverged,
             "prefill": [i.status() for i in self.prefill.instances],
             "decode": [i.status() for i in self.decode.instances],
         }
@@ -631,6 +800,10 @@ class Proxy:
             *(f'ucxkv_proxy_responses_total{{status="{s}"}} {n}' for s, n in sorted(self.stats.responses.items())),
             "# TYPE ucxkv_proxy_missing_kv_transfer_params_total counter",
             f"ucxkv_proxy_missing_kv_transfer_params_total {self.stats.missing_kv_params}",
+            "# TYPE ucxkv_proxy_decode_failovers_total counter",
+            f"ucxkv_proxy_decode_failovers_total {self.stats.decode_failovers}",
+            "# TYPE ucxkv_proxy_failover_diverged_total counter",
+            f"ucxkv_proxy_failover_diverged_total {self.stats.failover_diverged}",
         ]
         insts = self.prefill.instances + self.decode.instances
         for metric, kind, get in (
@@ -705,6 +878,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds to connect to an upstream instance (default 5)")
     parser.add_argument("--down-time", type=float, default=5.0,
                         help="seconds an unreachable instance is skipped before it is tried again (default 5)")
+    parser.add_argument("--decode-attempts", type=int, default=2,
+                        help="decode instances one request may try when decode fails after prefill (5xx, broken "
+                        "or silent answer, error event); prefill is not repeated. 1: no failover (default 2)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
     try:
@@ -716,6 +892,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--prefill: no URL given")
     if not args.decode:
         parser.error("--decode: no URL given")
+    if args.decode_attempts < 1:
+        parser.error("--decode-attempts must be at least 1")
     for name in ("timeout", "connect_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -725,7 +903,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     cfg = ProxyConfig(
         prefill=args.prefill, decode=args.decode, policy=args.policy, timeout=args.timeout,
-        connect_timeout=args.connect_timeout, down_time=args.down_time,
+        connect_timeout=args.connect_timeout, down_time=args.down_time, decode_attempts=args.decode_attempts,
     )
     app = build_app(cfg)
     runner = web.AppRunner(app, access_log=None)

@@ -123,8 +123,8 @@ class FakeCluster:
         self.thread.start()
         self.runners: list[web.AppRunner] = []
 
-    def start(self, name: str, role: str) -> FakeUpstream:
-        fake = FakeUpstream(name, role)
+    def start(self, name: str, role: str, kind: type[FakeUpstream] = FakeUpstream) -> FakeUpstream:
+        fake = kind(name, role)
 
         async def _start() -> int:
             runner = web.AppRunner(fake.app(), access_log=None)
