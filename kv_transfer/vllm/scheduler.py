@@ -93,6 +93,11 @@ class UcxScheduler:
                 "retained": len(self._retained), "acks": len(self._acks)}
 
     # ------------------------------------------------------------- decode side
+    def _remote(self, params: dict[str, Any]) -> RenewSpec:
+        """Where prefill holds a request's KV (its id, base address, TP size), from its kv_transfer_params."""
+        return RenewSpec(str(params["remote_request_id"]), f"{params['remote_host']}:{params['remote_port']}",
+                         int(params.get("remote_tp_size", 1)), int(self.compat.get("num_kv_heads", 0)))
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens decode will load from prefill beyond ``num_computed_tokens``, and True (asynchronously)."""
         params = request.kv_transfer_params or {}
@@ -112,9 +117,7 @@ class UcxScheduler:
         if params.get("kv_mode") == "rma" and request.request_id not in self._waiting_rma:
             # until its blocks are allocated, renew prefill's lease (a backlog must not turn into recomputation)
             every = max(0.05, float(params.get("lease_s", 30.0)) / 3)
-            spec = RenewSpec(str(params["remote_request_id"]), f"{params['remote_host']}:{params['remote_port']}",
-                             int(params.get("remote_tp_size", 1)), int(self.compat.get("num_kv_heads", 0)))
-            self._waiting_rma[request.request_id] = (spec, every, time.monotonic() + every)
+            self._waiting_rma[request.request_id] = (self._remote(params), every, time.monotonic() + every)
         return n, True
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
@@ -133,9 +136,7 @@ class UcxScheduler:
         num_tokens = min(int(params["remote_num_tokens"]), len(request.prompt_token_ids))
         retain = bool(params.get("retain_kv", False))
         if retain:  # acknowledged when the request completes (request_finished), so another decode may load it
-            self._retained[rid] = RenewSpec(str(params["remote_request_id"]),
-                                            f"{params['remote_host']}:{params['remote_port']}",
-                                            int(params.get("remote_tp_size", 1)), int(self.compat.get("num_kv_heads", 0)))
+            self._retained[rid] = self._remote(params)
         self._pending_loads.append(LoadSpec(
             req_id=rid,
             remote_request_id=str(params["remote_request_id"]),
