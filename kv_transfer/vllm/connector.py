@@ -50,7 +50,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+try:  # vLLM's marker for connectors that work with its hybrid memory allocator (several KV cache groups)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
+except ImportError:  # pragma: no cover - a vLLM without it has no hybrid allocator to support
+    class SupportsHMA:  # type: ignore[no-redef]
+        """Stand-in where vLLM has no hybrid memory allocator."""
+
 from .config import UcxConfig
+from .groups import kv_groups
 from .metadata import UcxConnectorMetadata, compat_record
 from .scheduler import UcxScheduler
 from .stats import UcxKVConnectorStats
@@ -67,24 +74,30 @@ log = logging.getLogger(__name__)
 __all__ = ["UcxConnector"]
 
 
-class UcxConnector(KVConnectorBase_V1):
-    """vLLM's V1 KV connector over the LookupBuffer and the Pipe: a facade over :class:`UcxScheduler` or :class:`UcxWorker`."""
+class UcxConnector(KVConnectorBase_V1, SupportsHMA):
+    """vLLM's V1 KV connector over the LookupBuffer and the Pipe: a facade over :class:`UcxScheduler` or :class:`UcxWorker`.
+
+    Supports vLLM's hybrid memory allocator (``SupportsHMA``): full-attention and
+    sliding-window KV cache groups move each with its own block ids (see :mod:`.groups`).
+    """
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
-        self.config = UcxConfig.from_vllm(vllm_config)
-        self.compat = compat_record(vllm_config, kv_cache_config)
+        groups = kv_groups(kv_cache_config, int(vllm_config.cache_config.block_size))
+        self.config = UcxConfig.from_vllm(vllm_config, num_groups=len(groups))
+        self.compat = compat_record(vllm_config, kv_cache_config, groups)
         self.scheduler: Optional[UcxScheduler] = None
         self.worker: Optional[UcxWorker] = None
         rank = RankInfo.from_vllm(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = UcxScheduler(self.config, self.compat, rank)
+            self.scheduler = UcxScheduler(self.config, self.compat, rank, groups=groups)
         else:
             self.worker = UcxWorker(self.config, rank,
                                     num_blocks=getattr(kv_cache_config, "num_blocks", None),
-                                    layout_name=getattr(kv_cache_config, "kv_cache_layout", None))
-        log.info("UcxConnector %s (%s) kv server %s:%s", role.name,
-                 "producer" if self.config.is_producer else "consumer", self.config.kv_host, self.config.kv_port)
+                                    layout_name=getattr(kv_cache_config, "kv_cache_layout", None), groups=groups)
+        log.info("UcxConnector %s (%s) kv server %s:%s, KV cache groups %s", role.name,
+                 "producer" if self.config.is_producer else "consumer", self.config.kv_host, self.config.kv_port,
+                 self.compat["kv_groups"])
 
     # --------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -100,6 +113,11 @@ class UcxConnector(KVConnectorBase_V1):
         self.scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)
+
+    def request_finished_all_groups(self, request: "Request",
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """With the hybrid allocator on, vLLM calls this instead of ``request_finished`` (one list per group)."""
         return self.scheduler.request_finished(request, block_ids)
 
     # ------------------------------------------------------------ worker side
