@@ -73,3 +73,20 @@ def test_hybrid_noise_on_loaded_kv_changes_the_output(servers):
     prompts = sample_prompts(2, 100, 200, seed=12)
     want = reference(d, prompts, 12)
     assert decode(d, prompts, prefill(p, prompts), 12, ucxkv_debug_perturb=True) != want
+
+
+def test_hybrid_prefix_cache_after_a_load_serves_correct_answers(servers):
+    """Prompts sharing a shorter prefix with a loaded one hit decode's prefix cache and still answer right.
+
+    Decode's sliding group holds vLLM's null block below the window (nothing written, nothing
+    cached there), so a hit can only use blocks the load really wrote.
+    """
+    p, d = servers["p"], servers["d"]
+    (long,) = sample_prompts(1, 190, 200, seed=13)
+    words = long.split()
+    short = [" ".join(words[:k]) for k in (70, 100)]  # shared prefixes ending well before the loaded window
+    want = reference(d, short, 12)
+    assert decode(d, [long], prefill(p, [long]), 4) == reference(d, [long], 4)
+    hits = d.metric("vllm:prefix_cache_hits_total")
+    assert [d.complete(s, 12)["choices"][0]["text"] for s in short] == want
+    assert d.metric("vllm:prefix_cache_hits_total") > hits  # the loaded request's blocks were reused
