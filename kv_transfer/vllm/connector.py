@@ -29,6 +29,10 @@ and decode GETs them straight into its own blocks, then tells prefill, whose
 worker reports the request in ``finished_sending`` so vLLM frees the blocks. Transfer statistics go through ``get_kv_connector_stats``
 (:mod:`.stats`); settings are in :mod:`.config`.
 
+Hybrid models (vLLM's hybrid memory allocator, ``SupportsHMA``): each KV cache
+group (full attention, sliding window) has its own block ids; steps 2 and 4 run
+per group, a sliding-window group moving only its window's blocks (:mod:`.groups`).
+
 Why pull + staging, not a push into decode's blocks: decode decides when it has
 blocks, so a push would need decode's block ids before prefill finishes (an extra
 round trip through the proxy), and reading prefill's blocks in place would pin

@@ -16,6 +16,9 @@ name its DP engine's *base* KV port (``rank_port(kv_port, 0, tp, dp_index=dp)``)
 and its TP size; each decode worker rank works out which prefill ranks (ports
 ``base + p``) and heads it reads.
 
+Hybrid models: every block list is one per KV cache group (:mod:`.groups`
+says which blocks of each group move); a spec carries each group's.
+
 :meth:`UcxScheduler.books` counts what the scheduler holds; all zero once every
 request has finished and the worker reported its loads.
 """
