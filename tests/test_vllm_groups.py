@@ -135,3 +135,23 @@ def test_a_group_naming_an_unregistered_layer_is_refused():
     with pytest.raises(KVTransferError, match=r"group 1 \(full\) names layers vLLM did not register: \['l3'\]"):
         w.register_kv_caches(caches)
     w.shutdown()
+
+
+def test_groups_read_from_vllms_kv_cache_config():
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, MambaSpec,
+                                            SlidingWindowSpec)
+
+    full = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    sw = SlidingWindowSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32, sliding_window=64)
+    from kv_transfer.vllm.groups import kv_groups
+
+    cfg = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["a.0", "a.2"], sw), KVCacheGroupSpec(["a.1", "a.3"], full)])
+    assert kv_groups(cfg, 32) == [KVGroup(0, ("a.0", "a.2"), 32, 64), KVGroup(1, ("a.1", "a.3"), 32)]
+    mamba = MambaSpec(block_size=32, shapes=((4,),), dtypes=(torch.float32,))
+    cfg.kv_cache_groups.append(KVCacheGroupSpec(["m.4"], mamba))
+    with pytest.raises(KVTransferError, match="group 2 .* is MambaSpec"):
+        kv_groups(cfg, 32)
+    # alone, a group of any kind moves every block (as before hybrid support)
+    alone = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["m.4"], mamba)])
+    assert kv_groups(alone, 32) == [KVGroup(0, ("m.4",), 32)]

@@ -17,8 +17,8 @@ What moves per group (the same rule on both sides, so positions pair up):
 
 Each group's blocks travel as their own entry (request id ``rid`` for the
 first group, ``rid#g<i>`` for the others), so one group is exactly the
-single-table case of before. Other kinds of group (Mamba state, chunked local
-attention, ...) are refused at startup with the kind named.
+single-table case of before. Among several groups, other kinds (Mamba state,
+chunked local attention, ...) are refused at startup with the kind named.
 """
 
 from __future__ import annotations
@@ -69,33 +69,37 @@ class KVGroup:
         return max(0, end - (_cdiv(self.window, self.block_size) + 1)), end
 
 
+def _window(spec: Any, several: bool, index: int, layer_names: Sequence[str]) -> int:
+    """A group's sliding window (0: full attention); a kind this connector cannot move among several is refused."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    inner = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs: one kind, several shapes
+    specs = list(inner.values()) if isinstance(inner, dict) and inner else [spec]
+    if all(isinstance(s, SlidingWindowSpec) for s in specs) and len({s.sliding_window for s in specs}) == 1:
+        return int(specs[0].sliding_window)
+    if several and not all(type(s) in (FullAttentionSpec, MLAAttentionSpec) for s in specs):
+        # one group of any kind moves every block, as before hybrid support; among several, only known kinds
+        raise KVTransferError(
+            f"UcxConnector moves full-attention and sliding-window KV cache groups only; group {index} "
+            f"({len(layer_names)} layers, e.g. {list(layer_names[:1])}) is {type(spec).__name__}")
+    return 0
+
+
 def kv_groups(kv_cache_config: Any, block_size: int) -> list[KVGroup]:
     """The groups of ``kv_cache_config`` that take part in KV transfer; one full group of every layer if unknown.
 
     Raises:
-        KVTransferError: a group of a kind this connector cannot move (not full attention or sliding window).
+        KVTransferError: among several groups, one of a kind this connector cannot move (not full
+            attention or sliding window, e.g. Mamba state); a single group of any kind moves every block.
     """
     groups = getattr(kv_cache_config, "kv_cache_groups", None)
     if not groups:
         return [KVGroup(0, (), int(block_size))]
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
-
-    out = []
-    for i, g in enumerate(groups):
-        if not getattr(g, "enable_kv_transfer", True):
-            continue
-        spec = g.kv_cache_spec
-        window = 0
-        if isinstance(spec, SlidingWindowSpec):
-            window = int(spec.sliding_window)
-        elif type(spec) not in (FullAttentionSpec, MLAAttentionSpec):
-            raise KVTransferError(
-                f"UcxConnector moves full-attention and sliding-window KV cache groups only; group {i} "
-                f"({len(g.layer_names)} layers, e.g. {g.layer_names[:1]}) is {type(spec).__name__}")
-        out.append(KVGroup(i, tuple(g.layer_names), int(getattr(spec, "block_size", block_size)), window))
-    if not out:
+    moved = [(i, g) for i, g in enumerate(groups) if getattr(g, "enable_kv_transfer", True)]
+    if not moved:
         raise KVTransferError("kv_cache_config has no KV cache group that takes part in KV transfer")
-    return out
+    return [KVGroup(i, tuple(g.layer_names), int(getattr(g.kv_cache_spec, "block_size", block_size)),
+                    _window(g.kv_cache_spec, len(moved) > 1, i, g.layer_names)) for i, g in moved]
 
 
 def describe_groups(groups: Sequence[KVGroup]) -> str:
