@@ -155,3 +155,22 @@ def test_groups_read_from_vllms_kv_cache_config():
     # alone, a group of any kind moves every block (as before hybrid support)
     alone = KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["m.4"], mamba)])
     assert kv_groups(alone, 32) == [KVGroup(0, ("m.4",), 32)]
+
+
+def test_two_groups_failed_load_reported_by_request_not_by_block():
+    cons = UcxWorker(UcxConfig(is_producer=False, is_consumer=True, block_size=BS, fetch_timeout_s=5), RankInfo(),
+                     num_blocks=16, groups=GROUPS)
+    try:
+        cons.register_kv_caches(_hma_caches(4)[0])
+        spec = LoadSpec("d1", "p1", f"127.0.0.1:{free_port()}", list(range(21)), 21, [7, 8, 9], 0,
+                        more_groups=[([1, 2, 3, 4, 5, 6], 0)])  # nobody listens there
+        cons.start_load_kv(UcxConnectorMetadata(to_load=[spec]))
+        end, got = time.monotonic() + 20, (set(), set(), set())
+        while "d1" not in got[1] and time.monotonic() < end:
+            got = cons.get_finished_and_failed()
+            time.sleep(0.02)
+        assert got == (set(), {"d1"}, {"d1"})
+        assert cons.get_block_ids_with_load_errors() == set()  # vLLM stops its engine on these with 2 groups
+        assert cons.counters.totals()["load_failures"] == 1
+    finally:
+        cons.shutdown()

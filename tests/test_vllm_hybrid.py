@@ -90,3 +90,16 @@ def test_hybrid_prefix_cache_after_a_load_serves_correct_answers(servers):
     hits = d.metric("vllm:prefix_cache_hits_total")
     assert [d.complete(s, 12)["choices"][0]["text"] for s in short] == want
     assert d.metric("vllm:prefix_cache_hits_total") > hits  # the loaded request's blocks were reused
+
+
+def test_hybrid_failed_load_is_reported_by_request_and_recomputed(servers):
+    """With several KV cache groups vLLM takes load failures by request id (block ids would stop its engine)."""
+    p, d = servers["p"], servers["d"]
+    (prompt,) = sample_prompts(1, 100, 200, seed=14)
+    want = reference(d, [prompt], 8)
+    (params,) = prefill(p, [prompt])
+    before = _totals(d)["load_failures"]
+    lost = dict(params, remote_request_id="no-such-request")  # prefill holds nothing under this id
+    assert decode(d, [prompt], [lost], 8) == want  # recomputed (kv_load_failure_policy recompute)
+    assert _totals(d)["load_failures"] == before + 1
+    assert decode(d, [prompt], [params], 8) == want  # the engine still serves, and the real entry loads

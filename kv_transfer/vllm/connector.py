@@ -59,6 +59,10 @@ try:  # vLLM's marker for connectors that work with its hybrid memory allocator 
 except ImportError:  # pragma: no cover - a vLLM without it has no hybrid allocator to support
     class SupportsHMA:  # type: ignore[no-redef]
         """Stand-in where vLLM has no hybrid memory allocator."""
+try:  # failed receives by request id (vLLM refuses failed block ids with several KV cache groups)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+except ImportError:  # pragma: no cover - an older vLLM calls get_finished instead
+    KVConnectorTransferResults = None  # type: ignore[assignment,misc]
 
 from .config import UcxConfig
 from .groups import kv_groups
@@ -150,6 +154,11 @@ class UcxConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self.worker.get_finished()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """Finished sends and receives with failed receives (by request: how vLLM wants them with several groups)."""
+        send, recv, failed = self.worker.get_finished_and_failed()
+        return KVConnectorTransferResults(finished_sending=send, finished_recving=recv, failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()

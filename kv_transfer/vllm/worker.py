@@ -141,6 +141,7 @@ class UcxWorker:
         self._done_recv: set[str] = set()
         self._done_send: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._failed_reqs: set[str] = set()  # several KV cache groups: failures go by request (see get_finished)
         self._cancelled: set[str] = set()
         self.counters = TransferCounters()
         self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"  # what this producer serves
@@ -298,7 +299,10 @@ class UcxWorker:
         else:
             self.counters.record_load(time.monotonic() - t0, loaded_bytes)
         with self._lock:
-            self._failed_blocks.update(failed)
+            if not ok and len(self._group_caches) > 1:
+                self._failed_reqs.add(spec.req_id)  # block ids are only unique within a group: vLLM wants the request
+            else:
+                self._failed_blocks.update(failed)
             if spec.req_id in self._cancelled:
                 self._cancelled.discard(spec.req_id)
                 self._done_send.add(spec.req_id)  # frees the blocks held for an aborted request
@@ -334,10 +338,21 @@ class UcxWorker:
     # ----------------------------------------------------------------- report
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
         """(requests whose held blocks may be freed, requests whose load ended) since the last call."""
+        send, recv, _ = self.get_finished_and_failed()
+        return (send or None), (recv or None)
+
+    def get_finished_and_failed(self) -> tuple[set[str], set[str], set[str]]:
+        """(held blocks may be freed, load ended, load failed) since the last call, taken together.
+
+        With several KV cache groups a failed load is reported by request id (vLLM's
+        ``failed_recving``; it refuses block ids then, which are unique only within a
+        group); each failed request is also in the second set, in the same call.
+        """
         with self._lock:
             recv, self._done_recv = self._done_recv, set()
             send, self._done_send = self._done_send, set()
-        return (send or None), (recv or None)
+            failed, self._failed_reqs = self._failed_reqs, set()
+        return send, recv, failed
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call."""
