@@ -9,7 +9,8 @@ three modes and prints one JSON line (KV cache groups, tokens, HMA state):
 * ``connector``: ``UcxConnector`` as ``kv_both`` in the same instance: each
   prompt is prefilled with ``do_remote_decode`` and then generated again with
   the returned params, so the KV goes out through the connector's server and
-  back into the instance's own blocks; vLLM decides whether HMA stays on;
+  back into the instance's own blocks; vLLM decides whether HMA stays on (it does:
+  ``UcxConnector`` declares ``SupportsHMA``);
 * ``connector-hma``: the same with ``disable_hybrid_kv_cache_manager=False``
   forced.
 

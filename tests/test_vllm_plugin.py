@@ -31,8 +31,12 @@ def test_compatibility_mismatch_names_both_sides():
     from kv_transfer.vllm import CONNECTOR_PROTOCOL, compat_problem
 
     mine = {"protocol": str(CONNECTOR_PROTOCOL), "model": "m", "dtype": "torch.bfloat16", "num_layers": "32",
-            "num_kv_heads": "8", "head_size": "128", "block_size": "16", "layout": "LBHNC"}
+            "num_kv_heads": "8", "head_size": "128", "block_size": "16", "layout": "LBHNC",
+            "kv_groups": "full/16,sliding4096/16"}
     assert compat_problem(mine, dict(mine)) is None
+    # a hybrid prefill with its hybrid allocator off (one group) does not pair with one that has it on
+    assert "kv_groups: prefill='full/32' decode='full/16,sliding4096/16'" in compat_problem(
+        mine, dict(mine, kv_groups="full/32"))
     problem = compat_problem(mine, dict(mine, num_kv_heads="4", block_size="32"))
     assert "num_kv_heads: prefill='4' decode='8'" in problem
     assert "block_size: prefill='32' decode='16'" in problem

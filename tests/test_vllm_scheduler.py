@@ -19,7 +19,7 @@ from kv_transfer.vllm.stats import TransferCounters  # noqa: E402
 
 BS = 4
 COMPAT = {"protocol": str(CONNECTOR_PROTOCOL), "model": "m", "dtype": "torch.float32", "num_layers": "2",
-          "num_kv_heads": "2", "head_size": "8", "block_size": str(BS), "layout": "NHD"}
+          "num_kv_heads": "2", "head_size": "8", "block_size": str(BS), "layout": "NHD", "kv_groups": "full/*"}
 EMPTY = {"producer_reqs": 0, "save_blocks": 0, "saved": 0, "pending_loads": 0, "loading": 0, "cancel": 0,
          "release": 0, "waiting_rma": 0, "local_hit": 0, "retained": 0, "acks": 0}
 

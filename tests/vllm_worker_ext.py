@@ -25,3 +25,11 @@ class UcxkvWorkerExtension:
         from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
 
         return {"pid": os.getpid(), "tp_rank": get_kv_transfer_group().worker.rank.tp_rank}
+
+    def ucxkv_kv_groups(self) -> dict:
+        """The KV cache groups this rank's connector moves, and whether vLLM kept its hybrid allocator on."""
+        from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+        conn = get_kv_transfer_group()
+        return {"kv_groups": conn.compat["kv_groups"],
+                "hma": not self.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager}

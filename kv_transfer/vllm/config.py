@@ -15,7 +15,9 @@ Configuration (``kv_connector_extra_config``), with defaults:
 ``kv_mode`` ("stage")  ``stage``: prefill copies a finished request's KV into a staging buffer
   (``kv_buffer_size``) and decode fetches it; ``rma``: nothing is staged, decode GETs
   prefill's blocks in place while prefill keeps them leased; ``auto``: ``rma`` unless
-  ``UCX_TLS`` is TCP only (see :mod:`.rma_worker`). Prefill's choice travels to decode;
+  ``UCX_TLS`` is TCP only (see :mod:`.rma_worker`). Prefill's choice travels to decode.
+  ``rma`` moves one KV cache group: with a hybrid model (several groups) ``auto`` means
+  ``stage`` and ``rma`` is refused at startup;
 ``lease_s`` (30)  how long prefill keeps an unclaimed request's KV (staged bytes, or in
   rma mode its blocks, which vLLM cannot reuse meanwhile);
 ``retain_kv`` (false)  prefill, stage mode: keep a staged entry after decode fetched it, until
@@ -75,10 +77,13 @@ class UcxConfig:
     verify_kv: bool = False
     corrupt: bool = False
     retain_kv: bool = False
+    num_groups: int = 1  # KV cache groups moved (hybrid models with vLLM's hybrid allocator: more than one)
 
     @classmethod
-    def from_vllm(cls, vllm_config: Any) -> "UcxConfig":
+    def from_vllm(cls, vllm_config: Any, num_groups: int = 1) -> "UcxConfig":
         """Read ``vllm_config.kv_transfer_config``; a producer's advertised address is checked here.
+
+        ``num_groups``: the KV cache groups the connector moves (see :mod:`.groups`).
 
         Raises :class:`~kv_transfer.KVTransferError` for an address decode could not reach
         (see :func:`~kv_transfer.vllm.addresses.resolve_advertise_host`).
@@ -110,4 +115,5 @@ class UcxConfig:
             verify_kv=_flag(get("verify_kv", False)),
             corrupt=_flag(get("debug_corrupt_staged_kv", False)),
             retain_kv=_flag(get("retain_kv", False)),
+            num_groups=int(num_groups),
         )

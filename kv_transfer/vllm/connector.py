@@ -29,6 +29,10 @@ and decode GETs them straight into its own blocks, then tells prefill, whose
 worker reports the request in ``finished_sending`` so vLLM frees the blocks. Transfer statistics go through ``get_kv_connector_stats``
 (:mod:`.stats`); settings are in :mod:`.config`.
 
+Hybrid models (vLLM's hybrid memory allocator, ``SupportsHMA``): each KV cache
+group (full attention, sliding window) has its own block ids; steps 2 and 4 run
+per group, a sliding-window group moving only its window's blocks (:mod:`.groups`).
+
 Why pull + staging, not a push into decode's blocks: decode decides when it has
 blocks, so a push would need decode's block ids before prefill finishes (an extra
 round trip through the proxy), and reading prefill's blocks in place would pin
@@ -50,7 +54,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+try:  # vLLM's marker for connectors that work with its hybrid memory allocator (several KV cache groups)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
+except ImportError:  # pragma: no cover - a vLLM without it has no hybrid allocator to support
+    class SupportsHMA:  # type: ignore[no-redef]
+        """Stand-in where vLLM has no hybrid memory allocator."""
+try:  # failed receives by request id (vLLM refuses failed block ids with several KV cache groups)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+except ImportError:  # pragma: no cover - an older vLLM calls get_finished instead
+    KVConnectorTransferResults = None  # type: ignore[assignment,misc]
+
 from .config import UcxConfig
+from .groups import kv_groups
 from .metadata import UcxConnectorMetadata, compat_record
 from .scheduler import UcxScheduler
 from .stats import UcxKVConnectorStats
@@ -67,24 +82,30 @@ log = logging.getLogger(__name__)
 __all__ = ["UcxConnector"]
 
 
-class UcxConnector(KVConnectorBase_V1):
-    """vLLM's V1 KV connector over the LookupBuffer and the Pipe: a facade over :class:`UcxScheduler` or :class:`UcxWorker`."""
+class UcxConnector(KVConnectorBase_V1, SupportsHMA):
+    """vLLM's V1 KV connector over the LookupBuffer and the Pipe: a facade over :class:`UcxScheduler` or :class:`UcxWorker`.
+
+    Supports vLLM's hybrid memory allocator (``SupportsHMA``): full-attention and
+    sliding-window KV cache groups move each with its own block ids (see :mod:`.groups`).
+    """
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
-        self.config = UcxConfig.from_vllm(vllm_config)
-        self.compat = compat_record(vllm_config, kv_cache_config)
+        groups = kv_groups(kv_cache_config, int(vllm_config.cache_config.block_size))
+        self.config = UcxConfig.from_vllm(vllm_config, num_groups=len(groups))
+        self.compat = compat_record(vllm_config, kv_cache_config, groups)
         self.scheduler: Optional[UcxScheduler] = None
         self.worker: Optional[UcxWorker] = None
         rank = RankInfo.from_vllm(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = UcxScheduler(self.config, self.compat, rank)
+            self.scheduler = UcxScheduler(self.config, self.compat, rank, groups=groups)
         else:
             self.worker = UcxWorker(self.config, rank,
                                     num_blocks=getattr(kv_cache_config, "num_blocks", None),
-                                    layout_name=getattr(kv_cache_config, "kv_cache_layout", None))
-        log.info("UcxConnector %s (%s) kv server %s:%s", role.name,
-                 "producer" if self.config.is_producer else "consumer", self.config.kv_host, self.config.kv_port)
+                                    layout_name=getattr(kv_cache_config, "kv_cache_layout", None), groups=groups)
+        log.info("UcxConnector %s (%s) kv server %s:%s, KV cache groups %s", role.name,
+                 "producer" if self.config.is_producer else "consumer", self.config.kv_host, self.config.kv_port,
+                 self.compat["kv_groups"])
 
     # --------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -100,6 +121,11 @@ class UcxConnector(KVConnectorBase_V1):
         self.scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)
+
+    def request_finished_all_groups(self, request: "Request",
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """With the hybrid allocator on, vLLM calls this instead of ``request_finished`` (one list per group)."""
         return self.scheduler.request_finished(request, block_ids)
 
     # ------------------------------------------------------------ worker side
@@ -128,6 +154,11 @@ class UcxConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self.worker.get_finished()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """Finished sends and receives with failed receives (by request: how vLLM wants them with several groups)."""
+        send, recv, failed = self.worker.get_finished_and_failed()
+        return KVConnectorTransferResults(finished_sending=send, finished_recving=recv, failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from ..tp_mapping import check_tp_pair
+from .groups import KVGroup, describe_groups
 
 __all__ = ["CONNECTOR_PROTOCOL", "COMPAT_KEYS", "SaveSpec", "LoadSpec", "RenewSpec", "UcxConnectorMetadata",
            "compat_record", "compat_problem"]
@@ -26,9 +27,11 @@ __all__ = ["CONNECTOR_PROTOCOL", "COMPAT_KEYS", "SaveSpec", "LoadSpec", "RenewSp
 #: Version of the prefill -> decode contract (kv_transfer_params and the staged entry format).
 #: 2: one KV server per worker rank (remote_port is the engine's base port), total KV heads, tp_size.
 #: 3: kv_mode ("stage" | "rma": the rank serves leased blocks over the kvrma service) and lease_s.
-CONNECTOR_PROTOCOL = 3
+#: 4: KV cache groups (hybrid models): one entry per transferred group, ``kv_groups`` in the record.
+CONNECTOR_PROTOCOL = 4
 
-COMPAT_KEYS = ("protocol", "model", "dtype", "num_layers", "num_kv_heads", "head_size", "block_size", "layout")
+COMPAT_KEYS = ("protocol", "model", "dtype", "num_layers", "num_kv_heads", "head_size", "block_size", "layout",
+               "kv_groups")
 
 
 @dataclass
@@ -37,8 +40,13 @@ class SaveSpec:
 
     req_id: str
     token_ids: list[int]
-    block_ids: list[int]
+    block_ids: list[int]  # of the first KV cache group the connector moves (the only one without hybrid models)
     corrupt: bool = False  # testing only: flip a bit of the staged KV after its checksum
+    more_groups: list[list[int]] = field(default_factory=list)  # hybrid models: the other groups' blocks, in order
+
+    def groups(self) -> list[list[int]]:
+        """Block ids to stage, one list per transferred KV cache group (see :mod:`.groups`)."""
+        return [self.block_ids, *self.more_groups]
 
 
 @dataclass
@@ -58,6 +66,11 @@ class LoadSpec:
     perturb_rank: Optional[int] = None  # testing only: perturb on this decode TP rank only
     kv_mode: str = "stage"  # how prefill holds the KV: staged entries, or leased blocks read in place ("rma")
     retain: bool = False  # prefill keeps the entry after this fetch until acknowledged (decode failover)
+    more_groups: list[tuple[list[int], int]] = field(default_factory=list)  # hybrid: (block_ids, skip_blocks) per other group
+
+    def groups(self) -> list[tuple[list[int], int]]:
+        """(local block ids, leading blocks not to write) per transferred KV cache group (see :mod:`.groups`)."""
+        return [(self.block_ids, self.skip_blocks), *self.more_groups]
 
 
 @dataclass
@@ -82,8 +95,13 @@ class UcxConnectorMetadata(KVConnectorMetadata):
     ack_loads: list[RenewSpec] = field(default_factory=list)  # consumer: answered, prefill may drop retained KV
 
 
-def compat_record(vllm_config: Any, kv_cache_config: Any) -> dict[str, str]:
-    """This instance's compatibility record (all values strings, keys :data:`COMPAT_KEYS`)."""
+def compat_record(vllm_config: Any, kv_cache_config: Any, groups: Sequence[KVGroup] = ()) -> dict[str, str]:
+    """This instance's compatibility record (all values strings, keys :data:`COMPAT_KEYS`).
+
+    ``kv_groups`` states the transferred KV cache groups (kind and layer count each, see
+    :func:`~kv_transfer.vllm.groups.describe_groups`): a hybrid prefill and a decode with
+    its hybrid allocator off (one full-attention group) do not pair.
+    """
     spec = None
     try:
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
@@ -106,6 +124,7 @@ def compat_record(vllm_config: Any, kv_cache_config: Any) -> dict[str, str]:
         "head_size": str(getattr(spec, "head_size", head)),
         "block_size": str(getattr(spec, "block_size", vllm_config.cache_config.block_size)),
         "layout": str(layout),
+        "kv_groups": describe_groups(groups) if groups else "full/*",
         "tp_size": str(int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1) or 1)),
     }
 

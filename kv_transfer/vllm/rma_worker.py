@@ -2,7 +2,8 @@
 
 How ``kv_mode`` is chosen (:func:`choose_kv_mode`, the same answer in the
 scheduler and worker processes since it reads only the config and
-``UCX_TLS``): ``stage`` and ``rma`` are taken as given; ``auto`` picks per transport family from the
+``UCX_TLS``): ``stage`` and ``rma`` are taken as given (``rma`` only with one KV
+cache group: a hybrid model's several groups stage); ``auto`` picks per transport family from the
 table :data:`_AUTO`, filled from the bench (docs/bench.md, "kv_mode: rma vs
 stage"): ``rma`` was faster in every run over shared memory and over TCP, and
 stages nothing, so today ``auto`` means ``rma`` everywhere.
@@ -63,6 +64,11 @@ def choose_kv_mode(config: UcxConfig) -> tuple[str, str]:
     mode = config.kv_mode
     if mode not in KV_MODES:
         raise KVTransferError(f"kv_mode {mode!r} is not one of {', '.join(KV_MODES)}")
+    if config.num_groups > 1:  # the kvrma service leases one block list over one set of layer caches
+        if mode == "rma":
+            raise KVTransferError(f"kv_mode rma moves one KV cache group; this model has {config.num_groups} "
+                                  f"(vLLM's hybrid allocator): use kv_mode stage or auto")
+        return "stage", f"{mode}: {config.num_groups} KV cache groups (hybrid model) -> stage"
     if mode != "auto":
         return mode, "set by kv_mode"
     tls = config.ucx_tls or os.environ.get("UCX_TLS", "")

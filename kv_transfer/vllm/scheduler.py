@@ -16,6 +16,9 @@ name its DP engine's *base* KV port (``rank_port(kv_port, 0, tp, dp_index=dp)``)
 and its TP size; each decode worker rank works out which prefill ranks (ports
 ``base + p``) and heads it reads.
 
+Hybrid models: every block list is one per KV cache group (:mod:`.groups`
+says which blocks of each group move); a spec carries each group's.
+
 :meth:`UcxScheduler.books` counts what the scheduler holds; all zero once every
 request has finished and the worker reported its loads.
 """
@@ -30,10 +33,10 @@ from vllm.v1.request import RequestStatus
 
 from .config import UcxConfig
 from ..tp_mapping import rank_port
+from .groups import KVGroup, transfer_blocks
 from .metadata import LoadSpec, RenewSpec, SaveSpec, UcxConnectorMetadata, compat_problem
 from .rma_worker import choose_kv_mode
 from .worker import RankInfo
-from .metadata import LoadSpec, SaveSpec, UcxConnectorMetadata, compat_problem
 from .stats import TransferCounters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,27 +49,27 @@ log = logging.getLogger(__name__)
 __all__ = ["UcxScheduler"]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class UcxScheduler:
     """Scheduler-side state of one connector; needs no model, no caches and no transport.
 
     Args:
         config: The connector's settings.
         compat: This instance's compatibility record (see :mod:`.metadata`).
+        rank: This instance's TP/DP place.
+        groups: The KV cache groups moved (see :mod:`.groups`); None: one full-attention group.
     """
 
-    def __init__(self, config: UcxConfig, compat: dict[str, str], rank: Optional[RankInfo] = None):
+    def __init__(self, config: UcxConfig, compat: dict[str, str], rank: Optional[RankInfo] = None,
+                 groups: Optional[list[KVGroup]] = None):
         self.config = config
         self.compat = compat
         self.rank = rank or RankInfo()
+        self.groups = groups or [KVGroup(0, (), config.block_size)]
         #: The first port of this engine's workers (rank p serves on base_port + p); kv_port for TP 1 / DP 0.
         self.base_port = rank_port(config.kv_port, 0, self.rank.tp_size, dp_index=self.rank.dp_rank)
         # producer books
         self._producer_reqs: dict[str, Any] = {}  # request id -> Request, allocation .. request_finished
-        self._save_blocks: dict[str, list[int]] = {}
+        self._save_blocks: dict[str, list[list[int]]] = {}  # one list per KV cache group (vLLM's index)
         self._saved: set[str] = set()  # staged this run, params not yet returned
         # consumer books
         self._pending_loads: list[LoadSpec] = []  # queued for the next step's metadata
@@ -132,11 +135,11 @@ class UcxScheduler:
             return
         self._waiting_rma.pop(rid, None)
         local_hit = self._local_hit.pop(rid, request.num_computed_tokens)
-        bs = self.config.block_size
         num_tokens = min(int(params["remote_num_tokens"]), len(request.prompt_token_ids))
         retain = bool(params.get("retain_kv", False))
         if retain:  # acknowledged when the request completes (request_finished), so another decode may load it
             self._retained[rid] = self._remote(params)
+        ids, skips = transfer_blocks(self.groups, blocks.get_block_ids(), num_tokens, local_hit)
         self._pending_loads.append(LoadSpec(
             req_id=rid,
             remote_request_id=str(params["remote_request_id"]),
@@ -148,8 +151,9 @@ class UcxScheduler:
             retain=retain,
             token_ids=list(request.prompt_token_ids[:num_tokens]),
             num_tokens=num_tokens,
-            block_ids=list(blocks.get_block_ids()[0])[:_cdiv(num_tokens, bs)],
-            skip_blocks=local_hit // bs,
+            block_ids=ids[0],
+            skip_blocks=skips[0],
+            more_groups=list(zip(ids[1:], skips[1:])),
             perturb=(self.config.perturb or bool(params.get("ucxkv_debug_perturb", False))
                      or params.get("ucxkv_debug_perturb_rank") is not None),
         ))
@@ -164,17 +168,19 @@ class UcxScheduler:
             n_sched = scheduler_output.num_scheduled_tokens
             for new in scheduler_output.scheduled_new_reqs:
                 if new.req_id in self._producer_reqs:
-                    self._save_blocks[new.req_id] = list(new.block_ids[0])
+                    self._save_blocks[new.req_id] = [list(b) for b in new.block_ids]
                     self._maybe_save(meta, new.req_id, new.num_computed_tokens + n_sched.get(new.req_id, 0))
             cached = scheduler_output.scheduled_cached_reqs
             for i, rid in enumerate(cached.req_ids):
                 if rid in self._producer_reqs and rid not in self._saved:
                     nb = cached.new_block_ids[i]
                     if nb is not None:
-                        if rid in cached.resumed_req_ids:
-                            self._save_blocks[rid] = list(nb[0])
+                        have = self._save_blocks.get(rid)
+                        if rid in cached.resumed_req_ids or have is None:
+                            self._save_blocks[rid] = [list(b) for b in nb]
                         else:
-                            self._save_blocks.setdefault(rid, []).extend(nb[0])
+                            for mine, new_ids in zip(have, nb):
+                                mine.extend(new_ids)
                     self._maybe_save(meta, rid, cached.num_computed_tokens[i] + n_sched.get(rid, 0))
         meta.to_load, self._pending_loads = self._pending_loads, []
         meta.cancel_loads, self._cancel = self._cancel, []
@@ -192,9 +198,10 @@ class UcxScheduler:
         n = len(req.prompt_token_ids)
         if rid in self._saved or computed_after_step < n:
             return
-        blocks = self._save_blocks.get(rid, [])[:_cdiv(n, self.config.block_size)]
+        have = self._save_blocks.get(rid) or [[] for _ in range(1 + max(g.index for g in self.groups))]
+        ids, _ = transfer_blocks(self.groups, have, n)
         corrupt = bool((req.kv_transfer_params or {}).get("ucxkv_debug_corrupt", False))
-        meta.to_save.append(SaveSpec(rid, list(req.prompt_token_ids), blocks, corrupt=corrupt))
+        meta.to_save.append(SaveSpec(rid, list(req.prompt_token_ids), ids[0], corrupt=corrupt, more_groups=ids[1:]))
         self._saved.add(rid)
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -203,7 +210,7 @@ class UcxScheduler:
             self._loading.discard(rid)
         self.loads_failed += len(getattr(connector_output, "invalid_block_ids", None) or ())
 
-    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: "Request", block_ids: Any = None) -> tuple[bool, dict[str, Any] | None]:
         """Forget the request; returns (keep its blocks until the worker stops writing, decode's params)."""
         rid = request.request_id
         self._producer_reqs.pop(rid, None)

@@ -51,6 +51,7 @@ from ..lookup_store import LookupBuffer
 from ..paged import PagedLayout, gather_blocks, scatter_blocks
 from ..tp_mapping import HeadRead, decode_reads, rank_port, readers_per_prefill_rank
 from .config import UcxConfig
+from .groups import KVGroup, group_entry_id
 from .metadata import LoadSpec, UcxConnectorMetadata
 from .rma_worker import RmaTransfer, choose_kv_mode
 from .stats import TransferCounters, UcxKVConnectorStats
@@ -113,12 +114,17 @@ class UcxWorker:
         rank: This worker's place in the instance.
         num_blocks: Blocks per layer cache, when vLLM's kv_cache_config says (finds the block dimension).
         layout_name: vLLM's KV cache layout name, if known.
+        groups: The KV cache groups moved (see :mod:`.groups`); None: one group of every registered layer.
+            Each group's blocks are staged and fetched as their own entry, over that group's layers.
     """
 
     def __init__(self, config: UcxConfig, rank: RankInfo, *, num_blocks: Optional[int] = None,
-                 layout_name: Optional[str] = None):
+                 layout_name: Optional[str] = None, groups: Optional[list[KVGroup]] = None):
         self.config = config
         self.rank = rank
+        self._groups = groups or [KVGroup(0, (), config.block_size)]
+        self._group_caches: list[list[torch.Tensor]] = []  # per group: its layers' caches, in registration order
+        self._group_block_bytes: list[int] = []  # per group: one block, all its layers
         self._num_blocks = num_blocks
         self._layout_name = layout_name
         if config.ucx_tls:
@@ -127,14 +133,15 @@ class UcxWorker:
         self._layout: Optional[PagedLayout] = None
         self._block_bytes = 0  # one block, all layers
         self._buffer: Optional[LookupBuffer] = None
-        self._producer: Optional[KVProducer] = None
+        self._producers: list[KVProducer] = []  # one per group
         self._server: Optional[LookupServer] = None
-        self._consumers: dict[str, KVConsumer] = {}  # producer address -> consumer over a redialling client
+        self._consumers: dict[str, list[KVConsumer]] = {}  # producer address -> one consumer per group, one client
         self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self._done_recv: set[str] = set()
         self._done_send: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._failed_reqs: set[str] = set()  # several KV cache groups: failures go by request (see get_finished)
         self._cancelled: set[str] = set()
         self.counters = TransferCounters()
         self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"  # what this producer serves
@@ -143,16 +150,19 @@ class UcxWorker:
     # ------------------------------------------------------------------ setup
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Adopt vLLM's per-layer caches; a producer starts serving, a consumer warms UCX up."""
-        self._caches = list(kv_caches.values())
+        self._group_caches = self._split_groups(kv_caches)
+        self._caches = self._group_caches[0]
         first = self._caches[0]
         num_blocks = self._num_blocks or first.shape[0]
         block_dim = 0 if first.shape[0] == num_blocks else next(
             (d for d, s in enumerate(first.shape) if s == num_blocks), 0)
         self._layout = _layout_of(first, block_dim, self._layout_name)
         name = self._layout.name
-        self._block_bytes = sum(self._layout.block_nbytes(c) for c in self._caches)
-        log.info("UcxConnector worker tp %d/%d dp %d/%d: %d layers, per-layer cache %s %s, layout %s (block dim %d)",
-                 self.rank.tp_rank, self.rank.tp_size, self.rank.dp_rank, self.rank.dp_size, len(self._caches),
+        self._group_block_bytes = [sum(self._layout.block_nbytes(c) for c in caches) for caches in self._group_caches]
+        self._block_bytes = self._group_block_bytes[0]
+        log.info("UcxConnector worker tp %d/%d dp %d/%d: %s layers, per-layer cache %s %s, layout %s (block dim %d)",
+                 self.rank.tp_rank, self.rank.tp_size, self.rank.dp_rank, self.rank.dp_size,
+                 "+".join(f"{len(c)} {g.kind()}" for g, c in zip(self._groups, self._group_caches)),
                  tuple(first.shape), first.dtype, name, block_dim)
         if self.config.is_producer or self.config.is_consumer:
             self._rma = RmaTransfer(self.config, self._caches, self._layout, self._sent)
@@ -162,9 +172,10 @@ class UcxWorker:
                      self.rank.tp_rank, self.rank.tp_size, self.rank.dp_rank, self._rma.serve(self.config.kv_host, port))
         elif self.config.is_producer:
             self._buffer = LookupBuffer(self.config.buffer_bytes, lease_s=self.config.lease_s)
-            self._producer = KVProducer(self._buffer, self._caches, self._layout,
-                                        insert_timeout_s=self.config.insert_timeout_s, lease_s=self.config.lease_s,
-                                        checksum=self.config.verify_kv, retain=self.config.retain_kv)
+            self._producers = [KVProducer(self._buffer, caches, self._layout,
+                                          insert_timeout_s=self.config.insert_timeout_s, lease_s=self.config.lease_s,
+                                          checksum=self.config.verify_kv, retain=self.config.retain_kv)
+                               for caches in self._group_caches]
             port = rank_port(self.config.kv_port, self.rank.tp_rank, self.rank.tp_size, dp_index=self.rank.dp_rank)
             self._server = self._buffer.serve(self.config.kv_host, port)
             log.info("UcxConnector producer (tp %d/%d dp %d) serving KV on %s", self.rank.tp_rank,
@@ -172,6 +183,23 @@ class UcxWorker:
         if self.config.is_consumer:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ucxkv-load")
             self._pool.submit(_warm_up_transport)  # UCX init takes ~0.5 s: not on the first request's path
+
+    def _split_groups(self, kv_caches: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each group's layer caches, in vLLM's registration order (every layer for a group without names)."""
+        if not kv_caches:
+            raise KVTransferError("register_kv_caches: vLLM registered no KV cache layer")
+        out = []
+        for g in self._groups:
+            if not g.layer_names:
+                out.append(list(kv_caches.values()))
+                continue
+            missing = [n for n in g.layer_names if n not in kv_caches]
+            if missing:
+                raise KVTransferError(f"KV cache group {g.index} ({g.kind()}) names layers vLLM did not register: "
+                                      f"{missing[:3]} (registered: {list(kv_caches)[:3]}...)")
+            names = set(g.layer_names)
+            out.append([t for n, t in kv_caches.items() if n in names])
+        return out
 
     # ------------------------------------------------------------------- load
     def start_load_kv(self, meta: UcxConnectorMetadata) -> None:
@@ -193,7 +221,8 @@ class UcxWorker:
         for spec in specs:
             for address, _, _ in self._reads(spec):
                 try:
-                    self._consumer(address).abort(spec.remote_request_id, num_layers=0)
+                    for pos in range(len(self._group_caches)):  # one retained entry per KV cache group
+                        self._consumer(address, pos).abort(group_entry_id(spec.remote_request_id, pos), num_layers=0)
                 except Exception as exc:  # noqa: BLE001 - the lease bounds what is left behind
                     log.warning("acknowledging %s to prefill %s failed (its lease will drop it): %s",
                                 spec.remote_request_id, address, exc)
@@ -212,19 +241,23 @@ class UcxWorker:
         with self._lock:
             self._done_send.add(req_id)
 
-    def _consumer(self, address: str) -> KVConsumer:
-        c = self._consumers.get(address)
-        if c is None:
+    def _consumer(self, address: str, group: int = 0) -> KVConsumer:
+        """The consumer of ``group``'s layers reading from ``address`` (all groups share one client)."""
+        cs = self._consumers.get(address)
+        if cs is None:
             client = LookupClient(address, timeout_s=self.config.fetch_timeout_s, device=self._caches[0].device,
                                   redial=True)
-            c = KVConsumer(client, self._caches, self._layout, wait_s=0.0, verify=self.config.verify_kv)
-            self._consumers[address] = c
-        return c
+            cs = [KVConsumer(client, caches, self._layout, wait_s=0.0, verify=self.config.verify_kv)
+                  for caches in self._group_caches]
+            self._consumers[address] = cs
+        return cs[group]
 
-    def _perturb(self, block_ids: list[int]) -> None:
-        """Testing only: add noise to loaded blocks (proves decode uses what it loaded)."""
-        staged = gather_blocks(self._caches, self._layout, block_ids)
-        scatter_blocks(self._caches, self._layout, block_ids, staged + torch.randn_like(staged))
+    def _perturb(self, spec: LoadSpec) -> None:
+        """Testing only: add noise to the blocks loaded for ``spec``, every group (proves decode uses them)."""
+        for caches, (ids, skip) in zip(self._group_caches, spec.groups()):
+            if ids[skip:]:
+                staged = gather_blocks(caches, self._layout, ids[skip:])
+                scatter_blocks(caches, self._layout, ids[skip:], staged + torch.randn_like(staged))
 
     def _reads(self, spec: LoadSpec) -> list[tuple[str, Optional[HeadRead], int]]:
         """(producer address, head read or None for the whole shard, readers sharing the entry) per read."""
@@ -238,9 +271,9 @@ class UcxWorker:
 
     def _load(self, spec: LoadSpec) -> None:
         t0 = time.monotonic()
-        req = KVRequest(spec.remote_request_id, spec.token_ids, spec.block_ids, skip_blocks=spec.skip_blocks)
-        failed = spec.block_ids[spec.skip_blocks:]
-        loaded, ok, cause = 0, False, "other"
+        groups = spec.groups()
+        failed = [b for ids, skip in groups for b in ids[skip:]]
+        loaded_bytes, ok, cause = 0, False, "other"
         where = spec.remote_address
         try:
             reads = self._reads(spec)
@@ -250,23 +283,29 @@ class UcxWorker:
             if cancelled:
                 # an rma lease just runs out; retained KV stays for a decode the proxy retries on
                 for address, _, _ in ([] if spec.kv_mode == "rma" or spec.retain else reads):
-                    self._consumer(address).abort(spec.remote_request_id, num_layers=0)
+                    for pos in range(len(groups)):
+                        self._consumer(address, pos).abort(group_entry_id(spec.remote_request_id, pos), num_layers=0)
                 raise KVTransferError("request aborted before its KV was fetched")
             if spec.kv_mode == "rma":
-                reads, loaded = [], self._rma.load(spec, reads)
-            for address, rd, n_readers in reads:
-                consumer = self._consumer(address)
-                if rd is None:
-                    res = consumer.load([req])[req.request_id]
-                else:
-                    res = consumer.load_heads(req, rd.src_head, rd.num_heads, rd.dst_head, readers=n_readers)
-                if len(reads) == 1:
-                    failed = res.failed_block_ids
-                loaded, cause = len(res.loaded_block_ids), res.cause
-                if not res.ok:  # a block missing some heads is as bad as a missing block: all of them failed
-                    raise KVTransferError(f"producer {address}: {res.error}")
-            if loaded and spec.perturb and spec.perturb_rank in (None, self.rank.tp_rank):
-                self._perturb(spec.block_ids[spec.skip_blocks:])
+                reads, loaded_bytes = [], self._rma.load(spec, reads) * self._block_bytes
+            for pos, (ids, skip) in enumerate(groups):  # one entry per KV cache group (hybrid models: several)
+                req = KVRequest(group_entry_id(spec.remote_request_id, pos), spec.token_ids, ids, skip_blocks=skip)
+                loaded = 0
+                for address, rd, n_readers in reads:
+                    consumer = self._consumer(address, pos)
+                    if rd is None:
+                        res = consumer.load([req])[req.request_id]
+                    else:
+                        res = consumer.load_heads(req, rd.src_head, rd.num_heads, rd.dst_head, readers=n_readers)
+                    if len(reads) == 1 and len(groups) == 1:
+                        failed = res.failed_block_ids
+                    loaded, cause = len(res.loaded_block_ids), res.cause
+                    if not res.ok:  # a block missing some heads is as bad as a missing block: all of them failed
+                        raise KVTransferError(f"producer {address}"
+                                              f"{f' (KV cache group {pos})' if len(groups) > 1 else ''}: {res.error}")
+                loaded_bytes += loaded * self._group_block_bytes[pos]
+            if loaded_bytes and spec.perturb and spec.perturb_rank in (None, self.rank.tp_rank):
+                self._perturb(spec)
             ok, failed = True, []
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reported load error
             log.error("KV load for %s (tp rank %d/%d) from %s failed (%d blocks not loaded): %s", spec.req_id,
@@ -274,9 +313,12 @@ class UcxWorker:
         if not ok:
             self.counters.record_failure("load", cause)
         else:
-            self.counters.record_load(time.monotonic() - t0, loaded * self._block_bytes)
+            self.counters.record_load(time.monotonic() - t0, loaded_bytes)
         with self._lock:
-            self._failed_blocks.update(failed)
+            if not ok and len(self._group_caches) > 1:
+                self._failed_reqs.add(spec.req_id)  # block ids are only unique within a group: vLLM wants the request
+            else:
+                self._failed_blocks.update(failed)
             if spec.req_id in self._cancelled:
                 self._cancelled.discard(spec.req_id)
                 self._done_send.add(spec.req_id)  # frees the blocks held for an aborted request
@@ -284,32 +326,49 @@ class UcxWorker:
 
     # ------------------------------------------------------------------- save
     def wait_for_save(self, meta: UcxConnectorMetadata) -> None:
-        """Stage every request the scheduler named in this step (blocks while the buffer is full)."""
+        """Stage every request the scheduler named in this step, one entry per KV cache group (blocks while full)."""
         if self._rma is not None and self._rma.server is not None:
             self._rma.offer(meta.to_save)
             self._rma.release(meta.release_leases)
             self.counters.add(requests_saved=len(meta.to_save))
             return
-        if self._producer is None:
+        if not self._producers:
             return
         for spec in meta.to_save:
             t0 = time.monotonic()
+            tamper = flip_one_byte() if spec.corrupt or self.config.corrupt else None
+            nbytes, done = 0, 0
             try:
-                self._producer.save([KVRequest(spec.req_id, spec.token_ids, spec.block_ids)],
-                                    tamper=flip_one_byte() if spec.corrupt or self.config.corrupt else None)
+                for pos, (producer, ids) in enumerate(zip(self._producers, spec.groups())):
+                    producer.save([KVRequest(group_entry_id(spec.req_id, pos), spec.token_ids, ids)], tamper=tamper)
+                    nbytes += len(ids) * self._group_block_bytes[pos]
+                    done += 1
             except Exception as exc:  # noqa: BLE001 - decode will see "no KV" and apply its policy
                 log.error("saving KV of %s failed: %s", spec.req_id, exc)
+                for pos in range(done):  # a request with a group missing is useless: free what was staged
+                    self._producers[pos].abort(group_entry_id(spec.req_id, pos))
                 self.counters.record_failure("save", "buffer_full" if isinstance(exc, BufferFullError) else "other")
                 continue
-            self.counters.record_save(time.monotonic() - t0, len(spec.block_ids) * self._block_bytes)
+            self.counters.record_save(time.monotonic() - t0, nbytes)
 
     # ----------------------------------------------------------------- report
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
         """(requests whose held blocks may be freed, requests whose load ended) since the last call."""
+        send, recv, _ = self.get_finished_and_failed()
+        return (send or None), (recv or None)
+
+    def get_finished_and_failed(self) -> tuple[set[str], set[str], set[str]]:
+        """(held blocks may be freed, load ended, load failed) since the last call, taken together.
+
+        With several KV cache groups a failed load is reported by request id (vLLM's
+        ``failed_recving``; it refuses block ids then, which are unique only within a
+        group); each failed request is also in the second set, in the same call.
+        """
         with self._lock:
             recv, self._done_recv = self._done_recv, set()
             send, self._done_send = self._done_send, set()
-        return (send or None), (recv or None)
+            failed, self._failed_reqs = self._failed_reqs, set()
+        return send, recv, failed
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose load failed since the last call."""
@@ -331,8 +390,8 @@ class UcxWorker:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         consumers, self._consumers = self._consumers, {}
-        for c in consumers.values():
-            c.source.close()
+        for cs in consumers.values():
+            cs[0].source.close()  # the groups' consumers share this client
         if self._rma is not None:
             self._rma.shutdown()
         if self._server is not None:
