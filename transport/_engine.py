@@ -347,6 +347,9 @@ class Engine:
         if os.getpid() != self._pid:
             raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
         lock = self._lock
+        with lock:  # fast path: complete at posting (an eager send) or after one progress (arrived)
+            if self._poll(op, what) or (self._progress() and self._poll(op, what)):
+                return
         worker = self.worker
         start = time.monotonic()
         spin_until = start + self._spin_s
@@ -531,10 +534,16 @@ def _scratch(n: int) -> Any:
     return np.empty(max(1, min(n, 1 << 16)), dtype=np.uint8)
 
 
-def _array(buf: Any) -> Any:
-    from ucxx._lib.arr import Array
+_Array: Any = None
 
-    return Array(buf)
+
+def _array(buf: Any) -> Any:
+    global _Array
+    if _Array is None:  # imported late, as ucxx itself (see Engine.__init__)
+        from ucxx._lib.arr import Array
+
+        _Array = Array
+    return _Array(buf)
 
 
 _engine: Engine | None = None
