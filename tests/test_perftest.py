@@ -103,3 +103,17 @@ def test_lookup_lat_round_trips_through_a_served_lookup_buffer() -> None:
     for d in lines:
         assert d["test"] == "lookup_lat" and d["iterations"] == 30
         assert d["lookup_wrong_answers"] == 0 and d["served"] == 33 and d["errors"] == []
+    # the server process has two threads asleep on one worker; when a wake-up was lost (one
+    # shared kick eventfd), the 8 B median was a sleeper's 50 ms tick (51 ms; ~2 ms since)
+    assert lines[0]["p50_lat_us"] < 25_000, lines[0]["p50_lat_us"]
+
+
+def test_msg_cost_reports_per_call_cpu_of_send_and_receive() -> None:
+    import re
+
+    res = subprocess.run([sys.executable, "-m", "bench.msg_cost", "-n", "200", "-r", "2", "--tls", "sm"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = re.search(r"send_tensor ([\d.]+) us CPU, recv_tensor\(out=\) ([\d.]+) us CPU", res.stdout)
+    assert m, res.stdout
+    assert 0 < float(m.group(1)) < 10_000 and 0 < float(m.group(2)) < 10_000

@@ -74,7 +74,7 @@ class Op:
     so memory UCX may still touch is never freed under it.
     """
 
-    __slots__ = ("requests", "keepalive", "on_done", "error", "_done", "sleeping", "stream")
+    __slots__ = ("requests", "keepalive", "on_done", "error", "_done", "stream")
 
     def __init__(self, requests: list[Any], keepalive: list[Any], on_done: Callable[[], Any] | None = None,
                  stream: bool = False):
@@ -83,7 +83,6 @@ class Op:
         self.on_done = on_done
         self.error: BaseException | None = None
         self._done = False
-        self.sleeping = False  # a waiter sleeps on the worker's fd for it
         # bulk data (many fragments): its waiter spins again after each wake-up instead of
         # sleeping per fragment (a small op's waiter does not: an idle wait stays idle)
         self.stream = stream
@@ -157,6 +156,22 @@ class ProbedRecv:
         self._req.check_error()
 
 
+class _Sleeper:
+    """A waiting thread's way to sleep: a poller on the worker's fd and on its own kick eventfd.
+
+    Kept per thread (thread-local); the eventfd closes when its thread's local state is freed.
+    """
+
+    __slots__ = ("poller", "kick_fd", "__weakref__")
+
+    def __init__(self, worker_fd: int):
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.poller = select.poll()
+        self.poller.register(worker_fd, select.POLLIN)
+        self.poller.register(self.kick_fd, select.POLLIN)
+        weakref.finalize(self, os.close, self.kick_fd)
+
+
 def _stop_engine(stop: threading.Event, wake_fd: int, thread: threading.Thread) -> None:
     stop.set()
     try:
@@ -188,9 +203,10 @@ class Engine:
         self._spin_s = _spin_seconds()
         self._serving = 0  # users of unattended progress (see serve())
         self._watching = False  # whether the progress thread sleeps on the worker's fd too
-        self._kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._local = threading.local()
-        self._sleepers = 0  # threads asleep on the worker's fd in wait()
+        # kick fds of the threads asleep on the worker's fd in wait(): one each, since a
+        # shared one is drained by whichever sleeper runs first and the others sleep on
+        self._sleeping: set[int] = set()
         self._waiters = 0  # threads in wait()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = threading.Event()
@@ -302,11 +318,12 @@ class Engine:
         if delta > 0 and not watching:
             os.eventfd_write(self._wake_fd, 1)
 
-    def _progress(self, asleep_self: bool = False) -> bool:
+    def _progress(self, own_kick: int = -1) -> bool:
         """Progress the worker until it has nothing more to do (engine lock held); True if it did anything.
 
         Events this consumes may be what a thread asleep on the worker's fd waits
-        for, and the next arm() drains that fd: such sleepers are kicked awake.
+        for, and the next arm() drains that fd: every such sleeper (but the caller,
+        whose kick fd is ``own_kick``) is kicked awake through its own kick fd.
         """
         progress_once = self.worker.progress_once
         if not progress_once():
@@ -314,8 +331,9 @@ class Engine:
         for _ in range(255):
             if not progress_once():
                 break
-        if self._sleepers > asleep_self:  # other sleepers than the caller
-            os.eventfd_write(self._kick_fd, 1)
+        for fd in self._sleeping:
+            if fd != own_kick:
+                os.eventfd_write(fd, 1)
         self._poll_pending()  # run tracked ops' completions (a header's posts its payload receive)
         return True
 
@@ -347,13 +365,18 @@ class Engine:
         if os.getpid() != self._pid:
             raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
         lock = self._lock
+        with lock:  # fast path: complete at posting (an eager send) or after one progress (arrived)
+            if self._poll(op, what) or (self._progress() and self._poll(op, what)):
+                return
         worker = self.worker
         start = time.monotonic()
         spin_until = start + self._spin_s
         # spin for spin_s, then sleep on the worker's event fd and on
         # the kick fd another thread writes when it consumed events (it may have drained the fd)
         spinning = self._spin_s > 0
-        poller = self._sleeper_poll()
+        sleeper = self._sleeper()
+        poller, kick = sleeper.poller, sleeper.kick_fd
+        asleep = False  # kick registered in self._sleeping
         armed = False
         n = 0
         with lock:
@@ -361,13 +384,13 @@ class Engine:
         try:
             while True:
                 with lock:
-                    self._progress(op.sleeping)
+                    self._progress(kick if asleep else -1)
                     if self._poll(op, what):
                         return
                     if not spinning:
-                        if not op.sleeping:
-                            op.sleeping = True
-                            self._sleepers += 1
+                        if not asleep:
+                            asleep = True
+                            self._sleeping.add(kick)
                         armed = worker.arm()  # False: events are pending, progress again
                 n += 1
                 if spinning and (n & 31):
@@ -379,28 +402,25 @@ class Engine:
                         spinning = False
                 elif armed and poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
                     try:
-                        os.eventfd_read(self._kick_fd)
+                        os.eventfd_read(kick)
                     except BlockingIOError:
                         pass
                     if op.stream:
                         spinning, spin_until = self._spin_s > 0, time.monotonic() + self._spin_s
         finally:
             with lock:
-                if op.sleeping:
-                    op.sleeping = False
-                    self._sleepers -= 1
+                if asleep:
+                    self._sleeping.discard(kick)
                 self._waiters -= 1
                 wake = not self._waiters and self._pending and not self._watching
             if wake:  # tracked ops are left without a waiter: the progress thread takes over
                 os.eventfd_write(self._wake_fd, 1)
 
-    def _sleeper_poll(self) -> Any:
-        p = getattr(self._local, "poller", None)
-        if p is None:
-            p = self._local.poller = select.poll()
-            p.register(self.worker.epoll_file_descriptor, select.POLLIN)
-            p.register(self._kick_fd, select.POLLIN)
-        return p
+    def _sleeper(self) -> "_Sleeper":
+        s = getattr(self._local, "sleeper", None)
+        if s is None:
+            s = self._local.sleeper = _Sleeper(self.worker.epoll_file_descriptor)
+        return s
 
     def _check(self, start: float, now: float, deadline: float, what: str,
                alive: Callable[[], str | None] | None) -> None:
@@ -430,9 +450,16 @@ class Engine:
 
         It always sleeps on its wake-up fd, and on the worker's event fd too
         only while such work exists and no thread is in :meth:`wait` (waiters
-        progress the worker for everyone, tracked ops included). So an idle process uses no CPU, and a waiter
+        progress the worker for everyone, tracked ops included). So a waiter
         is not slowed by a second thread waking for its events (measured in
         docs/bench.md).
+
+        It also wakes every ``_TICK_S`` to progress the worker once, so that an idle
+        process still answers UCX's own connection traffic: over tcp, a peer's new
+        endpoint waits for our connection ack with write interest armed on its
+        socket, and until we progress, that peer's worker fd stays readable and its
+        waiter spins (measured at 48-99 % of a core before this tick; see
+        docs/bench.md). Twenty wake-ups a second cost well under 0.1 % of a core.
         """
         worker_fd = self.worker.epoll_file_descriptor
         poller = select.poll()
@@ -454,8 +481,9 @@ class Engine:
                 else:
                     poller.unregister(worker_fd)
                 registered = need
-            # pending ops are re-polled now and then in case one completes without an event
-            poller.poll(_TICK_S * 1000 if need and self._pending else -1)
+            # the tick: pending ops are re-polled in case one completes without an event, and
+            # an idle worker is progressed (peers' connection handshakes, see the docstring)
+            poller.poll(_TICK_S * 1000)
             try:
                 os.eventfd_read(self._wake_fd)
             except BlockingIOError:
@@ -523,10 +551,16 @@ def _scratch(n: int) -> Any:
     return np.empty(max(1, min(n, 1 << 16)), dtype=np.uint8)
 
 
-def _array(buf: Any) -> Any:
-    from ucxx._lib.arr import Array
+_Array: Any = None
 
-    return Array(buf)
+
+def _array(buf: Any) -> Any:
+    global _Array
+    if _Array is None:  # imported late, as ucxx itself (see Engine.__init__)
+        from ucxx._lib.arr import Array
+
+        _Array = Array
+    return _Array(buf)
 
 
 _engine: Engine | None = None

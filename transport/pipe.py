@@ -67,6 +67,20 @@ def _hello_problem(hello: Hello, service: str) -> Reject | None:
     return None
 
 
+def _host_bytes(t: torch.Tensor) -> memoryview:
+    """A flat byte memoryview of a contiguous tensor's memory, copied to the host first if it is not there.
+
+    For a CPU tensor it is the tensor's own memory (writable): numpy's view where numpy
+    has the dtype (fewer torch calls on the small-message path), else a uint8 byte view.
+    """
+    if t.device.type != "cpu":
+        return memoryview(codec.byte_view(t).cpu().numpy())
+    try:
+        return memoryview(t.numpy()).cast("B")
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), a conj view: through torch
+        return memoryview(codec.byte_view(t).numpy())
+
+
 class Handle:
     """A transfer in flight. ``wait()`` returns its result (a tensor, None, or a list)."""
 
@@ -329,9 +343,7 @@ class Pipe:
             inline = nbytes <= codec.INLINE_LIMIT
             h = codec.TensorHeader(seq=seq, none=False, dtype=name, shape=list(t.shape), nbytes=nbytes, inline=inline)
             if inline and nbytes:
-                src = codec.byte_view(t)
-                data = memoryview(src.cpu().numpy()) if src.device.type != "cpu" else memoryview(src.numpy())
-                used = codec.encode_header(mv, h, data)
+                used = codec.encode_header(mv, h, _host_bytes(t))
             else:
                 used = codec.encode_header(mv, h)
             if not inline:
@@ -407,7 +419,10 @@ class Pipe:
             self.bytes_received += h.nbytes
             if h.inline:
                 if h.nbytes:
-                    codec.byte_view(t).copy_(torch.frombuffer(inline, dtype=torch.uint8))
+                    if t.device.type == "cpu":
+                        _host_bytes(t)[:] = inline
+                    else:
+                        codec.byte_view(t).copy_(torch.frombuffer(inline, dtype=torch.uint8))
                 return
             if h.nbytes:
                 buf = codec.ucx_buffer(t)

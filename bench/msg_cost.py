@@ -1,0 +1,66 @@
+"""CPU time of the Pipe's own per-message code, free of scheduling: one process, one thread.
+
+Run: ``python -m bench.msg_cost [--size 8] [--tls sm]``. A pipe pair in this
+process; ``send_tensor`` on one end N times, then ``recv_tensor(out=)`` N times
+on the other (every message has already arrived, so no waiting is timed). Prints
+the thread CPU time per call, best of R rounds: a figure that a loaded machine
+inflates far less than a ping-pong's wall clock (docs/bench.md, "Second pass").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def measure(size: int, n: int, rounds: int) -> tuple[float, float]:
+    """(send_tensor, recv_tensor(out=)) thread CPU µs per call, best of ``rounds`` x ``n``."""
+    import torch
+
+    from transport import Pipe
+
+    a = Pipe.listen()
+    b = Pipe.connect(a.address)
+    try:
+        a.wait_connected(30)
+        t = torch.arange(size, dtype=torch.int64).to(torch.uint8)
+        rb = torch.empty(size, dtype=torch.uint8)
+        for _ in range(200):
+            b.send_tensor(t)
+            a.recv_tensor(out=rb)
+        best_s = best_r = float("inf")
+        for _ in range(rounds):
+            c0 = time.thread_time_ns()
+            for _ in range(n):
+                b.send_tensor(t)
+            c1 = time.thread_time_ns()
+            for _ in range(n):
+                a.recv_tensor(out=rb)
+            c2 = time.thread_time_ns()
+            best_s, best_r = min(best_s, (c1 - c0) / n / 1e3), min(best_r, (c2 - c1) / n / 1e3)
+        if not torch.equal(rb, t):
+            raise RuntimeError("the last tensor received differs from the one sent")
+        return best_s, best_r
+    finally:
+        b.close()
+        a.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=8, help="bytes per tensor (8)")
+    ap.add_argument("-n", type=int, default=2000, help="calls per round (2000)")
+    ap.add_argument("-r", "--rounds", type=int, default=7, help="rounds, the best is kept (7)")
+    ap.add_argument("--tls", default=None, help="UCX_TLS for this process")
+    args = ap.parse_args()
+    if args.tls:
+        os.environ["UCX_TLS"] = args.tls
+    s, r = measure(args.size, args.n, args.rounds)
+    print(f"size {args.size} B UCX_TLS={os.environ.get('UCX_TLS', 'default')} load={os.getloadavg()[0]:.2f}: "
+          f"send_tensor {s:.1f} us CPU, recv_tensor(out=) {r:.1f} us CPU (best of {args.rounds}x{args.n})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
