@@ -107,12 +107,10 @@ class LookupClient:
     def _exchange_locked(self, msg: Any, tensors: Sequence[Any], timeout: float, device: Any) -> tuple:
         """Send one request and receive its answer; a failure marks the client broken."""
         try:
-            self._pipe.send_tensors([wire.encode(msg, len(tensors)), *tensors], timeout=timeout)
-            frame = self._pipe.recv_tensor(timeout=timeout)
-            _, n = wire.read_preamble(frame, self.address)
-            # all n receives posted at once: the tensors stream back to back, no round trip each
-            rest = self._pipe.recv_tensors_async(n, device).wait(timeout) if n else []
-            ans, _ = wire.decode_response(frame, self.address)
+            self._pipe.send_message(wire.encode(msg), tensors, timeout=timeout)
+            # one envelope: one header for every tensor, then their payloads back to back
+            body, rest = self._pipe.recv_message(device, timeout=timeout)
+            ans = wire.decode_response(body, self.address)
         except PeerTimeoutError as exc:
             self._broken = f"no answer within {timeout:.1f}s"
             raise PeerUnavailableError(

@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, List, Optional
 
-from transport import PeerError, PeerTimeoutError, Pipe, PipeListener
+from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, RemoteProtocolError
 from transport.auth import Auth
 
 from . import _lookup_wire as wire
@@ -102,31 +102,26 @@ class LookupServer:
         try:
             while not self._stop.is_set():
                 try:
-                    frame = pipe.recv_tensor(timeout=1.0)  # close() interrupts it at once
+                    # the envelope's header states how many tensors follow: more than any request
+                    # carries is refused before one of them is received
+                    body, tensors = pipe.recv_message(timeout=1.0, max_tensors=wire.MAX_REQUEST_TENSORS)
                 except PeerTimeoutError:
                     continue  # nothing yet; the receive stays posted
-                try:
-                    _, n = wire.read_preamble(frame, peer)
-                except LookupProtocolError as exc:
-                    # Cannot tell what follows: answer, then drop this consumer only.
+                except RemoteProtocolError as exc:
+                    if pipe.refused is None:
+                        raise  # the pipe broke: nothing to answer on
+                    # out of step: answer, then drop this consumer only
                     log.warning("lookup server %s: %s; closing that pipe", self.address, exc)
-                    pipe.send_tensors([wire.encode(wire.ErrorReply(-1, "protocol", str(exc)))],
+                    pipe.send_message(wire.encode(wire.ErrorReply(-1, "protocol", str(exc))),
                                       timeout=self.send_timeout_s)
                     break
-                # the request says what follows before anything is received: never more than it needs
                 try:
-                    msg, _ = wire.decode_request(frame, peer)
+                    msg = wire.decode_request(body, len(tensors), peer)
                 except LookupProtocolError as exc:
                     code = "version" if isinstance(exc, WireVersionError) else "protocol"
                     log.warning("lookup server %s: %s", self.address, exc)
-                    pipe.send_tensors([wire.encode(wire.ErrorReply(-1, code, str(exc)))],
-                                      timeout=self.send_timeout_s)
-                    if n > wire.MAX_REQUEST_TENSORS:
-                        break  # cannot stay in step without receiving what no request carries: drop it
-                    for _ in range(n):
-                        pipe.recv_tensor(timeout=self.send_timeout_s)
-                    continue
-                tensors = [pipe.recv_tensor(timeout=self.send_timeout_s) for _ in range(n)]
+                    pipe.send_message(wire.encode(wire.ErrorReply(-1, code, str(exc))), timeout=self.send_timeout_s)
+                    continue  # its tensors were received with it: the pipe is in step
                 if not self._handle(pipe, msg, tensors):
                     break
         except PeerError as exc:
@@ -146,17 +141,17 @@ class LookupServer:
         peer = pipe.peer
         if isinstance(msg, wire.Stats):
             s = self.buffer.stats()
-            pipe.send_tensors([wire.encode(wire.StatsReply(msg.seq, s["bytes_used"], s["num_entries"],
-                                                           s["capacity_bytes"]))], timeout=self.send_timeout_s)
+            pipe.send_message(wire.encode(wire.StatsReply(msg.seq, s["bytes_used"], s["num_entries"],
+                                                           s["capacity_bytes"])), timeout=self.send_timeout_s)
             return True
         if isinstance(msg, wire.Abort):
             n = self.buffer.abort(msg.request_id)
-            pipe.send_tensors([wire.encode(wire.AbortReply(msg.seq, n))], timeout=self.send_timeout_s)
+            pipe.send_message(wire.encode(wire.AbortReply(msg.seq, n)), timeout=self.send_timeout_s)
             return True
         # Fetch
         if len(tensors) != 2:
             err = wire.ErrorReply(msg.seq, "malformed", f"Fetch must be followed by 2 tensors, got {len(tensors)}")
-            pipe.send_tensors([wire.encode(err)], timeout=self.send_timeout_s)
+            pipe.send_message(wire.encode(err), timeout=self.send_timeout_s)
             return True
         tokens, roi = tensors
         try:
@@ -164,24 +159,24 @@ class LookupServer:
                                     min_prefix=msg.min_prefix, wait_s=min(max(0.0, msg.wait_s), self.max_wait_s),
                                     cancel=self._stop, readers=msg.readers)
         except KVUsageError as exc:
-            pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
+            pipe.send_message(wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc))),
                               timeout=self.send_timeout_s)
             return True
         if hit is None:
-            pipe.send_tensors([wire.encode(wire.NotFound(msg.seq))], timeout=self.send_timeout_s)
+            pipe.send_message(wire.encode(wire.NotFound(msg.seq)), timeout=self.send_timeout_s)
             return True
         handle, m = hit
         try:
             key = narrow_part(m.key, msg.narrow, f"Fetch from {peer}")
         except KVUsageError as exc:
             self.buffer.unclaim(handle)
-            pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
+            pipe.send_message(wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc))),
                               timeout=self.send_timeout_s)
             return True
         codes, flat = wire.flatten_parts([key, m.value, m.hidden])
-        head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id), 2 + len(flat))
-        try:
-            pipe.send_tensors([head, m.input_tokens, m.roi, *flat], timeout=self.send_timeout_s)
+        head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id))
+        try:  # one envelope: one header for tokens, roi and every layer's tensors, then the payloads
+            pipe.send_message(head, [m.input_tokens, m.roi, *flat], timeout=self.send_timeout_s)
         except BaseException:
             self.failed_sends += 1
             self.buffer.unclaim(handle)

@@ -234,7 +234,7 @@ def _buffer_span(obj: Any) -> tuple[int, int, str, bool, Any]:
             if not obj.flags.c_contiguous:
                 raise LocalUsageError("register() needs contiguous memory")
             return obj.ctypes.data, obj.nbytes, "host", False, obj
-        from ._tensor_codec import as_torch
+        from ._envelope import as_torch
 
         t = as_torch(obj)
     else:
