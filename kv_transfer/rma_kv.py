@@ -22,15 +22,15 @@ before the block dim (one for ``vllm_cpu``; a K and a V piece for
 ``flash_attn``); a KV-head range is one piece when the head dim directly
 follows the block dim (``vllm_cpu``), else refused. Offsets come from each
 side's own shape and strides, so the two caches may hold different block
-counts. The wire is a msgpack body in one uint8 tensor: ``magic "KVR\\0" |
-version u16 | msgpack``.
+counts. The wire is one :meth:`transport.Pipe.send_message` envelope per
+message, with no tensors; its body is a :class:`transport.MessageCodec`
+message (magic ``KVR\\0``, version u16, reserved u16, msgpack).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 import transport
-from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, Registration, RemoteMemory
+from transport import (MessageCodec, PeerError, PeerTimeoutError, Pipe, PipeListener, Registration, RemoteMemory,
+                       RemoteProtocolError)
 
 from ._serving import accept_loop, stop_serving
 from .errors import KVTransferError, KVUsageError, LookupProtocolError
@@ -53,9 +54,11 @@ __all__ = ["SERVICE", "RMA_WIRE_VERSION", "RmaKVServer", "RmaKVClient", "RmaLoad
            "block_pieces", "tokens_digest"]
 
 SERVICE = "kvrma"
-RMA_WIRE_VERSION = 1
+# Version history:
+#   1: first release, a uint8 tensor holding magic, u16 version, msgpack.
+#   2: a transport envelope whose body is a MessageCodec message (8-byte preamble).
+RMA_WIRE_VERSION = 2
 _MAGIC = b"KVR\x00"
-_PRE = struct.Struct("<4sH")
 _MAX_BODY = 4 << 20
 
 
@@ -120,34 +123,10 @@ class Error(msgspec.Struct, tag=True, frozen=True):
 
 _Req = Union[Hello, Claim, Renew, Done]
 _Rep = Union[HelloReply, Claimed, Renewed, DoneReply, Error]
-_enc = msgspec.msgpack.Encoder()
-_req_dec = msgspec.msgpack.Decoder(_Req)
-_rep_dec = msgspec.msgpack.Decoder(_Rep)
-
-
-def _encode(msg: Any) -> torch.Tensor:
-    body = _enc.encode(msg)
-    buf = bytearray(_PRE.size + len(body))
-    _PRE.pack_into(buf, 0, _MAGIC, RMA_WIRE_VERSION)
-    buf[_PRE.size:] = body
-    return torch.frombuffer(buf, dtype=torch.uint8)
-
-
-def _decode(frame: Any, decoder: Any, peer: str) -> Any:
-    if not isinstance(frame, torch.Tensor) or frame.dtype != torch.uint8 or frame.dim() != 1:
-        raise LookupProtocolError(f"expected a 1-D uint8 kvrma message from {peer}, got {type(frame).__name__}")
-    if frame.numel() < _PRE.size or frame.numel() > _PRE.size + _MAX_BODY:
-        raise LookupProtocolError(f"kvrma message from {peer} has {frame.numel()} bytes")
-    raw = frame.numpy().tobytes()
-    magic, version = _PRE.unpack_from(raw)
-    if magic != _MAGIC:
-        raise LookupProtocolError(f"message from {peer} lacks the kvrma magic (got {magic!r})")
-    if version != RMA_WIRE_VERSION:
-        raise LookupProtocolError(f"{peer} speaks kvrma version {version}, this side {RMA_WIRE_VERSION}")
-    try:
-        return decoder.decode(raw[_PRE.size:])
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-        raise LookupProtocolError(f"undecodable kvrma message from {peer}: {exc}") from None
+_REQUESTS = MessageCodec(_MAGIC, RMA_WIRE_VERSION, _Req, what="kvrma request", max_body=_MAX_BODY,
+                         error=LookupProtocolError, version_error=LookupProtocolError)
+_REPLIES = MessageCodec(_MAGIC, RMA_WIRE_VERSION, _Rep, what="kvrma answer", max_body=_MAX_BODY,
+                        error=LookupProtocolError, version_error=LookupProtocolError)
 
 
 def tokens_digest(token_ids: Sequence[int]) -> str:
@@ -333,16 +312,20 @@ class RmaKVServer:
         try:
             while not self._stop.is_set():
                 try:
-                    frame = pipe.recv_tensor(timeout=1.0)
+                    body, _ = pipe.recv_message(timeout=1.0, max_tensors=0)
                 except PeerTimeoutError:
                     continue
+                except RemoteProtocolError:
+                    if pipe.refused is None:
+                        raise
+                    body = b""  # a message carrying tensors: answered as a protocol error below
                 try:
-                    msg = _decode(frame, _req_dec, peer)
+                    msg = _REQUESTS.decode(body, peer)
                 except LookupProtocolError as exc:
                     log.warning("kvrma server %s: %s; closing that pipe", self.address, exc)
-                    pipe.send_tensor(_encode(Error(-1, "protocol", str(exc))), timeout=self.timeout_s)
+                    pipe.send_message(_REPLIES.encode(Error(-1, "protocol", str(exc))), timeout=self.timeout_s)
                     return
-                pipe.send_tensor(_encode(self._answer(id(pipe), msg)), timeout=self.timeout_s)
+                pipe.send_message(_REPLIES.encode(self._answer(id(pipe), msg)), timeout=self.timeout_s)
         except PeerError as exc:
             log.info("kvrma server %s: reader %s gone: %s", self.address, peer, exc)
         except Exception:  # noqa: BLE001 - one reader's failure must not stop the server
@@ -478,8 +461,8 @@ class RmaKVClient:
     def _rpc(self, msg: Any) -> Any:
         pipe = self._pipe
         assert pipe is not None
-        pipe.send_tensor(_encode(msg), timeout=self.timeout_s)
-        rep = _decode(pipe.recv_tensor(timeout=self.timeout_s), _rep_dec, self.address)
+        pipe.send_message(_REQUESTS.encode(msg), timeout=self.timeout_s)
+        rep = _REPLIES.decode(pipe.recv_message(timeout=self.timeout_s, max_tensors=0)[0], self.address)
         if getattr(rep, "seq", None) not in (msg.seq, -1):
             raise LookupProtocolError(f"kvrma producer {self.address} answered #{rep.seq} to #{msg.seq}")
         return rep

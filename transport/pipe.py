@@ -440,7 +440,8 @@ class Pipe:
                 # nothing of it is received: the caller answers and drops the peer (the stream is out of step)
                 slot.refused = f"{what} announces {len(h.tensors)} tensors, at most {max_tensors} accepted"
                 return
-            self._recv_seq = seq + max(1, h.payloads)  # its payloads take the sequence numbers after it
+            if message:  # its payloads take the sequence numbers after it (a bare tensor spans one)
+                self._recv_seq = seq + max(1, h.payloads)
             j = 0
             for i, (spec, data) in enumerate(zip(h.tensors, inline)):
                 if spec is None:
