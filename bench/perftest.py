@@ -236,9 +236,9 @@ def kv_request_bytes(cfg: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- server
 def serve(args: argparse.Namespace, connect_timeout: float = 3600.0) -> int:
     """Wait for one client and run whatever tests it asks for; exit when it says bye."""
-    from transport import Pipe
+    from transport import Pipe, PipeOptions
 
-    pipe = Pipe.listen(args.bind, args.port, timeout_s=args.timeout)
+    pipe = Pipe.listen(args.bind, args.port, options=PipeOptions(timeout_s=args.timeout))
     print(f"Waiting for connection on {pipe.address}...", flush=True)
     try:
         pipe.wait_connected(connect_timeout)
@@ -541,6 +541,7 @@ def _client_lookup(pipe: Any, cfg: dict[str, Any]) -> Any:
     import torch
 
     from kv_transfer import LookupClient
+    from transport import PipeOptions
 
     from ._report import compute_rows
 
@@ -550,7 +551,7 @@ def _client_lookup(pipe: Any, cfg: dict[str, Any]) -> Any:
     n, w = cfg["iters"], cfg["warmup"]
     durs: list[float] = []
     bad = 0
-    with LookupClient(addr, timeout_s=60, device=cfg["send_dev"]) as client:
+    with LookupClient(addr, options=PipeOptions(timeout_s=60, device=cfg["send_dev"])) as client:
         for i in range(w + n):
             q = torch.tensor([i], dtype=torch.int64)
             t0 = time.perf_counter()
@@ -675,13 +676,13 @@ def run_client(args: argparse.Namespace) -> int:
         host = "127.0.0.1"
     else:
         port = args.port
-    from transport import Pipe
+    from transport import Pipe, PipeOptions
 
     is_lat = test.endswith("lat")
     ours: list[R.Result] = []
     progress = R.Progress(len(sizes), enabled=not args.no_progress)
     try:
-        pipe = Pipe.connect(f"{host}:{port}", timeout_s=args.timeout)
+        pipe = Pipe.connect(f"{host}:{port}", options=PipeOptions(timeout_s=args.timeout))
         try:
             if args.csv:
                 print(R.CSV_HEADER, file=out, flush=True)

@@ -12,11 +12,11 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, List, Optional
 
-from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, RemoteProtocolError
+from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, PipeOptions, RemoteProtocolError
 from transport.auth import Auth
 
 from . import _lookup_wire as wire
-from ._serving import accept_loop, stop_serving
+from ._serving import KV_PIPE_OPTIONS, accept_loop, stop_serving
 from .errors import KVTransferError, KVUsageError, LookupProtocolError, WireVersionError
 from .lookup_source import narrow_part
 
@@ -45,15 +45,18 @@ class LookupServer:
         host, port: Where to listen (port 0 picks one; see :attr:`address`).
         max_wait_s: Cap on the wait a consumer may ask for in one query.
         send_timeout_s: Bound on sending one answer.
-        timeout_s, peer_timeout_s, heartbeat_s: Passed to the listener's pipes.
-        auth: Who may connect (a ``transport.auth.Auth``; None reads ``UCXKV_AUTH``).
+        options: The listener's pipe options (default: this package's ``KV_PIPE_OPTIONS``); a
+            request's tensors are capped at :data:`MAX_REQUEST_TENSOR_BYTES` whatever it says.
+        timeout_s, peer_timeout_s, heartbeat_s, auth: Conveniences that override ``options`` when given
+            (``auth``: who may connect, a ``transport.auth.Auth``; None reads ``UCXKV_AUTH``).
     """
 
     SERVICE = SERVICE
 
     def __init__(self, buffer: "LookupBuffer", host: str = "127.0.0.1", port: int = 0, *, max_wait_s: float = 60.0,
-                 send_timeout_s: float = 30.0, timeout_s: float = 60.0, peer_timeout_s: float = 10.0,
-                 heartbeat_s: float = 0.5, reap_interval_s: float = 0.25, name: Optional[str] = None,
+                 send_timeout_s: float = 30.0, options: Optional[PipeOptions] = None,
+                 timeout_s: Optional[float] = None, peer_timeout_s: Optional[float] = None,
+                 heartbeat_s: Optional[float] = None, reap_interval_s: float = 0.25, name: Optional[str] = None,
                  auth: Optional[Auth] = None):
         self.buffer = buffer
         self.max_wait_s = float(max_wait_s)
@@ -64,9 +67,10 @@ class LookupServer:
         self._threads: List[threading.Thread] = []
         self.served = 0  # answers with a match that were delivered
         self.failed_sends = 0
-        self._listener = PipeListener(host, port, name=name, service=self.SERVICE, timeout_s=timeout_s,
-                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s, auth=auth,
-                                      max_tensor_bytes=wire.MAX_REQUEST_TENSOR_BYTES)
+        opts = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
+                              heartbeat_s=heartbeat_s, auth=auth)
+        opts = opts.replace(max_tensor_bytes=min(opts.max_tensor_bytes, wire.MAX_REQUEST_TENSOR_BYTES))
+        self._listener = PipeListener(host, port, name=name, service=self.SERVICE, options=opts)
         self.address: str = self._listener.address
         self._reap_interval_s = reap_interval_s
         ready = threading.Event()

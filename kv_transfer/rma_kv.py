@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 import transport
-from transport import (MessageCodec, PeerError, PeerTimeoutError, Pipe, PipeListener, Registration, RemoteMemory,
-                       RemoteProtocolError)
+from transport import (MessageCodec, PeerError, PeerTimeoutError, Pipe, PipeListener, PipeOptions, Registration,
+                       RemoteMemory, RemoteProtocolError)
 
-from ._serving import accept_loop, stop_serving
+from ._serving import KV_PIPE_OPTIONS, accept_loop, stop_serving
 from .errors import KVTransferError, KVUsageError, LookupProtocolError
 from .paged import PagedLayout
 
@@ -222,17 +222,21 @@ class RmaKVServer:
         host, port: Where to listen.
         lease_s: How long an offered or claimed request stays leased without a renewal.
         on_free: Called once per offered request when its blocks may be reused.
-        timeout_s, peer_timeout_s, heartbeat_s: For the listener's pipes.
+        options: The listener's pipe options (default ``KV_PIPE_OPTIONS``); ``timeout_s`` bounds each answer.
+        timeout_s, peer_timeout_s, heartbeat_s: Conveniences that override ``options`` when given.
     """
 
     def __init__(self, caches: Sequence[torch.Tensor], layout: PagedLayout, host: str = "127.0.0.1",
                  port: int = 0, *, lease_s: float = 30.0, on_free: Optional[Callable[[str], None]] = None,
-                 timeout_s: float = 30.0, peer_timeout_s: float = 10.0, heartbeat_s: float = 0.5,
+                 options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
+                 peer_timeout_s: Optional[float] = None, heartbeat_s: Optional[float] = None,
                  reap_interval_s: float = 0.1, name: Optional[str] = None):
         if not caches:
             raise KVUsageError("RmaKVServer needs at least one layer cache")
+        opts = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
+                              heartbeat_s=heartbeat_s)
         self.lease_s = float(lease_s)
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = float(opts.timeout_s)
         self._on_free = on_free or (lambda rid: None)
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
@@ -249,8 +253,7 @@ class RmaKVServer:
                                   str(c.dtype)) for r, c in zip(self._regs, caches)]
         self._block_dim = layout.block_dim
         self._pipes: list[Pipe] = []
-        self._listener = PipeListener(host, port, name=name, service=SERVICE, timeout_s=timeout_s,
-                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s)
+        self._listener = PipeListener(host, port, name=name, service=SERVICE, options=opts)
         self.address: str = self._listener.address
         self._threads = [threading.Thread(target=self._accept_loop, daemon=True, name="kvrma-accept"),
                          threading.Thread(target=self._reap_loop, args=(reap_interval_s,), daemon=True,
@@ -412,14 +415,16 @@ class RmaKVClient:
         caches: This side's per-layer caches (registered by the caller: ``registrations``).
         registrations: One registration per cache, shared by every client of this process.
         layout: Their layout.
-        timeout_s: Bound on each exchange and on the GET round.
+        options: The pipe's options (default ``KV_PIPE_OPTIONS``); ``timeout_s`` bounds each exchange and the GET round.
+        timeout_s, peer_timeout_s: Conveniences that override ``options`` when given.
     """
 
     def __init__(self, address: str, caches: Sequence[torch.Tensor], registrations: Sequence[Registration],
-                 layout: PagedLayout, *, timeout_s: float = 30.0, peer_timeout_s: float = 10.0):
+                 layout: PagedLayout, *, options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
+                 peer_timeout_s: Optional[float] = None):
         self.address = address
-        self.timeout_s = float(timeout_s)
-        self._peer_timeout_s = peer_timeout_s
+        self.options = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s)
+        self.timeout_s = float(self.options.timeout_s)
         self._caches = list(caches)
         self._regs = list(registrations)
         self._geo = [Geometry.of(c, layout.block_dim) for c in self._caches]
@@ -431,8 +436,7 @@ class RmaKVClient:
     def _connect(self) -> Pipe:
         if self._pipe is not None:
             return self._pipe
-        pipe = Pipe.connect(self.address, service=SERVICE, timeout_s=self.timeout_s,
-                            peer_timeout_s=self._peer_timeout_s)
+        pipe = Pipe.connect(self.address, service=SERVICE, options=self.options)
         try:
             self._pipe = pipe
             rep = self._rpc(Hello(0))

@@ -1,6 +1,7 @@
 """ucxkv's bottom layer: a ZeroMQ control plane, a UCX data plane, and the Pipe.
 
-Knows nothing of KV caches. Public surface: :class:`Pipe`, :class:`PipeListener`, :class:`Handle`, the envelope
+Knows nothing of KV caches. Public surface: :class:`Pipe`, :class:`PipeListener`, :class:`PipeOptions` (the one
+frozen object of a pipe's parameters), :class:`Handle`, the envelope
 (:class:`MessageCodec` for a typed, versioned message; :meth:`Pipe.send_message` / :meth:`Pipe.recv_message` carry
 one with N tensors under one header), one-sided RMA
 (:func:`register`, :class:`Registration`, :class:`MemoryDescriptor`, :class:`RemoteMemory`) and
@@ -20,6 +21,7 @@ from .errors import (
 )
 from ._envelope import MessageCodec, TensorSpec
 from ._rma import MemoryDescriptor, Registration, RemoteMemory, StaleMemoryError, register, transfer_many
+from ._options import PipeOptions
 from .pipe import Handle, Pipe, PipeListener
 
 
@@ -33,6 +35,7 @@ def warm_up() -> None:
 __all__ = [
     "Pipe",
     "PipeListener",
+    "PipeOptions",
     "warm_up",
     "Handle",
     "MessageCodec",

@@ -30,8 +30,9 @@ import torch
 
 from . import _envelope as codec
 from . import _wire
-from ._control import PEER_TIMEOUT_S, HEARTBEAT_S, ClientLink, ControlServer, Link, dial
+from ._control import ClientLink, ControlServer, Link, dial
 from ._engine import Engine, Op, get_engine
+from ._options import PipeOptions
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
 from .auth import Auth
 
@@ -47,8 +48,6 @@ _STREAM_BYTES = 64 * 1024
 __all__ = ["Pipe", "PipeListener", "Handle", "TensorLike"]
 
 TensorLike = Any  # torch.Tensor, numpy.ndarray, cupy.ndarray, or anything with __dlpack__
-DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_MAX_TENSOR_BYTES = 64 << 30
 _SEQ_BITS = 23
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 _TAG_BASE_BITS = 40
@@ -134,21 +133,12 @@ class _RecvSlot:
 class Pipe:
     """One end of a tensor pipe. Build with :meth:`listen` or :meth:`connect`."""
 
-    def __init__(
-        self,
-        *,
-        name: str | None,
-        timeout_s: float,
-        device: str | torch.device,
-        max_tensor_bytes: int,
-        heartbeat_s: float,
-        peer_timeout_s: float,
-    ):
+    def __init__(self, *, name: str | None, options: PipeOptions):
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.timeout_s = float(timeout_s)
-        self.device = torch.device(device)
-        self.max_tensor_bytes = int(max_tensor_bytes)
-        self._heartbeat_s, self._peer_timeout_s = heartbeat_s, peer_timeout_s
+        self.options = options
+        self.timeout_s = float(options.timeout_s)
+        self.device = torch.device(options.device)
+        self.max_tensor_bytes = int(options.max_tensor_bytes)
         self._engine: Engine = get_engine()
         self._recv_tag = secrets.randbits(_TAG_BASE_BITS) | 1
         self._send_tag: int | None = None
@@ -182,23 +172,25 @@ class Pipe:
         port: int = 0,
         *,
         name: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        device: str | torch.device = "cpu",
-        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
-        heartbeat_s: float = HEARTBEAT_S,
-        peer_timeout_s: float = PEER_TIMEOUT_S,
+        options: PipeOptions | None = None,
+        timeout_s: float | None = None,
+        device: str | torch.device | None = None,
+        max_tensor_bytes: int | None = None,
+        heartbeat_s: float | None = None,
+        peer_timeout_s: float | None = None,
         auth: Auth | None = None,
     ) -> "Pipe":
         """Listen on ``host:port`` (port 0 picks a free one, see ``.address``) for one peer.
 
         Returns at once; the first send or receive waits (up to ``timeout_s``)
-        for the peer to connect, or call :meth:`wait_connected`. ``auth``
-        (:class:`transport.auth.Auth`; None reads ``UCXKV_AUTH``) decides who may connect.
+        for the peer to connect, or call :meth:`wait_connected`. ``options``
+        (:class:`PipeOptions`) holds every parameter; the keywords, when given,
+        override it (``auth``: :class:`transport.auth.Auth`, None reads ``UCXKV_AUTH``).
         """
-        self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                   heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
-        self._server = ControlServer(host, port, self._on_hello, heartbeat_s=heartbeat_s,
-                                     peer_timeout_s=peer_timeout_s, name="pipe", auth=auth)
+        opts = PipeOptions.of(options, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
+                              heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s, auth=auth)
+        self = cls(name=name, options=opts)
+        self._server = ControlServer(host, port, self._on_hello, options=opts, name="pipe")
         self.address = self._server.address
         log.info("pipe %s listening on %s", self.name, self.address)
         return self
@@ -209,11 +201,12 @@ class Pipe:
         address: str,
         *,
         name: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        device: str | torch.device = "cpu",
-        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
-        heartbeat_s: float = HEARTBEAT_S,
-        peer_timeout_s: float = PEER_TIMEOUT_S,
+        options: PipeOptions | None = None,
+        timeout_s: float | None = None,
+        device: str | torch.device | None = None,
+        max_tensor_bytes: int | None = None,
+        heartbeat_s: float | None = None,
+        peer_timeout_s: float | None = None,
         service: str = "pipe",
         meta: dict[str, str] | None = None,
         auth: Auth | None = None,
@@ -222,14 +215,16 @@ class Pipe:
 
         Raises :class:`PeerTimeoutError` if nothing answers, :class:`PeerRejectedError`
         if the listener refuses (busy, wrong service or version, authentication).
-        ``auth`` (:class:`transport.auth.Auth`; None reads ``UCXKV_AUTH``) is how we prove who we are.
+        ``options`` (:class:`PipeOptions`) holds every parameter; the keywords, when
+        given, override it (``auth``: :class:`transport.auth.Auth`, None reads
+        ``UCXKV_AUTH``, is how we prove who we are).
         """
-        self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                   heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        opts = PipeOptions.of(options, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
+                              heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s, auth=auth)
+        self = cls(name=name, options=opts)
         hello = Hello(role="pipe", name=self.name, worker_address=self._engine.address,
                       recv_tag=self._recv_tag, capabilities=_capabilities(), service=service, meta=dict(meta or {}))
-        link, welcome = dial(address, hello, timeout_s=timeout_s, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
-                             auth=auth)
+        link, welcome = dial(address, hello, options=opts)
         try:
             if not 0 < welcome.recv_tag < (1 << _TAG_BASE_BITS):
                 raise RemoteProtocolError(f"{address} sent recv_tag {welcome.recv_tag} out of range")
@@ -671,24 +666,25 @@ class PipeListener:
         *,
         name: str | None = None,
         service: str = "pipe",
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        device: str | torch.device = "cpu",
-        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
-        heartbeat_s: float = HEARTBEAT_S,
-        peer_timeout_s: float = PEER_TIMEOUT_S,
+        options: PipeOptions | None = None,
+        timeout_s: float | None = None,
+        device: str | torch.device | None = None,
+        max_tensor_bytes: int | None = None,
+        heartbeat_s: float | None = None,
+        peer_timeout_s: float | None = None,
         max_pending: int = 64,
         auth: Auth | None = None,
     ):
+        """Listen on ``host:port``; every accepted pipe gets ``options`` (the keywords, when given, override it)."""
         import queue
 
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.service = service
-        self._kw = dict(name=self.name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                        heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        self.options = PipeOptions.of(options, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
+                                      heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s, auth=auth)
         self._accepted: "queue.Queue[Pipe]" = queue.Queue(max_pending)
         self._closed = False
-        self._server = ControlServer(host, port, self._on_hello, heartbeat_s=heartbeat_s,
-                                     peer_timeout_s=peer_timeout_s, name=service, auth=auth)
+        self._server = ControlServer(host, port, self._on_hello, options=self.options, name=service)
         self.address = self._server.address
         log.info("%s listener %s on %s", service, self.name, self.address)
 
@@ -700,7 +696,7 @@ class PipeListener:
             return bad
         if self._accepted.full():
             return Reject("busy", f"listener {self.name} has too many unaccepted peers")
-        pipe = Pipe(**self._kw)
+        pipe = Pipe(name=self.name, options=self.options)
         pipe._server, pipe._owns_server = self._server, False
         pipe.address = self.address
         pipe._attach(link, hello.worker_address, hello.recv_tag)

@@ -38,6 +38,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from transport import PipeOptions
+
+from .._serving import KV_PIPE_OPTIONS
 from .addresses import resolve_advertise_host
 
 __all__ = ["UcxConfig"]
@@ -69,6 +72,11 @@ class UcxConfig:
     kv_mode: str = "stage"
     verify_kv: bool = False
     corrupt: bool = False
+
+    def pipe_options(self, device: Any = None) -> PipeOptions:
+        """The options of every pipe this connector opens: one exchange bounded by ``fetch_timeout_s``,
+        received tensors landing on ``device`` (None: the package default)."""
+        return KV_PIPE_OPTIONS.replace(timeout_s=self.fetch_timeout_s, device=device)
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "UcxConfig":

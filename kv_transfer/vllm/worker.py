@@ -202,8 +202,7 @@ class UcxWorker:
     def _consumer(self, address: str) -> KVConsumer:
         c = self._consumers.get(address)
         if c is None:
-            client = LookupClient(address, timeout_s=self.config.fetch_timeout_s, device=self._caches[0].device,
-                                  redial=True)
+            client = LookupClient(address, options=self.config.pipe_options(self._caches[0].device), redial=True)
             c = KVConsumer(client, self._caches, self._layout, wait_s=0.0, verify=self.config.verify_kv)
             self._consumers[address] = c
         return c
