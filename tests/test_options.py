@@ -31,6 +31,8 @@ def test_options_are_frozen_and_keywords_not_given_keep_the_base():
     got = PipeOptions.of(base, peer_timeout_s=3.0)
     assert (got.timeout_s, got.peer_timeout_s, base.peer_timeout_s) == (5.0, 3.0, PipeOptions().peer_timeout_s)
     assert PipeOptions.of(None) == PipeOptions()
+    with pytest.raises(TypeError, match=r"unknown pipe option\(s\) \['timeout'\]"):
+        Pipe.connect("127.0.0.1:1", timeout=5.0)  # type: ignore[call-arg]
 
 
 def test_listener_hands_its_options_to_every_pipe_and_keywords_override_them():

@@ -22,7 +22,8 @@ from .errors import (
 from ._envelope import MessageCodec, TensorSpec
 from ._rma import MemoryDescriptor, Registration, RemoteMemory, StaleMemoryError, register, transfer_many
 from ._options import PipeOptions
-from .pipe import Handle, Pipe, PipeListener
+from ._listener import PipeListener
+from .pipe import Handle, Pipe
 
 
 def warm_up() -> None:

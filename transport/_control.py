@@ -1,5 +1,9 @@
 """ZeroMQ control plane: handshakes, liveness, and orderly goodbyes.
 
+Why one file of ~540 lines: both ends of one handshake (server, dial, the
+links) share its proofs, socket settings and liveness rules and are never used
+apart.
+
 A :class:`ControlServer` owns one ROUTER socket and one thread. It decodes every
 incoming message with :mod:`._wire`, answers malformed ones with a
 :class:`Reject` and keeps serving. A :func:`dial` on the other side performs the

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from .auth import Auth
 from .errors import LocalUsageError
 
-__all__ = ["PipeOptions", "HEARTBEAT_S", "PEER_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "DEFAULT_MAX_TENSOR_BYTES"]
+__all__ = ["PipeOptions", "PipeKeywords", "HEARTBEAT_S", "PEER_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "DEFAULT_MAX_TENSOR_BYTES"]
 
 #: Seconds between liveness beacons on a control link.
 HEARTBEAT_S = 0.5
@@ -69,6 +69,10 @@ class PipeOptions:
 
     def replace(self, **changes: Any) -> "PipeOptions":
         """A copy with ``changes`` applied; a change of None keeps this object's value (a keyword not given)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown pipe option(s) {unknown}; PipeOptions has "
+                            f"{[f.name for f in dataclasses.fields(self)]}")
         given = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **given) if given else self
 
@@ -76,3 +80,14 @@ class PipeOptions:
     def of(cls, options: "PipeOptions | None", **changes: Any) -> "PipeOptions":
         """``options`` (or the defaults) with the keywords a caller gave (None: not given) applied."""
         return (options if options is not None else cls()).replace(**changes)
+
+
+class PipeKeywords(TypedDict, total=False):
+    """The :class:`PipeOptions` fields an entry point also takes as keywords (each overrides ``options``)."""
+
+    timeout_s: float
+    heartbeat_s: float
+    peer_timeout_s: float
+    device: "str | torch.device"
+    max_tensor_bytes: int
+    auth: "Auth | None"

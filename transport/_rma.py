@@ -1,5 +1,9 @@
 """One-sided RMA: register memory once, let a peer GET from it / PUT into it without a receive.
 
+Why one file of ~610 lines: the owner's registration, the descriptor and the
+reader's remote memory share the liveness status page and its token protocol;
+neither half means anything without the other.
+
 Owner side: :func:`register` maps a tensor or buffer with UCX (``ucp_mem_map``)
 and :meth:`Registration.descriptor` exports a small, versioned
 :class:`MemoryDescriptor` (address, length, packed remote key) to send to a

@@ -1,5 +1,10 @@
 """The Pipe: a one-way, ordered stream of tensors between two processes.
 
+Why one file of ~650 lines: the send and receive halves share one state (the
+sequence numbers and tags, the endpoint's single owner, the break and close
+rules), which a split would scatter. Accepting many peers is its own module,
+:mod:`transport._listener`; the wire format is :mod:`transport._envelope`.
+
 ``Pipe.listen`` binds a ZeroMQ control socket and waits for one peer;
 ``Pipe.connect`` dials it. The handshake swaps UCX worker addresses, so the
 data moves over whatever UCX picks (shared memory, cma, TCP, RDMA, cuda_ipc).
@@ -25,6 +30,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
+from typing_extensions import Unpack
+
 import numpy as np
 import torch
 
@@ -32,9 +39,8 @@ from . import _envelope as codec
 from . import _wire
 from ._control import ClientLink, ControlServer, Link, dial
 from ._engine import Engine, Op, get_engine
-from ._options import PipeOptions
+from ._options import PipeKeywords, PipeOptions
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
-from .auth import Auth
 
 if TYPE_CHECKING:
     from ._rma import MemoryDescriptor, RemoteMemory
@@ -45,7 +51,7 @@ log = logging.getLogger(__name__)
 #: A transfer at least this large is waited for as a stream (see transport._engine.Op).
 _STREAM_BYTES = 64 * 1024
 
-__all__ = ["Pipe", "PipeListener", "Handle", "TensorLike"]
+__all__ = ["Pipe", "Handle", "TensorLike"]
 
 TensorLike = Any  # torch.Tensor, numpy.ndarray, cupy.ndarray, or anything with __dlpack__
 _SEQ_BITS = 23
@@ -173,12 +179,7 @@ class Pipe:
         *,
         name: str | None = None,
         options: PipeOptions | None = None,
-        timeout_s: float | None = None,
-        device: str | torch.device | None = None,
-        max_tensor_bytes: int | None = None,
-        heartbeat_s: float | None = None,
-        peer_timeout_s: float | None = None,
-        auth: Auth | None = None,
+        **keywords: Unpack[PipeKeywords],
     ) -> "Pipe":
         """Listen on ``host:port`` (port 0 picks a free one, see ``.address``) for one peer.
 
@@ -187,8 +188,7 @@ class Pipe:
         (:class:`PipeOptions`) holds every parameter; the keywords, when given,
         override it (``auth``: :class:`transport.auth.Auth`, None reads ``UCXKV_AUTH``).
         """
-        opts = PipeOptions.of(options, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                              heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s, auth=auth)
+        opts = PipeOptions.of(options, **keywords)
         self = cls(name=name, options=opts)
         self._server = ControlServer(host, port, self._on_hello, options=opts, name="pipe")
         self.address = self._server.address
@@ -202,14 +202,9 @@ class Pipe:
         *,
         name: str | None = None,
         options: PipeOptions | None = None,
-        timeout_s: float | None = None,
-        device: str | torch.device | None = None,
-        max_tensor_bytes: int | None = None,
-        heartbeat_s: float | None = None,
-        peer_timeout_s: float | None = None,
         service: str = "pipe",
         meta: dict[str, str] | None = None,
-        auth: Auth | None = None,
+        **keywords: Unpack[PipeKeywords],
     ) -> "Pipe":
         """Connect to a listening pipe (or :class:`PipeListener` of ``service``) at ``host:port``.
 
@@ -219,8 +214,7 @@ class Pipe:
         given, override it (``auth``: :class:`transport.auth.Auth`, None reads
         ``UCXKV_AUTH``, is how we prove who we are).
         """
-        opts = PipeOptions.of(options, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                              heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s, auth=auth)
+        opts = PipeOptions.of(options, **keywords)
         self = cls(name=name, options=opts)
         hello = Hello(role="pipe", name=self.name, worker_address=self._engine.address,
                       recv_tag=self._recv_tag, capabilities=_capabilities(), service=service, meta=dict(meta or {}))
@@ -650,82 +644,3 @@ class Pipe:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("broken" if self._broken else ("connected" if self._connected.is_set() else "waiting"))
         return f"<Pipe {self.name} {state} peer={self.peer} address={self.address}>"
-
-
-class PipeListener:
-    """Accepts any number of peers on one ``host:port``; each becomes its own :class:`Pipe`.
-
-    ``accept()`` hands out connected pipes in arrival order. Closing the listener
-    stops accepting; pipes already handed out stay usable until closed.
-    """
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        name: str | None = None,
-        service: str = "pipe",
-        options: PipeOptions | None = None,
-        timeout_s: float | None = None,
-        device: str | torch.device | None = None,
-        max_tensor_bytes: int | None = None,
-        heartbeat_s: float | None = None,
-        peer_timeout_s: float | None = None,
-        max_pending: int = 64,
-        auth: Auth | None = None,
-    ):
-        """Listen on ``host:port``; every accepted pipe gets ``options`` (the keywords, when given, override it)."""
-        import queue
-
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.service = service
-        self.options = PipeOptions.of(options, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                                      heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s, auth=auth)
-        self._accepted: "queue.Queue[Pipe]" = queue.Queue(max_pending)
-        self._closed = False
-        self._server = ControlServer(host, port, self._on_hello, options=self.options, name=service)
-        self.address = self._server.address
-        log.info("%s listener %s on %s", service, self.name, self.address)
-
-    def _on_hello(self, hello: Hello, link: Link) -> Welcome | Reject:
-        if self._closed:
-            return Reject("closed", f"listener {self.name} is closing")
-        bad = _hello_problem(hello, self.service)
-        if bad is not None:
-            return bad
-        if self._accepted.full():
-            return Reject("busy", f"listener {self.name} has too many unaccepted peers")
-        pipe = Pipe(name=self.name, options=self.options)
-        pipe._server, pipe._owns_server = self._server, False
-        pipe.address = self.address
-        pipe._attach(link, hello.worker_address, hello.recv_tag)
-        self._accepted.put_nowait(pipe)
-        return Welcome(role=self.service, name=self.name, worker_address=pipe._engine.address,
-                       recv_tag=pipe._recv_tag, capabilities=_capabilities())
-
-    def accept(self, timeout: float | None = None) -> Pipe:
-        """The next connected peer's pipe; raises :class:`PeerTimeoutError` after ``timeout`` seconds."""
-        import queue
-
-        try:
-            return self._accepted.get(timeout=timeout)
-        except queue.Empty:
-            raise PeerTimeoutError(f"no peer connected to {self.address} within {timeout}s") from None
-
-    @property
-    def rejected(self) -> int:
-        """How many handshakes or messages this listener refused."""
-        return self._server.rejected
-
-    def close(self) -> None:
-        """Stop accepting and close the control socket (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._server.close()
-
-    def __enter__(self) -> "PipeListener":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
