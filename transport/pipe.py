@@ -319,7 +319,8 @@ class Pipe:
         specs = [None if t is None else codec.spec_of(t, False) for t in tensors]
         seq = self._send_seq
         # what is left of the frame once the header is written goes to small tensors, in order
-        room = codec.INLINE_LIMIT - len(codec._encoder.encode(codec.Header(seq, specs, body)))
+        wire_seq = seq & _SEQ_MASK  # what the receiver checks (it compares its own seq masked alike)
+        room = codec.INLINE_LIMIT - len(codec._encoder.encode(codec.Header(wire_seq, specs, body)))
         inline: list[memoryview] = []
         payloads: list[Any] = []
         keep: list[Any] = []
@@ -339,7 +340,7 @@ class Pipe:
                 payloads.append(buf)
                 keep += [t, buf]
         frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
-        used = codec.encode_header(memoryview(frame), codec.Header(seq, specs, body), inline)
+        used = codec.encode_header(memoryview(frame), codec.Header(wire_seq, specs, body), inline)
         keep.append(frame)
         # the header takes seq, payload j takes seq + j: a send spans max(1, payloads) sequence numbers
         self._send_seq += max(1, len(payloads))
@@ -431,6 +432,9 @@ class Pipe:
                 return
             if message:  # its payloads take the sequence numbers after it (a bare tensor spans one)
                 self._recv_seq = seq + max(1, h.payloads)
+            # several payloads: the progress thread posts each as its message arrives (the waiter takes
+            # them one by one, and a rendezvous not yet posted would wait for the one before it)
+            track = background or h.payloads > 1
             j = 0
             for i, (spec, data) in enumerate(zip(h.tensors, inline)):
                 if spec is None:
@@ -462,7 +466,7 @@ class Pipe:
                 j += 1
                 op = Op([req], [t, buf], stream=spec.nbytes >= _STREAM_BYTES)
                 slot.payload_ops.append(op)
-                if background:
+                if track:
                     self._engine.track(op)
 
         header_req = self._engine.tag_recv(self._ep, frame, self._tag(self._recv_tag, seq, False), None,
