@@ -10,10 +10,12 @@ Client::
     ucxkv-perftest --local -t kv_bw --baseline ucx_perftest
 
 ``--local`` starts a server subprocess on a free port and runs the client
-against it. The client tells the server what to run: the first tensor of each
-test is a JSON-encoded uint8 tensor with the parameters; the server answers
-with one describing itself (pid, effective UCX transports) and, after the
-test, one with its own findings (``kv_bw`` verification).
+against it. The client tells the server what to run: the first message of
+each test is a :meth:`Pipe.send_message` envelope whose body (a
+:class:`transport.MessageCodec` message, magic ``UKVB``) holds the
+parameters; the server answers with one describing itself (pid, effective UCX
+transports) and, after the test, one with its own findings (``kv_bw``
+verification).
 
 Tests:
 
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
 import subprocess
@@ -142,16 +143,22 @@ def _setup_env(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _send_json(pipe: Any, obj: dict[str, Any]) -> None:
-    import torch
+def _control_codec() -> Any:
+    from transport import MessageCodec
 
-    data = bytearray(json.dumps(obj).encode())
-    pipe.send_tensor(torch.frombuffer(data, dtype=torch.uint8).clone())
+    # the bench's own channel: a map of parameters or findings; any bad bytes are a RemoteProtocolError
+    return MessageCodec(b"UKVB", 1, dict, what="perftest control message", max_body=1 << 20)
 
 
-def _recv_json(pipe: Any, timeout: float | None = None) -> dict[str, Any]:
-    t = pipe.recv_tensor(device="cpu", timeout=timeout)
-    return json.loads(bytes(t.numpy()).decode())
+def _send_control(pipe: Any, obj: dict[str, Any]) -> None:
+    """Send ``obj`` (parameters or findings) as one envelope with no tensors."""
+    pipe.send_message(_control_codec().encode(obj))
+
+
+def _recv_control(pipe: Any, timeout: float | None = None) -> dict[str, Any]:
+    """Receive what :func:`_send_control` sent."""
+    body, _ = pipe.recv_message(timeout=timeout, max_tensors=0)
+    return _control_codec().decode(body, pipe.peer)
 
 
 def effective_tls() -> str:
@@ -229,22 +236,22 @@ def kv_request_bytes(cfg: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- server
 def serve(args: argparse.Namespace, connect_timeout: float = 3600.0) -> int:
     """Wait for one client and run whatever tests it asks for; exit when it says bye."""
-    from transport import Pipe
+    from transport import Pipe, PipeOptions
 
-    pipe = Pipe.listen(args.bind, args.port, timeout_s=args.timeout)
+    pipe = Pipe.listen(args.bind, args.port, options=PipeOptions(timeout_s=args.timeout))
     print(f"Waiting for connection on {pipe.address}...", flush=True)
     try:
         pipe.wait_connected(connect_timeout)
         print(f"Accepted connection from {pipe.peer}", flush=True)
         while True:
-            cfg = _recv_json(pipe, timeout=connect_timeout)
+            cfg = _recv_control(pipe, timeout=connect_timeout)
             if cfg.get("cmd") == "bye":
                 break
-            _send_json(pipe, {"pid": os.getpid(), "tls": effective_tls(),
+            _send_control(pipe, {"pid": os.getpid(), "tls": effective_tls(),
                               "allow_cma": os.environ.get("UCXKV_ALLOW_CMA", "0")})
             cfg.setdefault("bind", args.bind)
             report = _serve_one(pipe, cfg)
-            _send_json(pipe, report)
+            _send_control(pipe, report)
     finally:
         pipe.close()
     return 0
@@ -400,8 +407,10 @@ def _serve_kv_rma(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
     spec, layout, dst = _kv_destination(cfg, dev)
     dtype = dst[0].dtype
     rss0 = _peak_rss_kib()
-    descs = pipe.recv_tensors_async(cfg["layers"]).wait()
-    remotes = [pipe.remote_memory(bytes(d.numpy())) for d in descs]
+    descs = _recv_control(pipe)["descriptors"]
+    if len(descs) != cfg["layers"]:
+        raise RuntimeError(f"the client sent {len(descs)} layer descriptors, expected {cfg['layers']}")
+    remotes = [pipe.remote_memory(d) for d in descs]
     regs = [register(d, f"kv-dst-layer{i}") for i, d in enumerate(dst)]
     meta = torch.empty(spec["shape"], dtype=dtype, device="meta")  # the client's caches have our shape
     ro, ln = rma_pieces(meta, layout, spec["src_ids"])
@@ -452,7 +461,7 @@ def _serve_lookup(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
 
     th = threading.Thread(target=producer, daemon=True)
     th.start()
-    _send_json(pipe, {"lookup_address": server.address})
+    _send_control(pipe, {"lookup_address": server.address})
     pipe.recv_tensor(timeout=3600)  # the client is done
     th.join(10)
     out = {"served": server.served, "errors": errors, "bytes_left": buf.bytes_used}
@@ -476,8 +485,8 @@ def _client_one(pipe: Any, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
     from ._report import compute_rows
 
-    _send_json(pipe, cfg)
-    info = _recv_json(pipe)
+    _send_control(pipe, cfg)
+    info = _recv_control(pipe)
     test, size, dev = cfg["test"], cfg["size"], cfg["send_dev"]
     n, w = cfg["iters"], cfg["warmup"]
     if test == "tensor_lat":
@@ -522,7 +531,7 @@ def _client_one(pipe: Any, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         res = _client_lookup(pipe, cfg)
     else:
         raise ValueError(test)
-    report = _recv_json(pipe)
+    report = _recv_control(pipe)
     res.info.update({"server_tls": info.get("tls"), "client_tls": effective_tls()})
     res.info.update({k: v for k, v in report.items()})
     return res, info
@@ -532,16 +541,17 @@ def _client_lookup(pipe: Any, cfg: dict[str, Any]) -> Any:
     import torch
 
     from kv_transfer import LookupClient
+    from transport import PipeOptions
 
     from ._report import compute_rows
 
     host = pipe.address.rsplit(":", 1)[0]
-    addr = _recv_json(pipe)["lookup_address"]
+    addr = _recv_control(pipe)["lookup_address"]
     addr = f"{host}:{addr.rsplit(':', 1)[1]}"  # the server bound where we reached it
     n, w = cfg["iters"], cfg["warmup"]
     durs: list[float] = []
     bad = 0
-    with LookupClient(addr, timeout_s=60, device=cfg["send_dev"]) as client:
+    with LookupClient(addr, options=PipeOptions(timeout_s=60, device=cfg["send_dev"])) as client:
         for i in range(w + n):
             q = torch.tensor([i], dtype=torch.int64)
             t0 = time.perf_counter()
@@ -593,7 +603,7 @@ def _client_kv(pipe: Any, cfg: dict[str, Any]) -> Any:
         from transport import register
 
         regs = [register(s, f"kv-src-layer{i}") for i, s in enumerate(src)]
-        pipe.send_tensors([torch.frombuffer(bytearray(r.descriptor().to_bytes()), dtype=torch.uint8) for r in regs])
+        _send_control(pipe, {"descriptors": [r.descriptor().to_bytes() for r in regs]})
     for i in range(cfg["warmup"] + cfg["iters"]):
         t0 = time.perf_counter()
         if regs:
@@ -666,13 +676,13 @@ def run_client(args: argparse.Namespace) -> int:
         host = "127.0.0.1"
     else:
         port = args.port
-    from transport import Pipe
+    from transport import Pipe, PipeOptions
 
     is_lat = test.endswith("lat")
     ours: list[R.Result] = []
     progress = R.Progress(len(sizes), enabled=not args.no_progress)
     try:
-        pipe = Pipe.connect(f"{host}:{port}", timeout_s=args.timeout)
+        pipe = Pipe.connect(f"{host}:{port}", options=PipeOptions(timeout_s=args.timeout))
         try:
             if args.csv:
                 print(R.CSV_HEADER, file=out, flush=True)
@@ -698,7 +708,7 @@ def run_client(args: argparse.Namespace) -> int:
                         print(f"Verify: {ok}; {res.info.get('blocks')} blocks x {args.layers} layers, "
                               f"{res.info.get('kv_pieces')} block pieces, mode {args.kv_mode}", file=out, flush=True)
                 progress.step(R.human_size(size))
-            _send_json(pipe, {"cmd": "bye"})
+            _send_control(pipe, {"cmd": "bye"})
         finally:
             pipe.close()
     finally:

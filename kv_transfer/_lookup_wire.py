@@ -1,16 +1,18 @@
-"""Typed, versioned messages of the lookup-buffer protocol and their framing.
+"""Typed, versioned messages of the lookup-buffer protocol, framed by transport's one envelope.
 
-A lookup request or answer is one small ``uint8`` tensor followed by a number of
-ordinary tensors on the same :class:`transport.Pipe` (each direction of a pipe
-is an ordered FIFO, so they arrive in order). The message tensor holds a fixed
-12-byte preamble and a msgpack body::
+A lookup request or answer is one :meth:`transport.Pipe.send_message`
+envelope: a single header describing every tensor that follows (dtype,
+shape, byte count, device) and carrying the message body, then the payloads.
+The body is a :class:`transport.MessageCodec` message: an 8-byte preamble
+(magic ``LKB\\0``, version u16, reserved u16), then one msgpack tagged
+struct. The version is checked before the body is decoded, so a peer of
+another version gets :class:`WireVersionError` naming both versions; any
+exception from decoding hostile bytes becomes :class:`LookupProtocolError`.
 
-    magic "LKB\\0" | version u16 | reserved u16 | n_tensors u32 | msgpack(Struct)
-
-``n_tensors`` sits in the preamble so a receiver can drain the tensors that
-follow even when it cannot decode the body (it answers with an error and the
-pipe stays in step). The version is checked before the body is decoded, so a
-peer of another version gets :class:`WireVersionError` naming both versions.
+The envelope's header states the tensor count, so a receiver stays in step
+even when it cannot decode the body (it answers with an error), and a server
+refuses an envelope announcing more tensors than any request carries
+(:data:`MAX_REQUEST_TENSORS`) before receiving any of them.
 
 Messages evolve only by appending fields with defaults; anything else bumps
 :data:`WIRE_VERSION`.
@@ -18,25 +20,25 @@ Messages evolve only by appending fields with defaults; anything else bumps
 
 from __future__ import annotations
 
-import struct
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import msgspec
 import numpy as np
 import torch
 
+from transport import MessageCodec
+
 from .errors import KVUsageError, LookupProtocolError, WireVersionError
 
 # Version history:
-#   1: first release (Fetch/Stats/Abort; Found/NotFound/StatsReply/AbortReply/ErrorReply).
-WIRE_VERSION = 1
+#   1: first release (Fetch/Stats/Abort; Found/NotFound/StatsReply/AbortReply/ErrorReply), a uint8
+#      message tensor (preamble with a tensor count) then each tensor with a header of its own.
+#   2: the message and its tensors travel as one transport envelope (one header for all tensors);
+#      the preamble lost its tensor count (the envelope header states it).
+WIRE_VERSION = 2
 MAGIC = b"LKB\x00"
-_PREAMBLE = struct.Struct("<4sHHI")
-PREAMBLE_SIZE = _PREAMBLE.size
 #: Largest message body accepted; anything longer is refused unread.
 MAX_BODY = 64 * 1024
-#: Most tensors one message may announce (a guard against a lying preamble).
-MAX_TENSORS = 1 << 16
 
 # Encoding of one entry part (key, value or hidden) in ``Found.parts``.
 PART_NONE = -1
@@ -121,80 +123,39 @@ MAX_REQUEST_TENSORS = max(REQUEST_TENSORS.values())
 MAX_REQUEST_TENSOR_BYTES = 64 << 20
 Response = Union[Found, NotFound, StatsReply, AbortReply, ErrorReply]
 
-_encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(Request)
-_response_decoder = msgspec.msgpack.Decoder(Response)
+_REQUESTS = MessageCodec(MAGIC, WIRE_VERSION, Request, what="lookup request", max_body=MAX_BODY,
+                         error=LookupProtocolError, version_error=WireVersionError)
+_RESPONSES = MessageCodec(MAGIC, WIRE_VERSION, Response, what="lookup answer", max_body=MAX_BODY,
+                          error=LookupProtocolError, version_error=WireVersionError)
+PREAMBLE_SIZE = len(_REQUESTS.preamble)
 
 
-def encode(msg: Any, n_tensors: int = 0) -> torch.Tensor:
-    """Frame ``msg`` as a uint8 tensor announcing ``n_tensors`` tensors to follow."""
-    body = _encoder.encode(msg)
-    if len(body) > MAX_BODY:
-        raise LookupProtocolError(f"lookup message body of {len(body)} bytes exceeds {MAX_BODY}")
-    buf = bytearray(PREAMBLE_SIZE + len(body))
-    _PREAMBLE.pack_into(buf, 0, MAGIC, WIRE_VERSION, 0, int(n_tensors))
-    buf[PREAMBLE_SIZE:] = body
-    return torch.frombuffer(buf, dtype=torch.uint8)
-
-
-def read_preamble(frame: Any, peer: str) -> Tuple[int, int]:
-    """Check a message tensor's preamble; return ``(version, n_tensors)``.
-
-    Raises :class:`LookupProtocolError` (not a lookup message) naming ``peer``.
-    A version mismatch is *not* raised here, so the caller can still drain the
-    announced tensors; :func:`decode` raises it.
-    """
-    if not isinstance(frame, torch.Tensor) or frame.dtype != torch.uint8 or frame.dim() != 1:
-        what = "None" if frame is None else f"{getattr(frame, 'dtype', type(frame).__name__)} {tuple(getattr(frame, 'shape', ()))}"
-        raise LookupProtocolError(f"expected a 1-D uint8 lookup message from {peer}, got {what}")
-    if frame.numel() < PREAMBLE_SIZE:
-        raise LookupProtocolError(f"lookup message from {peer} is {frame.numel()} bytes, shorter than the preamble")
-    magic, version, _, n = _PREAMBLE.unpack_from(frame[:PREAMBLE_SIZE].numpy().tobytes())
-    if magic != MAGIC:
-        raise LookupProtocolError(f"message from {peer} does not start with the lookup magic {MAGIC!r} (got {magic!r})")
-    if n > MAX_TENSORS:
-        raise LookupProtocolError(f"lookup message from {peer} announces {n} tensors (at most {MAX_TENSORS})")
-    return version, n
-
-
-def _decode(frame: torch.Tensor, peer: str, decoder: Any, what: str) -> Tuple[Any, int]:
-    version, n = read_preamble(frame, peer)
-    if version != WIRE_VERSION:
-        raise WireVersionError(
-            f"{peer} speaks lookup protocol version {version}, this side speaks {WIRE_VERSION}; "
-            f"upgrade the older of the two"
-        )
-    body = frame[PREAMBLE_SIZE:]
-    if body.numel() > MAX_BODY:
-        raise LookupProtocolError(f"lookup {what} from {peer}: body of {body.numel()} bytes exceeds {MAX_BODY}")
+def encode(msg: Any) -> bytes:
+    """The body of a lookup envelope for ``msg`` (a request or an answer)."""
     try:
-        return decoder.decode(body.numpy().tobytes()), n
-    except RecursionError:
-        # msgspec raises this for deeply nested msgpack (even in an ignored field);
-        # a body fits in MAX_BODY bytes, so it is only ever a malformed message
-        raise LookupProtocolError(f"undecodable lookup {what} from {peer}: nested too deeply") from None
-    except Exception as exc:  # noqa: BLE001 - DecodeError, ValidationError, anything else: the peer's fault
-        text = str(exc)
-        text = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} chars)"
-        raise LookupProtocolError(f"undecodable lookup {what} from {peer}: {text}") from None
+        return _REQUESTS.encode(msg)
+    except Exception as exc:  # noqa: BLE001 - too large: our own message, the caller's problem
+        raise LookupProtocolError(f"cannot encode lookup {type(msg).__name__}: {exc}") from None
 
 
-def decode_request(frame: torch.Tensor, peer: str) -> Tuple[Request, int]:
-    """Decode a request tensor; returns ``(message, n_tensors_following)``.
+def decode_request(body: bytes, n_tensors: int, peer: str) -> Request:
+    """Decode a request body that arrived with ``n_tensors`` tensors.
 
-    Raises :class:`LookupProtocolError` when the preamble announces another
-    number of tensors than the request's type carries (:data:`REQUEST_TENSORS`).
+    Raises :class:`WireVersionError` for another version, and
+    :class:`LookupProtocolError` for undecodable bytes or another number of
+    tensors than the request's type carries (:data:`REQUEST_TENSORS`).
     """
-    msg, n = _decode(frame, peer, _request_decoder, "request")
+    msg = _REQUESTS.decode(body, peer)
     want = REQUEST_TENSORS[type(msg)]
-    if n != want:
-        raise LookupProtocolError(f"lookup {type(msg).__name__} from {peer} announces {n} tensors; it carries {want}")
-    return msg, n
+    if n_tensors != want:
+        raise LookupProtocolError(f"lookup {type(msg).__name__} from {peer} announces {n_tensors} tensors; "
+                                  f"it carries {want}")
+    return msg
 
 
-def decode_response(frame: torch.Tensor, peer: str) -> Tuple[Response, int]:
-    """Decode an answer tensor; returns ``(message, n_tensors_following)``."""
-    return _decode(frame, peer, _response_decoder, "answer")
+def decode_response(body: bytes, peer: str) -> Response:
+    """Decode an answer body; raises :class:`WireVersionError` or :class:`LookupProtocolError`."""
+    return _RESPONSES.decode(body, peer)
 
 
 # -- entry parts ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""What every KV service of this package does with its PipeListener: accept peers, one handler thread each."""
+"""What every KV service of this package does with its pipes: their default options, accept peers, one thread each."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import threading
 import time
 from typing import Any, Callable, List
 
-from transport import PeerTimeoutError, Pipe, PipeListener
+from transport import PeerTimeoutError, Pipe, PipeListener, PipeOptions
 
 log = logging.getLogger(__name__)
+
+#: The pipe options every KV service and client of this package starts from: transport's defaults, but one
+#: exchange is bounded by 30 s (a lookup answer or a kvrma round; a stuck producer must not hold decode for a minute).
+KV_PIPE_OPTIONS = PipeOptions(timeout_s=30.0)
 
 
 def accept_loop(listener: PipeListener, stop: threading.Event, lock: Any, pipes: List[Pipe],

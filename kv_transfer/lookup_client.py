@@ -14,11 +14,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from transport import PeerTimeoutError, Pipe, TransportError
+from transport import PeerTimeoutError, Pipe, PipeOptions, TransportError
 from transport.auth import Auth
 
 from . import _lookup_wire as wire
 from .errors import KVUsageError, LookupProtocolError, PeerUnavailableError, ProducerError, WireVersionError
+from ._serving import KV_PIPE_OPTIONS
 from .lookup_server import SERVICE
 from .lookup_source import KVSource, Match, check_query, check_readers
 
@@ -41,22 +42,25 @@ class LookupClient:
 
     Args:
         address: ``host:port`` of the server.
-        timeout_s: Default bound on one request beyond the query's own ``wait_s``.
-        device: Where received tensors land by default.
-        auth: How to authenticate (None reads ``UCXKV_AUTH``).
+        options: The pipe's options (default: this package's ``KV_PIPE_OPTIONS``): ``timeout_s`` is the
+            default bound on one request beyond the query's own ``wait_s``, ``device`` where received
+            tensors land by default, ``auth`` how to authenticate (None reads ``UCXKV_AUTH``).
+        timeout_s, peer_timeout_s, heartbeat_s, device, auth: Conveniences that override ``options`` when given.
         redial: Reconnect after a failure instead of staying broken.
     """
 
-    def __init__(self, address: str, *, timeout_s: float = 30.0, peer_timeout_s: float = 10.0,
-                 heartbeat_s: float = 0.5, device: Any = "cpu", name: Optional[str] = None,
-                 meta: Optional[Dict[str, str]] = None, auth: Optional[Auth] = None, redial: bool = False):
+    def __init__(self, address: str, *, options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
+                 peer_timeout_s: Optional[float] = None, heartbeat_s: Optional[float] = None, device: Any = None,
+                 name: Optional[str] = None, meta: Optional[Dict[str, str]] = None, auth: Optional[Auth] = None,
+                 redial: bool = False):
         self.address = address
-        self.timeout_s = float(timeout_s)
-        self.device = device
+        self.options = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
+                                      heartbeat_s=heartbeat_s, device=device, auth=auth)
+        self.timeout_s = float(self.options.timeout_s)
+        self.device = self.options.device
         self.redial = bool(redial)
         self.redials = 0  # connections made after the first one
-        self._dial_kw = dict(name=name, service=SERVICE, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
-                             heartbeat_s=heartbeat_s, device=device, meta=meta, auth=auth)
+        self._dial_kw = dict(name=name, service=SERVICE, meta=meta, options=self.options)
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._broken: Optional[str] = None
@@ -107,12 +111,10 @@ class LookupClient:
     def _exchange_locked(self, msg: Any, tensors: Sequence[Any], timeout: float, device: Any) -> tuple:
         """Send one request and receive its answer; a failure marks the client broken."""
         try:
-            self._pipe.send_tensors([wire.encode(msg, len(tensors)), *tensors], timeout=timeout)
-            frame = self._pipe.recv_tensor(timeout=timeout)
-            _, n = wire.read_preamble(frame, self.address)
-            # all n receives posted at once: the tensors stream back to back, no round trip each
-            rest = self._pipe.recv_tensors_async(n, device).wait(timeout) if n else []
-            ans, _ = wire.decode_response(frame, self.address)
+            self._pipe.send_message(wire.encode(msg), tensors, timeout=timeout)
+            # one envelope: one header for every tensor, then their payloads back to back
+            body, rest = self._pipe.recv_message(device, timeout=timeout)
+            ans = wire.decode_response(body, self.address)
         except PeerTimeoutError as exc:
             self._broken = f"no answer within {timeout:.1f}s"
             raise PeerUnavailableError(
@@ -201,6 +203,20 @@ class MultiProducerClient:
         self.clients = list(clients)
         self._own = own
         self._next = 0
+
+    @classmethod
+    def connect(cls, addresses: Sequence[str], *, options: Optional[PipeOptions] = None, redial: bool = False,
+                name: Optional[str] = None) -> "MultiProducerClient":
+        """A client of every producer in ``addresses``, each pipe built from the same ``options`` (owned)."""
+        clients: List[LookupClient] = []
+        try:
+            for a in addresses:
+                clients.append(LookupClient(a, options=options, redial=redial, name=name))
+        except BaseException:
+            for c in clients:
+                c.close()
+            raise
+        return cls(clients, own=True)
 
     def fetch(self, input_tokens: Optional[torch.Tensor] = None, roi: Optional[torch.Tensor] = None, *,
               wait_s: float = 0.0, **kw: Any) -> Optional[Match]:

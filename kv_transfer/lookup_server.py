@@ -12,11 +12,11 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, List, Optional
 
-from transport import PeerError, PeerTimeoutError, Pipe, PipeListener
+from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, PipeOptions, RemoteProtocolError
 from transport.auth import Auth
 
 from . import _lookup_wire as wire
-from ._serving import accept_loop, stop_serving
+from ._serving import KV_PIPE_OPTIONS, accept_loop, stop_serving
 from .errors import KVTransferError, KVUsageError, LookupProtocolError, WireVersionError
 from .lookup_source import narrow_part
 
@@ -45,15 +45,18 @@ class LookupServer:
         host, port: Where to listen (port 0 picks one; see :attr:`address`).
         max_wait_s: Cap on the wait a consumer may ask for in one query.
         send_timeout_s: Bound on sending one answer.
-        timeout_s, peer_timeout_s, heartbeat_s: Passed to the listener's pipes.
-        auth: Who may connect (a ``transport.auth.Auth``; None reads ``UCXKV_AUTH``).
+        options: The listener's pipe options (default: this package's ``KV_PIPE_OPTIONS``); a
+            request's tensors are capped at :data:`MAX_REQUEST_TENSOR_BYTES` whatever it says.
+        timeout_s, peer_timeout_s, heartbeat_s, auth: Conveniences that override ``options`` when given
+            (``auth``: who may connect, a ``transport.auth.Auth``; None reads ``UCXKV_AUTH``).
     """
 
     SERVICE = SERVICE
 
     def __init__(self, buffer: "LookupBuffer", host: str = "127.0.0.1", port: int = 0, *, max_wait_s: float = 60.0,
-                 send_timeout_s: float = 30.0, timeout_s: float = 60.0, peer_timeout_s: float = 10.0,
-                 heartbeat_s: float = 0.5, reap_interval_s: float = 0.25, name: Optional[str] = None,
+                 send_timeout_s: float = 30.0, options: Optional[PipeOptions] = None,
+                 timeout_s: Optional[float] = None, peer_timeout_s: Optional[float] = None,
+                 heartbeat_s: Optional[float] = None, reap_interval_s: float = 0.25, name: Optional[str] = None,
                  auth: Optional[Auth] = None):
         self.buffer = buffer
         self.max_wait_s = float(max_wait_s)
@@ -64,9 +67,10 @@ class LookupServer:
         self._threads: List[threading.Thread] = []
         self.served = 0  # answers with a match that were delivered
         self.failed_sends = 0
-        self._listener = PipeListener(host, port, name=name, service=self.SERVICE, timeout_s=timeout_s,
-                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s, auth=auth,
-                                      max_tensor_bytes=wire.MAX_REQUEST_TENSOR_BYTES)
+        opts = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
+                              heartbeat_s=heartbeat_s, auth=auth)
+        opts = opts.replace(max_tensor_bytes=min(opts.max_tensor_bytes, wire.MAX_REQUEST_TENSOR_BYTES))
+        self._listener = PipeListener(host, port, name=name, service=self.SERVICE, options=opts)
         self.address: str = self._listener.address
         self._reap_interval_s = reap_interval_s
         ready = threading.Event()
@@ -102,31 +106,26 @@ class LookupServer:
         try:
             while not self._stop.is_set():
                 try:
-                    frame = pipe.recv_tensor(timeout=1.0)  # close() interrupts it at once
+                    # the envelope's header states how many tensors follow: more than any request
+                    # carries is refused before one of them is received
+                    body, tensors = pipe.recv_message(timeout=1.0, max_tensors=wire.MAX_REQUEST_TENSORS)
                 except PeerTimeoutError:
                     continue  # nothing yet; the receive stays posted
-                try:
-                    _, n = wire.read_preamble(frame, peer)
-                except LookupProtocolError as exc:
-                    # Cannot tell what follows: answer, then drop this consumer only.
+                except RemoteProtocolError as exc:
+                    if pipe.refused is None:
+                        raise  # the pipe broke: nothing to answer on
+                    # out of step: answer, then drop this consumer only
                     log.warning("lookup server %s: %s; closing that pipe", self.address, exc)
-                    pipe.send_tensors([wire.encode(wire.ErrorReply(-1, "protocol", str(exc)))],
+                    pipe.send_message(wire.encode(wire.ErrorReply(-1, "protocol", str(exc))),
                                       timeout=self.send_timeout_s)
                     break
-                # the request says what follows before anything is received: never more than it needs
                 try:
-                    msg, _ = wire.decode_request(frame, peer)
+                    msg = wire.decode_request(body, len(tensors), peer)
                 except LookupProtocolError as exc:
                     code = "version" if isinstance(exc, WireVersionError) else "protocol"
                     log.warning("lookup server %s: %s", self.address, exc)
-                    pipe.send_tensors([wire.encode(wire.ErrorReply(-1, code, str(exc)))],
-                                      timeout=self.send_timeout_s)
-                    if n > wire.MAX_REQUEST_TENSORS:
-                        break  # cannot stay in step without receiving what no request carries: drop it
-                    for _ in range(n):
-                        pipe.recv_tensor(timeout=self.send_timeout_s)
-                    continue
-                tensors = [pipe.recv_tensor(timeout=self.send_timeout_s) for _ in range(n)]
+                    pipe.send_message(wire.encode(wire.ErrorReply(-1, code, str(exc))), timeout=self.send_timeout_s)
+                    continue  # its tensors were received with it: the pipe is in step
                 if not self._handle(pipe, msg, tensors):
                     break
         except PeerError as exc:
@@ -146,17 +145,17 @@ class LookupServer:
         peer = pipe.peer
         if isinstance(msg, wire.Stats):
             s = self.buffer.stats()
-            pipe.send_tensors([wire.encode(wire.StatsReply(msg.seq, s["bytes_used"], s["num_entries"],
-                                                           s["capacity_bytes"]))], timeout=self.send_timeout_s)
+            pipe.send_message(wire.encode(wire.StatsReply(msg.seq, s["bytes_used"], s["num_entries"],
+                                                           s["capacity_bytes"])), timeout=self.send_timeout_s)
             return True
         if isinstance(msg, wire.Abort):
             n = self.buffer.abort(msg.request_id)
-            pipe.send_tensors([wire.encode(wire.AbortReply(msg.seq, n))], timeout=self.send_timeout_s)
+            pipe.send_message(wire.encode(wire.AbortReply(msg.seq, n)), timeout=self.send_timeout_s)
             return True
         # Fetch
         if len(tensors) != 2:
             err = wire.ErrorReply(msg.seq, "malformed", f"Fetch must be followed by 2 tensors, got {len(tensors)}")
-            pipe.send_tensors([wire.encode(err)], timeout=self.send_timeout_s)
+            pipe.send_message(wire.encode(err), timeout=self.send_timeout_s)
             return True
         tokens, roi = tensors
         try:
@@ -164,24 +163,24 @@ class LookupServer:
                                     min_prefix=msg.min_prefix, wait_s=min(max(0.0, msg.wait_s), self.max_wait_s),
                                     cancel=self._stop, readers=msg.readers)
         except KVUsageError as exc:
-            pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
+            pipe.send_message(wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc))),
                               timeout=self.send_timeout_s)
             return True
         if hit is None:
-            pipe.send_tensors([wire.encode(wire.NotFound(msg.seq))], timeout=self.send_timeout_s)
+            pipe.send_message(wire.encode(wire.NotFound(msg.seq)), timeout=self.send_timeout_s)
             return True
         handle, m = hit
         try:
             key = narrow_part(m.key, msg.narrow, f"Fetch from {peer}")
         except KVUsageError as exc:
             self.buffer.unclaim(handle)
-            pipe.send_tensors([wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc)))],
+            pipe.send_message(wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc))),
                               timeout=self.send_timeout_s)
             return True
         codes, flat = wire.flatten_parts([key, m.value, m.hidden])
-        head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id), 2 + len(flat))
-        try:
-            pipe.send_tensors([head, m.input_tokens, m.roi, *flat], timeout=self.send_timeout_s)
+        head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id))
+        try:  # one envelope: one header for tokens, roi and every layer's tensors, then the payloads
+            pipe.send_message(head, [m.input_tokens, m.roi, *flat], timeout=self.send_timeout_s)
         except BaseException:
             self.failed_sends += 1
             self.buffer.unclaim(handle)

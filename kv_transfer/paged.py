@@ -1,6 +1,6 @@
 """Moving one request's blocks between paged KV caches (layout description, gather/scatter, block views).
 
-Why one file of ~600 lines: the layout, its id and shape checks and both ways of
+Why one file of ~830 lines: the layout, its id and shape checks and both ways of
 moving blocks share every private helper; about a third of it is docstrings.
 
 Inference engines keep the KV cache as *paged* tensors: one tensor per layer,

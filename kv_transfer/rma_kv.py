@@ -1,5 +1,8 @@
 """Zero-staging KV transfer: decode GETs prefill's registered paged-cache blocks in place, under a lease.
 
+Why one file of ~550 lines: the two ends of the kvrma protocol, its messages
+and the piece arithmetic both ends must compute alike, read together.
+
 Producer (:class:`RmaKVServer`): registers every layer cache once
 (:func:`transport.register`), serves a :class:`transport.PipeListener` of
 service ``kvrma`` and keeps each offered request's blocks under a
@@ -22,15 +25,15 @@ before the block dim (one for ``vllm_cpu``; a K and a V piece for
 ``flash_attn``); a KV-head range is one piece when the head dim directly
 follows the block dim (``vllm_cpu``), else refused. Offsets come from each
 side's own shape and strides, so the two caches may hold different block
-counts. The wire is a msgpack body in one uint8 tensor: ``magic "KVR\\0" |
-version u16 | msgpack``.
+counts. The wire is one :meth:`transport.Pipe.send_message` envelope per
+message, with no tensors; its body is a :class:`transport.MessageCodec`
+message (magic ``KVR\\0``, version u16, reserved u16, msgpack).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,9 +44,10 @@ import numpy as np
 import torch
 
 import transport
-from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, Registration, RemoteMemory
+from transport import (MessageCodec, PeerError, PeerTimeoutError, Pipe, PipeListener, PipeOptions, Registration,
+                       RemoteMemory, RemoteProtocolError)
 
-from ._serving import accept_loop, stop_serving
+from ._serving import KV_PIPE_OPTIONS, accept_loop, stop_serving
 from .errors import KVTransferError, KVUsageError, LookupProtocolError
 from .paged import PagedLayout
 
@@ -53,9 +57,11 @@ __all__ = ["SERVICE", "RMA_WIRE_VERSION", "RmaKVServer", "RmaKVClient", "RmaLoad
            "block_pieces", "tokens_digest"]
 
 SERVICE = "kvrma"
-RMA_WIRE_VERSION = 1
+# Version history:
+#   1: first release, a uint8 tensor holding magic, u16 version, msgpack.
+#   2: a transport envelope whose body is a MessageCodec message (8-byte preamble).
+RMA_WIRE_VERSION = 2
 _MAGIC = b"KVR\x00"
-_PRE = struct.Struct("<4sH")
 _MAX_BODY = 4 << 20
 
 
@@ -120,34 +126,10 @@ class Error(msgspec.Struct, tag=True, frozen=True):
 
 _Req = Union[Hello, Claim, Renew, Done]
 _Rep = Union[HelloReply, Claimed, Renewed, DoneReply, Error]
-_enc = msgspec.msgpack.Encoder()
-_req_dec = msgspec.msgpack.Decoder(_Req)
-_rep_dec = msgspec.msgpack.Decoder(_Rep)
-
-
-def _encode(msg: Any) -> torch.Tensor:
-    body = _enc.encode(msg)
-    buf = bytearray(_PRE.size + len(body))
-    _PRE.pack_into(buf, 0, _MAGIC, RMA_WIRE_VERSION)
-    buf[_PRE.size:] = body
-    return torch.frombuffer(buf, dtype=torch.uint8)
-
-
-def _decode(frame: Any, decoder: Any, peer: str) -> Any:
-    if not isinstance(frame, torch.Tensor) or frame.dtype != torch.uint8 or frame.dim() != 1:
-        raise LookupProtocolError(f"expected a 1-D uint8 kvrma message from {peer}, got {type(frame).__name__}")
-    if frame.numel() < _PRE.size or frame.numel() > _PRE.size + _MAX_BODY:
-        raise LookupProtocolError(f"kvrma message from {peer} has {frame.numel()} bytes")
-    raw = frame.numpy().tobytes()
-    magic, version = _PRE.unpack_from(raw)
-    if magic != _MAGIC:
-        raise LookupProtocolError(f"message from {peer} lacks the kvrma magic (got {magic!r})")
-    if version != RMA_WIRE_VERSION:
-        raise LookupProtocolError(f"{peer} speaks kvrma version {version}, this side {RMA_WIRE_VERSION}")
-    try:
-        return decoder.decode(raw[_PRE.size:])
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-        raise LookupProtocolError(f"undecodable kvrma message from {peer}: {exc}") from None
+_REQUESTS = MessageCodec(_MAGIC, RMA_WIRE_VERSION, _Req, what="kvrma request", max_body=_MAX_BODY,
+                         error=LookupProtocolError, version_error=LookupProtocolError)
+_REPLIES = MessageCodec(_MAGIC, RMA_WIRE_VERSION, _Rep, what="kvrma answer", max_body=_MAX_BODY,
+                        error=LookupProtocolError, version_error=LookupProtocolError)
 
 
 def tokens_digest(token_ids: Sequence[int]) -> str:
@@ -243,17 +225,21 @@ class RmaKVServer:
         host, port: Where to listen.
         lease_s: How long an offered or claimed request stays leased without a renewal.
         on_free: Called once per offered request when its blocks may be reused.
-        timeout_s, peer_timeout_s, heartbeat_s: For the listener's pipes.
+        options: The listener's pipe options (default ``KV_PIPE_OPTIONS``); ``timeout_s`` bounds each answer.
+        timeout_s, peer_timeout_s, heartbeat_s: Conveniences that override ``options`` when given.
     """
 
     def __init__(self, caches: Sequence[torch.Tensor], layout: PagedLayout, host: str = "127.0.0.1",
                  port: int = 0, *, lease_s: float = 30.0, on_free: Optional[Callable[[str], None]] = None,
-                 timeout_s: float = 30.0, peer_timeout_s: float = 10.0, heartbeat_s: float = 0.5,
+                 options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
+                 peer_timeout_s: Optional[float] = None, heartbeat_s: Optional[float] = None,
                  reap_interval_s: float = 0.1, name: Optional[str] = None):
         if not caches:
             raise KVUsageError("RmaKVServer needs at least one layer cache")
+        opts = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
+                              heartbeat_s=heartbeat_s)
         self.lease_s = float(lease_s)
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = float(opts.timeout_s)
         self._on_free = on_free or (lambda rid: None)
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
@@ -270,8 +256,7 @@ class RmaKVServer:
                                   str(c.dtype)) for r, c in zip(self._regs, caches)]
         self._block_dim = layout.block_dim
         self._pipes: list[Pipe] = []
-        self._listener = PipeListener(host, port, name=name, service=SERVICE, timeout_s=timeout_s,
-                                      peer_timeout_s=peer_timeout_s, heartbeat_s=heartbeat_s)
+        self._listener = PipeListener(host, port, name=name, service=SERVICE, options=opts)
         self.address: str = self._listener.address
         self._threads = [threading.Thread(target=self._accept_loop, daemon=True, name="kvrma-accept"),
                          threading.Thread(target=self._reap_loop, args=(reap_interval_s,), daemon=True,
@@ -333,16 +318,20 @@ class RmaKVServer:
         try:
             while not self._stop.is_set():
                 try:
-                    frame = pipe.recv_tensor(timeout=1.0)
+                    body, _ = pipe.recv_message(timeout=1.0, max_tensors=0)
                 except PeerTimeoutError:
                     continue
+                except RemoteProtocolError:
+                    if pipe.refused is None:
+                        raise
+                    body = b""  # a message carrying tensors: answered as a protocol error below
                 try:
-                    msg = _decode(frame, _req_dec, peer)
+                    msg = _REQUESTS.decode(body, peer)
                 except LookupProtocolError as exc:
                     log.warning("kvrma server %s: %s; closing that pipe", self.address, exc)
-                    pipe.send_tensor(_encode(Error(-1, "protocol", str(exc))), timeout=self.timeout_s)
+                    pipe.send_message(_REPLIES.encode(Error(-1, "protocol", str(exc))), timeout=self.timeout_s)
                     return
-                pipe.send_tensor(_encode(self._answer(id(pipe), msg)), timeout=self.timeout_s)
+                pipe.send_message(_REPLIES.encode(self._answer(id(pipe), msg)), timeout=self.timeout_s)
         except PeerError as exc:
             log.info("kvrma server %s: reader %s gone: %s", self.address, peer, exc)
         except Exception:  # noqa: BLE001 - one reader's failure must not stop the server
@@ -429,14 +418,16 @@ class RmaKVClient:
         caches: This side's per-layer caches (registered by the caller: ``registrations``).
         registrations: One registration per cache, shared by every client of this process.
         layout: Their layout.
-        timeout_s: Bound on each exchange and on the GET round.
+        options: The pipe's options (default ``KV_PIPE_OPTIONS``); ``timeout_s`` bounds each exchange and the GET round.
+        timeout_s, peer_timeout_s: Conveniences that override ``options`` when given.
     """
 
     def __init__(self, address: str, caches: Sequence[torch.Tensor], registrations: Sequence[Registration],
-                 layout: PagedLayout, *, timeout_s: float = 30.0, peer_timeout_s: float = 10.0):
+                 layout: PagedLayout, *, options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
+                 peer_timeout_s: Optional[float] = None):
         self.address = address
-        self.timeout_s = float(timeout_s)
-        self._peer_timeout_s = peer_timeout_s
+        self.options = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s)
+        self.timeout_s = float(self.options.timeout_s)
         self._caches = list(caches)
         self._regs = list(registrations)
         self._geo = [Geometry.of(c, layout.block_dim) for c in self._caches]
@@ -448,8 +439,7 @@ class RmaKVClient:
     def _connect(self) -> Pipe:
         if self._pipe is not None:
             return self._pipe
-        pipe = Pipe.connect(self.address, service=SERVICE, timeout_s=self.timeout_s,
-                            peer_timeout_s=self._peer_timeout_s)
+        pipe = Pipe.connect(self.address, service=SERVICE, options=self.options)
         try:
             self._pipe = pipe
             rep = self._rpc(Hello(0))
@@ -478,8 +468,8 @@ class RmaKVClient:
     def _rpc(self, msg: Any) -> Any:
         pipe = self._pipe
         assert pipe is not None
-        pipe.send_tensor(_encode(msg), timeout=self.timeout_s)
-        rep = _decode(pipe.recv_tensor(timeout=self.timeout_s), _rep_dec, self.address)
+        pipe.send_message(_REQUESTS.encode(msg), timeout=self.timeout_s)
+        rep = _REPLIES.decode(pipe.recv_message(timeout=self.timeout_s, max_tensors=0)[0], self.address)
         if getattr(rep, "seq", None) not in (msg.seq, -1):
             raise LookupProtocolError(f"kvrma producer {self.address} answered #{rep.seq} to #{msg.seq}")
         return rep

@@ -82,6 +82,22 @@ def check_case(layout_name: str, dtype_name: str, seed: int, dst: Dict[str, Any]
     return bad
 
 
+def transport_envelope_header(pipe: Any, timeout: float) -> tuple:
+    """Receive only the header frame of the next envelope on ``pipe`` (its payloads stay unreceived, the
+    sender's transfer in flight): ``(body, inline views)``. A test's way to stall a sender mid-message."""
+    import numpy as np
+
+    from transport import _envelope as env
+    from transport._engine import Op
+
+    frame = np.empty(env.HEADER_FRAME_SIZE, dtype=np.uint8)
+    seq = pipe._recv_seq
+    req = pipe._engine.tag_recv(pipe._ep, frame, pipe._tag(pipe._recv_tag, seq, False), None, "header", pipe._ep_open)
+    pipe._engine.wait(Op([req], [frame]), time.monotonic() + timeout, "an envelope header")
+    h, inline = env.decode_header(memoryview(frame)[:req.length], pipe.peer, seq, 1 << 40)
+    return h.body, inline
+
+
 def _wait_until(pred: Any, timeout: float, step: float = 0.05) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -178,10 +194,10 @@ def misc_consumer(q: Any, address: str) -> None:
             out["prefix_key"] = None if m is None else [t.tolist()[:2] for t in m.key]
             out["prefix_hidden"] = None if m is None else str(m.hidden.dtype)
             # a message of another version: answered with an error, the server lives on
-            bad = wire.encode(wire.Stats(seq=99)).clone()
+            bad = bytearray(wire.encode(wire.Stats(seq=99)))
             bad[4] = 99
-            c._pipe.send_tensors([bad])
-            ans, _ = wire.decode_response(c._pipe.recv_tensor(timeout=10), address)
+            c._pipe.send_message(bytes(bad))
+            ans = wire.decode_response(c._pipe.recv_message(timeout=10)[0], address)
             out["version"] = f"{type(ans).__name__} {getattr(ans, 'code', '')}: {getattr(ans, 'message', '')}"
             # lease expiry: the unclaimed entry disappears and its bytes are released
             t1 = time.monotonic()
@@ -225,8 +241,10 @@ def hanging_consumer(q: Any, address: str) -> None:
 
     def body() -> Any:
         c = LookupClient(address, timeout_s=10, peer_timeout_s=2.0, heartbeat_s=0.2)
-        c._pipe.send_tensors([wire.encode(wire.Fetch(1, "victim", wait_s=30.0), 2), None, None])
-        head, _ = wire.decode_response(c._pipe.recv_tensor(timeout=30), address)
+        c._pipe.send_message(wire.encode(wire.Fetch(1, "victim", wait_s=30.0)), [None, None])
+        # the answer's header arrives first; its 8 MiB payload is never received
+        head, inline = transport_envelope_header(c._pipe, 30)
+        head = wire.decode_response(head, address)
         assert isinstance(head, wire.Found), head  # the producer claimed it and is sending
         q.put(("sent", os.getpid()))
         time.sleep(120)

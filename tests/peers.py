@@ -20,7 +20,7 @@ BIG_BYTES = 256 << 20
 
 def mixed_case(i: int) -> torch.Tensor | None:
     """The i-th tensor of the mixed stream: every dtype, odd shapes, None, strided views, one 256 MiB."""
-    from transport._tensor_codec import DTYPES
+    from transport._envelope import DTYPES
 
     if i % 37 == 36:
         return None
@@ -118,6 +118,70 @@ def mixed_sender(q: Any, tls: str, address: str) -> None:
             for h in handles:
                 h.wait()
             return p.bytes_sent  # close at once: the Goodbye must not overtake the data
+
+    _report(q, body)
+
+
+#: Messages in the envelope test, and the tensors each carries (mixed_case numbering, BIG_INDEX excluded).
+N_MESSAGES = 30
+PER_MESSAGE = 33
+
+
+def message_tensors(k: int) -> list[torch.Tensor | None]:
+    """The tensors of message ``k``: a slice of the mixed stream (every dtype, inline and payload sizes, None)."""
+    return [mixed_case(i) for i in range(k * PER_MESSAGE, (k + 1) * PER_MESSAGE) if i != BIG_INDEX]
+
+
+def message_receiver(q: Any, tls: str) -> None:
+    """Receives N_MESSAGES envelopes, each followed by one bare tensor; checks every bit."""
+    _set_tls(tls)
+    from transport import Pipe
+
+    def body() -> Any:
+        with Pipe.listen("127.0.0.1", 0, timeout_s=120) as p:
+            q.put(("addr", p.address))
+            bad = []
+            for k in range(N_MESSAGES):
+                got_body, got = p.recv_message(max_tensors=PER_MESSAGE)
+                want = message_tensors(k)
+                if got_body != f"message {k}".encode() or len(got) != len(want):
+                    bad.append((k, "body or count", got_body[:40], len(got)))
+                bad += [(k, i, why) for i, (w, g) in enumerate(zip(want, got)) if (why := same_bits(w, g))]
+                tail = p.recv_tensor()
+                if tail is None or int(tail) != k:
+                    bad.append((k, "bare tensor after it", tail))
+            return {"bad": bad, "bytes": p.bytes_received}
+
+    _report(q, body)
+
+
+def message_sender(q: Any, tls: str, address: str) -> None:
+    """Sends the envelopes; reports how many UCX messages each took (one header plus a payload per big tensor)."""
+    _set_tls(tls)
+    from transport import Pipe
+
+    def body() -> Any:
+        with Pipe.connect(address, timeout_s=120) as p:
+            eng = p._engine
+            posted = []
+            real_send = eng.tag_send
+
+            def counting_send(*a: Any, **kw: Any) -> Any:  # counts, then does the real send
+                posted[-1] += 1
+                return real_send(*a, **kw)
+
+            eng.tag_send = counting_send
+            try:
+                for k in range(N_MESSAGES):
+                    posted.append(0)
+                    h = p.send_message_async(f"message {k}".encode(), message_tensors(k))
+                    p.send_tensor(torch.tensor(k))
+                    h.wait()
+            finally:
+                del eng.tag_send
+            big = [sum(1 for t in message_tensors(k) if t is not None and t.numel() * t.element_size() > 8192)
+                   for k in range(N_MESSAGES)]
+            return {"posted": posted, "big": big, "bytes": p.bytes_sent}
 
     _report(q, body)
 

@@ -134,10 +134,10 @@ def _raw_pair() -> tuple[Any, Any, Any]:
 
 
 def _send_raw(client: Any, seq: int, header: Any, inline: bytes | None, payload: np.ndarray | None) -> list[Any]:
-    from transport import _tensor_codec as codec
+    from transport import _envelope as codec
 
     frame = np.zeros(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
-    used = codec.encode_header(memoryview(frame), header, inline)
+    used = codec.encode_header(memoryview(frame), header, [inline] if inline else [])
     eng = client._engine
     reqs = [eng.tag_send(client._ep, frame[:used], client._tag(client._send_tag, seq, False)), frame]
     if payload is not None:
@@ -148,17 +148,17 @@ def _send_raw(client: Any, seq: int, header: Any, inline: bytes | None, payload:
 @pytest.mark.parametrize("case", ["short_payload", "long_payload", "missing_inline"])
 def test_payload_or_inline_shorter_than_header_is_a_protocol_error(case):
     from transport import RemoteProtocolError
-    from transport import _tensor_codec as codec
+    from transport import _envelope as codec
 
     lst, client, server = _raw_pair()
     try:
         if case == "missing_inline":  # header says 1000 inline bytes, none follow
-            h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[1000], nbytes=1000, inline=True)
+            h = codec.Header(0, [codec.TensorSpec("uint8", [1000], 1000, "cpu", True)])
             keep = _send_raw(client, 0, h, None, None)
         else:
             n = 1 << 20
             sent = n - 10 if case == "short_payload" else n + 10
-            h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[n], nbytes=n, inline=False)
+            h = codec.Header(0, [codec.TensorSpec("uint8", [n], n, "cpu", False)])
             keep = _send_raw(client, 0, h, None, np.ones(sent, dtype=np.uint8))
         with pytest.raises(RemoteProtocolError, match="arrived|overruns|frame holds"):
             server.recv_tensor(timeout=20)  # the old code returned a tensor with a stale tail
@@ -182,11 +182,11 @@ def test_payload_or_inline_shorter_than_header_is_a_protocol_error(case):
 
 def test_unallocatable_shape_claim_is_a_protocol_error():
     from transport import RemoteProtocolError
-    from transport import _tensor_codec as codec
+    from transport import _envelope as codec
 
     lst, client, server = _raw_pair()
     try:
-        h = codec.TensorHeader(seq=0, none=False, dtype="uint8", shape=[0, 1 << 62], nbytes=0, inline=False)
+        h = codec.Header(0, [codec.TensorSpec("uint8", [0, 1 << 62], 0, "cpu", False)])
         keep = _send_raw(client, 0, h, None, None)
         with pytest.raises(RemoteProtocolError):
             server.recv_tensor(timeout=20)
@@ -224,13 +224,13 @@ def test_received_tensor_is_freed_with_its_last_reference():
 
 # -- 8. what a peer parks in the shared worker goes when its pipe goes ---------------------
 def test_unreceived_messages_are_dropped_when_the_pipe_closes():
-    from transport import _tensor_codec as codec
+    from transport import _envelope as codec
 
     lst, client, server = _raw_pair()
     try:
         keep = []
         for seq in range(1000, 1200):  # eager messages on tags nobody will receive
-            h = codec.TensorHeader(seq=seq, none=True)
+            h = codec.Header(seq, [None])
             keep += _send_raw(client, seq, h, None, None)
         eng = server._engine
         api = eng._api
@@ -273,26 +273,28 @@ def test_lookup_request_cannot_announce_tensors_it_does_not_carry():
     server = buf.serve("127.0.0.1", 0)
     try:
         with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
-            # a Stats announcing 2 tensors: refused before any of them is received
-            c.send_tensors([wire.encode(wire.Stats(seq=1), n_tensors=2)])
-            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
+            # a Stats arriving with 2 tensors: answered with an error; the envelope's header said how many
+            # followed, so they were received with it and the pipe stays in step
+            c.send_message(wire.encode(wire.Stats(seq=1)), [torch.ones(4), torch.ones(4)])
+            ans = wire.decode_response(c.recv_message(timeout=30)[0], "server")
             assert isinstance(ans, wire.ErrorReply) and "carries 0" in ans.message, ans
-            # the pipe stays in step: the server drained the two announced and answers the next request
-            c.send_tensors([torch.ones(4), torch.ones(4)])
-            c.send_tensors([wire.encode(wire.Stats(seq=2))])
-            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
+            c.send_message(wire.encode(wire.Stats(seq=2)))
+            ans = wire.decode_response(c.recv_message(timeout=30)[0], "server")
             assert isinstance(ans, wire.StatsReply) and ans.seq == 2
         with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
-            # thousands announced: the server answers and drops this consumer without receiving them
-            c.send_tensors([wire.encode(wire.Stats(seq=3), n_tensors=5000)])
-            ans, _ = wire.decode_response(c.recv_tensor(timeout=30), "server")
-            assert isinstance(ans, wire.ErrorReply)
+            # hundreds announced (as many as one header holds): the server answers and drops this
+            # consumer without receiving any of them
+            c.send_message(wire.encode(wire.Stats(seq=3)), [torch.ones(1 << 16)] * 300)
+            ans = wire.decode_response(c.recv_message(timeout=30)[0], "server")
+            assert isinstance(ans, wire.ErrorReply) and "at most 2" in ans.message, ans
+            with pytest.raises(PeerError):
+                c.recv_message(timeout=30)
         with Pipe.connect(server.address, timeout_s=30, service="kvlookup") as c:
             # a query tensor above the request bound is refused by the server's pipe, not allocated
-            c.send_tensors_async([wire.encode(wire.Fetch(seq=4), n_tensors=2),
-                                  torch.zeros((wire.MAX_REQUEST_TENSOR_BYTES // 8) + 1, dtype=torch.int64), None])
+            c.send_message_async(wire.encode(wire.Fetch(seq=4)),
+                                 [torch.zeros((wire.MAX_REQUEST_TENSOR_BYTES // 8) + 1, dtype=torch.int64), None])
             with pytest.raises(PeerError):
-                c.recv_tensor(timeout=30)
+                c.recv_message(timeout=30)
         # still serves
         client = LookupBuffer.connect(server.address, timeout_s=30)
         assert client.stats()["num_entries"] == 0

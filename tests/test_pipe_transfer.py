@@ -18,6 +18,39 @@ def test_thousand_mixed_tensors_arrive_bit_exact_in_order(peers, tls):
     assert got["bytes"] == sent and sent > P.BIG_BYTES
 
 
+@pytest.mark.parametrize("tls", ["tcp", "sm"])
+def test_a_message_of_many_tensors_is_one_header_and_its_payloads(peers, tls):
+    recv = peers.start(P.message_receiver, tls)
+    addr = peers.expect(recv, "addr", 60)
+    send = peers.start(P.message_sender, tls, addr)
+    sent = peers.expect(send, "ok", 300)
+    got = peers.expect(recv, "ok", 300)
+    assert got["bad"] == [], got["bad"][:10]
+    assert got["bytes"] == sent["bytes"]
+    for k, (posted, big) in enumerate(zip(sent["posted"], sent["big"])):
+        # one header (small tensors inline) and one payload per large tensor, plus the bare tensor's header
+        assert big <= posted - 2 <= P.PER_MESSAGE // 2, (k, posted, big)
+    assert sum(sent["posted"]) < P.N_MESSAGES * P.PER_MESSAGE  # never a header per tensor
+
+
+def test_a_message_where_a_tensor_is_expected_is_a_protocol_error():
+    import torch
+
+    from transport import LocalUsageError, Pipe, PipeListener, RemoteProtocolError
+
+    with PipeListener("127.0.0.1", 0, timeout_s=30) as lst, Pipe.connect(lst.address, timeout_s=30) as c:
+        s = lst.accept(timeout=30)
+        with s:
+            with pytest.raises(LocalUsageError, match="cannot send an object"):
+                c.send_message(b"m", [object()])
+            c.send_message(b"m", [torch.ones(3), None])
+            body, got = s.recv_message(timeout=30)
+            assert body == b"m" and got[0].tolist() == [1.0, 1.0, 1.0] and got[1] is None
+            c.send_tensor(torch.ones(2))
+            with pytest.raises(RemoteProtocolError, match="bare tensor where message"):
+                s.recv_message(timeout=30)
+
+
 def test_connect_to_nothing_fails_fast_and_names_the_address():
     import time
 

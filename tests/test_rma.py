@@ -42,7 +42,10 @@ def test_descriptor_round_trip_and_hostile_bytes() -> None:
     assert MemoryDescriptor.from_bytes(d.to_bytes(), "peer") == d
     raw = d.to_bytes()
     for bad, why in ((raw[:6], "bytes"), (b"XXXX" + raw[4:], "magic"), (raw[:4] + b"\x09\x00\x00\x00" + raw[8:], "v9"),
-                     (raw[:8] + b"\xc1junk", "malformed")):
+                     (raw[:8] + b"\xc1junk", "malformed"),
+                     # any exception from hostile bytes is the protocol error: deep nesting, wrong types
+                     (raw[:8] + b"\x91" * 10000, "malformed"), (raw[:8] + b"\x81\xa4type\x01", "malformed"),
+                     (raw[:8] + b"\x82\xa4type\xb0MemoryDescriptor\xa5owner\x01", "malformed")):
         with pytest.raises(RemoteProtocolError, match=why):
             MemoryDescriptor.from_bytes(bad, "peer")
     import msgspec

@@ -1,5 +1,9 @@
 """ZeroMQ control plane: handshakes, liveness, and orderly goodbyes.
 
+Why one file of ~540 lines: both ends of one handshake (server, dial, the
+links) share its proofs, socket settings and liveness rules and are never used
+apart.
+
 A :class:`ControlServer` owns one ROUTER socket and one thread. It decodes every
 incoming message with :mod:`._wire`, answers malformed ones with a
 :class:`Reject` and keeps serving. A :func:`dial` on the other side performs the
@@ -29,6 +33,7 @@ import zmq.utils.monitor
 import zmq.utils.z85
 
 from . import _wire
+from ._options import PipeOptions
 from ._wire import Challenge, Goodbye, Heartbeat, Hello, Reject, Welcome
 from .auth import NONCE_BYTES, Auth
 from .errors import (LocalUsageError, PeerRejectedError, PeerTimeoutError, RemoteProtocolError, TransportError,
@@ -36,8 +41,6 @@ from .errors import (LocalUsageError, PeerRejectedError, PeerTimeoutError, Remot
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.5
-PEER_TIMEOUT_S = 10.0
 _MAX_FRAME = _wire.MAX_CONTROL_BODY + 1024
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _MAX_PENDING_CHALLENGES = 1024
@@ -131,12 +134,11 @@ class ControlServer:
         port: int,
         on_hello: HelloHandler,
         *,
-        heartbeat_s: float = HEARTBEAT_S,
-        peer_timeout_s: float = PEER_TIMEOUT_S,
+        options: PipeOptions,
         name: str = "ucxkv",
-        auth: Auth | None = None,
     ):
-        self.auth = Auth.resolve(auth)
+        """Bind ``host:port``; ``options`` gives the heartbeat, the peer timeout and who may connect (``auth``)."""
+        self.auth = Auth.resolve(options.auth)
         if self.auth.mode == "curve" and not self.auth.curve_clients:
             raise LocalUsageError("CURVE listener needs the public keys of the clients it admits (clients=..., "
                                   "or UCXKV_CURVE_CLIENTS=dir of *.key certificates)")
@@ -171,7 +173,7 @@ class ControlServer:
         self.host, self.port = host, port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._on_hello = on_hello
-        self._hb, self._timeout = heartbeat_s, peer_timeout_s
+        self._hb, self._timeout = options.heartbeat_s, options.peer_timeout_s
         self._links: dict[bytes, Link] = {}
         self._outbox: list[tuple[bytes, list[bytes]]] = []
         self._outbox_lock = threading.Lock()
@@ -428,19 +430,19 @@ def dial(
     address: str,
     hello: Hello,
     *,
-    timeout_s: float,
-    heartbeat_s: float = HEARTBEAT_S,
-    peer_timeout_s: float = PEER_TIMEOUT_S,
-    auth: Auth | None = None,
+    options: PipeOptions,
 ) -> tuple[ClientLink, Welcome]:
     """Handshake with the listener at ``address``; return the live link and its Welcome.
 
+    ``options`` gives the handshake's bound (``timeout_s``), the link's heartbeat
+    and peer timeout, and how we prove who we are (``auth``).
     Raises :class:`PeerTimeoutError` when nothing answers within ``timeout_s``,
     :class:`PeerRejectedError` when the listener refuses (authentication
     included, or when it cannot prove the shared secret), and
     :class:`RemoteProtocolError` when its answer is malformed.
     """
-    auth = Auth.resolve(auth)
+    auth = Auth.resolve(options.auth)
+    timeout_s, heartbeat_s, peer_timeout_s = options.timeout_s, options.heartbeat_s, options.peer_timeout_s
     if auth.mode == "curve" and not auth.curve_server_key:
         raise LocalUsageError("CURVE dial needs the listener's public key (server_key=..., or "
                               "UCXKV_CURVE_SERVER_CERT=its .key certificate)")

@@ -1,5 +1,9 @@
 """The process's single UCX context and worker, and the waits on its requests.
 
+Why one file of ~550 lines: one owner of one native resource; the lock, the
+progress thread, the waits and the probed receives all follow one locking
+discipline, which a split would scatter.
+
 One :class:`Engine` per process owns the native UCX resources. Every UCX call
 goes through its lock, so the worker is never touched by two threads at once.
 Progress is made in two places, and callers never drive it themselves:

@@ -1,5 +1,9 @@
 """One-sided RMA: register memory once, let a peer GET from it / PUT into it without a receive.
 
+Why one file of ~610 lines: the owner's registration, the descriptor and the
+reader's remote memory share the liveness status page and its token protocol;
+neither half means anything without the other.
+
 Owner side: :func:`register` maps a tensor or buffer with UCX (``ucp_mem_map``)
 and :meth:`Registration.descriptor` exports a small, versioned
 :class:`MemoryDescriptor` (address, length, packed remote key) to send to a
@@ -40,7 +44,6 @@ import ctypes
 import logging
 import os
 import secrets
-import struct
 import threading
 import time
 import weakref
@@ -51,6 +54,7 @@ import numpy as np
 import torch
 
 from . import _ucp_rma
+from ._envelope import MessageCodec
 from ._engine import Engine, Op, get_engine
 from .errors import LocalUsageError, PeerDeadError, RemoteProtocolError, TransportError
 
@@ -62,9 +66,9 @@ log = logging.getLogger(__name__)
 __all__ = ["MemoryDescriptor", "Registration", "RemoteMemory", "StaleMemoryError", "register", "transfer_many"]
 
 #: Version of the descriptor encoding; a peer with another one is refused by name.
+#: (1: its bytes are unchanged since it moved onto transport's MessageCodec: magic, u16 1, u16 0.)
 DESCRIPTOR_VERSION = 1
 _MAGIC = b"UKVM"
-_PRE = struct.Struct("<4sI")
 MAX_DESCRIPTOR_BYTES = 16 * 1024
 _MAX_LEN = 1 << 62
 #: Bytes posted per round (then one flush) where GET may be emulated by the owner (tcp, posix/sysv):
@@ -106,24 +110,15 @@ class MemoryDescriptor(msgspec.Struct, tag=True, frozen=True):
     token: int
 
     def to_bytes(self) -> bytes:
-        """The descriptor as bytes for a control channel (versioned preamble, then msgpack)."""
-        return _PRE.pack(_MAGIC, DESCRIPTOR_VERSION) + _encoder.encode(self)
+        """The descriptor as bytes for a control channel (a :class:`MessageCodec` message)."""
+        return _CODEC.encode(self)
 
     @classmethod
     def from_bytes(cls, data: bytes, peer: str) -> "MemoryDescriptor":
-        """Decode and validate bytes received from ``peer``; raises :class:`RemoteProtocolError` if malformed."""
-        if len(data) < _PRE.size or len(data) > MAX_DESCRIPTOR_BYTES:
-            raise RemoteProtocolError(f"memory descriptor from {peer}: {len(data)} bytes, expected "
-                                      f"{_PRE.size}..{MAX_DESCRIPTOR_BYTES}")
-        magic, version = _PRE.unpack_from(data)
-        if magic != _MAGIC:
-            raise RemoteProtocolError(f"memory descriptor from {peer}: bad magic {magic!r}")
-        if version != DESCRIPTOR_VERSION:
-            raise RemoteProtocolError(f"memory descriptor from {peer} is v{version}, we read v{DESCRIPTOR_VERSION}")
-        try:
-            d = _decoder.decode(data[_PRE.size:])
-        except msgspec.DecodeError as exc:
-            raise RemoteProtocolError(f"malformed memory descriptor from {peer}: {exc}") from None
+        """Decode and validate bytes received from ``peer``; any malformed input raises :class:`RemoteProtocolError`."""
+        if len(data) > MAX_DESCRIPTOR_BYTES:
+            raise RemoteProtocolError(f"memory descriptor from {peer}: {len(data)} bytes, at most {MAX_DESCRIPTOR_BYTES}")
+        d = _CODEC.decode(data, peer)
         bad = d._problem()
         if bad:
             raise RemoteProtocolError(f"memory descriptor from {peer}: {bad}")
@@ -143,8 +138,8 @@ class MemoryDescriptor(msgspec.Struct, tag=True, frozen=True):
         return None
 
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(MemoryDescriptor)
+_CODEC = MessageCodec(_MAGIC, DESCRIPTOR_VERSION, MemoryDescriptor, what="memory descriptor",
+                      max_body=MAX_DESCRIPTOR_BYTES, error=RemoteProtocolError, version_error=RemoteProtocolError)
 
 
 # -- owner side ----------------------------------------------------------------
@@ -234,7 +229,7 @@ def _buffer_span(obj: Any) -> tuple[int, int, str, bool, Any]:
             if not obj.flags.c_contiguous:
                 raise LocalUsageError("register() needs contiguous memory")
             return obj.ctypes.data, obj.nbytes, "host", False, obj
-        from ._tensor_codec import as_torch
+        from ._envelope import as_torch
 
         t = as_torch(obj)
     else:

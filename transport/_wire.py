@@ -1,10 +1,11 @@
 """Typed, versioned control-plane messages and their framing.
 
-Every control message travels as two ZeroMQ frames: a fixed 8-byte preamble
-(magic ``UKV`` + NUL, then the protocol version as a little-endian u32), then a
-msgpack body holding one tagged :class:`msgspec.Struct`. The preamble is checked
-before the body is decoded, so a peer of another version gets a
-:class:`VersionMismatchError` naming both versions instead of a decode error.
+Every control message travels as two ZeroMQ frames: the 8-byte preamble of
+:class:`transport._envelope.MessageCodec` (magic ``UKV`` + NUL, version u16,
+reserved u16), then a msgpack body holding one tagged :class:`msgspec.Struct`.
+The preamble is checked before the body is decoded, so a peer of another
+version gets a :class:`VersionMismatchError` naming both versions instead of a
+decode error.
 
 Messages evolve only by appending fields with defaults; a change that breaks
 that rule bumps :data:`PROTOCOL_VERSION`.
@@ -12,22 +13,22 @@ that rule bumps :data:`PROTOCOL_VERSION`.
 
 from __future__ import annotations
 
-import struct
 from typing import Union
 
 import msgspec
 
-from .errors import RemoteProtocolError, VersionMismatchError
+from ._envelope import PREAMBLE_SIZE, MessageCodec, clip
+from .errors import RemoteProtocolError
 
 # Version history:
-#   1: first release (Hello/Welcome/Reject/Heartbeat/Goodbye, TensorHeader).
+#   1: first release (Hello/Welcome/Reject/Heartbeat/Goodbye, a TensorHeader per tensor sent).
 #      Compatible additions (no bump: appended fields with defaults, and a message
 #      only sent to a dialler that asked for it): Hello.auth_nonce/auth_proof,
 #      Welcome.auth_proof, Challenge (shared-secret authentication, see .auth).
-PROTOCOL_VERSION = 1
+#   2: the data plane's send header became the envelope of transport._envelope (one header
+#      describing every tensor of a send, then the payloads); control message bytes unchanged.
+PROTOCOL_VERSION = 2
 MAGIC = b"UKV\x00"
-_PREAMBLE = struct.Struct("<4sI")
-PREAMBLE_SIZE = _PREAMBLE.size
 #: Largest control-message body accepted; anything longer is rejected unread.
 MAX_CONTROL_BODY = 64 * 1024
 
@@ -93,14 +94,13 @@ class Goodbye(msgspec.Struct, tag=True, frozen=True):
 
 ControlMessage = Union[Hello, Welcome, Reject, Heartbeat, Goodbye, Challenge]
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(ControlMessage)
-_PREAMBLE_BYTES = _PREAMBLE.pack(MAGIC, PROTOCOL_VERSION)
+CODEC = MessageCodec(MAGIC, PROTOCOL_VERSION, ControlMessage, what="control message", max_body=MAX_CONTROL_BODY)
+_PREAMBLE_BYTES = CODEC.preamble
 
 
 def encode(msg: ControlMessage) -> list[bytes]:
     """Return the frames for ``msg``: preamble, then body."""
-    return [_PREAMBLE_BYTES, _encoder.encode(msg)]
+    return [_PREAMBLE_BYTES, CODEC.encode_body(msg)]
 
 
 def decode(frames: list[bytes], peer: str) -> ControlMessage:
@@ -120,24 +120,9 @@ def decode(frames: list[bytes], peer: str) -> ControlMessage:
         raise RemoteProtocolError(
             f"malformed control message from {peer}: preamble is {len(pre)} bytes, expected {PREAMBLE_SIZE}"
         )
-    magic, version = _PREAMBLE.unpack(pre)
-    if magic != MAGIC:
-        raise RemoteProtocolError(f"malformed control message from {peer}: bad magic {magic!r}, expected {MAGIC!r}")
-    if version != PROTOCOL_VERSION:
-        raise VersionMismatchError(
-            f"protocol version mismatch with {peer}: peer speaks v{version}, we speak v{PROTOCOL_VERSION}; "
-            "upgrade the older side"
-        )
-    if len(body) > MAX_CONTROL_BODY:
-        raise RemoteProtocolError(
-            f"oversized control message from {peer}: {len(body)} bytes, limit {MAX_CONTROL_BODY}"
-        )
-    try:
-        return _decoder.decode(body)
-    except Exception as exc:  # noqa: BLE001 - DecodeError, ValidationError, RecursionError (deep nesting), ...
-        raise RemoteProtocolError(f"malformed control message from {peer}: {clip(str(exc))}") from None
+    CODEC.check_preamble(pre, peer)
+    return CODEC.decode_body(body, peer)
 
 
-def clip(text: str, limit: int = 200) -> str:
-    """``text`` cut to ``limit`` characters: what a peer sent is never echoed back or logged at length."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+__all__ = ["Hello", "Welcome", "Challenge", "Reject", "Heartbeat", "Goodbye", "ControlMessage", "PROTOCOL_VERSION",
+           "MAGIC", "PREAMBLE_SIZE", "MAX_CONTROL_BODY", "CODEC", "encode", "decode", "clip"]

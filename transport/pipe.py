@@ -1,15 +1,23 @@
 """The Pipe: a one-way, ordered stream of tensors between two processes.
 
+Why one file of ~650 lines: the send and receive halves share one state (the
+sequence numbers and tags, the endpoint's single owner, the break and close
+rules), which a split would scatter. Accepting many peers is its own module,
+:mod:`transport._listener`; the wire format is :mod:`transport._envelope`.
+
 ``Pipe.listen`` binds a ZeroMQ control socket and waits for one peer;
 ``Pipe.connect`` dials it. The handshake swaps UCX worker addresses, so the
 data moves over whatever UCX picks (shared memory, cma, TCP, RDMA, cuda_ipc).
 Each end may send and receive: the tensors one end sends arrive at the other
 in the order sent (each direction is its own FIFO).
 
-A tensor is a header frame (dtype, shape, byte count, sequence number) and,
-unless small enough to ride inside the header, its bytes, sent straight from
-the tensor's memory and received straight into the tensor the receiver
-allocates on the device it asked for. ``None`` travels as a header alone.
+Every send is one header frame (:class:`transport._envelope.Header`: a
+sequence number, a spec per tensor with dtype, shape, byte count and device,
+and for :meth:`Pipe.send_message` the message body) followed by one payload
+per tensor too large to ride inside the header, sent straight from the
+tensor's memory and received straight into the tensor the receiver allocates
+on the device it asked for. ``None`` travels as a spec alone. A message with
+N tensors is one header and its payloads, never a header per tensor.
 """
 
 from __future__ import annotations
@@ -22,15 +30,17 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
+from typing_extensions import Unpack
+
 import numpy as np
 import torch
 
-from . import _tensor_codec as codec
+from . import _envelope as codec
 from . import _wire
-from ._control import PEER_TIMEOUT_S, HEARTBEAT_S, ClientLink, ControlServer, Link, dial
+from ._control import ClientLink, ControlServer, Link, dial
 from ._engine import Engine, Op, get_engine
+from ._options import PipeKeywords, PipeOptions
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
-from .auth import Auth
 
 if TYPE_CHECKING:
     from ._rma import MemoryDescriptor, RemoteMemory
@@ -41,11 +51,9 @@ log = logging.getLogger(__name__)
 #: A transfer at least this large is waited for as a stream (see transport._engine.Op).
 _STREAM_BYTES = 64 * 1024
 
-__all__ = ["Pipe", "PipeListener", "Handle", "TensorLike"]
+__all__ = ["Pipe", "Handle", "TensorLike"]
 
 TensorLike = Any  # torch.Tensor, numpy.ndarray, cupy.ndarray, or anything with __dlpack__
-DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_MAX_TENSOR_BYTES = 64 << 30
 _SEQ_BITS = 23
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 _TAG_BASE_BITS = 40
@@ -114,7 +122,7 @@ class _RecvHandle(Handle):
         self._slots, self._single = slots, single
 
     def done(self) -> bool:
-        return all(s.header_op._done and (s.payload_op is None or s.payload_op._done) for s in self._slots)
+        return all(s.header_op._done and all(op._done for op in s.payload_ops) for s in self._slots)
 
     def wait(self, timeout: float | None = None) -> Any:
         if not self._waited:
@@ -127,34 +135,30 @@ class _RecvHandle(Handle):
 class _RecvSlot:
     """State of one posted receive: its header op and, once known, its payload op."""
 
-    __slots__ = ("seq", "frame", "header_op", "payload_op", "tensor", "header", "batch")
+    __slots__ = ("seq", "frame", "header_op", "payload_ops", "tensors", "header", "batch", "message", "refused")
 
-    def __init__(self, seq: int, frame: np.ndarray, header_op: Op):
-        self.seq, self.frame, self.header_op = seq, frame, header_op
+    def __init__(self, seq: int, frame: np.ndarray, header_op: Op, message: bool = False):
+        self.seq, self.frame, self.header_op, self.message = seq, frame, header_op, message
         self.batch = False  # posted by recv_tensors_async (several batches may be pending)
-        self.payload_op: Op | None = None
-        self.tensor: torch.Tensor | None = None
-        self.header: codec.TensorHeader | None = None
+        self.payload_ops: list[Op] = []
+        self.tensors: list[torch.Tensor | None] = []
+        self.header: codec.Header | None = None
+        self.refused: str | None = None  # a message announcing more tensors than the receiver accepts
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        return self.tensors[0] if self.tensors else None
 
 
 class Pipe:
     """One end of a tensor pipe. Build with :meth:`listen` or :meth:`connect`."""
 
-    def __init__(
-        self,
-        *,
-        name: str | None,
-        timeout_s: float,
-        device: str | torch.device,
-        max_tensor_bytes: int,
-        heartbeat_s: float,
-        peer_timeout_s: float,
-    ):
+    def __init__(self, *, name: str | None, options: PipeOptions):
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.timeout_s = float(timeout_s)
-        self.device = torch.device(device)
-        self.max_tensor_bytes = int(max_tensor_bytes)
-        self._heartbeat_s, self._peer_timeout_s = heartbeat_s, peer_timeout_s
+        self.options = options
+        self.timeout_s = float(options.timeout_s)
+        self.device = torch.device(options.device)
+        self.max_tensor_bytes = int(options.max_tensor_bytes)
         self._engine: Engine = get_engine()
         self._recv_tag = secrets.randbits(_TAG_BASE_BITS) | 1
         self._send_tag: int | None = None
@@ -173,6 +177,7 @@ class Pipe:
         self._recv_seq = 0
         self._slots: list[_RecvSlot] = []
         self._broken: str | None = None
+        self._recv_refused: str | None = None  # recv_message refused an envelope unreceived: out of step
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
@@ -187,23 +192,19 @@ class Pipe:
         port: int = 0,
         *,
         name: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        device: str | torch.device = "cpu",
-        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
-        heartbeat_s: float = HEARTBEAT_S,
-        peer_timeout_s: float = PEER_TIMEOUT_S,
-        auth: Auth | None = None,
+        options: PipeOptions | None = None,
+        **keywords: Unpack[PipeKeywords],
     ) -> "Pipe":
         """Listen on ``host:port`` (port 0 picks a free one, see ``.address``) for one peer.
 
         Returns at once; the first send or receive waits (up to ``timeout_s``)
-        for the peer to connect, or call :meth:`wait_connected`. ``auth``
-        (:class:`transport.auth.Auth`; None reads ``UCXKV_AUTH``) decides who may connect.
+        for the peer to connect, or call :meth:`wait_connected`. ``options``
+        (:class:`PipeOptions`) holds every parameter; the keywords, when given,
+        override it (``auth``: :class:`transport.auth.Auth`, None reads ``UCXKV_AUTH``).
         """
-        self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                   heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
-        self._server = ControlServer(host, port, self._on_hello, heartbeat_s=heartbeat_s,
-                                     peer_timeout_s=peer_timeout_s, name="pipe", auth=auth)
+        opts = PipeOptions.of(options, **keywords)
+        self = cls(name=name, options=opts)
+        self._server = ControlServer(host, port, self._on_hello, options=opts, name="pipe")
         self.address = self._server.address
         log.info("pipe %s listening on %s", self.name, self.address)
         return self
@@ -214,27 +215,24 @@ class Pipe:
         address: str,
         *,
         name: str | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        device: str | torch.device = "cpu",
-        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
-        heartbeat_s: float = HEARTBEAT_S,
-        peer_timeout_s: float = PEER_TIMEOUT_S,
+        options: PipeOptions | None = None,
         service: str = "pipe",
         meta: dict[str, str] | None = None,
-        auth: Auth | None = None,
+        **keywords: Unpack[PipeKeywords],
     ) -> "Pipe":
         """Connect to a listening pipe (or :class:`PipeListener` of ``service``) at ``host:port``.
 
         Raises :class:`PeerTimeoutError` if nothing answers, :class:`PeerRejectedError`
         if the listener refuses (busy, wrong service or version, authentication).
-        ``auth`` (:class:`transport.auth.Auth`; None reads ``UCXKV_AUTH``) is how we prove who we are.
+        ``options`` (:class:`PipeOptions`) holds every parameter; the keywords, when
+        given, override it (``auth``: :class:`transport.auth.Auth`, None reads
+        ``UCXKV_AUTH``, is how we prove who we are).
         """
-        self = cls(name=name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                   heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        opts = PipeOptions.of(options, **keywords)
+        self = cls(name=name, options=opts)
         hello = Hello(role="pipe", name=self.name, worker_address=self._engine.address,
                       recv_tag=self._recv_tag, capabilities=_capabilities(), service=service, meta=dict(meta or {}))
-        link, welcome = dial(address, hello, timeout_s=timeout_s, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s,
-                             auth=auth)
+        link, welcome = dial(address, hello, options=opts)
         try:
             if not 0 < welcome.recv_tag < (1 << _TAG_BASE_BITS):
                 raise RemoteProtocolError(f"{address} sent recv_tag {welcome.recv_tag} out of range")
@@ -324,57 +322,90 @@ class Pipe:
         raise exc
 
     # -- sending ---------------------------------------------------------
-    def _post_send(self, obj: TensorLike | None) -> tuple[list[Any], list[Any], int]:
-        seq = self._send_seq
-        self._send_seq += 1
-        frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
-        mv = memoryview(frame)
-        keep: list[Any] = [frame]
-        payload: Any = None
-        nbytes = 0
-        if obj is None:
-            used = codec.encode_header(mv, codec.TensorHeader(seq=seq, none=True))
-        else:
-            t = codec.as_torch(obj)
-            if not t.is_contiguous():
+    def _post_send(self, objs: Sequence[TensorLike | None], body: bytes | None) -> tuple[list[Any], list[Any], int]:
+        """Post one header for ``objs`` (and ``body``), then a payload per tensor that does not ride inline."""
+        tensors: list[torch.Tensor | None] = []
+        for obj in objs:
+            t = None if obj is None else codec.as_torch(obj)
+            if t is not None and not t.is_contiguous():
                 t = t.contiguous()  # the one copy a strided tensor needs
-            name = codec.dtype_name(t.dtype)
-            nbytes = t.numel() * t.element_size()
-            inline = nbytes <= codec.INLINE_LIMIT
-            h = codec.TensorHeader(seq=seq, none=False, dtype=name, shape=list(t.shape), nbytes=nbytes, inline=inline)
-            if inline and nbytes:
-                used = codec.encode_header(mv, h, _host_bytes(t))
-            else:
-                used = codec.encode_header(mv, h)
-            if not inline:
-                payload = codec.ucx_buffer(t)
-                keep += [t, payload]
+            tensors.append(t)
+        specs = [None if t is None else codec.spec_of(t, False) for t in tensors]
+        seq = self._send_seq
+        # what is left of the frame once the header is written goes to small tensors, in order
+        wire_seq = seq & _SEQ_MASK  # what the receiver checks (it compares its own seq masked alike)
+        room = codec.INLINE_LIMIT - len(codec._encoder.encode(codec.Header(wire_seq, specs, body)))
+        inline: list[memoryview] = []
+        payloads: list[Any] = []
+        keep: list[Any] = []
+        nbytes = 0
+        for i, (t, sp) in enumerate(zip(tensors, specs)):
+            if t is None or sp is None:
+                continue
+            nbytes += sp.nbytes
+            if sp.nbytes <= room:
+                room -= sp.nbytes
+                specs[i] = codec.TensorSpec(sp.dtype, sp.shape, sp.nbytes, sp.device, True)
+                if sp.nbytes:
+                    inline.append(_host_bytes(t))
+            elif sp.nbytes:
+                buf = codec.ucx_buffer(t)
+                payloads.append(buf)
+                keep += [t, buf]
+        frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
+        used = codec.encode_header(memoryview(frame), codec.Header(wire_seq, specs, body), inline)
+        keep.append(frame)
+        # the header takes seq, payload j takes seq + j: a send spans max(1, payloads) sequence numbers
+        self._send_seq += max(1, len(payloads))
         out = [self._engine.tag_send(self._ep, frame[:used], self._tag(self._send_tag, seq, False))]
-        if payload is not None:
-            out.append(self._engine.tag_send(self._ep, payload, self._tag(self._send_tag, seq, True)))
+        for j, buf in enumerate(payloads):
+            out.append(self._engine.tag_send(self._ep, buf, self._tag(self._send_tag, seq + j, True)))
         return out, keep, nbytes
 
-    def send_tensors_async(self, tensors: Sequence[TensorLike | None], _background: bool = True) -> Handle:
-        """Start sending ``tensors`` in order; return a :class:`Handle` (``wait()`` returns None).
-
-        The tensors must not be modified until the handle completes (their memory
-        is read in place).
-        """
+    def _send_async(self, sends: Sequence[tuple[Sequence[TensorLike | None], bytes | None]], background: bool,
+                    what: str) -> Handle:
         self._ready()
         requests: list[Any] = []
         keep: list[Any] = []
         total = 0
         with self._send_lock:
-            for t in tensors:
-                r, k, n = self._post_send(t)
+            for objs, body in sends:
+                r, k, n = self._post_send(objs, body)
                 requests += r
                 keep += k
                 total += n
         self.bytes_sent += total
         op = Op(requests, keep, stream=total >= _STREAM_BYTES)
-        if _background:  # a caller that waits at once progresses it itself (no lock/GIL contention)
+        if background:  # a caller that waits at once progresses it itself (no lock/GIL contention)
             self._engine.track(op)
-        return Handle(self, [op], f"sending {len(tensors)} tensor(s) to {self.peer}")
+        return Handle(self, [op], what)
+
+    def send_tensors_async(self, tensors: Sequence[TensorLike | None], _background: bool = True) -> Handle:
+        """Start sending ``tensors`` in order; return a :class:`Handle` (``wait()`` returns None).
+
+        The tensors must not be modified until the handle completes (their memory
+        is read in place). Each tensor is its own send (received by one
+        :meth:`recv_tensor` each); :meth:`send_message` sends many under one header.
+        """
+        return self._send_async([([t], None) for t in tensors], _background,
+                                f"sending {len(tensors)} tensor(s) to {self.peer}")
+
+    def send_message_async(self, body: bytes, tensors: Sequence[TensorLike | None] = (),
+                           _background: bool = True) -> Handle:
+        """Start sending ``body`` (a :class:`MessageCodec`-encoded message) and ``tensors`` as one envelope.
+
+        One header describes every tensor (dtype, shape, byte count, device) and
+        carries ``body`` and the small tensors; each larger tensor follows as one
+        payload straight from its memory. The peer receives it whole with
+        :meth:`recv_message`. The tensors must not be modified until the handle completes.
+        """
+        return self._send_async([(tensors, bytes(body))], _background,
+                                f"sending a message with {len(tensors)} tensor(s) to {self.peer}")
+
+    def send_message(self, body: bytes, tensors: Sequence[TensorLike | None] = (),
+                     timeout: float | None = None) -> None:
+        """Send ``body`` and ``tensors`` as one envelope; returns once the peer has it all (see :meth:`send_message_async`)."""
+        self.send_message_async(body, tensors, _background=False).wait(timeout)
 
     def send_tensor_async(self, tensor: TensorLike | None) -> Handle:
         """Start sending one tensor (or None); see :meth:`send_tensors_async`."""
@@ -389,62 +420,84 @@ class Pipe:
         self.send_tensors_async([tensor], _background=False).wait(timeout)
 
     # -- receiving -------------------------------------------------------
-    def _post_recv(self, device: torch.device, out: torch.Tensor | None = None, background: bool = True) -> _RecvSlot:
+    def _post_recv(self, device: torch.device, out: torch.Tensor | None = None, background: bool = True,
+                   message: bool = False, max_tensors: int | None = None) -> _RecvSlot:
+        """Post the receive of the next header; once it arrived, allocate its tensors and post their payloads."""
         seq = self._recv_seq
         self._recv_seq += 1
         frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
         slot_box: list[_RecvSlot] = []
-        what = f"tensor #{seq} from {self.peer}"
+        what = f"{'message' if message else 'tensor'} #{seq} from {self.peer}"
 
         def on_header() -> None:
             slot = slot_box.pop()  # the op drops this callback once run: no cycle keeps the slot alive
             got = header_req.length  # only the bytes that arrived are parsed (inline bytes included)
             h, inline = codec.decode_header(memoryview(frame)[:got], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
+            if message and h.body is None:
+                raise RemoteProtocolError(f"{self.peer} sent a bare tensor where {what} was expected")
+            if not message and (h.body is not None or len(h.tensors) != 1):
+                raise RemoteProtocolError(f"{self.peer} sent a message of {len(h.tensors)} tensor(s) where "
+                                          f"tensor #{seq} was expected")
             slot.header = h
-            if h.none:
+            if message and max_tensors is not None and len(h.tensors) > max_tensors:
+                # nothing of it is received: the caller answers and drops the peer (the stream is out of step)
+                slot.refused = f"{what} announces {len(h.tensors)} tensors, at most {max_tensors} accepted"
                 return
-            if out is not None:
-                if codec.DTYPES[h.dtype] != out.dtype or list(out.shape) != list(h.shape):
-                    raise RemoteProtocolError(
-                        f"{self.peer} sent {h.dtype}{list(h.shape)} but the receive expected "
-                        f"{codec.dtype_name(out.dtype)}{list(out.shape)}")
-                t = out
-            else:
-                try:
-                    t = torch.empty(h.shape, dtype=codec.DTYPES[h.dtype], device=device)
-                except (RuntimeError, MemoryError) as exc:  # the peer's claim, not our fault
-                    raise RemoteProtocolError(f"{what} claims {h.dtype}{h.shape[:8]} ({h.nbytes} bytes), which "
-                                              f"cannot be allocated on {device}: {_wire.clip(str(exc))}") from None
-            slot.tensor = t
-            self.bytes_received += h.nbytes
-            if h.inline:
-                if h.nbytes:
+            if message:  # its payloads take the sequence numbers after it (a bare tensor spans one)
+                self._recv_seq = seq + max(1, h.payloads)
+            # several payloads: the progress thread posts each as its message arrives (the waiter takes
+            # them one by one, and a rendezvous not yet posted would wait for the one before it)
+            track = background or h.payloads > 1
+            j = 0
+            for i, (spec, data) in enumerate(zip(h.tensors, inline)):
+                if spec is None:
+                    slot.tensors.append(None)
+                    continue
+                if out is not None:
+                    if codec.DTYPES[spec.dtype] != out.dtype or list(out.shape) != list(spec.shape):
+                        raise RemoteProtocolError(
+                            f"{self.peer} sent {spec.dtype}{list(spec.shape)} but the receive expected "
+                            f"{codec.dtype_name(out.dtype)}{list(out.shape)}")
+                    t = out
+                else:
+                    try:
+                        t = torch.empty(spec.shape, dtype=codec.DTYPES[spec.dtype], device=device)
+                    except (RuntimeError, MemoryError) as exc:  # the peer's claim, not our fault
+                        raise RemoteProtocolError(
+                            f"{what} claims {spec.dtype}{spec.shape[:8]} ({spec.nbytes} bytes) for tensor {i}, "
+                            f"which cannot be allocated on {device}: {codec.clip(str(exc))}") from None
+                slot.tensors.append(t)
+                self.bytes_received += spec.nbytes
+                if not spec.nbytes:
+                    continue
+                if spec.inline:
                     if t.device.type == "cpu":
-                        _host_bytes(t)[:] = inline
+                        _host_bytes(t)[:] = data
                     else:
-                        codec.byte_view(t).copy_(torch.frombuffer(inline, dtype=torch.uint8))
-                return
-            if h.nbytes:
+                        codec.byte_view(t).copy_(torch.frombuffer(data, dtype=torch.uint8))
+                    continue
                 buf = codec.ucx_buffer(t)
-                req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True), h.nbytes,
-                                            f"payload of {what}", self._ep_open)
-                slot.payload_op = Op([req], [t, buf], stream=h.nbytes >= _STREAM_BYTES)
-                if background:
-                    self._engine.track(slot.payload_op)
+                req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq + j, True), spec.nbytes,
+                                            f"payload {i} of {what}", self._ep_open)
+                j += 1
+                op = Op([req], [t, buf], stream=spec.nbytes >= _STREAM_BYTES)
+                slot.payload_ops.append(op)
+                if track:
+                    self._engine.track(op)
 
         header_req = self._engine.tag_recv(self._ep, frame, self._tag(self._recv_tag, seq, False), None,
                                            f"header of {what}", self._ep_open)
-        slot = _RecvSlot(seq, frame, Op([header_req], [frame], on_header))
+        slot = _RecvSlot(seq, frame, Op([header_req], [frame], on_header), message)
         slot_box.append(slot)
         if background:
             self._engine.track(slot.header_op)
         return slot
 
     def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
-        what = f"receiving tensor #{slot.seq} from {self.peer}"
+        what = f"receiving {'message' if slot.message else 'tensor'} #{slot.seq} from {self.peer}"
         self._wait_ops([slot.header_op], deadline, what + " (header)", slot.seq)
-        if slot.payload_op is not None:
-            self._wait_ops([slot.payload_op], deadline, what + f" ({slot.header.nbytes} bytes)", slot.seq)
+        for i, op in enumerate(slot.payload_ops):
+            self._wait_ops([op], deadline, what + f" (payload {i})", slot.seq)
         return slot.tensor
 
     def _finish_slots(self, slots: list[_RecvSlot], deadline: float) -> list[torch.Tensor | None]:
@@ -498,26 +551,59 @@ class Pipe:
         if out is not None:
             # waited on at once: this thread progresses it (no hand-over to the progress thread)
             return self.recv_tensors_async(out=[out], _single=True, _background=False).wait(timeout)
+        return self._recv_next(device, timeout, False, None).tensor
+
+    def recv_message(self, device: str | torch.device | None = None, timeout: float | None = None,
+                     max_tensors: int | None = None) -> tuple[bytes, list[torch.Tensor | None]]:
+        """Receive the next :meth:`send_message` envelope: ``(body, tensors)``, tensors on ``device``.
+
+        Every tensor of the envelope is checked against its spec (dtype, shape,
+        byte count, this pipe's ``max_tensor_bytes``) before anything is
+        allocated. An envelope announcing more than ``max_tensors`` tensors is
+        refused unreceived with :class:`RemoteProtocolError`; the pipe can still
+        send (to answer) but receives nothing more. A timeout is not fatal, as
+        for :meth:`recv_tensor`.
+        """
+        slot = self._recv_next(device, timeout, True, max_tensors)
+        if slot.refused is not None:
+            self._recv_refused = slot.refused
+            raise RemoteProtocolError(slot.refused)
+        assert slot.header is not None and slot.header.body is not None
+        return slot.header.body, slot.tensors
+
+    @property
+    def refused(self) -> str | None:
+        """Why :meth:`recv_message` refused an envelope unreceived (the pipe then only sends), or None."""
+        return self._recv_refused
+
+    def _recv_next(self, device: str | torch.device | None, timeout: float | None, message: bool,
+                   max_tensors: int | None) -> _RecvSlot:
+        """Wait for the next posted (or newly posted) receive of the kind asked; it stays posted on a timeout."""
         self._ready(timeout)
+        if self._recv_refused is not None:
+            raise RemoteProtocolError(f"pipe {self.name} receives nothing more from {self.peer}: {self._recv_refused}")
         dev = self.device if device is None else torch.device(device)
         deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
         with self._recv_lock:
             if any(sl.batch for sl in self._slots):
                 raise LocalUsageError("recv_tensors_async handles are pending on this pipe; wait on them first")
+            if self._slots and self._slots[0].message != message:
+                pending = "recv_message" if self._slots[0].message else "recv_tensor"
+                raise LocalUsageError(f"a {pending} that timed out is still pending on this pipe; call {pending} first")
             if not self._slots:
-                self._slots.append(self._post_recv(dev, background=False))
+                self._slots.append(self._post_recv(dev, background=False, message=message, max_tensors=max_tensors))
             slot = self._slots[0]
             if not slot.header_op._done:
                 try:
-                    self._engine.wait(slot.header_op, deadline, f"receiving tensor #{slot.seq} from {self.peer}",
+                    self._engine.wait(slot.header_op, deadline, f"receiving #{slot.seq} from {self.peer}",
                                       lambda: self._alive(slot.seq))
                 except PeerTimeoutError:
                     raise  # nothing arrived yet: the receive stays posted
                 except (PeerError, RemoteProtocolError) as exc:
                     self._fail(exc, "receiving")
-            tensor = self._finish_slot(slot, deadline)
+            self._finish_slot(slot, deadline)
             self._slots.pop(0)
-            return tensor
+            return slot
 
     # -- one-sided access --------------------------------------------------
     def remote_memory(self, descriptor: "bytes | MemoryDescriptor") -> "RemoteMemory":
@@ -578,81 +664,3 @@ class Pipe:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("broken" if self._broken else ("connected" if self._connected.is_set() else "waiting"))
         return f"<Pipe {self.name} {state} peer={self.peer} address={self.address}>"
-
-
-class PipeListener:
-    """Accepts any number of peers on one ``host:port``; each becomes its own :class:`Pipe`.
-
-    ``accept()`` hands out connected pipes in arrival order. Closing the listener
-    stops accepting; pipes already handed out stay usable until closed.
-    """
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        *,
-        name: str | None = None,
-        service: str = "pipe",
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        device: str | torch.device = "cpu",
-        max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
-        heartbeat_s: float = HEARTBEAT_S,
-        peer_timeout_s: float = PEER_TIMEOUT_S,
-        max_pending: int = 64,
-        auth: Auth | None = None,
-    ):
-        import queue
-
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.service = service
-        self._kw = dict(name=self.name, timeout_s=timeout_s, device=device, max_tensor_bytes=max_tensor_bytes,
-                        heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
-        self._accepted: "queue.Queue[Pipe]" = queue.Queue(max_pending)
-        self._closed = False
-        self._server = ControlServer(host, port, self._on_hello, heartbeat_s=heartbeat_s,
-                                     peer_timeout_s=peer_timeout_s, name=service, auth=auth)
-        self.address = self._server.address
-        log.info("%s listener %s on %s", service, self.name, self.address)
-
-    def _on_hello(self, hello: Hello, link: Link) -> Welcome | Reject:
-        if self._closed:
-            return Reject("closed", f"listener {self.name} is closing")
-        bad = _hello_problem(hello, self.service)
-        if bad is not None:
-            return bad
-        if self._accepted.full():
-            return Reject("busy", f"listener {self.name} has too many unaccepted peers")
-        pipe = Pipe(**self._kw)
-        pipe._server, pipe._owns_server = self._server, False
-        pipe.address = self.address
-        pipe._attach(link, hello.worker_address, hello.recv_tag)
-        self._accepted.put_nowait(pipe)
-        return Welcome(role=self.service, name=self.name, worker_address=pipe._engine.address,
-                       recv_tag=pipe._recv_tag, capabilities=_capabilities())
-
-    def accept(self, timeout: float | None = None) -> Pipe:
-        """The next connected peer's pipe; raises :class:`PeerTimeoutError` after ``timeout`` seconds."""
-        import queue
-
-        try:
-            return self._accepted.get(timeout=timeout)
-        except queue.Empty:
-            raise PeerTimeoutError(f"no peer connected to {self.address} within {timeout}s") from None
-
-    @property
-    def rejected(self) -> int:
-        """How many handshakes or messages this listener refused."""
-        return self._server.rejected
-
-    def close(self) -> None:
-        """Stop accepting and close the control socket (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            self._server.close()
-
-    def __enter__(self) -> "PipeListener":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -45,6 +45,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from transport import PipeOptions
+
+from .._serving import KV_PIPE_OPTIONS
 from .addresses import resolve_advertise_host
 
 __all__ = ["UcxConfig"]
@@ -78,6 +81,11 @@ class UcxConfig:
     corrupt: bool = False
     retain_kv: bool = False
     num_groups: int = 1  # KV cache groups moved (hybrid models with vLLM's hybrid allocator: more than one)
+
+    def pipe_options(self, device: Any = None) -> PipeOptions:
+        """The options of every pipe this connector opens: one exchange bounded by ``fetch_timeout_s``,
+        received tensors landing on ``device`` (None: the package default)."""
+        return KV_PIPE_OPTIONS.replace(timeout_s=self.fetch_timeout_s, device=device)
 
     @classmethod
     def from_vllm(cls, vllm_config: Any, num_groups: int = 1) -> "UcxConfig":

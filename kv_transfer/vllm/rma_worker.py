@@ -108,7 +108,7 @@ class RmaTransfer:
     def serve(self, host: str, port: int) -> str:
         """Register the caches and serve their leased blocks on ``host:port``; returns the address."""
         self.server = RmaKVServer(self._caches, self._layout, host, port, lease_s=self.config.lease_s,
-                                  on_free=self._on_sent, timeout_s=self.config.fetch_timeout_s)
+                                  on_free=self._on_sent, options=self.config.pipe_options())
         return self.server.address
 
     def offer(self, specs: Sequence[SaveSpec]) -> None:
@@ -130,7 +130,7 @@ class RmaTransfer:
             c = self._clients.get(address)
             if c is None:
                 c = self._clients[address] = RmaKVClient(address, self._caches, self._regs, self._layout,
-                                                         timeout_s=self.config.fetch_timeout_s)
+                                                         options=self.config.pipe_options())
             return c
 
     def load(self, spec: LoadSpec, reads: Sequence[tuple[str, Optional[HeadRead], int]]) -> int:

@@ -245,8 +245,7 @@ class UcxWorker:
         """The consumer of ``group``'s layers reading from ``address`` (all groups share one client)."""
         cs = self._consumers.get(address)
         if cs is None:
-            client = LookupClient(address, timeout_s=self.config.fetch_timeout_s, device=self._caches[0].device,
-                                  redial=True)
+            client = LookupClient(address, options=self.config.pipe_options(self._caches[0].device), redial=True)
             cs = [KVConsumer(client, caches, self._layout, wait_s=0.0, verify=self.config.verify_kv)
                   for caches in self._group_caches]
             self._consumers[address] = cs
