@@ -211,3 +211,22 @@ def test_unauthenticated_consumer_cannot_fetch_and_server_keeps_serving(mode, pe
         good = peers.start(_auth_consumer, server.address, good_env)
         assert peers.expect(good, "ok", 120) == key.tolist()
         assert buf.bytes_used == 0
+
+
+def test_non_loopback_listener_needs_auth_or_an_explicit_opt_out(monkeypatch):
+    """Authentication is required by default on any address but loopback; UCXKV_AUTH=none or
+    auth=Auth.none() turns it off explicitly, and a loopback listener needs neither."""
+    monkeypatch.delenv("UCXKV_AUTH", raising=False)
+    assert not Auth.from_env({}).explicit and Auth.from_env({"UCXKV_AUTH": "none"}).explicit
+    with pytest.raises(LocalUsageError, match="refusing to listen on 0.0.0.0.*UCXKV_AUTH=none"):
+        Pipe.listen("0.0.0.0", 0, timeout_s=5)
+    with Pipe.listen("127.0.0.1", 0, timeout_s=5):  # loopback: off by default, as before
+        pass
+    for opt_out in (Auth.none(), Auth.from_env({"UCXKV_AUTH": "none"})):
+        with Pipe.listen("0.0.0.0", 0, timeout_s=5, auth=opt_out) as lst:
+            with Pipe.connect(f"127.0.0.1:{lst.address.rsplit(':', 1)[1]}", timeout_s=10, auth=Auth.none()) as c:
+                _roundtrip(lst, c)
+    with Pipe.listen("0.0.0.0", 0, timeout_s=5, auth=Auth.secret(SECRET)) as lst:
+        with Pipe.connect(f"127.0.0.1:{lst.address.rsplit(':', 1)[1]}", timeout_s=10,
+                          auth=Auth.secret(SECRET)) as c:
+            _roundtrip(lst, c)
