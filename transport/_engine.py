@@ -39,7 +39,7 @@ _TICK_S = 0.05
 _CLOSE_PERIOD_NS = 100_000
 _CLOSE_ATTEMPTS = 100
 #: How often (at most) the worker's unexpected queue is swept of messages no live pipe owns.
-_SWEEP_S = 0.2
+_SWEEP_S = 0.05
 
 # A packed UCX worker address starts with a header byte whose low 4 bits are the
 # address format version (ucp/wireup/address.c: UCP_OBJECT_VERSION_V1 = 0, V2 = 1;
