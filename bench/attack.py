@@ -498,10 +498,10 @@ def lookup_consumers(t: Target, s: Scale) -> str:
     return f"{n} lookup consumers (connect, stats, close)"
 
 
-def proxy_bodies(t: Target, s: Scale) -> str:
-    """Class 9: an oversized body, clients closing mid-body, and a big body beside small requests."""
-    host, port = t.address.removeprefix("http://").rsplit(":", 1)
-    n = 64 * 1024 * 1024 + 1
+def post_raw_body(url: str, n: int) -> tuple[bytes, bytes]:
+    """POST ``n`` bytes of body to ``url`` over a raw socket (the server may answer before reading
+    them all); its status line and headers, and its body."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as c:
         c.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   f"Content-Length: {n}\r\nConnection: close\r\n\r\n".encode())
@@ -513,6 +513,13 @@ def proxy_bodies(t: Target, s: Scale) -> str:
         while chunk := c.recv(65536):
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
+    return head, body
+
+
+def proxy_bodies(t: Target, s: Scale) -> str:
+    """Class 9: an oversized body, clients closing mid-body, and a big body beside small requests."""
+    host, port = t.address.removeprefix("http://").rsplit(":", 1)
+    head, body = post_raw_body(t.address, 64 * 1024 * 1024 + 1)
     if not head.startswith(b"HTTP/1.1 413") or json.loads(body)["error"]["code"] != 413:
         raise AssertionError(f"oversized body: {head[:100]!r} {body[:200]!r}")
     for _ in range(20):

@@ -437,21 +437,9 @@ def _proxy_serves(proxy: Any) -> None:
 
 
 def test_proxy_oversized_body_gets_a_json_413(proxy):
-    import socket
+    from bench.attack import post_raw_body
 
-    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    n = 64 * 1024 * 1024 + 1
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {n}\r\nConnection: close\r\n\r\n".encode())
-        try:
-            s.sendall(b" " * n)
-        except OSError:
-            pass  # the proxy may answer and close before reading it all
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+    head, body = post_raw_body(proxy.url, 64 * 1024 * 1024 + 1)
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
     assert b"application/json" in head
     assert json.loads(body)["error"]["code"] == 413
