@@ -555,8 +555,8 @@ def dial(
                     hint = (f" (authentication is on here, mode {auth.mode}: a listener that refuses our "
                             "credentials or does not use them may stay silent)")
                 else:
-                    hint = (" (authentication is off here: a listener that requires CURVE authentication "
-                            "stays silent to us; see UCXKV_AUTH)")
+                    hint = (" (authentication is off here; a listener that requires it would have failed "
+                            "the handshake at once: see UCXKV_AUTH)")
                 raise PeerTimeoutError(
                     f"no handshake answer from {address} within {timeout_s:.1f}s: is a ucxkv listener running "
                     f"there?{hint}"
