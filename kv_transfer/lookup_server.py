@@ -13,6 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Any, List, Optional
 
 from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, PipeOptions, RemoteProtocolError
+from transport._envelope import clip as _clip
 from transport.auth import Auth
 
 from . import _lookup_wire as wire
@@ -130,6 +131,8 @@ class LookupServer:
                     break
         except PeerError as exc:
             log.info("lookup server %s: consumer %s gone: %s", self.address, peer, exc)
+        except RemoteProtocolError as exc:  # the consumer's fault: one line, never a traceback per request
+            log.warning("lookup server %s: dropped consumer %s: %s", self.address, peer, _clip(str(exc)))
         except Exception:  # noqa: BLE001 - one consumer's failure must not kill the server
             if self._stop.is_set():
                 return  # close() closed this pipe under the handler: the expected way out

@@ -20,6 +20,10 @@
 #                                ports kv_port + i*TP ...: leave PREFILL_KV_PORT .. + TP*DP - 1 free)
 #   UCX_TLS, UCX_NET_DEVICES [unset] exported to vLLM when set (UCX picks otherwise)
 #   VLLM_CPU_KVCACHE_SPACE [1]   GiB of KV cache on CPU builds (ignored on GPU)
+#   UCXKV_AUTH, UCXKV_SECRET_FILE [unset] control-plane authentication (docs/reliability.md): a KV
+#                                listener on a non-loopback address needs UCXKV_AUTH=secret (and the
+#                                same UCXKV_SECRET_FILE on every prefill and decode node) or curve, or
+#                                an explicit UCXKV_AUTH=none on a trusted network
 
 UCXKV_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # the connector module must import in every vLLM process (front end, EngineCore, workers)
@@ -40,6 +44,21 @@ if [[ -n "${UCX_TLS:-}" ]]; then export UCX_TLS; fi
 if [[ -n "${UCX_NET_DEVICES:-}" ]]; then export UCX_NET_DEVICES; fi
 
 ucxkv_log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+# require_kv_auth KV_HOST: refuse, before vLLM starts, what the KV listener would refuse later:
+# a non-loopback address without UCXKV_AUTH (secret, curve, or an explicit none).
+require_kv_auth() {
+    case "$1" in
+        127.*|localhost|::1) return 0 ;;
+    esac
+    if [[ -z "${UCXKV_AUTH:-}" ]]; then
+        ucxkv_log "error: the KV listener would bind $1 (not loopback) without authentication. Set" \
+            "UCXKV_AUTH=secret and UCXKV_SECRET_FILE=path (the same file on every prefill and decode node)," \
+            "or UCXKV_AUTH=none on a network only the serving cluster reaches (docs/reliability.md)."
+        exit 2
+    fi
+    export UCXKV_AUTH
+}
 
 # ensure_model: set MODEL, building the tiny test model when it is unset.
 ensure_model() {

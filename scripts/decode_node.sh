@@ -25,6 +25,8 @@
 #   UCX_TLS              [unset]     exported when set
 #   UCX_NET_DEVICES      [unset]     exported when set
 #   VLLM_CPU_KVCACHE_SPACE [1]       GiB of KV cache (CPU builds)
+#   UCXKV_AUTH           [unset]     what the prefill node uses: secret (with the same
+#                                    UCXKV_SECRET_FILE), curve, or none
 set -euo pipefail
 
 # shellcheck source=scripts/_common.sh

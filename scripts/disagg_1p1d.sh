@@ -29,6 +29,7 @@
 #   VLLM_EXTRA_ARGS      [empty]     extra arguments for both vLLM servers
 #   UCX_TLS, UCX_NET_DEVICES [unset] exported to the servers when set
 #   VLLM_CPU_KVCACHE_SPACE [1]       GiB of KV cache per server (CPU builds)
+#   UCXKV_AUTH           [unset]     required when PREFILL_HOST is not loopback (see _common.sh)
 #   PREFILL_TP, DECODE_TP [1]        --tensor-parallel-size of each server
 #   PREFILL_DP, DECODE_DP [1]        --data-parallel-size of each server (prefill's workers serve
 #                                    KV on PREFILL_KV_PORT .. PREFILL_KV_PORT + TP*DP - 1)
@@ -43,6 +44,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 PREFILL_HOST="${PREFILL_HOST:-127.0.0.1}"
+require_kv_auth "$PREFILL_HOST"
 PREFILL_HTTP_PORT="${PREFILL_HTTP_PORT:-8100}"
 PREFILL_KV_PORT="${PREFILL_KV_PORT:-14579}"
 DECODE_HOST="${DECODE_HOST:-127.0.0.1}"

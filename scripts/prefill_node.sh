@@ -27,6 +27,8 @@
 #   UCX_TLS              [unset]     e.g. rc,cuda_copy,cuda_ipc or tcp; exported when set
 #   UCX_NET_DEVICES      [unset]     e.g. mlx5_0:1; exported when set
 #   VLLM_CPU_KVCACHE_SPACE [1]       GiB of KV cache (CPU builds)
+#   UCXKV_AUTH           [unset]     required when PREFILL_HOST is not loopback: secret (with
+#                                    UCXKV_SECRET_FILE, the same on the decode nodes), curve, or none
 set -euo pipefail
 
 # shellcheck source=scripts/_common.sh
@@ -36,6 +38,7 @@ PREFILL_HOST="${PREFILL_HOST:-127.0.0.1}"
 PREFILL_BIND_HOST="${PREFILL_BIND_HOST:-$PREFILL_HOST}"
 PREFILL_HTTP_PORT="${PREFILL_HTTP_PORT:-8100}"
 PREFILL_KV_PORT="${PREFILL_KV_PORT:-14579}"
+require_kv_auth "$PREFILL_HOST"
 
 ensure_model
 PREFILL_TP="${PREFILL_TP:-1}"

@@ -23,11 +23,12 @@ from transport._wire import Hello
 
 
 # -- a listener in its own process: an abort there must not take the test with it --------
-def echo_listener(q: Any) -> None:
+def echo_listener(q: Any, secret: str | None = None) -> None:
     """Serve a PipeListener that echoes every tensor back, until the parent goes away."""
     from transport import PipeListener
+    from transport.auth import Auth
 
-    lst = PipeListener("127.0.0.1", 0, timeout_s=30)
+    lst = PipeListener("127.0.0.1", 0, timeout_s=30, auth=Auth.secret(secret) if secret else Auth.none())
     q.put(("ok", lst.address))
 
     def serve(p: Any) -> None:
@@ -58,13 +59,14 @@ def _hello_frames(body: bytes) -> list[bytes]:
     return [struct.pack("<4sI", _wire.MAGIC, _wire.PROTOCOL_VERSION), body]
 
 
-def _still_serves(address: str, proc: Any = None) -> None:
+def _still_serves(address: str, proc: Any = None, secret: str | None = None) -> None:
     """A well-behaved peer connects, sends a tensor and gets it back."""
     from transport import Pipe
+    from transport.auth import Auth
 
     if proc is not None:
         assert proc.is_alive(), f"listener process died (exit code {proc.exitcode})"
-    with Pipe.connect(address, timeout_s=30) as c:
+    with Pipe.connect(address, timeout_s=30, auth=Auth.secret(secret) if secret else Auth.none()) as c:
         x = torch.arange(100_000, dtype=torch.float32)
         c.send_tensor(x)
         assert torch.equal(c.recv_tensor(timeout=30), x)
@@ -78,6 +80,36 @@ def remote_listener(peers):
     address = peers.expect(p, "ok", 120)
     yield address, p
     p.kill()
+
+
+# -- 3. an unterminated multipart message -----------------------------------------------
+_SECRET = "hostile-bounds-secret-0123456789"
+
+
+@pytest.fixture
+def secret_listener(peers):
+    p = peers.start(echo_listener, _SECRET)
+    address = peers.expect(p, "ok", 120)
+    yield address, p
+    p.kill()
+
+
+def test_unterminated_multipart_message_does_not_grow_an_authenticated_listener(secret_listener):
+    """A raw TCP peer without the secret speaks ZMTP and sends endless "more follows" parts:
+    the ZeroMQ handshake (CURVE keys derived from the secret) refuses it before any part is
+    buffered, so the listener's memory stays put and it still serves."""
+    from bench.attack import zmtp_unterminated_parts
+
+    address, proc = secret_listener
+    host, port = address.rsplit(":", 1)
+    time.sleep(0.5)
+    rss0 = _rss_mib(proc.pid)
+    sent = sum(zmtp_unterminated_parts(host, int(port), 384 << 20) for _ in range(3))
+    time.sleep(0.5)
+    grown = _rss_mib(proc.pid) - rss0
+    # the old code buffered every part: ~1 GiB here
+    assert grown < 64, f"listener RSS grew {grown:.0f} MiB after {sent >> 20} MiB of unterminated parts"
+    _still_serves(address, proc, _SECRET)
 
 
 # -- 1. fields that reach native code ---------------------------------------------------
@@ -223,6 +255,16 @@ def test_received_tensor_is_freed_with_its_last_reference():
 
 
 # -- 8. what a peer parks in the shared worker goes when its pipe goes ---------------------
+def _parked(eng: Any, tag: int, bits: int) -> bool:
+    """Whether a message on ``tag``'s range (its top 64 - ``bits`` bits) waits in the worker or the engine's stash."""
+    api = eng._api
+    with eng._lock:
+        if eng.worker.tag_probe(api.UCXXTag(tag), api.UCXXTagMask(((1 << 64) - 1) ^ ((1 << bits) - 1)),
+                                remove=False).matched:
+            return True
+        return any(t >> bits == tag >> bits for t in getattr(eng, "_stash", {}))
+
+
 def test_unreceived_messages_are_dropped_when_the_pipe_closes():
     from transport import _envelope as codec
 
@@ -233,26 +275,57 @@ def test_unreceived_messages_are_dropped_when_the_pipe_closes():
             h = codec.Header(seq, [None])
             keep += _send_raw(client, seq, h, None, None)
         eng = server._engine
-        api = eng._api
         base = server._tag(server._recv_tag, 0, False)
-        mask = api.UCXXTagMask(((1 << 64) - 1) ^ ((1 << 24) - 1))
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not _parked(eng, base | (1199 << 1), 0):
             with eng._lock:
                 eng.worker.progress()
-                if eng.worker.tag_probe(api.UCXXTag(base | (1199 << 1)), remove=False).matched:
-                    break
-        with eng._lock:
-            assert eng.worker.tag_probe(api.UCXXTag(base), mask, remove=False).matched, "test sent nothing"
+        assert _parked(eng, base, 24), "test sent nothing"
         server.close()
         with eng._lock:
             eng.worker.progress()
-            left = eng.worker.tag_probe(api.UCXXTag(base), mask, remove=False).matched
-        assert not left, "messages of a closed pipe stayed in the worker's unexpected queue"
+        assert not _parked(eng, base, 24), "messages of a closed pipe stayed in the worker's unexpected queue"
         del keep
     finally:
         client.close()
         server.close()
+    from transport import Pipe
+
+    with Pipe.connect(lst.address, timeout_s=30) as c2:
+        s2 = lst.accept(timeout=30)
+        c2.send_tensor_async(torch.arange(10)).wait(30)
+        assert torch.equal(s2.recv_tensor(timeout=30), torch.arange(10))
+        s2.close()
+    lst.close()
+
+
+def test_messages_sent_after_the_pipe_closed_are_dropped_as_they_arrive():
+    """A peer that keeps sending on a closed pipe's tags, or on tags no pipe ever had, parks nothing."""
+    from transport import _tensor_codec as codec
+
+    lst, client, server = _raw_pair()
+    eng = server._engine
+    base = server._tag(server._recv_tag, 0, False)
+    stranger = (12345 << 24) | 2  # a tag base no pipe has (pipe bases are odd)
+    try:
+        server.close()  # our side is gone; the peer's endpoint still reaches the worker
+        keep = []
+        for seq in range(300):
+            keep += _send_raw(client, seq, codec.TensorHeader(seq=seq, none=True), None, None)
+            junk = np.full(4096, seq & 0xFF, dtype=np.uint8)
+            keep += [eng.tag_send(client._ep, junk, stranger | (seq << 1)), junk]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with eng._lock:
+                eng._progress()
+            if not _parked(eng, base, 24) and not _parked(eng, stranger, 24):
+                break
+            time.sleep(0.05)
+        assert not _parked(eng, base, 24), "messages sent after the pipe closed stay in the worker"
+        assert not _parked(eng, stranger, 24), "messages on tags nobody owns stay in the worker"
+        del keep
+    finally:
+        client.close()
     from transport import Pipe
 
     with Pipe.connect(lst.address, timeout_s=30) as c2:
@@ -366,21 +439,9 @@ def _proxy_serves(proxy: Any) -> None:
 
 
 def test_proxy_oversized_body_gets_a_json_413(proxy):
-    import socket
+    from bench.attack import post_raw_body
 
-    host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-    n = 64 * 1024 * 1024 + 1
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {n}\r\nConnection: close\r\n\r\n".encode())
-        try:
-            s.sendall(b" " * n)
-        except OSError:
-            pass  # the proxy may answer and close before reading it all
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+    head, body = post_raw_body(proxy.url, 64 * 1024 * 1024 + 1)
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
     assert b"application/json" in head
     assert json.loads(body)["error"]["code"] == 413

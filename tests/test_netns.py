@@ -33,7 +33,9 @@ def netns3() -> Iterator[NetNS]:
 
 
 def _env(**kw: str) -> dict:
-    env = dict(os.environ, UCX_TLS="tcp")
+    # listeners here bind non-loopback addresses, which needs authentication (or an explicit
+    # UCXKV_AUTH=none): every host gets the same shared secret, as a real cluster would
+    env = dict(os.environ, UCX_TLS="tcp", UCXKV_AUTH="secret", UCXKV_SECRET="netns-test-secret-0123456789")
     for k in ("UCX_NET_DEVICES", "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         env.pop(k, None)
     env.update(kw)

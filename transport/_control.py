@@ -14,7 +14,11 @@ after ``peer_timeout_s`` of silence, or closed when a :class:`Goodbye` arrives.
 Authentication (:mod:`.auth`, off by default) gates the Welcome: with a shared
 secret the handshake becomes Hello(nonce) -> Challenge -> Hello(proof) ->
 Welcome(proof); with CURVE the sockets are encrypted and a ZAP handler served
-by the same thread admits only the configured client keys.
+by the same thread admits only the configured client keys. Shared-secret mode
+runs CURVE too, with key pairs derived from the secret: either way a peer
+without credentials fails the ZeroMQ handshake, so libzmq buffers nothing it
+sends (a message's parts are buffered invisibly to us until its last part, and
+``MAXMSGSIZE`` bounds a part, not a message).
 """
 
 from __future__ import annotations
@@ -60,6 +64,25 @@ def _hello_proof(auth: Auth, hello: Hello, sn: bytes) -> bytes:
 def _welcome_proof(auth: Auth, welcome: Welcome, cn: bytes, sn: bytes) -> bytes:
     return auth.mac(b"ucxkv-welcome-v1", cn, sn, welcome.worker_address, str(welcome.recv_tag).encode(),
                     welcome.role.encode(), welcome.name.encode())
+
+
+def _curve_server(auth: Auth) -> tuple[bytes, bytes, frozenset] | None:
+    """(public, secret, admitted client keys) for a CURVE listener, None when ``auth`` runs no CURVE."""
+    if auth.mode == "curve":
+        return auth.curve_public, auth.curve_secret, auth.curve_clients
+    if auth.mode == "secret":
+        public, secret = auth.derived_curve("server")
+        return public, secret, frozenset([auth.derived_curve("client")[0]])
+    return None
+
+
+def _curve_client(auth: Auth) -> tuple[bytes, bytes, bytes] | None:
+    """(public, secret, server key) for a CURVE dialler, None when ``auth`` runs no CURVE."""
+    if auth.mode == "curve":
+        return auth.curve_public, auth.curve_secret, auth.curve_server_key
+    if auth.mode == "secret":
+        return *auth.derived_curve("client"), auth.derived_curve("server")[0]
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -144,31 +167,40 @@ class ControlServer:
                                   "or UCXKV_CURVE_CLIENTS=dir of *.key certificates)")
         self._ctx = zmq.Context()
         self._zap: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self._sock = self._ctx.socket(zmq.ROUTER)
         _Sock.configure(self._sock)
         if ":" in host:
             self._sock.setsockopt(zmq.IPV6, 1)
+        if not self.auth.enabled and not _is_loopback(host):
+            if not self.auth.explicit:
+                raise LocalUsageError(
+                    f"refusing to listen on {host}:{port} without authentication: anyone who can reach a "
+                    "non-loopback address could fetch KV. Set UCXKV_AUTH=secret and UCXKV_SECRET_FILE (the same "
+                    "on every node; or UCXKV_AUTH=curve), or turn authentication off explicitly on a trusted "
+                    "network with UCXKV_AUTH=none or auth=Auth.none() (docs/reliability.md)")
+            log.warning("control plane on %s:%d without authentication (turned off explicitly): anyone who can "
+                        "reach this port can fetch KV; set UCXKV_AUTH=secret|curve (docs/reliability.md)",
+                        host, port)
+        curve = _curve_server(self.auth)
+        self._admitted = curve[2] if curve else frozenset()
         try:
-            if self.auth.mode == "curve":
+            if curve is not None:
                 # The ZAP handler must exist before the first client handshakes; this thread serves it.
                 self._zap = self._ctx.socket(zmq.REP)
                 self._zap.setsockopt(zmq.LINGER, 0)
                 self._zap.bind(_ZAP_ENDPOINT)
-                self._sock.curve_secretkey = self.auth.curve_secret
-                self._sock.curve_publickey = self.auth.curve_public
+                self._sock.curve_publickey, self._sock.curve_secretkey = curve[0], curve[1]
                 self._sock.curve_server = True
+                # handshakes that fail before ZAP is asked (a key from another secret, no CURVE at all)
+                self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILED & ~_HANDSHAKE_FAILED_AUTH)
                 self._sock.zap_domain = b"ucxkv"
             self._sock.bind(_tcp(host, port if port else "*"))
             port = int(self._sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         except zmq.ZMQError as exc:
-            self._sock.close(0)
-            if self._zap is not None:
-                self._zap.close(0)
+            self._close_sockets()
             self._ctx.term()
             raise LocalUsageError(f"cannot listen on {host}:{port}: {exc}") from exc
-        if not self.auth.enabled and not _is_loopback(host):
-            log.warning("control plane on %s:%d without authentication: anyone who can reach this port can "
-                        "fetch KV; set UCXKV_AUTH=secret|curve (docs/reliability.md)", host, port)
         self._challenges: OrderedDict[bytes, tuple[bytes, bytes, float]] = OrderedDict()
         self.host, self.port = host, port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -204,6 +236,8 @@ class ControlServer:
         poller.register(self._sock, zmq.POLLIN)
         if self._zap is not None:
             poller.register(self._zap, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         self._ready.set()
         next_hb = time.monotonic()
         try:
@@ -211,6 +245,8 @@ class ControlServer:
                 events = dict(poller.poll(int(min(self._hb, 0.1) * 1000)))
                 if self._zap is not None and self._zap in events:
                     self._answer_zap()
+                if self._monitor is not None and self._monitor in events:
+                    self._handshake_failed()
                 if self._sock in events:
                     while True:
                         try:
@@ -241,9 +277,30 @@ class ControlServer:
             for ident, link in self._links.items():
                 if link.closed_reason is None:
                     self._send(ident, _wire.encode(Goodbye("listener closed")))
-            self._sock.close(0)
-            if self._zap is not None:
-                self._zap.close(0)
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(0)
+        self._sock.close(0)
+        if self._zap is not None:
+            self._zap.close(0)
+
+    def _handshake_failed(self) -> None:
+        """A peer failed the CURVE handshake before ZAP was asked: counted and logged, nothing else."""
+        try:
+            ev = zmq.utils.monitor.recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self.rejected += 1
+        self.auth_failures += 1
+        log.warning("control server %s: a peer failed the authenticated ZeroMQ handshake (%s, value %s)%s",
+                    self.address, ev["event"], ev["value"],
+                    ": wrong shared secret, or no authentication" if self.auth.mode == "secret" else "")
 
     def _answer_zap(self) -> None:
         """One ZAP request (RFC 27) from libzmq: admit a CURVE client whose public key was configured."""
@@ -256,12 +313,14 @@ class ControlServer:
         version, request_id, _domain, address, _identity, mechanism = req[:6]
         ok = False
         if mechanism == b"CURVE" and len(req) >= 7 and len(req[6]) == 32:
-            ok = zmq.utils.z85.encode(req[6]) in self.auth.curve_clients
+            ok = zmq.utils.z85.encode(req[6]) in self._admitted
         if not ok:
             self.rejected += 1
             self.auth_failures += 1
-            log.warning("control server %s refused a %s handshake from %s: unknown client key",
-                        self.address, mechanism.decode(errors="replace"), address.decode(errors="replace"))
+            log.warning("control server %s refused a %s handshake from %s: %s", self.address,
+                        _wire.clip(mechanism.decode(errors="replace"), 20), address.decode(errors="replace"),
+                        "a key derived from another shared secret" if self.auth.mode == "secret"
+                        else "unknown client key")
         self._zap.send_multipart([b"1.0", request_id, b"200" if ok else b"400",
                                   b"OK" if ok else b"unknown client key", b"", b""])
 
@@ -419,11 +478,25 @@ class ClientLink(Link):
             self._ctx.term()
 
 
+_HANDSHAKE_FAILED_AUTH = getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0x4000)
 _HANDSHAKE_FAILED = (
     getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0x0800)
     | getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0x2000)
-    | getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0x4000)
+    | _HANDSHAKE_FAILED_AUTH
 )
+
+
+def _handshake_failed(address: str, auth: Auth, event: dict) -> str:
+    """Why the ZeroMQ handshake with ``address`` failed, in words that say what to configure."""
+    what = f"zmq event {event['event']!r}, value {event['value']}"
+    if auth.mode == "none":
+        return (f"{address} refused our handshake ({what}): it requires authentication and we have none "
+                "configured (set UCXKV_AUTH=secret|curve like the listener, docs/reliability.md)")
+    if auth.mode == "secret":
+        return (f"authentication failed: {address} refused our shared-secret handshake or could not prove it "
+                f"knows our secret ({what}): the secrets differ, or it runs another authentication mode or none")
+    return (f"{address} refused our CURVE handshake ({what}): authentication failed; check that it admits our "
+            "public key and that we have its right server key")
 
 
 def dial(
@@ -459,11 +532,12 @@ def dial(
         hello = msgspec.structs.replace(hello, auth_nonce=cn, auth_proof=b"")
     ok = False
     try:
-        if auth.mode == "curve":
-            sock.curve_secretkey = auth.curve_secret
-            sock.curve_publickey = auth.curve_public
-            sock.curve_serverkey = auth.curve_server_key
-            monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
+        curve = _curve_client(auth)
+        if curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+        # a failed ZeroMQ handshake (refused credentials, or one side with authentication and the
+        # other without: their security mechanisms differ) is an answer too, not a silence
+        monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED)
         sock.connect(_tcp(host, port))
         sock.send_multipart(_wire.encode(hello))
         deadline = time.monotonic() + timeout_s
@@ -476,18 +550,15 @@ def dial(
             left = deadline - time.monotonic()
             events = dict(poller.poll(int(left * 1000))) if left > 0 else {}
             if monitor is not None and monitor in events:
-                ev = zmq.utils.monitor.recv_monitor_message(monitor)
-                raise PeerRejectedError(
-                    f"{address} refused our CURVE handshake (zmq event {ev['event']!r}, value {ev['value']}): "
-                    "authentication failed; check that it admits our public key and that we have its right "
-                    "server key")
+                raise PeerRejectedError(_handshake_failed(address, auth,
+                                                          zmq.utils.monitor.recv_monitor_message(monitor)))
             if sock not in events:
                 if auth.enabled:
                     hint = (f" (authentication is on here, mode {auth.mode}: a listener that refuses our "
                             "credentials or does not use them may stay silent)")
                 else:
-                    hint = (" (authentication is off here: a listener that requires CURVE authentication "
-                            "stays silent to us; see UCXKV_AUTH)")
+                    hint = (" (authentication is off here; a listener that requires it would have failed "
+                            "the handshake at once: see UCXKV_AUTH)")
                 raise PeerTimeoutError(
                     f"no handshake answer from {address} within {timeout_s:.1f}s: is a ucxkv listener running "
                     f"there?{hint}"

@@ -42,6 +42,8 @@ _TICK_S = 0.05
 # Endpoint close: UCX gets this many attempts of this long each to disconnect.
 _CLOSE_PERIOD_NS = 100_000
 _CLOSE_ATTEMPTS = 100
+#: How often (at most) the worker's unexpected queue is swept of messages no live pipe owns.
+_SWEEP_S = 0.05
 
 # A packed UCX worker address starts with a header byte whose low 4 bits are the
 # address format version (ucp/wireup/address.c: UCP_OBJECT_VERSION_V1 = 0, V2 = 1;
@@ -143,7 +145,8 @@ class ProbedRecv:
                 if not self._is_open():  # never post on a closed endpoint
                     self._error = PeerDeadError(f"{self._what}: the endpoint was closed")
                     return True
-                found = eng.worker.tag_probe(eng._api.UCXXTag(self._tag), remove=True)
+                found = eng._stash.pop(self._tag, None) or eng.worker.tag_probe(eng._api.UCXXTag(self._tag),
+                                                                                 remove=True)
                 if not found.matched:
                     return False
                 self.length = n = found.length
@@ -204,6 +207,11 @@ class Engine:
         self._peer_error_handling = _has_error_handling(self.context.config.get("TLS", ""))
         self._pending: set[Op] = set()
         self._draining: list[tuple[Any, Any]] = []
+        #: tag ranges of live pipes: mask bits -> {tag >> bits: number of owners}
+        self._owned: dict[int, dict[int, int]] = {}
+        #: messages a sweep took out of the worker for a live pipe, by tag, until its receive takes them
+        self._stash: dict[int, Any] = {}
+        self._next_sweep = 0.0
         self._spin_s = _spin_seconds()
         self._serving = 0  # users of unattended progress (see serve())
         self._watching = False  # whether the progress thread sleeps on the worker's fd too
@@ -293,6 +301,8 @@ class Engine:
         with self._lock:
             # the drop receives own their scratch buffers: keep them until UCX is done with them
             self._draining = [(r, b) for r, b in self._draining if not r.completed]
+            key = tag_base >> mask_bits
+            dropped += self._drop_stashed(lambda tag: tag >> mask_bits == key)
             for _ in range(limit):
                 found = self.worker.tag_probe(api.UCXXTag(tag_base), mask, remove=True)
                 if not found.matched:
@@ -302,6 +312,66 @@ class Engine:
                 dropped += 1
             for _ in range(10 if dropped else 0):
                 self.worker.progress()
+        return dropped
+
+    def own(self, tag_base: int, mask_bits: int) -> None:
+        """Declare the tags sharing ``tag_base``'s top bits live: a sweep keeps messages on them.
+
+        Every message that arrives on a tag no live owner declared is received
+        and dropped by the next sweep (at most every ``_SWEEP_S`` while the worker
+        makes progress), so a peer can park nothing in the process-wide worker
+        beyond its own live pipe's range, also after that pipe closed.
+        """
+        with self._lock:
+            owners = self._owned.setdefault(mask_bits, {})
+            key = tag_base >> mask_bits
+            owners[key] = owners.get(key, 0) + 1
+
+    def disown(self, tag_base: int, mask_bits: int) -> None:
+        """Undo one :meth:`own`; what still arrives on those tags is dropped from now on."""
+        with self._lock:
+            owners = self._owned.get(mask_bits, {})
+            key = tag_base >> mask_bits
+            if owners.get(key, 0) > 1:
+                owners[key] -= 1
+            else:
+                owners.pop(key, None)
+            self._drop_stashed(lambda tag: tag >> mask_bits == key)
+
+    def _is_owned(self, tag: int) -> bool:
+        return any(tag >> bits in owners for bits, owners in self._owned.items())
+
+    def _drop(self, found: Any) -> None:
+        """Receive a probed message into scratch and forget it (engine lock held)."""
+        buf = _scratch(found.length)
+        self._draining.append((self.worker.tag_recv_with_handle(_array(buf), found), buf))
+
+    def _drop_stashed(self, which: Callable[[int], bool]) -> int:
+        gone = [tag for tag in self._stash if which(tag)]
+        for tag in gone:
+            self._drop(self._stash.pop(tag))
+        return len(gone)
+
+    def _sweep(self, limit: int = 4096) -> int:
+        """Empty the worker's unexpected queue (engine lock held): messages on live tags go to the
+        stash for their receive, all others are dropped. Returns how many were dropped."""
+        api = self._api
+        self._draining = [(r, b) for r, b in self._draining if not r.completed]
+        dropped = 0
+        anything, anything_mask = api.UCXXTag(0), api.UCXXTagMask(0)
+        for _ in range(limit):
+            found = self.worker.tag_probe(anything, anything_mask, remove=True)
+            if not found.matched:
+                break
+            tag = found.sender_tag.value
+            if self._is_owned(tag):
+                self._stash[tag] = found
+            else:
+                self._drop(found)
+                dropped += 1
+        if dropped:
+            log.info("dropped %d message(s) on tags no live pipe owns (a closed pipe's peer, or a stranger)",
+                     dropped)
         return dropped
 
     def track(self, op: Op) -> Op:
@@ -335,6 +405,10 @@ class Engine:
         for _ in range(255):
             if not progress_once():
                 break
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_S
+            self._sweep()
         for fd in self._sleeping:
             if fd != own_kick:
                 os.eventfd_write(fd, 1)

@@ -3,7 +3,10 @@
 A listener hands its UCX worker address (and the tag its pipe receives on) only
 in a :class:`~transport._wire.Welcome`; a peer that gets no Welcome can
 neither send to nor fetch from it. Authentication decides who gets a Welcome.
-It is **off by default** (fine on loopback and on a trusted private network).
+It is **off by default on loopback**. A listener on any other address refuses
+to start without it (:class:`LocalUsageError`) unless authentication was
+turned off explicitly: ``UCXKV_AUTH=none`` or ``auth=Auth.none()`` (for a
+trusted private network; it then logs a warning).
 
 Two modes, both configured by keyword (``auth=`` on :meth:`Pipe.listen`,
 :meth:`Pipe.connect`, :class:`PipeListener`, ``LookupServer``, ``LookupClient``)
@@ -15,8 +18,10 @@ or by environment (read when ``auth`` is None):
     the secret); the dialler checks it and repeats its Hello with a proof bound
     to both nonces and to the Hello's worker address, tag and service; only
     then does the listener accept and sign its Welcome. Nonces are single use
-    and tied to one connection, so a recorded proof cannot be replayed. It
-    authenticates but does not encrypt: an eavesdropper sees worker addresses.
+    and tied to one connection, so a recorded proof cannot be replayed. Beneath
+    that, the ZeroMQ sockets run CURVE with key pairs derived from the secret
+    (:meth:`Auth.derived_curve`), so a peer without the secret fails the ZeroMQ
+    handshake before it can send any message (the control plane is encrypted too).
     Env: ``UCXKV_AUTH=secret`` and ``UCXKV_SECRET_FILE=path`` (preferred) or
     ``UCXKV_SECRET=...`` (at least 16 characters).
 
@@ -71,6 +76,9 @@ class Auth:
     curve_server_key: bytes = b""
     #: Client public keys (z85) a listener admits.
     curve_clients: frozenset = frozenset()
+    #: False only for "none" read from an environment without ``UCXKV_AUTH``: such a
+    #: listener may bind only loopback addresses (see the module docstring).
+    explicit: bool = True
 
     # -- constructors ----------------------------------------------------
     @classmethod
@@ -110,7 +118,9 @@ class Auth:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Auth":
         """The configuration the ``UCXKV_AUTH*`` variables describe (see the module docstring)."""
         env = os.environ if env is None else env
-        mode = env.get("UCXKV_AUTH", "none").strip().lower() or "none"
+        mode = env.get("UCXKV_AUTH", "").strip().lower()
+        if not mode:
+            return cls(explicit=False)
         if mode not in _MODES:
             raise LocalUsageError(f"UCXKV_AUTH={mode!r}: expected one of {', '.join(_MODES)}")
         if mode == "none":
@@ -165,6 +175,29 @@ class Auth:
 
     def verify(self, proof: bytes, label: bytes, *parts: bytes) -> bool:
         return hmac.compare_digest(proof, self.mac(label, *parts))
+
+    # -- the CURVE keys a shared secret implies ------------------------------
+    def derived_curve(self, role: str) -> tuple[bytes, bytes]:
+        """The CURVE key pair (z85 public, z85 secret) every holder of the shared secret derives for ``role``.
+
+        ``role`` is ``"server"`` (listeners) or ``"client"`` (diallers). A
+        listener in ``secret`` mode runs CURVE with the server pair and admits
+        only the client public key, so the ZeroMQ handshake itself needs the
+        secret: a peer without it never gets a message, or a message part,
+        buffered by the listener (issue 15, class 3).
+        """
+        import zmq
+        import zmq.utils.z85
+
+        if self.mode != "secret":
+            raise LocalUsageError(f"derived CURVE keys need shared-secret mode, not {self.mode!r}")
+        if role not in ("server", "client"):
+            raise LocalUsageError(f"derived CURVE key role must be 'server' or 'client', got {role!r}")
+        if not zmq.has("curve"):
+            raise LocalUsageError("this libzmq has no CURVE support, which shared-secret mode needs "
+                                  "(pyzmq's bundled libzmq has it)")
+        secret = zmq.utils.z85.encode(self.mac(b"ucxkv-curve-key-v1", role.encode()))
+        return zmq.curve_public(secret), secret
 
 
 def _main(argv: list[str]) -> int:

@@ -28,6 +28,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from typing_extensions import Unpack
@@ -161,6 +162,11 @@ class Pipe:
         self.max_tensor_bytes = int(options.max_tensor_bytes)
         self._engine: Engine = get_engine()
         self._recv_tag = secrets.randbits(_TAG_BASE_BITS) | 1
+        # our receive tags are live from now until the endpoint closes (or this object goes):
+        # the engine drops whatever arrives on any other tag (see Engine.own)
+        recv_range = (self._tag(self._recv_tag, 0, False), _SEQ_BITS + 1)
+        self._engine.own(*recv_range)
+        self._disown = weakref.finalize(self, self._engine.disown, *recv_range)
         self._send_tag: int | None = None
         self._ep: Any = None
         self._ep_lock = threading.Lock()
@@ -629,6 +635,7 @@ class Pipe:
                 dropped = self._engine.drain(self._ep, self._tag(self._recv_tag, 0, False), _SEQ_BITS + 1)
                 if dropped:
                     log.info("pipe %s: dropped %d unreceived message(s) from %s", self.name, dropped, self.peer)
+                self._disown()  # what the peer still sends on our tags is dropped as it arrives
                 link = self._link
                 # orderly: unbroken, nothing posted, and the peer healthy or gone with a Goodbye
                 orderly = (self._broken is None and not self._slots and link is not None
@@ -651,6 +658,7 @@ class Pipe:
                 self._server.say_goodbye(self._link, "peer closed the pipe", self._send_seq)
                 time.sleep(0.05)
         self._close_ep()
+        self._disown()  # also when no endpoint was ever made
         if self._server is not None and self._owns_server:
             self._server.close()
         log.info("pipe %s closed", self.name)

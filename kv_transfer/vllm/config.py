@@ -3,7 +3,9 @@
 Configuration (``kv_connector_extra_config``), with defaults:
 
 ``kv_host`` ("127.0.0.1")  address prefill's KV server binds to: one of this host's
-  addresses, or 0.0.0.0 / :: for all (a non-local one is refused at startup);
+  addresses, or 0.0.0.0 / :: for all (a non-local one is refused at startup); anything but
+  loopback needs ``UCXKV_AUTH`` in the environment (secret or curve, or an explicit none;
+  docs/reliability.md), else the KV server refuses to start;
 ``kv_advertise_host`` (see below)  the address put in kv_transfer_params for decode to dial;
 ``kv_advertise_interface`` (unset)  advertise this interface's address instead (e.g. "eth0",
   "ib0"); an unknown interface or one without an address is refused at startup;
