@@ -30,7 +30,10 @@ Configuration (``kv_connector_extra_config``), with defaults:
   request with ``"ucxkv_debug_perturb": true`` in its kv_transfer_params);
 ``debug_corrupt_staged_kv`` (false)  testing only, prefill: flip one bit of every staged entry
   after its checksum (also per request with ``"ucxkv_debug_corrupt": true`` in the prefill
-  request's kv_transfer_params).
+  request's kv_transfer_params);
+``"ucxkv_debug_stall_after_claim_s": S`` (per decode request, kv_transfer_params only)  testing
+  only, rma: decode sleeps S seconds after claiming prefill's lease, before its GETs (a slow
+  or dying decode that holds the lease).
 """
 
 from __future__ import annotations

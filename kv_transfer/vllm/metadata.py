@@ -57,6 +57,7 @@ class LoadSpec:
     total_kv_heads: int = 0  # the model's KV heads (0: unknown, read whole shards from the same rank)
     perturb_rank: Optional[int] = None  # testing only: perturb on this decode TP rank only
     kv_mode: str = "stage"  # how prefill holds the KV: staged entries, or leased blocks read in place ("rma")
+    stall_after_claim_s: float = 0.0  # testing only (rma): a slow decode, holding the claimed lease, before its GETs
 
 
 @dataclass

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -130,10 +131,13 @@ class RmaTransfer:
     def load(self, spec: LoadSpec, reads: Sequence[tuple[str, Optional[HeadRead], int]]) -> int:
         """GET ``spec``'s blocks from every read; returns blocks loaded. Raises :class:`KVTransferError`."""
         n = len(spec.block_ids) - spec.skip_blocks
+        stall = None
+        if spec.stall_after_claim_s > 0:  # testing only: a slow decode that already holds the lease
+            stall = lambda: time.sleep(spec.stall_after_claim_s)  # noqa: E731
         for address, rd, readers in reads:
             heads = None if rd is None else (rd.src_head, rd.num_heads, rd.dst_head)
             res = self._client(address).load(spec.remote_request_id, spec.token_ids, spec.block_ids,
-                                             spec.skip_blocks, heads=heads, readers=readers)
+                                             spec.skip_blocks, heads=heads, readers=readers, after_claim=stall)
             if not res.ok:
                 raise KVTransferError(f"rma read from {address}: {res.error}")
         return n

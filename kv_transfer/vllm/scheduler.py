@@ -136,6 +136,7 @@ class UcxScheduler:
             total_kv_heads=int(self.compat.get("num_kv_heads", 0)),
             perturb_rank=params.get("ucxkv_debug_perturb_rank"),
             kv_mode=str(params.get("kv_mode", "stage")),
+            stall_after_claim_s=float(params.get("ucxkv_debug_stall_after_claim_s", 0.0)),
             token_ids=list(request.prompt_token_ids[:num_tokens]),
             num_tokens=num_tokens,
             block_ids=list(blocks.get_block_ids()[0])[:_cdiv(num_tokens, bs)],
