@@ -103,3 +103,21 @@ def test_lookup_lat_round_trips_through_a_served_lookup_buffer() -> None:
     for d in lines:
         assert d["test"] == "lookup_lat" and d["iterations"] == 30
         assert d["lookup_wrong_answers"] == 0 and d["served"] == 33 and d["errors"] == []
+
+
+def test_kv_mode_stage_and_auto_resolve_like_the_connector(monkeypatch, capsys) -> None:
+    import argparse
+
+    from bench.perftest import _resolve_kv_mode
+    from kv_transfer._kv_mode import auto_kv_mode
+
+    args = argparse.Namespace(kv_mode="stage")
+    _resolve_kv_mode(args)
+    assert args.kv_mode == "gather"  # the connector's staging path is the bench's gather mode
+    for tls in ("tcp", "sm", ""):
+        monkeypatch.setenv("UCX_TLS", tls)
+        args = argparse.Namespace(kv_mode="auto")
+        _resolve_kv_mode(args)
+        want = {"stage": "gather"}.get(auto_kv_mode(tls)[0], auto_kv_mode(tls)[0])
+        assert args.kv_mode == want
+        assert f"UCX_TLS={tls or '(unset)'} ->" in capsys.readouterr().err  # the choice and its reason

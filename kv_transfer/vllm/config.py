@@ -14,8 +14,9 @@ Configuration (``kv_connector_extra_config``), with defaults:
 ``kv_buffer_size`` (2 GiB)  staging capacity on prefill (back-pressure past it);
 ``kv_mode`` ("stage")  ``stage``: prefill copies a finished request's KV into a staging buffer
   (``kv_buffer_size``) and decode fetches it; ``rma``: nothing is staged, decode GETs
-  prefill's blocks in place while prefill keeps them leased; ``auto``: ``rma`` unless
-  ``UCX_TLS`` is TCP only (see :mod:`.rma_worker`). Prefill's choice travels to decode;
+  prefill's blocks in place while prefill keeps them leased; ``auto``: per transport family
+  (TCP only, or not) as the bench measured, today ``rma`` for both (see :mod:`.rma_worker`;
+  the choice and why are logged). Prefill's choice travels to decode;
 ``lease_s`` (30)  how long prefill keeps an unclaimed request's KV (staged bytes, or in
   rma mode its blocks, which vLLM cannot reuse meanwhile);
 ``insert_timeout_s`` (10)  how long a full buffer may block a save;
