@@ -13,11 +13,11 @@ KV_MODES = ("stage", "rma", "auto")
 
 #: What ``auto`` picks per UCX transport family, and the measurement behind it (docs/bench.md,
 #: "kv_mode: rma vs stage": kv_bw, 256 MiB Llama-3-8B-shaped request, stage = --kv-mode gather,
-#: runs paired back to back on the shared 2-core box, load average 1-5).
+#: each pair run back to back on the shared 2-core box, 1-minute load average 1-8).
 AUTO_TABLE = {
-    "sm": ("rma", "rma ahead of stage in 6 of 6 paired runs over shared memory (rma 2009-3751 MB/s, "
-                  "stage 142-446 MB/s), and no staging memory"),
-    "tcp": ("rma", "rma ahead of stage in 6 of 6 paired runs over TCP (rma 881-1448 MB/s, "
+    "sm": ("rma", "rma ahead of stage in 5 of 5 paired runs over shared memory (rma 493-3751 MB/s, "
+                  "stage 103-446 MB/s), and no staging memory"),
+    "tcp": ("rma", "rma ahead of stage in 5 of 5 paired runs over TCP (rma 530-1248 MB/s, "
                    "stage 199-716 MB/s), and no staging memory"),
 }
 

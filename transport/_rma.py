@@ -70,9 +70,9 @@ _MAX_LEN = 1 << 62
 #: Bytes posted per round (then one flush) where GET may be emulated by the owner (tcp, posix/sysv):
 #: with :data:`DEFAULT_WINDOWS_IN_FLIGHT` rounds unflushed at once, bounds what the owner has
 #: queued for us to 4 MiB, because UCX 1.21 crashes an owner whose emulated GET replies are still
-#: queued when its reader dies (tests/test_rma.py::test_rma_reader_killed_mid_get[tcp]: 0 crashes
-#: in 12 runs at 2 MiB x 2 or 4 MiB x 1, 3 in 11 at 4 MiB x 2). ``UCXKV_RMA_WINDOW_BYTES``
-#: overrides (0: no windows).
+#: queued when its reader dies (tests/test_rma.py::test_rma_reader_killed_mid_get[tcp]: 12 of 12
+#: passed at 2 MiB x 2; at 4 MiB x 2 the owner crashed in 3 of 9; docs/bench.md).
+#: ``UCXKV_RMA_WINDOW_BYTES`` overrides (0: no windows).
 DEFAULT_WINDOW_BYTES = 2 << 20
 
 
