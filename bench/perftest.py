@@ -54,8 +54,10 @@ log = logging.getLogger("bench.perftest")
 
 DEFAULT_PORT = 13337
 TESTS = ("tensor_lat", "tensor_bw", "kv_bw", "lookup_lat")
-#: ucxx sets these on import unless present; pin them for every process we compare.
-PINNED_UCX_ENV = {"UCX_RNDV_THRESH": "8192", "UCX_MAX_RNDV_RAILS": "1", "UCX_MEMTYPE_CACHE": "n"}
+#: ucxx (the first three) and our engine (the TCP segment) set these on import unless present;
+#: pin them for every process we compare, baselines included.
+PINNED_UCX_ENV = {"UCX_RNDV_THRESH": "8192", "UCX_MAX_RNDV_RAILS": "1", "UCX_MEMTYPE_CACHE": "n",
+                  "UCX_TCP_TX_SEG_SIZE": "64K"}
 UCX_TEST_FOR = {"tensor_bw": "tag_bw", "kv_bw": "tag_bw", "tensor_lat": "tag_lat", "lookup_lat": "tag_lat"}
 
 
@@ -97,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--recv", choices=["into", "alloc"], default=None,
                     help="into: receive into preallocated tensors (recv_tensor(out=...), like ucx_perftest); "
                          "alloc: let every receive allocate (default: into when the Pipe supports it)")
-    kv.add_argument("--kv-mode", choices=["layers", "gather", "views", "rma"], default="layers",
+    kv.add_argument("--kv-mode", choices=["layers", "gather", "views", "rma", "stage", "auto"], default="layers",
                     help="gather: stage in one tensor and scatter; views: send block views, copy into place; "
-                         "rma: the server GETs the client's registered blocks into its own (compare: ucp_get)")
+                         "rma: the server GETs the client's registered blocks into its own (compare: ucp_get); "
+                         "stage: the connector's kv_mode stage (= gather); auto: what the connector's kv_mode "
+                         "auto picks for this UCX_TLS (rma or gather), printed with its reason")
     kv.add_argument("--verify", action="store_true",
                     help="per-block checksums (kv_transfer.integrity) computed on the sender's device after "
                          "the gather, sent along and checked on the receiver's device before the scatter "
@@ -129,6 +133,18 @@ def _baselines(args: argparse.Namespace) -> list[str]:
         if b not in BASELINES:
             raise SystemExit(f"ucxkv-perftest: unknown baseline {b!r} (choose from {', '.join(BASELINES)})")
     return list(dict.fromkeys(out))
+
+
+def _resolve_kv_mode(args: argparse.Namespace) -> None:
+    """Map the connector's kv_mode names onto bench modes: stage -> gather; auto -> the connector's rule."""
+    if args.kv_mode == "auto":
+        from kv_transfer._kv_mode import auto_kv_mode
+
+        mode, why = auto_kv_mode(os.environ.get("UCX_TLS", ""))
+        print(f"kv-mode {why}", file=sys.stderr, flush=True)
+        args.kv_mode = mode
+    if args.kv_mode == "stage":
+        args.kv_mode = "gather"
 
 
 def _setup_env(args: argparse.Namespace) -> None:
@@ -808,6 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     _setup_env(args)
+    _resolve_kv_mode(args)
     if args.host is None and not args.local:
         return serve(args, args.connect_timeout)
     return run_client(args)

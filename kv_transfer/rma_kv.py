@@ -498,11 +498,13 @@ class RmaKVClient:
         return plans
 
     def load(self, request_id: str, token_ids: Sequence[int], local_blocks: Sequence[int], skip_blocks: int = 0,
-             *, heads: Optional[tuple[int, int, int]] = None, readers: int = 1) -> RmaLoadResult:
+             *, heads: Optional[tuple[int, int, int]] = None, readers: int = 1,
+             after_claim: Optional[Callable[[], None]] = None) -> RmaLoadResult:
         """GET request ``request_id``'s blocks ``skip_blocks..`` into ``local_blocks[skip_blocks:]``.
 
         ``heads=(src_head, count, dst_head)`` reads a KV-head range of each block
-        (tensor parallelism); ``readers`` is how many loads share the lease. Never
+        (tensor parallelism); ``readers`` is how many loads share the lease; ``after_claim``
+        (testing only) runs once the lease is bound to this pipe, before any GET. Never
         raises for a transfer problem: the result says what went wrong (the pipe is
         dropped and redialled on the next load after a transport error).
         """
@@ -516,6 +518,8 @@ class RmaKVClient:
             if len(rep.block_ids) < len(local_blocks):
                 raise KVTransferError(f"kvrma producer {self.address} holds {len(rep.block_ids)} blocks of "
                                       f"{request_id}, {len(local_blocks)} wanted")
+            if after_claim is not None:
+                after_claim()
             want_remote = rep.block_ids[skip_blocks:len(local_blocks)]
             want_local = list(local_blocks)[skip_blocks:]
             nbytes = 0

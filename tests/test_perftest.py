@@ -117,3 +117,21 @@ def test_msg_cost_reports_per_call_cpu_of_send_and_receive() -> None:
     m = re.search(r"send_tensor ([\d.]+) us CPU, recv_tensor\(out=\) ([\d.]+) us CPU", res.stdout)
     assert m, res.stdout
     assert 0 < float(m.group(1)) < 10_000 and 0 < float(m.group(2)) < 10_000
+
+
+def test_kv_mode_stage_and_auto_resolve_like_the_connector(monkeypatch, capsys) -> None:
+    import argparse
+
+    from bench.perftest import _resolve_kv_mode
+    from kv_transfer._kv_mode import auto_kv_mode
+
+    args = argparse.Namespace(kv_mode="stage")
+    _resolve_kv_mode(args)
+    assert args.kv_mode == "gather"  # the connector's staging path is the bench's gather mode
+    for tls in ("tcp", "sm", ""):
+        monkeypatch.setenv("UCX_TLS", tls)
+        args = argparse.Namespace(kv_mode="auto")
+        _resolve_kv_mode(args)
+        want = {"stage": "gather"}.get(auto_kv_mode(tls)[0], auto_kv_mode(tls)[0])
+        assert args.kv_mode == want
+        assert f"UCX_TLS={tls or '(unset)'} ->" in capsys.readouterr().err  # the choice and its reason

@@ -17,8 +17,17 @@ def _connector_totals(worker: Any) -> dict:
     return get_kv_transfer_group().worker.counters.totals()
 
 
+def _rma_leases(worker: Any) -> tuple[int, int]:
+    """Runs in a prefill worker process: (rma leases held, of them claimed by a reader not yet done)."""
+    from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+    server = get_kv_transfer_group().worker._rma.server
+    with server._lock:
+        return len(server._leases), sum(1 for ls in server._leases.values() if ls.holders)
+
+
 def _llm(model: str, role: str, extra: dict[str, Any], core: str, policy: str = "recompute",
-         prefix_caching: bool = False) -> Any:
+         prefix_caching: bool = False, num_blocks: int | None = None) -> Any:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = core
     from vllm import LLM
@@ -27,7 +36,8 @@ def _llm(model: str, role: str, extra: dict[str, Any], core: str, policy: str = 
     cfg = KVTransferConfig(kv_role=role, kv_connector_extra_config=extra, kv_load_failure_policy=policy, **CONNECTOR)
     return LLM(model=model, dtype="float32", max_model_len=512, enforce_eager=True, block_size=32,
                kv_transfer_config=cfg, gpu_memory_utilization=0.5,
-               enable_prefix_caching=prefix_caching)  # off by default: a reference must not reuse loaded KV
+               enable_prefix_caching=prefix_caching,  # off by default: a reference must not reuse loaded KV
+               num_gpu_blocks_override=num_blocks)
 
 
 def _sp(max_tokens: int, params: dict | None) -> Any:
@@ -44,11 +54,16 @@ def _shutdown(llm: Any) -> None:
         core.shutdown()
 
 
-def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0, kv_mode: str = "stage") -> None:
+def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0, kv_mode: str = "stage",
+            num_blocks: int | None = None) -> None:
     """Serves prefills on command: ("prefill", prompts) -> list of kv_transfer_params; ("pool_full",) ->
-    whether every KV block is free (vLLM's reset_prefix_cache succeeds only then); ("stop",)."""
+    whether every KV block is free (vLLM's reset_prefix_cache succeeds only then); ("local", prompts,
+    max_tokens) -> plain requests, nothing offered to decode; ("leases",) -> rma (leases, claimed);
+    ("stop",). ``num_blocks`` caps the KV block pool (vLLM's num_gpu_blocks_override)."""
     try:
-        llm = _llm(model, "kv_producer", {"kv_port": kv_port, "lease_s": lease_s, "kv_mode": kv_mode}, "0")
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # lets collective_rpc run _rma_leases
+        llm = _llm(model, "kv_producer", {"kv_port": kv_port, "lease_s": lease_s, "kv_mode": kv_mode}, "0",
+                   num_blocks=num_blocks)
         q.put(("ready", None))
         while True:
             c = cmd.get(timeout=600)
@@ -56,6 +71,13 @@ def prefill(q: Any, cmd: Any, model: str, kv_port: int, lease_s: float = 30.0, k
                 break
             if c[0] == "pool_full":
                 q.put(("pool_full", bool(llm.reset_prefix_cache())))
+                continue
+            if c[0] == "leases":
+                q.put(("leases", tuple(llm.collective_rpc(_rma_leases)[0])))
+                continue
+            if c[0] == "local":
+                outs = llm.generate(c[1], [_sp(c[2], None) for _ in c[1]], use_tqdm=False)
+                q.put(("local", len(outs)))
                 continue
             outs = llm.generate(c[1], [_sp(1, {"do_remote_decode": True}) for _ in c[1]], use_tqdm=False)
             q.put(("params", [o.kv_transfer_params for o in outs]))

@@ -72,10 +72,12 @@ _MAGIC = b"UKVM"
 MAX_DESCRIPTOR_BYTES = 16 * 1024
 _MAX_LEN = 1 << 62
 #: Bytes posted per round (then one flush) where GET may be emulated by the owner (tcp, posix/sysv):
-#: bounds what the owner has queued for us at once, because UCX 1.21 crashes an owner whose
-#: emulated GET replies are still queued when its reader dies. ``UCXKV_RMA_WINDOW_BYTES`` overrides
-#: (0: no windows).
-DEFAULT_WINDOW_BYTES = 4 << 20
+#: with :data:`DEFAULT_WINDOWS_IN_FLIGHT` rounds unflushed at once, bounds what the owner has
+#: queued for us to 4 MiB, because UCX 1.21 crashes an owner whose emulated GET replies are still
+#: queued when its reader dies (tests/test_rma.py::test_rma_reader_killed_mid_get[tcp]: 12 of 12
+#: passed at 2 MiB x 2; at 4 MiB x 2 the owner crashed in 3 of 9; docs/bench.md).
+#: ``UCXKV_RMA_WINDOW_BYTES`` overrides (0: no windows).
+DEFAULT_WINDOW_BYTES = 2 << 20
 
 
 def window_bytes(engine: Engine) -> int:
@@ -90,6 +92,16 @@ def window_bytes(engine: Engine) -> int:
         emulated = names & {"tcp", "all"} or not names & {"cma", "sm", "shm"} or any(n.startswith("^") for n in names)
         cached = engine._rma_window = DEFAULT_WINDOW_BYTES if emulated else 0
     return cached
+#: How many windows may be posted and not yet flushed at once (``UCXKV_RMA_WINDOWS_IN_FLIGHT``):
+#: 2 keeps the emulated-GET pipeline from draining at every flush (1 did, 64 times a request).
+DEFAULT_WINDOWS_IN_FLIGHT = 2
+
+
+def windows_in_flight() -> int:
+    """Windows posted ahead of the oldest unfinished flush (at least 1: 1 drains after every window)."""
+    return max(1, int(os.environ.get("UCXKV_RMA_WINDOWS_IN_FLIGHT", DEFAULT_WINDOWS_IN_FLIGHT)))
+
+
 _STATUS_SLOTS = 4096
 
 
@@ -537,8 +549,7 @@ def transfer_many(items: Sequence[tuple[RemoteMemory, Registration, Any, Any, An
             rm._check_usable()
         deadline = time.monotonic() + (pipe.timeout_s if timeout is None else timeout)
         _check_live(pipe, remotes, deadline, what, "before")
-        for window in _windows(plans, window_bytes(pipe._engine)):
-            _post_and_flush(pipe, put, window, deadline, what)
+        _post_windows(pipe, put, _windows(plans, window_bytes(pipe._engine)), deadline, what)
         _check_live(pipe, remotes, deadline, what, "during")
     finally:
         for rm in remotes:
@@ -578,9 +589,46 @@ def _check_live(pipe: "Pipe", remotes: list[RemoteMemory], deadline: float, what
                                    "the transfer (stale descriptor)")
 
 
+def _post_windows(pipe: "Pipe", put: bool, windows: list[list[tuple]], deadline: float, what: str) -> None:
+    """Post the windows in order with up to :func:`windows_in_flight` of them unflushed at once.
+
+    Each window ends with its own flush; the next window is posted before the oldest flush is
+    waited for, so the emulated-GET pipeline never drains between windows while what the owner
+    has queued for us stays bounded by ``window x in-flight`` bytes.
+    """
+    depth = windows_in_flight()
+    pending: list[tuple[_Flush, list[tuple]]] = []
+    try:
+        for window in windows:
+            pending.append((_post(pipe, put, window, what), window))
+            if len(pending) >= depth:
+                _wait_flush(pipe, *pending.pop(0), deadline, what)
+        while pending:
+            _wait_flush(pipe, *pending.pop(0), deadline, what)
+    finally:
+        if pending:  # a wait failed (the pipe is broken): hand the other flushes back to UCX
+            with pipe._engine._lock:
+                for flush, _ in pending:
+                    flush.release()
+
+
 def _post_and_flush(pipe: "Pipe", put: bool, plans: list[tuple], deadline: float, what: str,
                     status_words: np.ndarray | None = None) -> None:
     """Post every plan's pieces, then one endpoint flush, and wait for it (engine lock only while posting)."""
+    _wait_flush(pipe, _post(pipe, put, plans, what, status_words), [plans, status_words], deadline, what)
+
+
+def _wait_flush(pipe: "Pipe", flush: _Flush, keep: Any, deadline: float, what: str) -> None:
+    try:
+        pipe._wait_ops([Op([flush], [keep], stream=True)], deadline, what)
+    finally:
+        with pipe._engine._lock:
+            flush.release()
+
+
+def _post(pipe: "Pipe", put: bool, plans: list[tuple], what: str,
+          status_words: np.ndarray | None = None) -> _Flush:
+    """Post every plan's pieces, then one endpoint flush (not waited for; the caller owns it)."""
     lib = _ucp_rma.lib()
     engine: Engine = pipe._engine
     posted = ctypes.c_size_t()
@@ -608,8 +656,4 @@ def _post_and_flush(pipe: "Pipe", put: bool, plans: list[tuple], deadline: float
         with engine._lock:
             flush.release()
         pipe._fail(PeerDeadError(f"{what}: posting failed: {_ucp_rma.status_string(rc)}"), what)
-    try:
-        pipe._wait_ops([Op([flush], [plans, status_words], stream=True)], deadline, what)
-    finally:
-        with engine._lock:
-            flush.release()
+    return flush

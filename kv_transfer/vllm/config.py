@@ -16,8 +16,9 @@ Configuration (``kv_connector_extra_config``), with defaults:
 ``kv_buffer_size`` (2 GiB)  staging capacity on prefill (back-pressure past it);
 ``kv_mode`` ("stage")  ``stage``: prefill copies a finished request's KV into a staging buffer
   (``kv_buffer_size``) and decode fetches it; ``rma``: nothing is staged, decode GETs
-  prefill's blocks in place while prefill keeps them leased; ``auto``: ``rma`` unless
-  ``UCX_TLS`` is TCP only (see :mod:`.rma_worker`). Prefill's choice travels to decode.
+  prefill's blocks in place while prefill keeps them leased; ``auto``: per transport family
+  (TCP only, or not) as the bench measured, today ``rma`` for both (see :mod:`.rma_worker`;
+  the choice and why are logged). Prefill's choice travels to decode.
   ``rma`` moves one KV cache group: with a hybrid model (several groups) ``auto`` means
   ``stage`` and ``rma`` is refused at startup;
 ``lease_s`` (30)  how long prefill keeps an unclaimed request's KV (staged bytes, or in
@@ -39,7 +40,10 @@ Configuration (``kv_connector_extra_config``), with defaults:
   request with ``"ucxkv_debug_perturb": true`` in its kv_transfer_params);
 ``debug_corrupt_staged_kv`` (false)  testing only, prefill: flip one bit of every staged entry
   after its checksum (also per request with ``"ucxkv_debug_corrupt": true`` in the prefill
-  request's kv_transfer_params).
+  request's kv_transfer_params);
+``"ucxkv_debug_stall_after_claim_s": S`` (per decode request, kv_transfer_params only)  testing
+  only, rma: decode sleeps S seconds after claiming prefill's lease, before its GETs (a slow
+  or dying decode that holds the lease).
 """
 
 from __future__ import annotations

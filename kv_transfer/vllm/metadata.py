@@ -71,6 +71,7 @@ class LoadSpec:
     def groups(self) -> list[tuple[list[int], int]]:
         """(local block ids, leading blocks not to write) per transferred KV cache group (see :mod:`.groups`)."""
         return [(self.block_ids, self.skip_blocks), *self.more_groups]
+    stall_after_claim_s: float = 0.0  # testing only (rma): a slow decode, holding the claimed lease, before its GETs
 
 
 @dataclass

@@ -3,10 +3,12 @@
 How ``kv_mode`` is chosen (:func:`choose_kv_mode`, the same answer in the
 scheduler and worker processes since it reads only the config and
 ``UCX_TLS``): ``stage`` and ``rma`` are taken as given (``rma`` only with one KV
-cache group: a hybrid model's several groups stage); ``auto`` picks per transport family from the
-table :data:`_AUTO`, filled from the bench (docs/bench.md, "kv_mode: rma vs
-stage"): ``rma`` was faster in every run over shared memory and over TCP, and
-stages nothing, so today ``auto`` means ``rma`` everywhere.
+cache group: a hybrid model's several groups stage); ``auto`` picks per transport family
+(TCP only, or anything else) from :data:`kv_transfer._kv_mode.AUTO_TABLE`, filled from the
+bench (docs/bench.md, "kv_mode: rma vs stage"; ``ucxkv-perftest -t kv_bw --kv-mode auto``
+runs the same rule): ``rma`` was faster in every paired run over shared memory and over
+TCP, and stages nothing, so today ``auto`` means ``rma`` everywhere. The choice and its
+reason are logged once per process.
 
 Prefill (producer, :class:`RmaTransfer` with ``is_producer``): instead of a
 LookupBuffer, the rank serves a :class:`~kv_transfer.rma_kv.RmaKVServer` on
@@ -28,12 +30,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
 
 import transport
 
+from .._kv_mode import KV_MODES, auto_kv_mode
 from ..errors import KVTransferError
 from ..paged import PagedLayout
 from ..rma_kv import RmaKVClient, RmaKVServer
@@ -45,13 +49,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["KV_MODES", "choose_kv_mode", "RmaTransfer"]
 
-KV_MODES = ("stage", "rma", "auto")
-#: What ``auto`` picks per UCX transport family, and the measurement behind it (docs/bench.md,
-#: "kv_mode: rma vs stage": kv_bw, 256 MiB Llama-3-8B-shaped request, 3 runs each, load 5.3-8.6).
-_AUTO = {
-    "sm": ("rma", "rma 1087-2701 MB/s vs stage 360-608 MB/s over shared memory, and no staging memory"),
-    "tcp": ("rma", "rma 481-782 MB/s vs stage 253-310 MB/s over TCP, and no staging memory"),
-}
 _logged: set[str] = set()
 
 
@@ -71,12 +68,7 @@ def choose_kv_mode(config: UcxConfig) -> tuple[str, str]:
         return "stage", f"{mode}: {config.num_groups} KV cache groups (hybrid model) -> stage"
     if mode != "auto":
         return mode, "set by kv_mode"
-    tls = config.ucx_tls or os.environ.get("UCX_TLS", "")
-    names = {t.strip() for t in tls.split(",") if t.strip()}
-    # TCP only: GET is emulated; anything else (unset, shared memory, RDMA) has native one-sided GET
-    family = "tcp" if names and names <= {"tcp", "self"} else "sm"
-    choice, measured = _AUTO[family]
-    why = f"auto: UCX_TLS={tls or '(unset)'} -> {choice} ({measured})"
+    choice, why = auto_kv_mode(config.ucx_tls or os.environ.get("UCX_TLS", ""))
     if why not in _logged:
         _logged.add(why)
         log.info("UcxConnector kv_mode %s", why)
@@ -136,10 +128,13 @@ class RmaTransfer:
     def load(self, spec: LoadSpec, reads: Sequence[tuple[str, Optional[HeadRead], int]]) -> int:
         """GET ``spec``'s blocks from every read; returns blocks loaded. Raises :class:`KVTransferError`."""
         n = len(spec.block_ids) - spec.skip_blocks
+        stall = None
+        if spec.stall_after_claim_s > 0:  # testing only: a slow decode that already holds the lease
+            stall = lambda: time.sleep(spec.stall_after_claim_s)  # noqa: E731
         for address, rd, readers in reads:
             heads = None if rd is None else (rd.src_head, rd.num_heads, rd.dst_head)
             res = self._client(address).load(spec.remote_request_id, spec.token_ids, spec.block_ids,
-                                             spec.skip_blocks, heads=heads, readers=readers)
+                                             spec.skip_blocks, heads=heads, readers=readers, after_claim=stall)
             if not res.ok:
                 raise KVTransferError(f"rma read from {address}: {res.error}")
         return n

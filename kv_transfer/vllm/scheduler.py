@@ -149,6 +149,7 @@ class UcxScheduler:
             perturb_rank=params.get("ucxkv_debug_perturb_rank"),
             kv_mode=str(params.get("kv_mode", "stage")),
             retain=retain,
+            stall_after_claim_s=float(params.get("ucxkv_debug_stall_after_claim_s", 0.0)),
             token_ids=list(request.prompt_token_ids[:num_tokens]),
             num_tokens=num_tokens,
             block_ids=ids[0],
