@@ -351,6 +351,7 @@ class RawPeer:
     """A welcomed peer that writes on the data plane by hand (tags and headers of its choosing)."""
 
     def __init__(self, address: str, auth: Any = None) -> None:
+        from transport import PipeOptions
         from transport._control import dial
         from transport._engine import get_engine
         from transport._wire import Hello
@@ -359,7 +360,7 @@ class RawPeer:
         self.eng = get_engine()
         self.link, welcome = dial(address, Hello(role="pipe", name="attack", worker_address=self.eng.address,
                                                  recv_tag=int.from_bytes(os.urandom(5), "little") | 1),
-                                  timeout_s=30, auth=auth or Auth.none())
+                                  options=PipeOptions(timeout_s=30, auth=auth or Auth.none()))
         self.ep = self.eng.connect(welcome.worker_address, address)
         self.base = welcome.recv_tag
         self._inflight: list[tuple[Any, Any]] = []
@@ -372,13 +373,14 @@ class RawPeer:
     def send(self, tag: int, buf: Any) -> None:
         self._inflight.append((self.eng.tag_send(self.ep, buf, tag), buf))
 
-    def header(self, seq: int, **fields: Any) -> Any:
+    def header(self, seq: int, specs: list[Any], body: bytes | None = None) -> Any:
+        """A header frame (the envelope's :class:`~transport._envelope.Header`) announcing ``specs``."""
         import numpy as np
 
-        from transport import _tensor_codec as codec
+        from transport import _envelope as codec
 
         frame = np.zeros(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
-        used = codec.encode_header(memoryview(frame), codec.TensorHeader(seq=seq, **fields))
+        used = codec.encode_header(memoryview(frame), codec.Header(seq, specs, body))
         return frame[:used]
 
     def flush(self, timeout_s: float = 30) -> int:
@@ -402,12 +404,13 @@ def wrong_lengths(t: Target, s: Scale) -> str:
     (it says goodbye), it never hands out a tensor with a stale tail."""
     import numpy as np
 
+    from transport._envelope import TensorSpec
+
     outcomes = []
     for what, got in (("short", 1000), ("long", (4 << 20) + 4096)):
         peer = RawPeer(t.address)
         try:
-            peer.send(peer.tag(0, False), peer.header(0, none=False, dtype="float32", shape=[1 << 20],
-                                                      nbytes=4 << 20))
+            peer.send(peer.tag(0, False), peer.header(0, [TensorSpec("float32", [1 << 20], 4 << 20, "cpu", False)]))
             peer.send(peer.tag(0, True), np.zeros(got, dtype=np.uint8))
             peer.flush()
             deadline = time.monotonic() + 30
@@ -468,27 +471,51 @@ parked_messages.pooled = True  # type: ignore[attr-defined]
 
 
 def lookup_announcements(t: Target, s: Scale) -> str:
-    """Class 4: lookup requests announcing tensors their type does not carry, and a huge query."""
+    """Class 4: lookup requests announcing tensors their type does not carry, and a huge query.
+
+    The envelope's one header states how many tensors follow: a Stats with 2 gets an ErrorReply
+    (they were received with it, the pipe stays in step); a Stats announcing as many tensors as a
+    header frame holds gets an ErrorReply and the consumer is dropped without any being received."""
     import torch
 
     from kv_transfer import _lookup_wire as wire
     from transport import PeerError, Pipe
+    from transport import _envelope as codec
     from transport.auth import Auth
 
-    with Pipe.connect(t.address, timeout_s=30, service="kvlookup", auth=Auth.none()) as c:
-        c.send_tensors([wire.encode(wire.Stats(seq=1), n_tensors=50_000)])
-        ans, _ = wire.decode_response(c.recv_tensor(timeout=30), t.address)
+    def answer(c: Any, what: str) -> Any:
+        ans = wire.decode_response(c.recv_message(timeout=30)[0], t.address)
         if not isinstance(ans, wire.ErrorReply):
-            raise AssertionError(f"Stats announcing 50,000 tensors answered with {ans!r}")
+            raise AssertionError(f"{what} answered with {ans!r}")
+        return ans
+
     with Pipe.connect(t.address, timeout_s=30, service="kvlookup", auth=Auth.none()) as c:
-        c.send_tensors_async([wire.encode(wire.Fetch(seq=2), n_tensors=2),
-                              torch.zeros((wire.MAX_REQUEST_TENSOR_BYTES // 8) + 1, dtype=torch.int64), None])
+        c.send_message(wire.encode(wire.Stats(seq=1)), [torch.ones(4), torch.ones(4)])
+        answer(c, "a Stats with 2 tensors")
+        c.send_message(wire.encode(wire.Stats(seq=2)))
+        if not isinstance(ans := wire.decode_response(c.recv_message(timeout=30)[0], t.address), wire.StatsReply):
+            raise AssertionError(f"after an ErrorReply the pipe is out of step: a Stats answered with {ans!r}")
+    body = wire.encode(wire.Stats(seq=3))
+    # one msgpack nil per announced tensor; 16 bytes spare for the header's sequence number and array length
+    many = codec.HEADER_FRAME_SIZE - 4 - len(codec._encoder.encode(codec.Header(0, [], body))) - 16
+    with Pipe.connect(t.address, timeout_s=30, service="kvlookup", auth=Auth.none()) as c:
+        c.send_message(body, [None] * many)
+        answer(c, f"a Stats announcing {many} tensors")
         try:
-            c.recv_tensor(timeout=30)
+            c.recv_message(timeout=30)
+            raise AssertionError(f"a consumer announcing {many} tensors was not dropped")
+        except PeerError:
+            pass
+    with Pipe.connect(t.address, timeout_s=30, service="kvlookup", auth=Auth.none()) as c:
+        c.send_message_async(wire.encode(wire.Fetch(seq=4)),
+                             [torch.zeros((wire.MAX_REQUEST_TENSOR_BYTES // 8) + 1, dtype=torch.int64), None])
+        try:
+            c.recv_message(timeout=30)
             raise AssertionError("a query tensor over the request bound was answered")
         except PeerError:
             pass
-    return "a Stats announcing 50,000 tensors got an ErrorReply; a 64 MiB + 8 B query was refused unread"
+    return (f"a Stats with 2 tensors got an ErrorReply (pipe in step); one announcing {many:,} got an "
+            "ErrorReply and its consumer dropped; a 64 MiB + 8 B query was refused unread")
 
 
 def lookup_consumers(t: Target, s: Scale) -> str:

@@ -301,7 +301,7 @@ def test_unreceived_messages_are_dropped_when_the_pipe_closes():
 
 def test_messages_sent_after_the_pipe_closed_are_dropped_as_they_arrive():
     """A peer that keeps sending on a closed pipe's tags, or on tags no pipe ever had, parks nothing."""
-    from transport import _tensor_codec as codec
+    from transport import _envelope as codec
 
     lst, client, server = _raw_pair()
     eng = server._engine
@@ -311,7 +311,7 @@ def test_messages_sent_after_the_pipe_closed_are_dropped_as_they_arrive():
         server.close()  # our side is gone; the peer's endpoint still reaches the worker
         keep = []
         for seq in range(300):
-            keep += _send_raw(client, seq, codec.TensorHeader(seq=seq, none=True), None, None)
+            keep += _send_raw(client, seq, codec.Header(seq, [None]), None, None)
             junk = np.full(4096, seq & 0xFF, dtype=np.uint8)
             keep += [eng.tag_send(client._ep, junk, stranger | (seq << 1)), junk]
         deadline = time.monotonic() + 10
