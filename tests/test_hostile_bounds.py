@@ -156,6 +156,18 @@ def test_reject_does_not_echo_huge_fields(remote_listener):
 
 
 # -- 5. received lengths are checked against the header ------------------------------------
+def _listener_still_serves(lst: Any) -> None:
+    """An in-process listener still admits a new pipe and delivers a tensor on it; then it is closed."""
+    from transport import Pipe
+
+    with Pipe.connect(lst.address, timeout_s=30) as c2:
+        s2 = lst.accept(timeout=30)
+        c2.send_tensor_async(torch.arange(10)).wait(30)
+        assert torch.equal(s2.recv_tensor(timeout=30), torch.arange(10))
+        s2.close()
+    lst.close()
+
+
 def _raw_pair() -> tuple[Any, Any, Any]:
     from transport import Pipe, PipeListener
 
@@ -289,14 +301,7 @@ def test_unreceived_messages_are_dropped_when_the_pipe_closes():
     finally:
         client.close()
         server.close()
-    from transport import Pipe
-
-    with Pipe.connect(lst.address, timeout_s=30) as c2:
-        s2 = lst.accept(timeout=30)
-        c2.send_tensor_async(torch.arange(10)).wait(30)
-        assert torch.equal(s2.recv_tensor(timeout=30), torch.arange(10))
-        s2.close()
-    lst.close()
+    _listener_still_serves(lst)
 
 
 def test_messages_sent_after_the_pipe_closed_are_dropped_as_they_arrive():
@@ -326,14 +331,7 @@ def test_messages_sent_after_the_pipe_closed_are_dropped_as_they_arrive():
         del keep
     finally:
         client.close()
-    from transport import Pipe
-
-    with Pipe.connect(lst.address, timeout_s=30) as c2:
-        s2 = lst.accept(timeout=30)
-        c2.send_tensor_async(torch.arange(10)).wait(30)
-        assert torch.equal(s2.recv_tensor(timeout=30), torch.arange(10))
-        s2.close()
-    lst.close()
+    _listener_still_serves(lst)
 
 
 # -- 4. a lookup request carries only the tensors its type needs ----------------------------

@@ -406,15 +406,18 @@ class Engine:
         whose kick fd is ``own_kick``) is kicked awake through its own kick fd.
         """
         progress_once = self.worker.progress_once
-        if not progress_once():
-            return False
-        for _ in range(255):
-            if not progress_once():
-                break
+        did = progress_once()
+        if did:
+            for _ in range(255):
+                if not progress_once():
+                    break
+        # also when idle now: what arrived just after the last sweep must not stay parked
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_S
             self._sweep()
+        if not did:
+            return False
         for fd in self._sleeping:
             if fd != own_kick:
                 os.eventfd_write(fd, 1)
