@@ -447,6 +447,9 @@ class ClientLink(Link):
                     except TransportError as exc:
                         log.warning("ignoring bad control message: %s", _wire.clip(str(exc)))
                         continue
+                    if isinstance(msg, Reject):  # a listener that no longer knows this link (restarted)
+                        self.closed_reason = f"listener rejected the link ({msg.code}: {_wire.clip(msg.reason)})"
+                        continue
                     self.heard()
                     if isinstance(msg, Goodbye):
                         self.peer_sent = msg.sent
