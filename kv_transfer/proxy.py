@@ -172,6 +172,61 @@ def _event_choices(event: bytes) -> Any:
     return obj.get("choices") if isinstance(obj, dict) else obj
 
 
+def _event_text(event: bytes) -> tuple[dict, dict, str] | None:
+    """(event JSON, its one choice, the text it adds) for a single-choice completion or chat event, else None."""
+    obj = _event_data(event)
+    choices = obj.get("choices") if isinstance(obj, dict) else None
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    if "text" in choice:
+        return obj, choice, str(choice.get("text") or "")
+    delta = choice.get("delta")
+    return (obj, choice, str(delta.get("content") or "")) if isinstance(delta, dict) else None
+
+
+class _TextResync:
+    """Lines a retried decode's stream up with the text already sent, by text, not by event.
+
+    vLLM may cut the same greedy answer into different events (one token or several per event,
+    depending on timing), so a retry is checked on the text it repeats: its events are dropped
+    until they cover what was sent, the one that goes past it is forwarded with only the new
+    text, and anything that disagrees raises :class:`_StreamDiverged`.
+    """
+
+    def __init__(self, sent: list[bytes]):
+        self.sent_text = "".join(t[2] for t in map(_event_text, sent) if t is not None)
+        self.text = ""
+        self.done = False
+
+    @staticmethod
+    def usable(sent: list[bytes]) -> bool:
+        return bool(sent) and all(_event_text(e) is not None for e in sent)
+
+    def feed(self, event: bytes, url: str) -> bytes | None:
+        """The event to forward (possibly rewritten), or None to drop it."""
+        parsed = _event_text(event)
+        if parsed is None:
+            raise _StreamDiverged(f"decode failover: decode instance {url} sent {event[:80]!r} before repeating "
+                                  f"the {len(self.sent_text)} characters already sent; the answer is incomplete")
+        obj, choice, text = parsed
+        self.text += text
+        n = len(self.sent_text)
+        if not (self.sent_text.startswith(self.text) or self.text.startswith(self.sent_text)):
+            raise _StreamDiverged(f"decode failover: decode instance {url} does not repeat the text already sent "
+                                  f"(sampling is not deterministic); the answer is incomplete")
+        if len(self.text) < n or (len(self.text) == n and not choice.get("finish_reason")):
+            self.done = len(self.text) == n
+            return None
+        self.done = True
+        rest = self.text[n:]
+        if "text" in choice:
+            choice["text"] = rest
+        else:
+            choice["delta"]["content"] = rest
+        return f"data: {json.dumps(obj)}\n\n".encode()
+
+
 def _error_event(event: bytes) -> str | None:
     """The message of an SSE error event (vLLM's answer when its engine fails mid-stream), else None."""
     if b'"error"' not in event:
@@ -700,11 +755,19 @@ class Proxy:
         off, stays silent past ``--timeout`` or sends an error event.
         """
         skip, seen, buf = len(sent), 0, b""
+        resync = _TextResync(sent) if _TextResync.usable(sent) else None
+        if resync is not None:
+            skip = 0  # checked by text (below), not event by event
         try:
             async for chunk in d_resp.content.iter_any():
                 buf += chunk
                 while (cut := buf.find(b"\n\n")) >= 0:
                     event, buf = buf[:cut + 2], buf[cut + 2:]
+                    if resync is not None and not resync.done and _error_event(event) is None:
+                        forward = resync.feed(event, d_inst.url)
+                        if forward is None:
+                            continue
+                        event = forward
                     if seen < skip:
                         if _event_choices(event) != _event_choices(sent[seen]):
                             raise _StreamDiverged(
@@ -731,6 +794,9 @@ class Proxy:
             raise UpstreamFailure(502, "upstream_error",
                                   f"decode instance {d_inst.url} broke off the stream: {_describe(exc)}",
                                   d_inst) from exc
+        if resync is not None and not resync.done:
+            raise _StreamDiverged(f"decode failover: decode instance {d_inst.url} ended its stream before repeating "
+                                  f"the text already sent; the answer is incomplete")
         if seen < skip:
             raise _StreamDiverged(f"decode failover: decode instance {d_inst.url} ended its stream after {seen} "
                                   f"events, before repeating the {skip} already sent; the answer is incomplete")

@@ -130,7 +130,7 @@ def test_a_retry_that_answers_differently_ends_the_stream_with_an_error_not_a_sp
                                {"prompt": "p", "max_tokens": N, "stream": True})
     events = events_of(chunks)
     assert status == 200 and [e["choices"][0]["text"] for e in events[:3]] == ["tok0", "tok1", "tok2"]
-    assert len(events) == 4 and "does not repeat event 0" in events[3]["error"]["message"], events
+    assert len(events) == 4 and "does not repeat the text already sent" in events[3]["error"]["message"], events
     _, m = call("GET", procs["diverged"].url + "/metrics?format=json")
     assert m["failover_diverged"] == 1
 
@@ -142,3 +142,19 @@ def test_without_failover_a_cut_stream_ends_with_an_error_event(setup) -> None:
     events = events_of(chunks)
     assert status == 200 and len(events) == 4 and "broke off the stream" in events[3]["error"]["message"], events
     assert len(decode_bodies(fakes, "no_failover")) == 1
+
+
+def test_a_retry_that_cuts_the_same_text_into_other_events_resumes_by_text() -> None:
+    """vLLM may put one token or several in an event: a retry is lined up on the text, not event by event."""
+    from kv_transfer.proxy import _TextResync
+
+    def ev(text: str, finish: str | None = None) -> bytes:
+        return f"data: {json.dumps({'id': 'x', 'choices': [{'index': 0, 'text': text, 'finish_reason': finish}]})}\n\n".encode()
+
+    sync = _TextResync([ev("Hel"), ev("lo")])  # sent: "Hello"
+    assert sync.feed(ev("H"), "d") is None and sync.feed(ev("ell"), "d") is None
+    out = sync.feed(ev("o wor"), "d")  # covers what was sent and goes past it: only the new text is forwarded
+    assert sync.done and json.loads(out[5:])["choices"][0]["text"] == " wor"
+    chat = _TextResync([f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'ab'}}]})}\n\n".encode()])
+    with pytest.raises(Exception, match="does not repeat the text"):
+        chat.feed(f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': 'ax'}}]})}\n\n".encode(), "d")
