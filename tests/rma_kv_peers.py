@@ -35,8 +35,8 @@ def reader_killed_after_claim(q: Any, address: str, request_id: str, tokens: lis
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def producer_killed_mid_read(q: Any, num_blocks: int) -> None:
-    """Serves big caches with request "p1" offered; SIGKILLs itself just after answering the Claim."""
+def producer_killed_after_claim(q: Any, num_blocks: int) -> None:
+    """Serves caches with request "p1" offered; SIGKILLs itself just after answering the Claim."""
     from kv_transfer.paged import PagedLayout
     from kv_transfer.rma_kv import Claim, RmaKVServer
 
