@@ -235,8 +235,14 @@ def start_proxy() -> Target:
             raise AssertionError(f"proxy /metrics answered {status}")
 
     def stop() -> None:
-        p.kill()
-        p.wait(10)
+        # SIGTERM: the proxy shuts down its parse pool too (a SIGKILL left the pool's workers orphaned)
+        p.terminate()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            log.warning("ucxkv-proxy (pid %d) did not stop within 30 s of SIGTERM; killed", p.pid)
+            p.kill()
+            p.wait(10)
 
     def warm() -> None:
         # the first body over 256 KiB starts the proxy's parse pool, and the first 20 MiB one raises
