@@ -31,7 +31,7 @@ Tests:
   Checked bit-exact once, after the last iteration.
 * ``lookup_lat``: the LookupBuffer round trip. The server process inserts entries of
   SIZE bytes (request id + tokens) into a served ``LookupBuffer`` ahead of the client,
-  under back-pressure (capacity: 8 entries); the client times each ``drop_select``
+  under back-pressure (capacity: 8 entries, at least 64 KiB: 4096 entries of 8 B); the client times each ``drop_select``
   (query out, matching KV back into its memory) through a ``LookupClient``. Reported
   latency is that whole round trip, not half of it.
 
