@@ -207,12 +207,14 @@ def tokens_key(tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor]) -> O
     """The masked tokens as a 1-D int64 numpy array (``tokens[roi]``), or None without tokens."""
     if tokens is None:
         return None
-    t = tokens.detach().reshape(-1).to("cpu")
+    t = tokens.detach().reshape(-1)
+    if t.device.type != "cpu":  # (a .to("cpu") of a host tensor still costs a few us per lookup)
+        t = t.cpu()
     if roi is not None:
-        r = roi.detach().reshape(-1).to("cpu")
+        r = roi.detach().reshape(-1).cpu()
         if r.dtype != torch.bool:
             r = r != 0
         if r.numel() != t.numel():
             raise KVUsageError(f"roi has {r.numel()} elements but input_tokens has {t.numel()}")
         t = t[r]
-    return t.to(torch.int64).numpy()
+    return (t if t.dtype == torch.int64 else t.to(torch.int64)).numpy()

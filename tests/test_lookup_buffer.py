@@ -172,6 +172,26 @@ def test_unclaim_after_a_failed_send_makes_it_available_until_the_lease_ends():
     assert buf.bytes_used == 0 and buf.expired == 1
 
 
+def test_leases_of_many_entries_expire_in_deadline_order_after_most_were_consumed():
+    # the leases are a heap (a claim looks at the due entries only); consuming most entries makes it
+    # rebuild itself from the live ones, which must keep every remaining lease, a busy one's included
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 24, lease_s=1000, clock=clock)
+    for i in range(600):
+        buf.insert(toks(i), None, torch.zeros(1), None, None, lease_s=10 + (i % 7) * 10)
+    for i in range(600):
+        if i % 50:
+            assert buf.fetch(toks(i), None) is not None
+    left = [i for i in range(600) if i % 50 == 0]
+    handle, _ = buf.claim(toks(left[0]), None)  # lease 10, past it while its send is in flight
+    for step in range(1, 8):
+        clock.t = 1000.0 + step * 10
+        want = [i for i in left if 10 + (i % 7) * 10 > step * 10 or i == left[0]]
+        assert buf.num_entries == len(want), step
+    buf.unclaim(handle)  # the hand-over failed: past its lease, so it goes now
+    assert buf.num_entries == 0 and buf.expired == len(left)
+
+
 def test_abort_drops_available_and_claimed_entries():
     buf = LookupBuffer(1 << 20)
     buf.insert(toks(1), None, torch.zeros(4), None, None, request_id="r")
