@@ -9,6 +9,12 @@ service ``kvrma`` and keeps each offered request's blocks under a
 :class:`Lease` until the reader says it is done, the lease runs out, or the
 reader's pipe dies; ``on_free(request_id)`` is then called exactly once (the
 vLLM connector reports the request as sent there, and vLLM frees its blocks).
+With ``retain`` (decode failover), ``Done`` and a reader's death do not free:
+the blocks stay leased, so a second reader may claim and read them, until a
+reader sends ``Ack`` (its request was answered in full) or the lease runs out
+(``Done`` and ``Renew`` extend it by ``lease_s``). Whatever ends a lease, an
+``Ack`` or a reader's ``Done`` or death never frees blocks another reader has
+claimed and not yet finished reading: the free waits for that reader.
 
 Consumer (:class:`RmaKVClient`): one pipe per producer. ``Hello`` fetches the
 producer's descriptors and cache geometry once; a load is ``Claim`` (checks the
@@ -18,7 +24,8 @@ lease to this pipe), one :func:`transport.transfer_many` round for all layers
 whose answer says whether the lease still held when the GETs had completed.
 A lease that ran out before ``Done`` arrived makes the load fail, because the
 producer may already have reused those blocks. ``Renew`` keeps leases of
-requests a reader still intends to read alive.
+requests a reader still intends to read (or, retained, still serves) alive;
+``Ack`` releases retained leases.
 
 Pieces: a block of one layer is one contiguous piece per index over the dims
 before the block dim (one for ``vllm_cpu``; a K and a V piece for
@@ -60,7 +67,8 @@ SERVICE = "kvrma"
 # Version history:
 #   1: first release, a uint8 tensor holding magic, u16 version, msgpack.
 #   2: a transport envelope whose body is a MessageCodec message (8-byte preamble).
-RMA_WIRE_VERSION = 2
+#   3: Ack / Acked (a reader answered its request in full: a retained lease may go).
+RMA_WIRE_VERSION = 3
 _MAGIC = b"KVR\x00"
 _MAX_BODY = 4 << 20
 
@@ -96,6 +104,11 @@ class Done(msgspec.Struct, tag=True, frozen=True):
     request_id: str
 
 
+class Ack(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    request_ids: list[str]
+
+
 class HelloReply(msgspec.Struct, tag=True, frozen=True):
     seq: int
     block_dim: int
@@ -113,6 +126,11 @@ class Renewed(msgspec.Struct, tag=True, frozen=True):
     known: list[str]
 
 
+class Acked(msgspec.Struct, tag=True, frozen=True):
+    seq: int
+    known: list[str]  # held when the Ack arrived: freed now, or when the reads in flight end
+
+
 class DoneReply(msgspec.Struct, tag=True, frozen=True):
     seq: int
     held: bool  # the lease still held when Done arrived: what was read is valid
@@ -124,8 +142,8 @@ class Error(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-_Req = Union[Hello, Claim, Renew, Done]
-_Rep = Union[HelloReply, Claimed, Renewed, DoneReply, Error]
+_Req = Union[Hello, Claim, Renew, Done, Ack]
+_Rep = Union[HelloReply, Claimed, Renewed, DoneReply, Acked, Error]
 _REQUESTS = MessageCodec(_MAGIC, RMA_WIRE_VERSION, _Req, what="kvrma request", max_body=_MAX_BODY,
                          error=LookupProtocolError, version_error=LookupProtocolError)
 _REPLIES = MessageCodec(_MAGIC, RMA_WIRE_VERSION, _Rep, what="kvrma answer", max_body=_MAX_BODY,
@@ -214,6 +232,8 @@ class Lease:
     expires: float
     readers_left: Optional[int] = None  # set by the first claim
     holders: set[int] = field(default_factory=set)  # ids of pipes that claimed and are not done
+    reads: int = 0  # reads completed (Done while the lease held)
+    free_when_idle: bool = False  # acknowledged (or, not retained, a reader died) under another's read
 
 
 class RmaKVServer:
@@ -225,13 +245,15 @@ class RmaKVServer:
         host, port: Where to listen.
         lease_s: How long an offered or claimed request stays leased without a renewal.
         on_free: Called once per offered request when its blocks may be reused.
+        retain: Keep a request's blocks after a reader's ``Done`` or death, until an ``Ack`` or the
+            lease ends, so another reader can read them (decode failover).
         options: The listener's pipe options (default ``KV_PIPE_OPTIONS``); ``timeout_s`` bounds each answer.
         timeout_s, peer_timeout_s, heartbeat_s: Conveniences that override ``options`` when given.
     """
 
     def __init__(self, caches: Sequence[torch.Tensor], layout: PagedLayout, host: str = "127.0.0.1",
                  port: int = 0, *, lease_s: float = 30.0, on_free: Optional[Callable[[str], None]] = None,
-                 options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
+                 retain: bool = False, options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
                  peer_timeout_s: Optional[float] = None, heartbeat_s: Optional[float] = None,
                  reap_interval_s: float = 0.1, name: Optional[str] = None):
         if not caches:
@@ -239,6 +261,7 @@ class RmaKVServer:
         opts = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
                               heartbeat_s=heartbeat_s)
         self.lease_s = float(lease_s)
+        self.retain = bool(retain)
         self.timeout_s = float(opts.timeout_s)
         self._on_free = on_free or (lambda rid: None)
         self._lock = threading.Lock()
@@ -263,7 +286,8 @@ class RmaKVServer:
                                           name="kvrma-reaper")]
         for t in self._threads:
             t.start()
-        log.info("kvrma server on %s: %d registered layer caches, lease %.1fs", self.address, len(caches), lease_s)
+        log.info("kvrma server on %s: %d registered layer caches, lease %.1fs%s", self.address, len(caches), lease_s,
+                 ", retained until acknowledged" if self.retain else "")
 
     # -- leases
     def offer(self, request_id: str, token_ids: Sequence[int], block_ids: Sequence[int]) -> None:
@@ -294,8 +318,15 @@ class RmaKVServer:
 
     @property
     def num_leases(self) -> int:
+        """Requests whose blocks are held now."""
         with self._lock:
             return len(self._leases)
+
+    @property
+    def leased_blocks(self) -> int:
+        """Blocks held now, over every lease (one layer's count: a block spans every layer cache)."""
+        with self._lock:
+            return sum(len(ls.block_ids) for ls in self._leases.values())
 
     def _reap_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -304,9 +335,11 @@ class RmaKVServer:
                 gone = [rid for rid, ls in self._leases.items() if ls.expires <= now]
                 expired = [self._leases.pop(rid) for rid in gone]
             for ls in expired:
-                log.warning("kvrma: lease of request %s expired after %.1fs without %s; its %d blocks are freed",
-                            ls.request_id, self.lease_s, "the reader's Done" if ls.holders else "a reader",
-                            len(ls.block_ids))
+                missing = ("the reader's Done" if ls.holders else
+                           f"an acknowledgement ({ls.reads} reads)" if ls.reads else "a reader")
+                (log.info if ls.reads and self.retain else log.warning)(
+                    "kvrma: lease of request %s expired after %.1fs without %s; its %d blocks are freed",
+                    ls.request_id, self.lease_s, missing, len(ls.block_ids))
                 self._free(ls)
 
     # -- serving
@@ -341,11 +374,18 @@ class RmaKVServer:
             with self._lock:
                 if pipe in self._pipes:
                     self._pipes.remove(pipe)
-                held = [rid for rid, ls in self._leases.items() if id(pipe) in ls.holders]
-                dead = [self._leases.pop(rid) for rid in held]
+                held = [ls for ls in self._leases.values() if id(pipe) in ls.holders]
+                for ls in held:
+                    ls.holders.discard(id(pipe))
+                # retained: the blocks wait for another reader (or the lease's end); either way never
+                # freed under another reader's claim
+                for ls in held:
+                    ls.free_when_idle |= not self.retain
+                dead = [self._leases.pop(ls.request_id) for ls in held if ls.free_when_idle and not ls.holders]
+            for ls in held:
+                log.warning("kvrma: reader %s of request %s went away mid-read; its %d blocks are %s", peer,
+                            ls.request_id, len(ls.block_ids), "freed" if ls in dead else "kept (retained or read)")
             for ls in dead:
-                log.warning("kvrma: reader %s of request %s went away mid-read; its %d blocks are freed",
-                            peer, ls.request_id, len(ls.block_ids))
                 self._free(ls)
             pipe.close()
 
@@ -359,6 +399,8 @@ class RmaKVServer:
                 for rid in known:
                     self._leases[rid].expires = max(self._leases[rid].expires, now + self.lease_s)
             return Renewed(msg.seq, known)
+        if isinstance(msg, Ack):
+            return Acked(msg.seq, self._acknowledge(msg.request_ids))
         if isinstance(msg, Claim):
             with self._lock:
                 ls = self._leases.get(msg.request_id)
@@ -380,12 +422,37 @@ class RmaKVServer:
             if ls is None or pid not in ls.holders:
                 return DoneReply(msg.seq, False)
             ls.holders.discard(pid)
+            ls.reads += 1
             ls.readers_left = (ls.readers_left or 1) - 1
-            if ls.readers_left <= 0:
+            if ls.free_when_idle:
+                last = not ls.holders
+            elif self.retain:  # kept for a failover reader; the serving reader renews it
+                last, ls.expires = False, max(ls.expires, now + self.lease_s)
+            else:
+                last = ls.readers_left <= 0
+            if last:
                 freed = self._leases.pop(msg.request_id)
         if freed is not None:
             self._free(freed)
         return DoneReply(msg.seq, True)
+
+    def _acknowledge(self, request_ids: Sequence[str]) -> list[str]:
+        """Free each held request now, or when the reads in flight on it end; returns those held."""
+        known, freed = [], []
+        with self._lock:
+            for rid in request_ids:
+                ls = self._leases.get(rid)
+                if ls is None:
+                    continue
+                known.append(rid)
+                if ls.holders:
+                    ls.free_when_idle = True
+                else:
+                    freed.append(self._leases.pop(rid))
+        for ls in freed:
+            log.debug("kvrma: freeing %s (acknowledged after %d reads)", ls.request_id, ls.reads)
+            self._free(ls)
+        return known
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving, free every lease (``on_free`` for each), deregister the caches (idempotent)."""
@@ -538,11 +605,20 @@ class RmaKVClient:
 
     def renew(self, request_ids: Sequence[str]) -> list[str]:
         """Extend the leases of ``request_ids``; returns those the producer still holds."""
+        return self._ids_rpc(Renew, Renewed, request_ids)
+
+    def ack(self, request_ids: Sequence[str]) -> list[str]:
+        """Tell the producer these requests were answered in full (their retained blocks may go, once
+        no other reader is reading them); returns those it still held."""
+        return self._ids_rpc(Ack, Acked, request_ids)
+
+    def _ids_rpc(self, kind: type, answer: type, request_ids: Sequence[str]) -> list[str]:
         try:
             self._connect()
-            rep = self._rpc(Renew(self._next(), list(request_ids)))
-            if not isinstance(rep, Renewed):
-                raise LookupProtocolError(f"kvrma producer {self.address} answered Renew with {type(rep).__name__}")
+            rep = self._rpc(kind(self._next(), list(request_ids)))
+            if not isinstance(rep, answer):
+                raise LookupProtocolError(f"kvrma producer {self.address} answered {kind.__name__} with "
+                                          f"{type(rep).__name__}")
         except BaseException:
             self.close()  # the next call redials
             raise

@@ -17,6 +17,11 @@ finished is *offered* (its block ids under a lease); the scheduler returned
 ``delay_free=True`` for it, and the server's ``on_free`` (decode done, lease
 expired, decode's pipe died, or the scheduler released an aborted request)
 puts it in the worker's ``finished_sending`` set, which frees the blocks.
+With ``retain_kv`` (decode failover) decode's ``Done`` and death do not free:
+the blocks stay leased until a decode acknowledges the request answered in full
+(:meth:`RmaTransfer.ack`) or the lease ends; the decode serving the request
+renews it every ``lease_s / 3`` until the request finishes, so a decode that
+dies stops renewing and the blocks go at most ``lease_s`` later.
 
 Decode (consumer): one :class:`~kv_transfer.rma_kv.RmaKVClient` per producer
 rank address, all over one set of registrations of this rank's caches; a load
@@ -100,7 +105,8 @@ class RmaTransfer:
     def serve(self, host: str, port: int) -> str:
         """Register the caches and serve their leased blocks on ``host:port``; returns the address."""
         self.server = RmaKVServer(self._caches, self._layout, host, port, lease_s=self.config.lease_s,
-                                  on_free=self._on_sent, options=self.config.pipe_options())
+                                  on_free=self._on_sent, retain=self.config.retain_kv,
+                                  options=self.config.pipe_options())
         return self.server.address
 
     def offer(self, specs: Sequence[SaveSpec]) -> None:
@@ -143,8 +149,15 @@ class RmaTransfer:
         """Extend the lease of ``remote_request_id`` at each producer address; a lease already gone is logged."""
         for address in addresses:
             if remote_request_id not in self._client(address).renew([remote_request_id]):
-                log.warning("prefill %s no longer holds %s: its load will fail and be recomputed", address,
-                            remote_request_id)
+                log.warning("prefill %s no longer holds %s: a load still to come fails and is recomputed, and "
+                            "a failover to another decode would recompute too", address, remote_request_id)
+
+    def ack(self, remote_request_id: str, addresses: Sequence[str]) -> None:
+        """Tell each producer address that ``remote_request_id`` was answered in full (retained blocks go)."""
+        for address in addresses:
+            if remote_request_id not in self._client(address).ack([remote_request_id]):
+                log.info("prefill %s no longer held %s when it was acknowledged (lease ended)", address,
+                         remote_request_id)
 
     def shutdown(self) -> None:
         """Close clients, the server (freeing its leases) and the registrations (idempotent)."""

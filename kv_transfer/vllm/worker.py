@@ -219,6 +219,13 @@ class UcxWorker:
         """Requests answered in full: prefill may drop the KV it retained for a failover (failures are
         logged only: the entry then goes when its lease ends)."""
         for spec in specs:
+            if spec.kv_mode == "rma":
+                try:
+                    self._rma.ack(spec.remote_request_id, [a for a, _, _ in self._reads(spec)])
+                except Exception as exc:  # noqa: BLE001 - the lease bounds what is left behind
+                    log.warning("acknowledging %s to prefill %s failed (its lease will free the blocks): %s",
+                                spec.remote_request_id, spec.remote_address, exc)
+                continue
             for address, _, _ in self._reads(spec):
                 try:
                     for pos in range(len(self._group_caches)):  # one retained entry per KV cache group
@@ -228,7 +235,8 @@ class UcxWorker:
                                 spec.remote_request_id, address, exc)
 
     def _renew(self, specs: list) -> None:
-        """rma: extend prefill's leases of requests still waiting here for blocks (failures are logged only)."""
+        """rma: extend prefill's leases of requests still waiting here for blocks, or (retained) still being
+        answered here (failures are logged only)."""
         for spec in specs:
             try:
                 self._rma.renew(spec.remote_request_id, [a for a, _, _ in self._reads(spec)])
@@ -381,6 +389,10 @@ class UcxWorker:
             st = self._buffer.stats()
             self.counters.set_gauges(f"tp{self.rank.tp_rank}", staged_bytes=st["bytes_used"],
                                      staged_entries=st["num_entries"])
+        server = self._rma.server if self._rma is not None else None
+        if server is not None:
+            self.counters.set_gauges(f"tp{self.rank.tp_rank}", leased_bytes=server.leased_blocks * self._block_bytes,
+                                     leased_entries=server.num_leases)
         return self.counters.take()
 
     def shutdown(self) -> None:
