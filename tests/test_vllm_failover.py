@@ -114,7 +114,7 @@ def test_decode_killed_mid_stream_the_other_decode_loads_the_retained_kv_and_fin
     assert after["requests_loaded"] - before["d2"]["requests_loaded"] == 1, (before, after)
     assert after["load_failures"] == before["d2"]["load_failures"]
     # the survivor completed the request: its acknowledgement dropped prefill's retained entry / leased blocks
-    held = (lambda: sum(prefill.rpc("ucxkv_leases"))) if prefill.kv_mode == "rma" else (
+    held = (lambda: sum(r["leases"] for r in prefill.rpc("ucxkv_leases"))) if prefill.kv_mode == "rma" else (
         lambda: P.staged(prefill.kv_port))
     deadline = time.monotonic() + 15
     while held() and time.monotonic() < deadline:
