@@ -27,6 +27,12 @@ producer may already have reused those blocks. ``Renew`` keeps leases of
 requests a reader still intends to read (or, retained, still serves) alive;
 ``Ack`` releases retained leases.
 
+KV cache groups (vLLM's hybrid allocator): the layer caches are given group by
+group (``group_layers`` says how many each group has, both sides alike); a lease
+holds one block list per group and a load reads each group's blocks over that
+group's layers, all in one GET round. Layers of different groups that share one
+tensor (as vLLM lays them out) are registered once.
+
 Pieces: a block of one layer is one contiguous piece per index over the dims
 before the block dim (one for ``vllm_cpu``; a K and a V piece for
 ``flash_attn``); a KV-head range is one piece when the head dim directly
@@ -67,7 +73,8 @@ SERVICE = "kvrma"
 # Version history:
 #   1: first release, a uint8 tensor holding magic, u16 version, msgpack.
 #   2: a transport envelope whose body is a MessageCodec message (8-byte preamble).
-#   3: Ack / Acked (a reader answered its request in full: a retained lease may go).
+#   3: Ack / Acked (a reader answered its request in full: a retained lease may go); KV cache
+#      groups (HelloReply.group_layers, Claimed.more_groups: one block list per group).
 RMA_WIRE_VERSION = 3
 _MAGIC = b"KVR\x00"
 _MAX_BODY = 4 << 20
@@ -113,12 +120,14 @@ class HelloReply(msgspec.Struct, tag=True, frozen=True):
     seq: int
     block_dim: int
     layers: list[LayerInfo]
+    group_layers: list[int] = []  # layers per KV cache group, in order (empty: one group of every layer)
 
 
 class Claimed(msgspec.Struct, tag=True, frozen=True):
     seq: int
     block_ids: list[int]
     lease_s: float
+    more_groups: list[list[int]] = []  # the other KV cache groups' block ids, in order
 
 
 class Renewed(msgspec.Struct, tag=True, frozen=True):
@@ -173,6 +182,10 @@ class Geometry:
     def num_blocks(self) -> int:
         return self.shape[self.block_dim]
 
+    def block_nbytes(self) -> int:
+        """Bytes of one block (every index over the dims before and after the block dim)."""
+        return int(np.prod(self.shape, dtype=np.int64)) // max(1, self.num_blocks) * self.itemsize
+
     def nbytes(self) -> int:
         """Bytes spanned from the tensor's start to its last element (what a registration must cover)."""
         return (sum((s - 1) * st for s, st in zip(self.shape, self.stride)) + 1) * self.itemsize
@@ -220,13 +233,44 @@ def block_pieces(g: Geometry, block_ids: Sequence[int], heads: Optional[tuple[in
     return off * g.itemsize, piece * g.itemsize
 
 
+def _check_groups(group_layers: Optional[Sequence[int]], num_layers: int) -> list[int]:
+    """Layers per KV cache group (default one group of all); refuses counts that do not add up."""
+    groups = [num_layers] if not group_layers else [int(n) for n in group_layers]
+    if any(n <= 0 for n in groups) or sum(groups) != num_layers:
+        raise KVUsageError(f"KV cache groups of {groups} layers do not add up to the {num_layers} layer caches")
+    return groups
+
+
+def _split(items: Sequence[Any], group_layers: Sequence[int]) -> list[list[Any]]:
+    out, i = [], 0
+    for n in group_layers:
+        out.append(list(items[i:i + n]))
+        i += n
+    return out
+
+
+def register_layers(caches: Sequence[torch.Tensor], name: str, registered: list[Registration]) -> list[Registration]:
+    """One registration per layer cache, shared by layers that are the same tensor (vLLM's hybrid
+    allocator backs a layer of each KV cache group with one tensor); new ones are appended to ``registered``."""
+    by_span: dict[tuple[int, int], Registration] = {}
+    out = []
+    for i, c in enumerate(caches):
+        span = (c.data_ptr(), Geometry.of(c, 0).nbytes())
+        if span not in by_span:
+            by_span[span] = transport.register(c, f"{name}{i}")
+            registered.append(by_span[span])
+        out.append(by_span[span])
+    return out
+
+
 # -- producer ------------------------------------------------------------------------
 @dataclass
 class Lease:
     """A finished request's blocks kept for readers."""
 
     request_id: str
-    block_ids: list[int]
+    block_ids: list[int]  # of the first KV cache group
+    more_groups: list[list[int]]  # of the others
     digest: str
     num_tokens: int
     expires: float
@@ -245,6 +289,7 @@ class RmaKVServer:
         host, port: Where to listen.
         lease_s: How long an offered or claimed request stays leased without a renewal.
         on_free: Called once per offered request when its blocks may be reused.
+        group_layers: Layers per KV cache group, in ``caches`` order (default: one group of all).
         retain: Keep a request's blocks after a reader's ``Done`` or death, until an ``Ack`` or the
             lease ends, so another reader can read them (decode failover).
         options: The listener's pipe options (default ``KV_PIPE_OPTIONS``); ``timeout_s`` bounds each answer.
@@ -253,11 +298,12 @@ class RmaKVServer:
 
     def __init__(self, caches: Sequence[torch.Tensor], layout: PagedLayout, host: str = "127.0.0.1",
                  port: int = 0, *, lease_s: float = 30.0, on_free: Optional[Callable[[str], None]] = None,
-                 retain: bool = False, options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
+                 retain: bool = False, group_layers: Optional[Sequence[int]] = None, options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
                  peer_timeout_s: Optional[float] = None, heartbeat_s: Optional[float] = None,
                  reap_interval_s: float = 0.1, name: Optional[str] = None):
         if not caches:
             raise KVUsageError("RmaKVServer needs at least one layer cache")
+        self._group_layers = _check_groups(group_layers, len(caches))
         opts = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
                               heartbeat_s=heartbeat_s)
         self.lease_s = float(lease_s)
@@ -267,17 +313,18 @@ class RmaKVServer:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._stop = threading.Event()
-        self._regs: list[Registration] = []
+        self._regs: list[Registration] = []  # one per distinct tensor
         try:
-            for i, c in enumerate(caches):
-                self._regs.append(transport.register(c, f"{name or 'kv'}-layer{i}"))
+            layer_regs = register_layers(caches, f"{name or 'kv'}-layer", self._regs)
         except BaseException:
             for r in self._regs:
                 r.close()
             raise
         self._layers = [LayerInfo(r.descriptor().to_bytes(), list(c.shape), list(c.stride()), c.element_size(),
-                                  str(c.dtype)) for r, c in zip(self._regs, caches)]
+                                  str(c.dtype)) for r, c in zip(layer_regs, caches)]
         self._block_dim = layout.block_dim
+        geos = [Geometry.of(c, layout.block_dim) for c in caches]
+        self._group_block_bytes = [sum(g.block_nbytes() for g in grp) for grp in _split(geos, self._group_layers)]
         self._pipes: list[Pipe] = []
         self._listener = PipeListener(host, port, name=name, service=SERVICE, options=opts)
         self.address: str = self._listener.address
@@ -290,10 +337,15 @@ class RmaKVServer:
                  ", retained until acknowledged" if self.retain else "")
 
     # -- leases
-    def offer(self, request_id: str, token_ids: Sequence[int], block_ids: Sequence[int]) -> None:
-        """Keep ``block_ids`` (holding ``token_ids``' KV) for readers under a lease of ``lease_s``."""
-        lease = Lease(request_id, [int(b) for b in block_ids], tokens_digest(token_ids), len(token_ids),
-                      time.monotonic() + self.lease_s)
+    def offer(self, request_id: str, token_ids: Sequence[int], block_ids: Sequence[int],
+              more_groups: Sequence[Sequence[int]] = ()) -> None:
+        """Keep ``block_ids`` (holding ``token_ids``' KV; ``more_groups``: the other KV cache groups'
+        blocks, in order) for readers under a lease of ``lease_s``."""
+        if len(more_groups) != len(self._group_layers) - 1:
+            raise KVUsageError(f"kvrma: request {request_id} offers {1 + len(more_groups)} KV cache groups' blocks, "
+                               f"this server has {len(self._group_layers)} groups")
+        lease = Lease(request_id, [int(b) for b in block_ids], [[int(b) for b in g] for g in more_groups],
+                      tokens_digest(token_ids), len(token_ids), time.monotonic() + self.lease_s)
         with self._lock:
             old = self._leases.get(request_id)
             self._leases[request_id] = lease
@@ -323,10 +375,11 @@ class RmaKVServer:
             return len(self._leases)
 
     @property
-    def leased_blocks(self) -> int:
-        """Blocks held now, over every lease (one layer's count: a block spans every layer cache)."""
+    def leased_bytes(self) -> int:
+        """Bytes of the blocks held now, over every lease, group and layer."""
         with self._lock:
-            return sum(len(ls.block_ids) for ls in self._leases.values())
+            return sum(len(ids) * nb for ls in self._leases.values()
+                       for ids, nb in zip([ls.block_ids, *ls.more_groups], self._group_block_bytes))
 
     def _reap_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -391,7 +444,7 @@ class RmaKVServer:
 
     def _answer(self, pid: int, msg: Any) -> Any:
         if isinstance(msg, Hello):
-            return HelloReply(msg.seq, self._block_dim, self._layers)
+            return HelloReply(msg.seq, self._block_dim, self._layers, list(self._group_layers))
         now = time.monotonic()
         if isinstance(msg, Renew):
             with self._lock:
@@ -414,7 +467,7 @@ class RmaKVServer:
                     ls.readers_left = max(1, int(msg.readers))
                 ls.holders.add(pid)
                 ls.expires = max(ls.expires, now + self.lease_s)
-                return Claimed(msg.seq, list(ls.block_ids), self.lease_s)
+                return Claimed(msg.seq, list(ls.block_ids), self.lease_s, [list(g) for g in ls.more_groups])
         # Done
         freed = None
         with self._lock:
@@ -485,14 +538,17 @@ class RmaKVClient:
         caches: This side's per-layer caches (registered by the caller: ``registrations``).
         registrations: One registration per cache, shared by every client of this process.
         layout: Their layout.
+        group_layers: Layers per KV cache group, in ``caches`` order (default: one group of all); the
+            producer's must be the same.
         options: The pipe's options (default ``KV_PIPE_OPTIONS``); ``timeout_s`` bounds each exchange and the GET round.
         timeout_s, peer_timeout_s: Conveniences that override ``options`` when given.
     """
 
     def __init__(self, address: str, caches: Sequence[torch.Tensor], registrations: Sequence[Registration],
                  layout: PagedLayout, *, options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
-                 peer_timeout_s: Optional[float] = None):
+                 peer_timeout_s: Optional[float] = None, group_layers: Optional[Sequence[int]] = None):
         self.address = address
+        self._group_layers = _check_groups(group_layers, len(caches))
         self.options = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s)
         self.timeout_s = float(self.options.timeout_s)
         self._caches = list(caches)
@@ -513,7 +569,11 @@ class RmaKVClient:
             if not isinstance(rep, HelloReply):
                 raise KVTransferError(f"kvrma producer {self.address} answered Hello with {type(rep).__name__}")
             self._check_layers(rep)
-            self._remote = [pipe.remote_memory(li.descriptor) for li in rep.layers]
+            by_desc: dict[bytes, RemoteMemory] = {}  # layers sharing one producer tensor share its key
+            for li in rep.layers:
+                if li.descriptor not in by_desc:
+                    by_desc[li.descriptor] = pipe.remote_memory(li.descriptor)
+                self._remote.append(by_desc[li.descriptor])
         except BaseException:
             self.close()
             raise
@@ -523,6 +583,10 @@ class RmaKVClient:
         if len(rep.layers) != len(self._caches):
             raise KVTransferError(f"kvrma producer {self.address} has {len(rep.layers)} layer caches, "
                                   f"this side {len(self._caches)}")
+        theirs = list(rep.group_layers) or [len(rep.layers)]
+        if theirs != self._group_layers:
+            raise KVTransferError(f"kvrma producer {self.address} has KV cache groups of {theirs} layers, "
+                                  f"this side {self._group_layers}")
         self._rgeo = []
         for i, (li, c) in enumerate(zip(rep.layers, self._caches)):
             g = Geometry(tuple(li.shape), tuple(li.stride), int(li.itemsize), int(rep.block_dim))
@@ -546,10 +610,10 @@ class RmaKVClient:
         return self._seq
 
     def _plan(self, remote_blocks: Sequence[int], local_blocks: Sequence[int],
-              heads: Optional[tuple[int, int, int]]) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        """Per layer: (local offsets, remote offsets, piece bytes)."""
+              heads: Optional[tuple[int, int, int]], layers: range) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Per layer of ``layers``: (local offsets, remote offsets, piece bytes)."""
         plans = []
-        for g, rg in zip(self._geo, self._rgeo):
+        for g, rg in zip(self._geo[layers.start:layers.stop], self._rgeo[layers.start:layers.stop]):
             hd = g.block_dim + 1
             if heads is None:
                 lo, ln = block_pieces(g, local_blocks)
@@ -566,8 +630,12 @@ class RmaKVClient:
 
     def load(self, request_id: str, token_ids: Sequence[int], local_blocks: Sequence[int], skip_blocks: int = 0,
              *, heads: Optional[tuple[int, int, int]] = None, readers: int = 1,
-             after_claim: Optional[Callable[[], None]] = None) -> RmaLoadResult:
+             after_claim: Optional[Callable[[], None]] = None,
+             more_groups: Sequence[tuple[Sequence[int], int]] = ()) -> RmaLoadResult:
         """GET request ``request_id``'s blocks ``skip_blocks..`` into ``local_blocks[skip_blocks:]``.
+
+        ``more_groups``: ``(local_blocks, skip_blocks)`` of each other KV cache group, in order;
+        each group's blocks pair up by position with the producer's list of that group.
 
         ``heads=(src_head, count, dst_head)`` reads a KV-head range of each block
         (tensor parallelism); ``readers`` is how many loads share the lease; ``after_claim``
@@ -582,18 +650,10 @@ class RmaKVClient:
                 return RmaLoadResult(False, error=f"{rep.code}: {rep.message}")
             if not isinstance(rep, Claimed):
                 raise LookupProtocolError(f"kvrma producer {self.address} answered Claim with {type(rep).__name__}")
-            if len(rep.block_ids) < len(local_blocks):
-                raise KVTransferError(f"kvrma producer {self.address} holds {len(rep.block_ids)} blocks of "
-                                      f"{request_id}, {len(local_blocks)} wanted")
+            items = self._items(request_id, rep, [(local_blocks, skip_blocks), *more_groups], heads)
             if after_claim is not None:
                 after_claim()
-            want_remote = rep.block_ids[skip_blocks:len(local_blocks)]
-            want_local = list(local_blocks)[skip_blocks:]
-            nbytes = 0
-            if want_local:
-                plans = self._plan(want_remote, want_local, heads)
-                items = [(rm, reg, lo, ro, ln) for rm, reg, (lo, ro, ln) in zip(self._remote, self._regs, plans)]
-                nbytes = transport.transfer_many(items, timeout=self.timeout_s)
+            nbytes = transport.transfer_many(items, timeout=self.timeout_s) if items else 0
             done = self._rpc(Done(self._next(), request_id))
             if not isinstance(done, DoneReply) or not done.held:
                 return RmaLoadResult(False, error=f"the lease of {request_id} at {self.address} ended before the "
@@ -602,6 +662,25 @@ class RmaKVClient:
         except (KVTransferError, KVUsageError, LookupProtocolError, transport.TransportError) as exc:
             self.close()
             return RmaLoadResult(False, error=f"{type(exc).__name__}: {exc}")
+
+    def _items(self, request_id: str, rep: Claimed, groups: Sequence[tuple[Sequence[int], int]],
+               heads: Optional[tuple[int, int, int]]) -> list[tuple]:
+        """The GET items (one per layer with blocks to read) for each group's local blocks from skip on."""
+        theirs = [rep.block_ids, *rep.more_groups]
+        if len(theirs) != len(groups):
+            raise KVTransferError(f"kvrma producer {self.address} holds {len(theirs)} KV cache groups' blocks of "
+                                  f"{request_id}, {len(groups)} wanted")
+        items, first = [], 0
+        for pos, ((local, skip), remote, n) in enumerate(zip(groups, theirs, self._group_layers)):
+            layers, first = range(first, first + n), first + n
+            if len(remote) < len(local):
+                raise KVTransferError(f"kvrma producer {self.address} holds {len(remote)} blocks of {request_id}"
+                                      f"{f' (KV cache group {pos})' if pos else ''}, {len(local)} wanted")
+            if not list(local)[skip:]:
+                continue
+            plans = self._plan(remote[skip:len(local)], list(local)[skip:], heads, layers)
+            items += [(self._remote[i], self._regs[i], lo, ro, ln) for i, (lo, ro, ln) in zip(layers, plans)]
+        return items
 
     def renew(self, request_ids: Sequence[str]) -> list[str]:
         """Extend the leases of ``request_ids``; returns those the producer still holds."""

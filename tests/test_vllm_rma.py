@@ -241,7 +241,7 @@ def test_retained_lease_outlives_dead_readers_serves_identical_bytes_and_goes_on
             p.join(10)
             assert p.exitcode == -signal.SIGKILL
         _wait(lambda: not server._pipes, 10, "the server noticing both readers' deaths")
-        assert freed == [] and server.num_leases == 1 and server.leased_blocks == 3
+        assert freed == [] and server.num_leases == 1 and server.leased_bytes == 3 * sum(t[0].nbytes for t in src)
         res = client.load("p1", TOKENS, [6, 7, 0])  # the failover decode
         assert res.ok, res.error
         for s, theirs, mine in zip(src, read, dst):

@@ -165,7 +165,8 @@ class UcxWorker:
                  "+".join(f"{len(c)} {g.kind()}" for g, c in zip(self._groups, self._group_caches)),
                  tuple(first.shape), first.dtype, name, block_dim)
         if self.config.is_producer or self.config.is_consumer:
-            self._rma = RmaTransfer(self.config, self._caches, self._layout, self._sent)
+            self._rma = RmaTransfer(self.config, [c for caches in self._group_caches for c in caches], self._layout,
+                                    self._sent, group_layers=[len(caches) for caches in self._group_caches])
         if self.config.is_producer and self.kv_mode == "rma":
             port = rank_port(self.config.kv_port, self.rank.tp_rank, self.rank.tp_size, dp_index=self.rank.dp_rank)
             log.info("UcxConnector producer (tp %d/%d dp %d) leasing KV blocks in place (kv_mode rma) on %s",
@@ -294,7 +295,7 @@ class UcxWorker:
                         self._consumer(address, pos).abort(group_entry_id(spec.remote_request_id, pos), num_layers=0)
                 raise KVTransferError("request aborted before its KV was fetched")
             if spec.kv_mode == "rma":
-                reads, loaded_bytes = [], self._rma.load(spec, reads) * self._block_bytes
+                reads, loaded_bytes = [], self._rma.load(spec, reads)
             for pos, (ids, skip) in enumerate(groups):  # one entry per KV cache group (hybrid models: several)
                 req = KVRequest(group_entry_id(spec.remote_request_id, pos), spec.token_ids, ids, skip_blocks=skip)
                 loaded = 0
@@ -391,7 +392,7 @@ class UcxWorker:
                                      staged_entries=st["num_entries"])
         server = self._rma.server if self._rma is not None else None
         if server is not None:
-            self.counters.set_gauges(f"tp{self.rank.tp_rank}", leased_bytes=server.leased_blocks * self._block_bytes,
+            self.counters.set_gauges(f"tp{self.rank.tp_rank}", leased_bytes=server.leased_bytes,
                                      leased_entries=server.num_leases)
         return self.counters.take()
 
