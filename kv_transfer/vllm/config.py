@@ -18,9 +18,8 @@ Configuration (``kv_connector_extra_config``), with defaults:
   (``kv_buffer_size``) and decode fetches it; ``rma``: nothing is staged, decode GETs
   prefill's blocks in place while prefill keeps them leased; ``auto``: per transport family
   (TCP only, or not) as the bench measured, today ``rma`` for both (see :mod:`.rma_worker`;
-  the choice and why are logged). Prefill's choice travels to decode.
-  ``rma`` moves one KV cache group: with a hybrid model (several groups) ``auto`` means
-  ``stage`` and ``rma`` is refused at startup;
+  the choice and why are logged). Prefill's choice travels to decode. Both modes move
+  every KV cache group of a hybrid model;
 ``lease_s`` (30)  how long prefill keeps an unclaimed request's KV (staged bytes, or in
   rma mode its blocks, which vLLM cannot reuse meanwhile);
 ``retain_kv`` (false)  prefill: keep a request's KV after decode read it, until decode's request
