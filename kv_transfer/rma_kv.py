@@ -298,7 +298,8 @@ class RmaKVServer:
 
     def __init__(self, caches: Sequence[torch.Tensor], layout: PagedLayout, host: str = "127.0.0.1",
                  port: int = 0, *, lease_s: float = 30.0, on_free: Optional[Callable[[str], None]] = None,
-                 retain: bool = False, group_layers: Optional[Sequence[int]] = None, options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
+                 retain: bool = False, group_layers: Optional[Sequence[int]] = None,
+                 options: Optional[PipeOptions] = None, timeout_s: Optional[float] = None,
                  peer_timeout_s: Optional[float] = None, heartbeat_s: Optional[float] = None,
                  reap_interval_s: float = 0.1, name: Optional[str] = None):
         if not caches:
@@ -428,11 +429,8 @@ class RmaKVServer:
                 if pipe in self._pipes:
                     self._pipes.remove(pipe)
                 held = [ls for ls in self._leases.values() if id(pipe) in ls.holders]
-                for ls in held:
-                    ls.holders.discard(id(pipe))
-                # retained: the blocks wait for another reader (or the lease's end); either way never
-                # freed under another reader's claim
-                for ls in held:
+                for ls in held:  # retained: the blocks wait for another reader (or the lease's end);
+                    ls.holders.discard(id(pipe))  # either way never freed under another reader's claim
                     ls.free_when_idle |= not self.retain
                 dead = [self._leases.pop(ls.request_id) for ls in held if ls.free_when_idle and not ls.holders]
             for ls in held:
