@@ -289,9 +289,10 @@ def test_retained_lease_renewed_while_answered_expires_without_and_never_frees_u
         server.close()
 
 
-def test_retained_rma_kv_through_the_workers_failover_load_ack_and_leased_gauges():
+def test_retained_rma_kv_through_the_workers_failover_load_ack_and_leased_gauges(caplog):
     """retain_kv in kv_mode rma, UcxWorkers: a second decode load reads the same blocks; leased_bytes shows
-    what is held; decode's acknowledgement (ack_loads) frees them (finished_sending)."""
+    what is held; decode's acknowledgement (ack_loads) frees them (finished_sending); a renewal finding
+    the lease gone warns once per request, not at every renewal of a long answer."""
     from kv_transfer.vllm.metadata import RenewSpec
 
     for prod, cons, src, dst, addr in worker_pair(lease_s=30, kv_mode="rma", retain_kv=True):
@@ -309,3 +310,6 @@ def test_retained_rma_kv_through_the_workers_failover_load_ack_and_leased_gauges
         cons.start_load_kv(UcxConnectorMetadata(ack_loads=[RenewSpec("p1", addr, kv_mode="rma")]))
         assert _sent(prod, "p1", 5.0) < 2.0
         assert prod.get_kv_connector_stats().data["leased_bytes"] == {"tp0": 0}
+        for _ in range(3):
+            cons._rma.renew("p1", [addr])
+        assert sum("no longer holds p1" in r.getMessage() for r in caplog.records) == 1

@@ -100,6 +100,7 @@ class RmaTransfer:
         self._owned_regs: list[transport.Registration] = []  # one per distinct tensor: what shutdown closes
         self._clients: dict[str, RmaKVClient] = {}
         self._lock = threading.Lock()
+        self._gone: dict[tuple[str, str], None] = {}  # leases found gone (warned once), oldest first
 
     # ---------------------------------------------------------------- producer
     def serve(self, host: str, port: int) -> str:
@@ -152,9 +153,15 @@ class RmaTransfer:
     def renew(self, remote_request_id: str, addresses: Sequence[str]) -> None:
         """Extend the lease of ``remote_request_id`` at each producer address; a lease already gone is logged."""
         for address in addresses:
-            if remote_request_id not in self._client(address).renew([remote_request_id]):
-                log.warning("prefill %s no longer holds %s: a load still to come fails and is recomputed, and "
-                            "a failover to another decode would recompute too", address, remote_request_id)
+            if remote_request_id in self._client(address).renew([remote_request_id]):
+                continue
+            if (address, remote_request_id) in self._gone:  # renewed again while the request is answered
+                continue
+            self._gone[(address, remote_request_id)] = None
+            while len(self._gone) > 1024:
+                self._gone.pop(next(iter(self._gone)))
+            log.warning("prefill %s no longer holds %s: a load still to come fails and is recomputed, and "
+                        "a failover to another decode would recompute too", address, remote_request_id)
 
     def ack(self, remote_request_id: str, addresses: Sequence[str]) -> None:
         """Tell each producer address that ``remote_request_id`` was answered in full (retained blocks go)."""
