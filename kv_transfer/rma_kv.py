@@ -1,6 +1,6 @@
 """Zero-staging KV transfer: decode GETs prefill's registered paged-cache blocks in place, under a lease.
 
-Why one file of ~550 lines: the two ends of the kvrma protocol, its messages
+Why one file of ~720 lines: the two ends of the kvrma protocol, its messages
 and the piece arithmetic both ends must compute alike, read together.
 
 Producer (:class:`RmaKVServer`): registers every layer cache once
