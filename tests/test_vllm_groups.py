@@ -44,11 +44,37 @@ def test_transfer_ranges_full_group_everything_sliding_group_its_window_skipping
     assert describe_groups(GROUPS) == "sliding8/2,full/2"
 
 
-def test_rma_moves_one_group_only():
+def test_rma_takes_several_groups():
     base = dict(is_producer=True, is_consumer=False, num_groups=2)
-    assert choose_kv_mode(UcxConfig(kv_mode="auto", **base))[0] == "stage"
-    with pytest.raises(KVTransferError, match="rma moves one KV cache group; this model has 2"):
-        choose_kv_mode(UcxConfig(kv_mode="rma", **base))
+    assert choose_kv_mode(UcxConfig(kv_mode="auto", **base))[0] == "rma"
+    assert choose_kv_mode(UcxConfig(kv_mode="rma", **base))[0] == "rma"
+
+
+def test_rma_groups_must_match_on_both_sides():
+    """A lease offers one block list per group; a reader whose groups differ, or an offer with another
+    number of groups, is refused naming both, and nothing is read."""
+    from kv_transfer.paged import PagedLayout
+    from kv_transfer.rma_kv import RmaKVClient, RmaKVServer
+    from kv_transfer.errors import KVUsageError
+    from transport import register
+
+    _, src = _hma_caches(5)
+    server = RmaKVServer([*src, *src], PagedLayout.vllm_cpu(), group_layers=[2, 2])
+    _, dst = _hma_caches(6)
+    before = [t.clone() for t in dst]
+    client = RmaKVClient(server.address, [*dst, *dst], [register(t) for t in [*dst, *dst]], PagedLayout.vllm_cpu(),
+                         timeout_s=10)  # the same four layers, taken as one group
+    try:
+        assert len(server._regs) == 2  # the tensors the two groups share are registered once
+        with pytest.raises(KVUsageError, match="offers 1 KV cache groups' blocks, this server has 2"):
+            server.offer("p1", list(range(21)), [13, 14, 15])
+        server.offer("p1", list(range(21)), [13, 14, 15], [[1, 2, 3, 4, 5, 6]])
+        res = client.load("p1", list(range(21)), [7, 8, 9])
+        assert not res.ok and "KV cache groups of [2, 2] layers, this side [4]" in res.error, res.error
+        assert all(torch.equal(a, b) for a, b in zip(dst, before))
+    finally:
+        client.close()
+        server.close()
 
 
 def test_scheduler_specs_carry_each_groups_blocks():
@@ -93,11 +119,11 @@ def _finish(w: UcxWorker, rid: str, timeout: float = 20.0) -> set[int]:
     raise AssertionError(f"load of {rid} not reported within {timeout}s")
 
 
-@pytest.mark.parametrize("verify", [False, True])
-def test_two_groups_over_shared_tensors_land_in_decodes_blocks(verify):
+@pytest.mark.parametrize("verify,kv_mode", [(False, "stage"), (True, "stage"), (False, "rma")])
+def test_two_groups_over_shared_tensors_land_in_decodes_blocks(verify, kv_mode):
     port = free_port()
-    prod = UcxWorker(UcxConfig(is_producer=True, is_consumer=False, kv_port=port, block_size=BS, verify_kv=verify),
-                     RankInfo(), num_blocks=16, groups=GROUPS)
+    prod = UcxWorker(UcxConfig(is_producer=True, is_consumer=False, kv_port=port, block_size=BS, verify_kv=verify,
+                               kv_mode=kv_mode), RankInfo(), num_blocks=16, groups=GROUPS)
     cons = UcxWorker(UcxConfig(is_producer=False, is_consumer=True, kv_port=port, block_size=BS, verify_kv=verify,
                                fetch_timeout_s=10), RankInfo(), num_blocks=16, groups=GROUPS)
     src, src_t = _hma_caches(1)
@@ -111,7 +137,7 @@ def test_two_groups_over_shared_tensors_land_in_decodes_blocks(verify):
                                                                   more_groups=[[1, 2, 3, 4, 5, 6]])]))
         # decode: the sliding group's first block of the range is null (skipped), full group 1 hit block
         spec = LoadSpec("d1", "p1", f"127.0.0.1:{port}", list(range(21)), 21, [0, 8, 9], 1,
-                        more_groups=[([10, 11, 12, 5, 6, 7], 1)])
+                        more_groups=[([10, 11, 12, 5, 6, 7], 1)], kv_mode=kv_mode)
         cons.start_load_kv(UcxConnectorMetadata(to_load=[spec]))
         assert _finish(cons, "d1") == set()
         for s, d, b in zip(src_t, dst_t, before):
@@ -121,8 +147,12 @@ def test_two_groups_over_shared_tensors_land_in_decodes_blocks(verify):
             assert torch.equal(d[untouched], b[untouched])
         block_bytes = 2 * BS * 16 * 4 * 2  # one block of one layer x 2 layers per group
         assert cons.counters.totals()["bytes_loaded"] == (2 + 5) * block_bytes
-        assert prod.counters.totals()["bytes_saved"] == (3 + 6) * block_bytes
-        assert prod._buffer.num_entries == 0  # both groups' entries were fetched
+        if kv_mode == "rma":  # both groups' blocks were read in place under one lease, then freed
+            assert prod._buffer is None and prod._rma.server.num_leases == 0
+            assert prod.get_finished()[0] == {"p1"}
+        else:
+            assert prod.counters.totals()["bytes_saved"] == (3 + 6) * block_bytes
+            assert prod._buffer.num_entries == 0  # both groups' entries were fetched
     finally:
         cons.shutdown()
         prod.shutdown()

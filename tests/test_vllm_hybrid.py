@@ -6,7 +6,9 @@ alternating sliding window (64 tokens) and full attention, block size 32, so vLL
 keeps two KV cache groups, each with its own block table. Prompts are 100-200
 tokens, longer than the window: the sliding group moves only its last
 ``cdiv(64, 32) + 1 = 3`` blocks, the full group every block (checked byte for byte
-against decode's counters). Run under ``flock /tmp/vllm.lock`` (~6 GB).
+against decode's counters). Run under ``flock /tmp/vllm.lock`` (~6 GB). Once with
+``kv_mode`` stage (default tier) and once with ``kv_mode`` rma (decode reads both groups'
+blocks in place under one lease; the ``slow`` tier, another ~65 s).
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hybrid")
+@pytest.fixture(scope="module", params=["stage", pytest.param("rma", marks=pytest.mark.slow)])
+def servers(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"hybrid-{request.param}")
     model = str(make_hybrid_model(tmp / "m", num_layers=4, sliding_window=WINDOW))
     p_port = free_port()
     with start_servers(model, tmp, {
-        "p": dict(cores="0", kv_transfer_config=kv_config("kv_producer", kv_port=p_port)),
+        "p": dict(cores="0", kv_transfer_config=kv_config("kv_producer", kv_port=p_port, kv_mode=request.param)),
         "d": dict(cores="1", kv_transfer_config=kv_config("kv_consumer")),
     }) as started:
         started["p"].kv_port = p_port
+        started["p"].kv_mode = request.param
         yield started
 
 
@@ -55,6 +58,7 @@ def test_hybrid_allocator_stays_on_and_each_group_moves_its_blocks(servers):
     want = reference(d, prompts, 12)  # one instance, hybrid allocator on, no transfer
     assert len(set(want)) == len(want), want
     params = prefill(p, prompts)
+    assert [kp["kv_mode"] for kp in params] == [p.kv_mode] * len(prompts)
     before, ext_before = _totals(d), d.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL)
     assert decode(d, prompts, params, 12) == want
     after = _totals(d)
@@ -65,7 +69,10 @@ def test_hybrid_allocator_stays_on_and_each_group_moves_its_blocks(servers):
     want_bytes = sum(nb + (_cdiv(WINDOW, BS) + 1) for nb in nbs) * 2 * LAYER_BLOCK_BYTES
     assert after["bytes_loaded"] - before["bytes_loaded"] == want_bytes
     assert d.metric("vllm:prompt_tokens_by_source_total", **EXTERNAL) - ext_before >= sum(nbs) * BS - 3 * BS
-    assert staged(p.kv_port) == 0  # both groups' entries were fetched
+    if p.kv_mode == "rma":  # both groups' blocks were read in place, and the lease freed on decode's Done
+        assert [r["leases"] for r in p.rpc("ucxkv_leases")] == [0]
+    else:
+        assert staged(p.kv_port) == 0  # both groups' entries were fetched
 
 
 def test_hybrid_noise_on_loaded_kv_changes_the_output(servers):

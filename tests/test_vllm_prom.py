@@ -41,6 +41,7 @@ def test_worker_stats_of_two_ranks_and_steps_reach_the_metrics():
     rank1.record_failure("load", "peer_dead")
     rank0.set_gauges("tp0", staged_bytes=1000, staged_entries=2)
     rank1.set_gauges("tp1", staged_bytes=500, staged_entries=1)
+    rank0.set_gauges("tp0", leased_bytes=8192, leased_entries=1)  # an rma producer's held blocks
     step = UcxConnector.build_kv_connector_stats(rank0.take().data).aggregate(rank1.take())  # vLLM across ranks
     prom.observe(step.to_dict(), engine_idx=0)
     assert _value(reg, "vllm:ucxkv_loaded_requests_total") == 3
@@ -53,6 +54,7 @@ def test_worker_stats_of_two_ranks_and_steps_reach_the_metrics():
     assert _value(reg, "vllm:ucxkv_failed_transfers_total", role="load", cause="peer_dead") == 1
     assert _value(reg, "vllm:ucxkv_failed_transfers_total", role="load", cause="timeout") == 0  # exposed at 0
     assert _value(reg, "vllm:ucxkv_staged_bytes") == 1500 and _value(reg, "vllm:ucxkv_staged_entries") == 3
+    assert _value(reg, "vllm:ucxkv_leased_bytes") == 8192 and _value(reg, "vllm:ucxkv_leased_entries") == 1
 
     # next step: rank 0's buffer drained, rank 1 unchanged (not resent): the gauge is the sum of the latest
     rank0.set_gauges("tp0", staged_bytes=0, staged_entries=0)

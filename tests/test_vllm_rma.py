@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("vllm")
 
 from kv_transfer.paged import PagedLayout  # noqa: E402
-from kv_transfer.rma_kv import Geometry, RmaKVClient, RmaKVServer, block_pieces  # noqa: E402
+from kv_transfer.rma_kv import Claimed, Geometry, RmaKVClient, RmaKVServer, block_pieces  # noqa: E402
 from kv_transfer.vllm import LoadSpec, SaveSpec, UcxConfig, UcxConnectorMetadata, UcxWorker  # noqa: E402
 from kv_transfer.vllm.rma_worker import choose_kv_mode  # noqa: E402
 from tests import rma_kv_peers  # noqa: E402
@@ -210,3 +210,106 @@ def test_renewed_lease_outlives_a_decode_backlog(pair):
     for name in src:
         assert torch.equal(dst[name][[0, 3, 4]], src[name][[5, 1, 2]])
     assert _sent(prod, "p1", 1.0) < 0.5
+
+
+def _wait(cond, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what} not within {timeout}s")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_retained_lease_outlives_dead_readers_serves_identical_bytes_and_goes_on_ack(peers):
+    """retain (decode failover): a reader killed mid-read and one killed after its read free nothing; a
+    third reads the same bytes; its acknowledgement frees the blocks (once)."""
+    freed: list[str] = []
+    src = rma_kv_peers.caches(1)
+    server = RmaKVServer(src, PagedLayout.vllm_cpu(), lease_s=60, on_free=freed.append, retain=True,
+                         heartbeat_s=0.2, peer_timeout_s=2.0)
+    dst = rma_kv_peers.caches(3)
+    client = RmaKVClient(server.address, dst, [register(t) for t in dst], PagedLayout.vllm_cpu(), timeout_s=10)
+    try:
+        server.offer("p1", TOKENS, [5, 1, 2])
+        first = peers.start(rma_kv_peers.reader_killed_after_claim, server.address, "p1", TOKENS)
+        assert peers.expect(first, "claimed") is True
+        second = peers.start(rma_kv_peers.reader_killed_after_read, server.address, "p1", TOKENS, [0, 3, 4])
+        ok, error, read = peers.expect(second, "read")
+        assert ok, error
+        for p in (first, second):
+            p.join(10)
+            assert p.exitcode == -signal.SIGKILL
+        _wait(lambda: not server._pipes, 10, "the server noticing both readers' deaths")
+        assert freed == [] and server.num_leases == 1 and server.leased_bytes == 3 * sum(t[0].nbytes for t in src)
+        res = client.load("p1", TOKENS, [6, 7, 0])  # the failover decode
+        assert res.ok, res.error
+        for s, theirs, mine in zip(src, read, dst):
+            theirs = torch.from_numpy(theirs)
+            assert torch.equal(theirs, s[[5, 1, 2]]) and torch.equal(mine[[6, 7, 0]], theirs)
+        assert freed == [] and server.num_leases == 1  # read twice, still kept until acknowledged
+        assert client.ack(["p1"]) == ["p1"] and freed == ["p1"] and server.num_leases == 0
+        assert client.ack(["p1"]) == [] and freed == ["p1"]
+    finally:
+        client.close()
+        server.close()
+
+
+def test_retained_lease_renewed_while_answered_expires_without_and_never_frees_under_a_read():
+    """retain: Renew keeps read blocks past lease_s; without it they go after lease_s; an Ack while
+    another reader holds a claim waits for that reader's Done."""
+    from kv_transfer.rma_kv import Claim, tokens_digest
+
+    freed: list[str] = []
+    server = RmaKVServer(rma_kv_peers.caches(1), PagedLayout.vllm_cpu(), lease_s=0.6, on_free=freed.append,
+                         retain=True, reap_interval_s=0.02)
+    dst = rma_kv_peers.caches(3)
+    regs = [register(t) for t in dst]
+    a, b = (RmaKVClient(server.address, dst, regs, PagedLayout.vllm_cpu(), timeout_s=10) for _ in range(2))
+    try:
+        server.offer("p1", TOKENS, [5, 1, 2])
+        assert a.load("p1", TOKENS, [0, 3, 4]).ok
+        for _ in range(8):  # 1.6 s of answering against a 0.6 s lease
+            assert a.renew(["p1"]) == ["p1"]
+            time.sleep(0.2)
+        assert freed == []
+        assert 0.4 < _wait(lambda: freed, 3, "the lease's end") < 1.2  # the answering decode died: no renewal
+        assert a.load("p1", TOKENS, [0, 3, 4]).error.startswith("not_found")
+        server.offer("p2", TOKENS, [5, 1, 2])
+        assert a.load("p2", TOKENS, [0, 3, 4]).ok
+        b._connect()  # a failover reader has claimed (its GETs in flight) when the first decode acknowledges
+        assert isinstance(b._rpc(Claim(1, "p2", tokens_digest(TOKENS), len(TOKENS))), Claimed)
+        assert a.ack(["p2"]) == ["p2"] and freed == ["p1"] and server.num_leases == 1
+        b.close()  # that reader's pipe ends: now nobody reads, the acknowledged blocks go
+        _wait(lambda: freed == ["p1", "p2"], 5, "the free after the last read")
+        assert server.num_leases == 0
+    finally:
+        a.close()
+        b.close()
+        server.close()
+
+
+def test_retained_rma_kv_through_the_workers_failover_load_ack_and_leased_gauges(caplog):
+    """retain_kv in kv_mode rma, UcxWorkers: a second decode load reads the same blocks; leased_bytes shows
+    what is held; decode's acknowledgement (ack_loads) frees them (finished_sending); a renewal finding
+    the lease gone warns once per request, not at every renewal of a long answer."""
+    from kv_transfer.vllm.metadata import RenewSpec
+
+    for prod, cons, src, dst, addr in worker_pair(lease_s=30, kv_mode="rma", retain_kv=True):
+        prod.wait_for_save(UcxConnectorMetadata(to_save=[SaveSpec("p1", TOKENS, [5, 1, 2])]))
+        for rid, blocks in (("d1", [0, 3, 4]), ("d2", [6, 7, 1])):  # the first decode, then its failover
+            meta = _rma_load(rid, addr, blocks)
+            meta.to_load[0].retain = True
+            cons.start_load_kv(meta)
+            assert _finish(cons, rid) == (set(), set())
+            for name in src:
+                assert torch.equal(dst[name][blocks], src[name][[5, 1, 2]])
+        assert prod.get_finished()[0] is None
+        gauges = prod.get_kv_connector_stats().data
+        assert gauges["leased_entries"] == {"tp0": 1} and gauges["leased_bytes"] == {"tp0": 3 * prod._block_bytes}
+        cons.start_load_kv(UcxConnectorMetadata(ack_loads=[RenewSpec("p1", addr, kv_mode="rma")]))
+        assert _sent(prod, "p1", 5.0) < 2.0
+        assert prod.get_kv_connector_stats().data["leased_bytes"] == {"tp0": 0}
+        for _ in range(3):
+            cons._rma.renew("p1", [addr])
+        assert sum("no longer holds p1" in r.getMessage() for r in caplog.records) == 1

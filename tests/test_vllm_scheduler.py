@@ -308,3 +308,34 @@ def test_retained_kv_is_acknowledged_when_the_answer_completes_not_on_abort():
     req.status = RequestStatus.FINISHED_STOPPED
     s.request_finished(req, [1, 2])
     assert s.build_connector_meta(StepOutput()).ack_loads == [] and s.books() == EMPTY
+
+
+def test_retained_rma_lease_is_renewed_while_the_request_is_answered_then_acknowledged():
+    """kv_mode rma with retain_kv: prefill says so; decode renews the lease after its load too (the blocks
+    stay for a failover while it answers), stops at the finish, and acknowledges over the rma wire."""
+    import time
+
+    p = UcxScheduler(UcxConfig(is_producer=True, is_consumer=False, block_size=BS, kv_mode="rma", retain_kv=True),
+                     dict(COMPAT))
+    req = FakeRequest("p-1", list(range(4)), {"do_remote_decode": True})
+    p.update_state_after_alloc(req, FakeBlocks([1]), 0)
+    p.build_connector_meta(StepOutput([NewReq("p-1", ([1],))], num_scheduled_tokens={"p-1": 4}))
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    keep, params = p.request_finished(req, [1])
+    assert keep is True and params["retain_kv"] is True and params["kv_mode"] == "rma" and p.books() == EMPTY
+    s = consumer()
+    for status, acked in ((RequestStatus.FINISHED_ABORTED, False), (RequestStatus.FINISHED_STOPPED, True)):
+        req = FakeRequest("d-1", list(range(8)), remote_params(8, retain_kv=True, kv_mode="rma", lease_s=0.3))
+        spec = start_load(s, req, [1, 2])
+        assert spec.retain is True and spec.kv_mode == "rma"
+        s.update_connector_output(WorkerReport(finished_recving={"d-1"}))
+        time.sleep(0.12)  # loaded and answering: the lease is still renewed every lease_s / 3
+        renew = s.build_connector_meta(StepOutput()).renew_leases
+        assert [(r.remote_request_id, r.kv_mode) for r in renew] == [("p-1", "rma")]
+        req.status = status
+        assert s.request_finished(req, [1, 2]) == (False, None)
+        time.sleep(0.12)
+        meta = s.build_connector_meta(StepOutput())
+        assert meta.renew_leases == []  # finished: no more renewals (a dead decode's lease ends the same way)
+        assert [(a.remote_request_id, a.kv_mode) for a in meta.ack_loads] == ([("p-1", "rma")] if acked else [])
+        assert s.books() == EMPTY

@@ -18,6 +18,13 @@ class UcxkvWorkerExtension:
         w = get_kv_transfer_group().worker
         return dict(w.counters.totals(), tp_rank=w.rank.tp_rank, dp_rank=w.rank.dp_rank)
 
+    def ucxkv_leases(self) -> dict:
+        """Requests this rank holds leased (kv_mode rma producer; 0 otherwise)."""
+        from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+        rma = get_kv_transfer_group().worker._rma
+        return {"leases": rma.server.num_leases if rma is not None and rma.server is not None else 0}
+
     def ucxkv_pid(self) -> dict:
         """This worker's process id and TP rank (tests kill one rank)."""
         import os

@@ -18,16 +18,18 @@ Configuration (``kv_connector_extra_config``), with defaults:
   (``kv_buffer_size``) and decode fetches it; ``rma``: nothing is staged, decode GETs
   prefill's blocks in place while prefill keeps them leased; ``auto``: per transport family
   (TCP only, or not) as the bench measured, today ``rma`` for both (see :mod:`.rma_worker`;
-  the choice and why are logged). Prefill's choice travels to decode.
-  ``rma`` moves one KV cache group: with a hybrid model (several groups) ``auto`` means
-  ``stage`` and ``rma`` is refused at startup;
+  the choice and why are logged). Prefill's choice travels to decode. Both modes move
+  every KV cache group of a hybrid model;
 ``lease_s`` (30)  how long prefill keeps an unclaimed request's KV (staged bytes, or in
   rma mode its blocks, which vLLM cannot reuse meanwhile);
-``retain_kv`` (false)  prefill, stage mode: keep a staged entry after decode fetched it, until
-  decode's request completes (decode then acknowledges it, which drops it) or ``lease_s`` after
-  the save, so a second decode can load it when the first died or was cut off mid-answer
-  (decode failover through ``ucxkv-proxy``, docs/operations.md). Costs staging memory for the
-  length of each decode (at most ``lease_s``); off, a fetch drops the entry;
+``retain_kv`` (false)  prefill: keep a request's KV after decode read it, until decode's request
+  completes (decode then acknowledges it, which frees it) or its lease ends, so a second decode
+  can load it when the first died or was cut off mid-answer (decode failover through
+  ``ucxkv-proxy``, docs/operations.md). Stage mode: the staged entry stays at most ``lease_s``
+  after the save (staging memory). rma mode: the leased blocks stay while the decode answering
+  the request renews the lease (every ``lease_s / 3``), and at most ``lease_s`` after that decode
+  died or stopped renewing (KV cache blocks vLLM cannot reuse meanwhile). Off, a fetch (stage) or
+  decode's Done or death (rma) frees the KV;
 ``insert_timeout_s`` (10)  how long a full buffer may block a save;
 ``fetch_timeout_s`` (30)  bound on one fetch on decode;
 ``ucx_tls`` (unset)  sets ``UCX_TLS`` for the worker process;

@@ -28,7 +28,8 @@ __all__ = ["CONNECTOR_PROTOCOL", "COMPAT_KEYS", "SaveSpec", "LoadSpec", "RenewSp
 #: 2: one KV server per worker rank (remote_port is the engine's base port), total KV heads, tp_size.
 #: 3: kv_mode ("stage" | "rma": the rank serves leased blocks over the kvrma service) and lease_s.
 #: 4: KV cache groups (hybrid models): one entry per transferred group, ``kv_groups`` in the record.
-CONNECTOR_PROTOCOL = 4
+#: 5: ``retain_kv`` also in kv_mode rma (decode renews the lease while it answers and acknowledges it).
+CONNECTOR_PROTOCOL = 5
 
 COMPAT_KEYS = ("protocol", "model", "dtype", "num_layers", "num_kv_heads", "head_size", "block_size", "layout",
                "kv_groups")
@@ -76,12 +77,14 @@ class LoadSpec:
 
 @dataclass
 class RenewSpec:
-    """rma: a decode request still waiting for blocks; its prefill lease is extended (read as in LoadSpec)."""
+    """Where prefill holds a decode request's KV (read as in LoadSpec): rma leases to extend while the
+    request waits for blocks or (retained) is answered; retained KV to acknowledge."""
 
     remote_request_id: str
     remote_address: str
     remote_tp_size: int = 1
     total_kv_heads: int = 0
+    kv_mode: str = "stage"  # how prefill holds it: an acknowledgement goes over that mode's wire
 
 
 @dataclass

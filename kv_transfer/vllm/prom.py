@@ -24,13 +24,19 @@ name (as exposed)                           type       meaning
 ``vllm:ucxkv_staged_bytes``                 gauge      prefill: bytes staged and leased, not yet
                                                        claimed (as of the engine's last step)
 ``vllm:ucxkv_staged_entries``               gauge      prefill: entries staged, not yet claimed
+``vllm:ucxkv_leased_bytes``                 gauge      prefill, kv_mode rma: bytes of paged-cache
+                                                       blocks held leased for decode (vLLM cannot
+                                                       reuse them meanwhile)
+``vllm:ucxkv_leased_entries``               gauge      prefill, kv_mode rma: requests held leased
 ==========================================  =========  ==========================================
 
 Every failed load is a request vLLM recomputed (or failed, under
 ``kv_load_failure_policy=fail``): alert on ``rate(vllm:ucxkv_failed_transfers_total[5m])``
 relative to ``rate(vllm:ucxkv_loaded_requests_total[5m])``, on any
 ``cause="integrity"`` at all, and on ``vllm:ucxkv_staged_bytes`` near the
-configured ``kv_buffer_size`` (saves then wait for room).
+configured ``kv_buffer_size`` (saves then wait for room); in rma mode on
+``vllm:ucxkv_leased_bytes`` as a large share of the KV cache (new requests then wait
+for blocks: with ``retain_kv`` each request holds its blocks until acknowledged).
 """
 
 from __future__ import annotations
@@ -89,14 +95,14 @@ class UcxPromMetrics(KVConnectorPromMetrics):
             "bytes_saved": per_engine(c, "vllm:ucxkv_saved_bytes", "Bytes of KV staged for decode (prefill)."),
             "requests_saved": per_engine(c, "vllm:ucxkv_saved_requests", "Requests staged for decode (prefill)."),
         }
-        self.gauges = {
-            "staged_bytes": per_engine(g, "vllm:ucxkv_staged_bytes",
-                                       "Bytes staged and leased on prefill, not yet claimed by decode.",
-                                       multiprocess_mode="mostrecent"),
-            "staged_entries": per_engine(g, "vllm:ucxkv_staged_entries",
-                                         "Entries staged on prefill, not yet claimed by decode.",
-                                         multiprocess_mode="mostrecent"),
+        gauge_docs = {  # each rank reports its own value; the latest one counts
+            "staged_bytes": "Bytes staged and leased on prefill, not yet claimed by decode.",
+            "staged_entries": "Entries staged on prefill, not yet claimed by decode.",
+            "leased_bytes": "Bytes of KV cache blocks prefill holds leased for decode (kv_mode rma).",
+            "leased_entries": "Requests whose KV blocks prefill holds leased for decode (kv_mode rma).",
         }
+        self.gauges = {key: per_engine(g, f"vllm:ucxkv_{key}", doc, multiprocess_mode="mostrecent")
+                       for key, doc in gauge_docs.items()}
         failed = c(name="vllm:ucxkv_failed_transfers",
                    documentation="KV transfers that failed, by role (load, save, compat) and cause; "
                                  "each failed load is a recomputed request.",

@@ -99,7 +99,8 @@ class UcxScheduler:
     def _remote(self, params: dict[str, Any]) -> RenewSpec:
         """Where prefill holds a request's KV (its id, base address, TP size), from its kv_transfer_params."""
         return RenewSpec(str(params["remote_request_id"]), f"{params['remote_host']}:{params['remote_port']}",
-                         int(params.get("remote_tp_size", 1)), int(self.compat.get("num_kv_heads", 0)))
+                         int(params.get("remote_tp_size", 1)), int(self.compat.get("num_kv_heads", 0)),
+                         str(params.get("kv_mode", "stage")))
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens decode will load from prefill beyond ``num_computed_tokens``, and True (asynchronously)."""
@@ -133,10 +134,11 @@ class UcxScheduler:
             return
         if rid in self._loading:
             return
-        self._waiting_rma.pop(rid, None)
         local_hit = self._local_hit.pop(rid, request.num_computed_tokens)
         num_tokens = min(int(params["remote_num_tokens"]), len(request.prompt_token_ids))
         retain = bool(params.get("retain_kv", False))
+        if not retain:  # retained rma KV: renewed until the request finishes (a failover may read it again)
+            self._waiting_rma.pop(rid, None)
         if retain:  # acknowledged when the request completes (request_finished), so another decode may load it
             self._retained[rid] = self._remote(params)
         ids, skips = transfer_blocks(self.groups, blocks.get_block_ids(), num_tokens, local_hit)
@@ -249,5 +251,5 @@ class UcxScheduler:
             "compat": dict(self.compat),
             "kv_mode": self.kv_mode,
             "lease_s": self.config.lease_s,
-            **({"retain_kv": True} if self.config.retain_kv and not rma else {}),
+            **({"retain_kv": True} if self.config.retain_kv else {}),
         }

@@ -9,7 +9,8 @@ One interval's :class:`UcxKVConnectorStats` ``data`` (plain, msgpack-able values
   ``compat`` (refused by decode's scheduler) and a cause from
   :data:`kv_transfer.connector.FAILURE_CAUSES` (or ``buffer_full`` for saves);
 * :data:`GAUGE_KEYS`: ``{"<rank>": value}`` as of the interval's end: the bytes
-  and entries staged (leased, not yet claimed) in each producer rank's buffer.
+  and entries staged (leased, not yet claimed) in each producer rank's buffer, and in
+  rma mode the bytes and requests of paged-cache blocks it holds leased for readers.
   Merging keeps each rank's latest value; the instance's value is the sum.
 
 vLLM moves the object from each worker (``get_kv_connector_stats``, every
@@ -32,8 +33,9 @@ COUNTER_KEYS = ("bytes_saved", "requests_saved", "save_s", "save_failures",
                 "bytes_loaded", "requests_loaded", "load_s", "load_failures")
 #: Per-request samples: seconds and bytes of each successful load and save.
 SAMPLE_KEYS = ("load_seconds", "load_bytes", "save_seconds", "save_bytes")
-#: Per-rank gauges (producer): bytes and entries staged and leased, not yet claimed.
-GAUGE_KEYS = ("staged_bytes", "staged_entries")
+#: Per-rank gauges (producer): bytes and entries staged and leased, not yet claimed (stage mode);
+#: bytes and requests of KV blocks held under a lease for readers (rma mode).
+GAUGE_KEYS = ("staged_bytes", "staged_entries", "leased_bytes", "leased_entries")
 
 
 def _empty() -> dict[str, Any]:
@@ -85,8 +87,9 @@ class UcxKVConnectorStats(KVConnectorStats):
             d["load_MiBps"] = round(d["bytes_loaded"] / max(d["load_s"], 1e-9) / 2**20, 1)
         for cause, n in sorted(self.data["failed"].items()):
             d[f"failed {cause}"] = n
-        if self.data["staged_bytes"]:
-            d["staged_bytes"] = sum(self.data["staged_bytes"].values())
+        for k in ("staged_bytes", "leased_bytes"):
+            if self.data[k]:
+                d[k] = sum(self.data[k].values())
         return d
 
     def is_empty(self) -> bool:

@@ -165,7 +165,8 @@ class UcxWorker:
                  "+".join(f"{len(c)} {g.kind()}" for g, c in zip(self._groups, self._group_caches)),
                  tuple(first.shape), first.dtype, name, block_dim)
         if self.config.is_producer or self.config.is_consumer:
-            self._rma = RmaTransfer(self.config, self._caches, self._layout, self._sent)
+            self._rma = RmaTransfer(self.config, [c for caches in self._group_caches for c in caches], self._layout,
+                                    self._sent, group_layers=[len(caches) for caches in self._group_caches])
         if self.config.is_producer and self.kv_mode == "rma":
             port = rank_port(self.config.kv_port, self.rank.tp_rank, self.rank.tp_size, dp_index=self.rank.dp_rank)
             log.info("UcxConnector producer (tp %d/%d dp %d) leasing KV blocks in place (kv_mode rma) on %s",
@@ -219,6 +220,13 @@ class UcxWorker:
         """Requests answered in full: prefill may drop the KV it retained for a failover (failures are
         logged only: the entry then goes when its lease ends)."""
         for spec in specs:
+            if spec.kv_mode == "rma":
+                try:
+                    self._rma.ack(spec.remote_request_id, [a for a, _, _ in self._reads(spec)])
+                except Exception as exc:  # noqa: BLE001 - the lease bounds what is left behind
+                    log.warning("acknowledging %s to prefill %s failed (its lease will free the blocks): %s",
+                                spec.remote_request_id, spec.remote_address, exc)
+                continue
             for address, _, _ in self._reads(spec):
                 try:
                     for pos in range(len(self._group_caches)):  # one retained entry per KV cache group
@@ -228,7 +236,8 @@ class UcxWorker:
                                 spec.remote_request_id, address, exc)
 
     def _renew(self, specs: list) -> None:
-        """rma: extend prefill's leases of requests still waiting here for blocks (failures are logged only)."""
+        """rma: extend prefill's leases of requests still waiting here for blocks, or (retained) still being
+        answered here (failures are logged only)."""
         for spec in specs:
             try:
                 self._rma.renew(spec.remote_request_id, [a for a, _, _ in self._reads(spec)])
@@ -286,7 +295,7 @@ class UcxWorker:
                         self._consumer(address, pos).abort(group_entry_id(spec.remote_request_id, pos), num_layers=0)
                 raise KVTransferError("request aborted before its KV was fetched")
             if spec.kv_mode == "rma":
-                reads, loaded_bytes = [], self._rma.load(spec, reads) * self._block_bytes
+                reads, loaded_bytes = [], self._rma.load(spec, reads)
             for pos, (ids, skip) in enumerate(groups):  # one entry per KV cache group (hybrid models: several)
                 req = KVRequest(group_entry_id(spec.remote_request_id, pos), spec.token_ids, ids, skip_blocks=skip)
                 loaded = 0
@@ -381,6 +390,10 @@ class UcxWorker:
             st = self._buffer.stats()
             self.counters.set_gauges(f"tp{self.rank.tp_rank}", staged_bytes=st["bytes_used"],
                                      staged_entries=st["num_entries"])
+        server = self._rma.server if self._rma is not None else None
+        if server is not None:
+            self.counters.set_gauges(f"tp{self.rank.tp_rank}", leased_bytes=server.leased_bytes,
+                                     leased_entries=server.num_leases)
         return self.counters.take()
 
     def shutdown(self) -> None:
