@@ -385,6 +385,12 @@ class Engine:
         """Let the progress thread progress ``op`` until it completes (nobody has to wait on it)."""
         with self._lock:
             self._pending.add(op)
+            # a message that arrived before its receive was tracked raises no worker event:
+            # look now, or a progress pass without events would leave it to a 50 ms tick
+            try:
+                op.poll()
+            except Exception:  # noqa: BLE001 - kept in op.error for its waiter
+                pass
             kick = self._needs_kick()
         if kick:  # asleep on its wake-up fd alone: have it watch the worker too
             os.eventfd_write(self._wake_fd, 1)

@@ -504,9 +504,10 @@ class Pipe:
         buf = codec.ucx_buffer(t)
         req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True), nbytes, what, self._ep_open)
         op = Op([req], [t, buf], stream=nbytes >= _STREAM_BYTES)
-        req.completed  # noqa: B018 - the probe posts the receive if the message is there (errors wait for poll)
         if track:
-            self._engine.track(op)
+            self._engine.track(op)  # which probes it at once too
+        else:
+            req.completed  # noqa: B018 - the probe posts the receive if the message is there (errors wait for poll)
         return op
 
     def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
