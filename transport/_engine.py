@@ -402,7 +402,8 @@ class Engine:
         Not while it already watches the worker, nor while a thread is in :meth:`wait` (waiters
         progress the worker for everyone, and the last one to leave wakes the progress thread),
         nor twice before it ran: a stream of sends posted back to back costs one wake-up, not one
-        each (each eventfd write that wakes a thread cost 20-30 us on two busy cores, docs/bench.md).
+        each (each eventfd write that wakes a thread took 20-70 us of wall time under cProfile on two
+        busy cores; docs/bench.md, third pass).
         """
         if self._watching or self._waiters or self._kicked:
             return False
