@@ -251,17 +251,18 @@ def print_comparison(ours: Result, baselines: dict[str, Result | str], is_latenc
     metric = "overall_lat_us" if is_latency else "overall_bw_mbs"
     unit = "usec (one-way)" if is_latency else "MB/s"
     mine = getattr(ours.final, metric)
-    print(f"  size {human_size(ours.size):>6}  {'impl':<14} {unit:>16}  ratio(ucxkv/impl, >1 = ucxkv better)", file=out)
-    print(f"  {'':11}  {'ucxkv':<14} {mine:16.3f}", file=out)
+    w = max([14] + [len(n) for n in baselines])
+    print(f"  size {human_size(ours.size):>6}  {'impl':<{w}} {unit:>16}  ratio(ucxkv/impl, >1 = ucxkv better)", file=out)
+    print(f"  {'':11}  {'ucxkv':<{w}} {mine:16.3f}", file=out)
     for name, b in baselines.items():
         if isinstance(b, str) or b.final is None:
-            print(f"  {'':11}  {name:<14} {'skipped':>16}  ({b if isinstance(b, str) else 'no result'})", file=out)
+            print(f"  {'':11}  {name:<{w}} {'skipped':>16}  ({b if isinstance(b, str) else 'no result'})", file=out)
             continue
         theirs = getattr(b.final, metric)
         ratio = (theirs / mine if is_latency else mine / theirs) if mine and theirs else float("nan")
         tls = b.info.get("tls")
         extra = f"  [{tls}]" if tls else ""
-        print(f"  {'':11}  {name:<14} {theirs:16.3f}  {ratio:6.2f}x{extra}", file=out)
+        print(f"  {'':11}  {name:<{w}} {theirs:16.3f}  {ratio:6.2f}x{extra}", file=out)
 
 
 def json_line(ours: Result, baselines: dict[str, Result | str]) -> str:

@@ -82,6 +82,28 @@ def test_ucx_perftest_baseline_runner() -> None:
     assert lat.final is not None and lat.final.iterations == 100
 
 
+def test_ucx_perftest_baseline_uses_our_transports_and_shows_the_asked_ones() -> None:
+    """Asked for sm, our processes run posix,sysv,self (no cma): the ucx_perftest baseline runs
+    with those same transports and our window, and a second, labelled one with sm as asked."""
+    p = _cli("-t", "tensor_bw", "-s", "64K", "-n", "50", "-w", "5", "--tls", "sm", "--json",
+             "--baseline", "ucx_perftest")
+    (o,) = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert o["client_tls"] == o["server_tls"] == "posix,sysv,self"
+    same, asked = o["baselines"]["ucx_perftest"], o["baselines"]["ucx_perftest(sm)"]
+    assert same["tls"] == "UCX_TLS=posix,sysv,self" and asked["tls"] == "UCX_TLS=sm"
+    for b in (same, asked):
+        assert b["iterations"] == 50 and b["overall_bw_mbs"] > 0 and " -O 8" in b["command"]
+
+
+def test_ucx_perftest_runs_one_baseline_when_our_transports_are_the_asked_ones() -> None:
+    from bench.perftest import ucx_perftest_runs
+
+    env = {"UCX_TLS": "tcp"}
+    assert ucx_perftest_runs(env, {"client_tls": "tcp", "server_tls": "tcp"}) == [("ucx_perftest", env)]
+    runs = ucx_perftest_runs({"UCX_TLS": "sm"}, {"client_tls": "posix,sysv,self", "server_tls": "posix,sysv,self"})
+    assert [(n, e["UCX_TLS"]) for n, e in runs] == [("ucx_perftest", "posix,sysv,self"), ("ucx_perftest(sm)", "sm")]
+
+
 @pytest.mark.parametrize("layout,mode", [("vllm_cpu", "gather"), ("flash_attn", "views"), ("flash_attn", "rma"),
                                          ("vllm_cpu", "rma"), ("vllm_cpu", "gather --verify"),
                                          ("flash_attn", "layers --verify")])

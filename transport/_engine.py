@@ -221,6 +221,7 @@ class Engine:
         self._spin_s = _spin_seconds()
         self._serving = 0  # users of unattended progress (see serve())
         self._watching = False  # whether the progress thread sleeps on the worker's fd too
+        self._kicked = False  # a wake-up written to _wake_fd that the progress thread has not yet seen
         self._local = threading.local()
         # kick fds of the threads asleep on the worker's fd in wait(): one each, since a
         # shared one is drained by whichever sleeper runs first and the others sleep on
@@ -384,10 +385,30 @@ class Engine:
         """Let the progress thread progress ``op`` until it completes (nobody has to wait on it)."""
         with self._lock:
             self._pending.add(op)
-            watching = self._watching
-        if not watching:  # asleep on its wake-up fd alone: have it watch the worker too
+            # a message that arrived before its receive was tracked raises no worker event:
+            # look now, or a progress pass without events would leave it to a 50 ms tick
+            try:
+                op.poll()
+            except Exception:  # noqa: BLE001 - kept in op.error for its waiter
+                pass
+            kick = self._needs_kick()
+        if kick:  # asleep on its wake-up fd alone: have it watch the worker too
             os.eventfd_write(self._wake_fd, 1)
         return op
+
+    def _needs_kick(self) -> bool:
+        """Whether newly tracked work must wake the progress thread (engine lock held); marks it woken.
+
+        Not while it already watches the worker, nor while a thread is in :meth:`wait` (waiters
+        progress the worker for everyone, and the last one to leave wakes the progress thread),
+        nor twice before it ran: a stream of sends posted back to back costs one wake-up, not one
+        each (each eventfd write that wakes a thread took 20-70 us of wall time under cProfile on two
+        busy cores; docs/bench.md, third pass).
+        """
+        if self._watching or self._waiters or self._kicked:
+            return False
+        self._kicked = True
+        return True
 
     def serve(self, delta: int) -> None:
         """Count a user (+1) or drop one (-1) of unattended progress: while any, the progress
@@ -499,7 +520,7 @@ class Engine:
                 if asleep:
                     self._sleeping.discard(kick)
                 self._waiters -= 1
-                wake = not self._waiters and self._pending and not self._watching
+                wake = bool(self._pending) and self._needs_kick()
             if wake:  # tracked ops are left without a waiter: the progress thread takes over
                 os.eventfd_write(self._wake_fd, 1)
 
@@ -555,6 +576,7 @@ class Engine:
         registered = False
         while not self._stop.is_set():
             with lock:
+                self._kicked = False  # cleared before need is computed: a later track() kicks again
                 if not self._progress():
                     self._poll_pending()  # e.g. sends that completed at posting
                 need = self._serving > 0 or (bool(self._pending) and not self._waiters)

@@ -482,14 +482,8 @@ class Pipe:
                     else:
                         codec.byte_view(t).copy_(torch.frombuffer(data, dtype=torch.uint8))
                     continue
-                buf = codec.ucx_buffer(t)
-                req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq + j, True), spec.nbytes,
-                                            f"payload {i} of {what}", self._ep_open)
+                slot.payload_ops.append(self._post_payload(t, spec.nbytes, seq + j, f"payload {i} of {what}", track))
                 j += 1
-                op = Op([req], [t, buf], stream=spec.nbytes >= _STREAM_BYTES)
-                slot.payload_ops.append(op)
-                if track:
-                    self._engine.track(op)
 
         header_req = self._engine.tag_recv(self._ep, frame, self._tag(self._recv_tag, seq, False), None,
                                            f"header of {what}", self._ep_open)
@@ -498,6 +492,23 @@ class Pipe:
         if background:
             self._engine.track(slot.header_op)
         return slot
+
+    def _post_payload(self, t: torch.Tensor, nbytes: int, seq: int, what: str, track: bool) -> Op:
+        """Receive the payload message ``seq`` (exactly ``nbytes``) into ``t``, starting it at once.
+
+        Called from a header's completion, inside the progress loop: the payload was
+        sent right behind its header, so it has usually arrived (for a rendezvous, its
+        request to send): it is probed and posted now rather than at the next poll, and
+        UCX answers the sender within the same progress pass.
+        """
+        buf = codec.ucx_buffer(t)
+        req = self._engine.tag_recv(self._ep, buf, self._tag(self._recv_tag, seq, True), nbytes, what, self._ep_open)
+        op = Op([req], [t, buf], stream=nbytes >= _STREAM_BYTES)
+        if track:
+            self._engine.track(op)  # which probes it at once too
+        else:
+            req.completed  # noqa: B018 - the probe posts the receive if the message is there (errors wait for poll)
+        return op
 
     def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
         what = f"receiving {'message' if slot.message else 'tensor'} #{slot.seq} from {self.peer}"
