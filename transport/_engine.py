@@ -582,6 +582,7 @@ class Engine:
                 if spinning:
                     if now >= spin_until:
                         spinning = False
+                    os.sched_yield()  # more runnable threads than cores: the peer may need this one
                 elif armed and poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
                     try:
                         os.eventfd_read(kick)
