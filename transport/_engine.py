@@ -380,8 +380,9 @@ class Engine:
         path, which waits with its timeout and liveness checks; also when the endpoint
         closed), else the received message (:class:`Arrived`, or a :class:`NativeRequest`
         still in flight that keeps ``buf`` until done, or for a message a sweep had parked
-        in the stash, the :class:`ProbedRecv` that takes it). ``length`` above ``len(buf)`` means it was truncated. A UCX
-        error raises :class:`PeerDeadError` naming ``what()``.
+        in the stash, the :class:`ProbedRecv` that takes it). A message longer than ``buf``
+        raises :class:`RemoteProtocolError` (it was consumed, truncated), a UCX error
+        :class:`PeerDeadError`, both naming ``what()``.
         """
         lib = self.tag_fast
         assert lib is not None
@@ -396,12 +397,16 @@ class Engine:
                 rc = lib.ukv_recv_frame(self._worker_h, tag, addr, cap, _FAST_SLICE_NS, self._c_lenp, *self._c_out)
                 if self._c_prog.value:
                     self._progressed()
-                if rc == 0:
-                    return Arrived(self._c_len.value)
+                n = self._c_len.value
                 if rc == 1:
-                    req = _ucp_tag.NativeRequest(self._c_req.value, what(), lock, self._c_len.value, buf)
+                    req = _ucp_tag.NativeRequest(self._c_req.value, what(), lock, n, buf)
                     self._draining.append((req, buf))  # buf outlives the request, whatever its waiter does
-                    return req
+            if rc != 2 and n > cap:  # consumed (truncated): the peer broke the frame limit
+                raise RemoteProtocolError(f"{what()}: {n} bytes arrived, expected at most {cap} bytes")
+            if rc == 0:
+                return Arrived(n)
+            if rc == 1:
+                return req
             if rc < 0:
                 raise PeerDeadError(f"{what()} failed: {_ucp_tag.status_string(rc)}")
             now = time.monotonic()
