@@ -81,6 +81,10 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
 
     For a CPU tensor it is the tensor's own memory (writable): numpy's view where numpy
     has the dtype (fewer torch calls on the small-message path), else a uint8 byte view.
+    A CUDA tensor's bytes are copied to the host (one synchronous device-to-host copy):
+    inline bytes travel in the host header frame, and the alternative, a payload message
+    of its own sent from device memory, costs a second UCX message and the same copy
+    inside UCX (cuda_copy); so the copy stays.
     """
     if t.device.type != "cpu":
         return memoryview(codec.byte_view(t).cpu().numpy())
@@ -296,8 +300,9 @@ class Pipe:
     def _ready(self, timeout: float | None = None) -> None:
         """Raise unless the pipe is open, unbroken and connected (waiting up to ``timeout`` for a peer)."""
         self._check_usable()
-        self.wait_connected(timeout)
-        self._check_usable()
+        if not self._connected.is_set():  # (Event.wait costs a lock even when set: ~1 µs per message)
+            self.wait_connected(timeout)
+            self._check_usable()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -711,12 +716,13 @@ class Pipe:
             try:
                 req = self._engine.recv_frame(self._ep, self._tag(self._recv_tag, seq, False), frame, self._rx_addr,
                                               self._ep_open, lambda: f"header of {kind} #{seq} from {self.peer}")
-            except PeerError as exc:
+            except (PeerError, RemoteProtocolError) as exc:
+                self._recv_seq = seq + 1  # consumed or failed: the pipe breaks
                 self._fail(exc, "receiving")
             if req is None:
                 return None
             deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
-            if (isinstance(req, Arrived) or _done_ok(req)) and req.length <= len(frame):
+            if isinstance(req, Arrived) or _done_ok(req):
                 got = self._decode_small(frame, req.length, seq, message, max_tensors)
                 if got is not None:
                     return got[0].body, self._land_inline(seq, kind, got, device, out)
