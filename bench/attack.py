@@ -89,14 +89,17 @@ def zmtp_unterminated_parts(host: str, port: int, limit_bytes: int, part_bytes: 
 
 
 # -- the targets, each in its own process ---------------------------------------------------
-def _echo_target(q: Any, secret: str | None) -> None:
-    """A PipeListener on loopback that echoes every tensor back on every pipe, until killed."""
+def echo_listener(q: Any, secret: str | None = None) -> None:
+    """A PipeListener on loopback that echoes every tensor back on every pipe, until killed.
+
+    The body of a spawned process (an abort in it takes nothing else down; tests use it too):
+    puts ``("addr", address)`` on ``q`` once it listens. Authentication is off, or ``secret``'s."""
     logging.basicConfig(level=logging.ERROR)
     from transport import PipeListener
     from transport.auth import Auth
 
     lst = PipeListener("127.0.0.1", 0, timeout_s=30, auth=Auth.secret(secret) if secret else Auth.none())
-    q.put(lst.address)
+    q.put(("addr", lst.address))
 
     def echo(p: Any) -> None:
         try:
@@ -121,7 +124,7 @@ def _lookup_target(q: Any) -> None:
 
     buf = LookupBuffer(64 << 20, lease_s=60)
     server = buf.serve("127.0.0.1", 0)
-    q.put(server.address)
+    q.put(("addr", server.address))
     while True:
         time.sleep(3600)
 
@@ -150,7 +153,8 @@ def _spawned(name: str, fn: Callable[..., None], *args: Any) -> tuple[Any, str]:
     p = _SPAWN.Process(target=fn, args=(q, *args), daemon=True, name=f"attack-{name}")
     p.start()
     try:
-        return p, q.get(timeout=120)
+        _, address = q.get(timeout=120)
+        return p, address
     except Exception:
         p.kill()
         raise RuntimeError(f"target {name} did not start within 120 s (exit code {p.exitcode})") from None
@@ -175,7 +179,7 @@ def echo_roundtrip(address: str, auth: Any, nbytes: int = 1 << 20) -> None:
 def start_echo(secret: str | None) -> Target:
     from transport.auth import Auth
 
-    p, address = _spawned("echo", _echo_target, secret)
+    p, address = _spawned("echo", echo_listener, secret)
     auth = Auth.secret(secret) if secret else Auth.none()
     return Target("pipe-listener" + ("-secret" if secret else ""), p.pid, address,
                   lambda: echo_roundtrip(address, auth), p.kill, auth)
@@ -231,8 +235,14 @@ def start_proxy() -> Target:
             raise AssertionError(f"proxy /metrics answered {status}")
 
     def stop() -> None:
-        p.kill()
-        p.wait(10)
+        # SIGTERM: the proxy shuts down its parse pool too (a SIGKILL left the pool's workers orphaned)
+        p.terminate()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            log.warning("ucxkv-proxy (pid %d) did not stop within 30 s of SIGTERM; killed", p.pid)
+            p.kill()
+            p.wait(10)
 
     def warm() -> None:
         # the first body over 256 KiB starts the proxy's parse pool, and the first 20 MiB one raises

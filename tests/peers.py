@@ -82,44 +82,26 @@ def _set_tls(tls: str) -> None:
         os.environ["UCX_TLS"] = tls
 
 
-def mixed_receiver(q: Any, tls: str) -> None:
-    _set_tls(tls)
-    from transport import Pipe
+# -- the two streams of the data tests: what a sender puts on a pipe, and how a receiver checks it --
+def _send_mixed(p: Any) -> dict:
+    """The mixed stream, its tensors sent in turn three ways (blocking, async, in a list)."""
+    handles = []
+    for i in range(N_MIXED):
+        t = mixed_case(i)
+        if i % 3 == 0:
+            p.send_tensor(t)
+        elif i % 3 == 1:
+            handles.append(p.send_tensor_async(t))
+        else:
+            p.send_tensors([t])
+    for h in handles:
+        h.wait()
+    return {}
 
-    def body() -> Any:
-        with Pipe.listen("127.0.0.1", 0, timeout_s=120) as p:
-            q.put(("addr", p.address))
-            bad = []
-            for i in range(N_MIXED):
-                got = p.recv_tensor()
-                why = same_bits(mixed_case(i), got)
-                if why:
-                    bad.append((i, why))
-            return {"bad": bad, "bytes": p.bytes_received}
 
-    _report(q, body)
-
-
-def mixed_sender(q: Any, tls: str, address: str) -> None:
-    _set_tls(tls)
-    from transport import Pipe
-
-    def body() -> Any:
-        with Pipe.connect(address, timeout_s=120) as p:
-            handles = []
-            for i in range(N_MIXED):
-                t = mixed_case(i)
-                if i % 3 == 0:
-                    p.send_tensor(t)
-                elif i % 3 == 1:
-                    handles.append(p.send_tensor_async(t))
-                else:
-                    p.send_tensors([t])
-            for h in handles:
-                h.wait()
-            return p.bytes_sent  # close at once: the Goodbye must not overtake the data
-
-    _report(q, body)
+def _receive_mixed(p: Any) -> list:
+    """What differs from the mixed stream, as ``(index, why)``."""
+    return [(i, why) for i in range(N_MIXED) if (why := same_bits(mixed_case(i), p.recv_tensor()))]
 
 
 #: Messages in the envelope test, and the tensors each carries (mixed_case numbering, BIG_INDEX excluded).
@@ -132,59 +114,77 @@ def message_tensors(k: int) -> list[torch.Tensor | None]:
     return [mixed_case(i) for i in range(k * PER_MESSAGE, (k + 1) * PER_MESSAGE) if i != BIG_INDEX]
 
 
-def message_receiver(q: Any, tls: str) -> None:
-    """Receives N_MESSAGES envelopes, each followed by one bare tensor; checks every bit."""
+def _send_messages(p: Any) -> dict:
+    """N_MESSAGES envelopes, each followed by one bare tensor; reports how many UCX messages each took
+    (``posted``: one header plus a payload per big tensor) and how many big tensors each had (``big``)."""
+    eng = p._engine
+    posted = []
+
+    def counting(real: Any) -> Any:
+        def send(*a: Any, **kw: Any) -> Any:  # counts, then does the real send
+            posted[-1] += 1
+            return real(*a, **kw)
+
+        return send
+
+    # every UCX message goes out through one of these (send_frame: the compiled one-message path)
+    eng.tag_send, eng.send_frame = counting(eng.tag_send), counting(eng.send_frame)
+    try:
+        for k in range(N_MESSAGES):
+            posted.append(0)
+            h = p.send_message_async(f"message {k}".encode(), message_tensors(k))
+            p.send_tensor(torch.tensor(k))
+            h.wait()
+    finally:
+        del eng.tag_send, eng.send_frame
+    big = [sum(1 for t in message_tensors(k) if t is not None and t.numel() * t.element_size() > 8192)
+           for k in range(N_MESSAGES)]
+    return {"posted": posted, "big": big}
+
+
+def _receive_messages(p: Any) -> list:
+    """What differs from the envelopes and their bare tensors, checked bit for bit."""
+    bad = []
+    for k in range(N_MESSAGES):
+        got_body, got = p.recv_message(max_tensors=PER_MESSAGE)
+        want = message_tensors(k)
+        if got_body != f"message {k}".encode() or len(got) != len(want):
+            bad.append((k, "body or count", got_body[:40], len(got)))
+        bad += [(k, i, why) for i, (w, g) in enumerate(zip(want, got)) if (why := same_bits(w, g))]
+        tail = p.recv_tensor()
+        if tail is None or int(tail) != k:
+            bad.append((k, "bare tensor after it", tail))
+    return bad
+
+
+#: stream name -> (how a sender sends it, how a receiver checks it)
+STREAMS = {"mixed": (_send_mixed, _receive_mixed), "messages": (_send_messages, _receive_messages)}
+
+
+def stream_receiver(q: Any, tls: str, stream: str) -> None:
+    """Listens on loopback, reports ``("addr", address)``, receives ``stream`` (a key of STREAMS) and
+    reports ``("ok", {"bad": what differed, "bytes": bytes received})``."""
     _set_tls(tls)
     from transport import Pipe
 
     def body() -> Any:
         with Pipe.listen("127.0.0.1", 0, timeout_s=120) as p:
             q.put(("addr", p.address))
-            bad = []
-            for k in range(N_MESSAGES):
-                got_body, got = p.recv_message(max_tensors=PER_MESSAGE)
-                want = message_tensors(k)
-                if got_body != f"message {k}".encode() or len(got) != len(want):
-                    bad.append((k, "body or count", got_body[:40], len(got)))
-                bad += [(k, i, why) for i, (w, g) in enumerate(zip(want, got)) if (why := same_bits(w, g))]
-                tail = p.recv_tensor()
-                if tail is None or int(tail) != k:
-                    bad.append((k, "bare tensor after it", tail))
-            return {"bad": bad, "bytes": p.bytes_received}
+            return {"bad": STREAMS[stream][1](p), "bytes": p.bytes_received}
 
     _report(q, body)
 
 
-def message_sender(q: Any, tls: str, address: str) -> None:
-    """Sends the envelopes; reports how many UCX messages each took (one header plus a payload per big tensor)."""
+def stream_sender(q: Any, tls: str, address: str, stream: str) -> None:
+    """Connects to ``address``, sends ``stream`` (a key of STREAMS) and reports
+    ``("ok", {"bytes": bytes sent, ...what the stream's sender adds})``."""
     _set_tls(tls)
     from transport import Pipe
 
     def body() -> Any:
         with Pipe.connect(address, timeout_s=120) as p:
-            eng = p._engine
-            posted = []
-
-            def counting(real: Any) -> Any:
-                def send(*a: Any, **kw: Any) -> Any:  # counts, then does the real send
-                    posted[-1] += 1
-                    return real(*a, **kw)
-
-                return send
-
-            # every UCX message goes out through one of these (send_frame: the compiled one-message path)
-            eng.tag_send, eng.send_frame = counting(eng.tag_send), counting(eng.send_frame)
-            try:
-                for k in range(N_MESSAGES):
-                    posted.append(0)
-                    h = p.send_message_async(f"message {k}".encode(), message_tensors(k))
-                    p.send_tensor(torch.tensor(k))
-                    h.wait()
-            finally:
-                del eng.tag_send, eng.send_frame
-            big = [sum(1 for t in message_tensors(k) if t is not None and t.numel() * t.element_size() > 8192)
-                   for k in range(N_MESSAGES)]
-            return {"posted": posted, "big": big, "bytes": p.bytes_sent}
+            extra = STREAMS[stream][0](p)
+            return {"bytes": p.bytes_sent, **extra}  # close at once: the Goodbye must not overtake the data
 
     _report(q, body)
 

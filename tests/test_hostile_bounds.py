@@ -7,7 +7,6 @@ import gc
 import json
 import os
 import struct
-import threading
 import time
 import weakref
 from typing import Any
@@ -18,33 +17,9 @@ import pytest
 import torch
 import zmq
 
+from bench.attack import echo_listener, open_fds, rss_mib
 from transport import _wire
 from transport._wire import Hello
-
-
-# -- a listener in its own process: an abort there must not take the test with it --------
-def echo_listener(q: Any, secret: str | None = None) -> None:
-    """Serve a PipeListener that echoes every tensor back, until the parent goes away."""
-    from transport import PipeListener
-    from transport.auth import Auth
-
-    lst = PipeListener("127.0.0.1", 0, timeout_s=30, auth=Auth.secret(secret) if secret else Auth.none())
-    q.put(("ok", lst.address))
-
-    def serve(p: Any) -> None:
-        try:
-            while True:
-                t = p.recv_tensor(timeout=30)
-                p.send_tensor(t)
-                if t is None:
-                    break
-        except Exception:  # noqa: BLE001 - a hostile peer's pipe breaks; the listener goes on
-            pass
-        finally:
-            p.close()
-
-    while True:
-        threading.Thread(target=serve, args=(lst.accept(timeout=None),), daemon=True).start()
 
 
 def _dealer(address: str) -> zmq.Socket:
@@ -76,8 +51,9 @@ def _still_serves(address: str, proc: Any = None, secret: str | None = None) -> 
 
 @pytest.fixture
 def remote_listener(peers):
+    """An echoing listener in its own process: an abort there must not take the test with it."""
     p = peers.start(echo_listener)
-    address = peers.expect(p, "ok", 120)
+    address = peers.expect(p, "addr", 120)
     yield address, p
     p.kill()
 
@@ -89,7 +65,7 @@ _SECRET = "hostile-bounds-secret-0123456789"
 @pytest.fixture
 def secret_listener(peers):
     p = peers.start(echo_listener, _SECRET)
-    address = peers.expect(p, "ok", 120)
+    address = peers.expect(p, "addr", 120)
     yield address, p
     p.kill()
 
@@ -103,10 +79,10 @@ def test_unterminated_multipart_message_does_not_grow_an_authenticated_listener(
     address, proc = secret_listener
     host, port = address.rsplit(":", 1)
     time.sleep(0.5)
-    rss0 = _rss_mib(proc.pid)
+    rss0 = rss_mib(proc.pid)
     sent = sum(zmtp_unterminated_parts(host, int(port), 384 << 20) for _ in range(3))
     time.sleep(0.5)
-    grown = _rss_mib(proc.pid) - rss0
+    grown = rss_mib(proc.pid) - rss0
     # the old code buffered every part: ~1 GiB here
     assert grown < 64, f"listener RSS grew {grown:.0f} MiB after {sent >> 20} MiB of unterminated parts"
     _still_serves(address, proc, _SECRET)
@@ -375,15 +351,6 @@ def test_lookup_request_cannot_announce_tensors_it_does_not_carry():
 
 
 # -- 6. closed pipes give their sockets back ----------------------------------------------
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def test_fds_return_to_baseline_after_many_short_lived_consumers(remote_listener):
     from transport import Pipe
 
@@ -400,15 +367,15 @@ def test_fds_return_to_baseline_after_many_short_lived_consumers(remote_listener
     for _ in range(3):
         consumer()
     time.sleep(0.5)
-    base_l, base_c, rss0 = _fds(proc.pid), _fds(os.getpid()), _rss_mib(proc.pid)
+    base_l, base_c, rss0 = open_fds(proc.pid), open_fds(os.getpid()), rss_mib(proc.pid)
     for _ in range(200):
         consumer()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (_fds(proc.pid) > base_l + 3 or _fds(os.getpid()) > base_c + 3):
+    while time.monotonic() < deadline and (open_fds(proc.pid) > base_l + 3 or open_fds(os.getpid()) > base_c + 3):
         time.sleep(0.2)
-    assert _fds(proc.pid) <= base_l + 3, f"listener fds {base_l} -> {_fds(proc.pid)} after 200 consumers"
-    assert _fds(os.getpid()) <= base_c + 3, f"consumer fds {base_c} -> {_fds(os.getpid())} after 200 pipes"
-    assert _rss_mib(proc.pid) < rss0 + 200, f"listener RSS {rss0:.0f} -> {_rss_mib(proc.pid):.0f} MiB"
+    assert open_fds(proc.pid) <= base_l + 3, f"listener fds {base_l} -> {open_fds(proc.pid)} after 200 consumers"
+    assert open_fds(os.getpid()) <= base_c + 3, f"consumer fds {base_c} -> {open_fds(os.getpid())} after 200 pipes"
+    assert rss_mib(proc.pid) < rss0 + 200, f"listener RSS {rss0:.0f} -> {rss_mib(proc.pid):.0f} MiB"
     _still_serves(address, proc)
 
 
