@@ -55,6 +55,8 @@ _SWEEP_S = 0.05
 #: The compiled fast path (transport._ucp_tag) holds the engine's lock at most this long (ns) per
 #: call; a waiter for a small message calls it again until its spin (UCXKV_SPIN_US) is over.
 _FAST_SLICE_NS = 50_000
+#: A wait this soon after its thread's recv_frame spun in vain sleeps without spinning again.
+_RESPIN_S = 0.001
 
 # A packed UCX worker address starts with a header byte whose low 4 bits are the
 # address format version (ucp/wireup/address.c: UCP_OBJECT_VERSION_V1 = 0, V2 = 1;
@@ -413,6 +415,7 @@ class Engine:
             if not end:
                 end = now + self._spin_s - _FAST_SLICE_NS * 1e-9
             if now >= end:
+                self._local.spun_at = now  # the ordinary wait that follows sleeps at once (see wait)
                 return None
 
     def own(self, tag_base: int, mask_bits: int) -> None:
@@ -543,8 +546,9 @@ class Engine:
 
         The calling thread progresses the worker itself (for every op, tracked
         ones included): spinning for ``UCXKV_SPIN_US`` (the fast path of a small
-        message), then sleeping on the worker's event fd (no CPU while nothing
-        arrives); a ``stream`` op's waiter spins again after each wake-up. Raises :class:`PeerTimeoutError` at ``deadline`` (a
+        message; skipped right after :meth:`recv_frame` spun in this thread), then
+        sleeping on the worker's event fd (no CPU while nothing arrives); a
+        ``stream`` op's waiter spins again after each wake-up. Raises :class:`PeerTimeoutError` at ``deadline`` (a
         ``time.monotonic`` value) and :class:`PeerDeadError` as soon as
         ``alive()`` returns a reason (checked at least every ``_TICK_S``).
         ``what`` names the wait in those errors (it should name the peer).
@@ -559,8 +563,9 @@ class Engine:
         start = time.monotonic()
         spin_until = start + self._spin_s
         # spin for spin_s, then sleep on the worker's event fd and on
-        # the kick fd another thread writes when it consumed events (it may have drained the fd)
-        spinning = self._spin_s > 0
+        # the kick fd another thread writes when it consumed events (it may have drained the fd);
+        # a thread that just spun in recv_frame for this message does not spin twice
+        spinning = self._spin_s > 0 and start - getattr(self._local, "spun_at", -1.0) > _RESPIN_S
         sleeper = self._sleeper()
         poller, kick = sleeper.poller, sleeper.kick_fd
         asleep = False  # kick registered in self._sleeping
