@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements-test.txt
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break transformers beside CPU torch.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 	$(BIN)/python -c "import torch, ucxx, zmq, msgspec, vllm, transport" 
-	$(BIN)/python -c "from transport import _ucp_rma; _ucp_rma.lib()"  # build the RMA helper now
+	$(BIN)/python -c "from transport import _ucp_rma, _ucp_tag; _ucp_rma.lib(); assert _ucp_tag.lib()"  # build the C helpers now
 	touch $@
 
 test: $(STAMP)

@@ -119,13 +119,16 @@ def _send_messages(p: Any) -> dict:
     (``posted``: one header plus a payload per big tensor) and how many big tensors each had (``big``)."""
     eng = p._engine
     posted = []
-    real_send = eng.tag_send
 
-    def counting_send(*a: Any, **kw: Any) -> Any:  # counts, then does the real send
-        posted[-1] += 1
-        return real_send(*a, **kw)
+    def counting(real: Any) -> Any:
+        def send(*a: Any, **kw: Any) -> Any:  # counts, then does the real send
+            posted[-1] += 1
+            return real(*a, **kw)
 
-    eng.tag_send = counting_send
+        return send
+
+    # every UCX message goes out through one of these (send_frame: the compiled one-message path)
+    eng.tag_send, eng.send_frame = counting(eng.tag_send), counting(eng.send_frame)
     try:
         for k in range(N_MESSAGES):
             posted.append(0)
@@ -133,7 +136,7 @@ def _send_messages(p: Any) -> dict:
             p.send_tensor(torch.tensor(k))
             h.wait()
     finally:
-        del eng.tag_send
+        del eng.tag_send, eng.send_frame
     big = [sum(1 for t in message_tensors(k) if t is not None and t.numel() * t.element_size() > 8192)
            for k in range(N_MESSAGES)]
     return {"posted": posted, "big": big}

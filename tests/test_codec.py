@@ -136,3 +136,23 @@ def test_fuzz_header_decoder_never_crashes(data):
         codec.decode_header(memoryview(buf), "fuzz", 0, 1 << 20)
     except RemoteProtocolError:
         pass
+
+
+_SPEC = st.builds(
+    codec.TensorSpec,
+    st.sampled_from(sorted(codec.DTYPES)),
+    st.lists(st.sampled_from([0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40]), max_size=18),
+    st.sampled_from([0, 5, 127, 128, 200, 70000, 2**33]),
+    st.sampled_from(["cpu", "cuda", "x" * 31, "y" * 32, "z" * 300]),
+    st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.sampled_from([0, 1, 127, 128, 255, 256, 2**23 - 1]),
+       specs=st.lists(st.one_of(st.none(), _SPEC), max_size=20),
+       body=st.sampled_from([None, b"", b"a" * 31, b"a" * 255, b"a" * 256, b"b" * 70000]))
+def test_header_size_is_the_encoded_length(seq: int, specs: list, body: bytes | None):
+    """The send path sizes a header without encoding it: the figure must be msgpack's exact length."""
+    h = codec.Header(seq, specs, body)
+    assert codec.header_size(h) == len(codec.encode_header_bytes(h))

@@ -20,6 +20,7 @@ instead of hanging.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import select
@@ -28,6 +29,7 @@ import time
 import weakref
 from typing import Any, Callable
 
+from . import _ucp_tag
 from .errors import LocalUsageError, PeerDeadError, PeerTimeoutError, RemoteProtocolError, TransportError
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,11 @@ _CLOSE_PERIOD_NS = 100_000
 _CLOSE_ATTEMPTS = 100
 #: How often (at most) the worker's unexpected queue is swept of messages no live pipe owns.
 _SWEEP_S = 0.05
+#: The compiled fast path (transport._ucp_tag) holds the engine's lock at most this long (ns) per
+#: call; a waiter for a small message calls it again until its spin (UCXKV_SPIN_US) is over.
+_FAST_SLICE_NS = 50_000
+#: A wait this soon after its thread's recv_frame spun in vain sleeps without spinning again.
+_RESPIN_S = 0.001
 
 # A packed UCX worker address starts with a header byte whose low 4 bits are the
 # address format version (ucp/wireup/address.c: UCP_OBJECT_VERSION_V1 = 0, V2 = 1;
@@ -169,6 +176,19 @@ class ProbedRecv:
         self._req.check_error()
 
 
+class Arrived:
+    """A message the fast path already received in full, shaped like a ucxx request for :class:`Op`."""
+
+    __slots__ = ("length",)
+    completed = True
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def check_error(self) -> None:
+        """Nothing can fail any more."""
+
+
 class _Sleeper:
     """A waiting thread's way to sleep: a poller on the worker's fd and on its own kick eventfd.
 
@@ -229,12 +249,19 @@ class Engine:
         self._waiters = 0  # threads in wait()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = threading.Event()
+        # the compiled one-message path, when it can be built and UCXKV_FAST_PATH is not 0
+        self.tag_fast = _ucp_tag.lib() if _ucp_tag.enabled() else None
+        if self.tag_fast is not None:
+            self._worker_h = self.worker.handle
+            self._c_req, self._c_len, self._c_prog = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_uint()
+            self._c_out = (ctypes.byref(self._c_req), ctypes.byref(self._c_prog))
+            self._c_lenp = ctypes.byref(self._c_len)
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._wake_fd, self._thread)
         cfg = self.context.config
-        log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s spin=%.0fus", cfg.get("TLS"), cfg.get("RNDV_THRESH"),
-                 self._spin_s * 1e6)
+        log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s spin=%.0fus fast path=%s", cfg.get("TLS"),
+                 cfg.get("RNDV_THRESH"), self._spin_s * 1e6, self.tag_fast is not None)
 
     # -- endpoints -------------------------------------------------------
     def connect(self, worker_address: bytes, peer: str) -> Any:
@@ -320,6 +347,77 @@ class Engine:
             for _ in range(10 if dropped else 0):
                 self.worker.progress()
         return dropped
+
+    # -- the one-message fast path (transport._ucp_tag) -----------------------
+    def send_frame(self, ep: Any, tag: int, header: bytes, data: int, nbytes: int, what: str,
+                   is_open: Callable[[], bool]) -> "_ucp_tag.NativeRequest | None":
+        """Send ``u32 len(header) | header | data[:nbytes]`` as one message on ``tag`` (needs :attr:`tag_fast`).
+
+        ``data`` is an address; its memory is free again on return. Returns None once
+        sent, or the request still in flight after one slice (wait on it with an
+        :class:`Op`). Raises :class:`PeerDeadError` naming ``what`` if the endpoint is
+        closed or failed, or UCX refuses the send.
+        """
+        lib = self.tag_fast
+        assert lib is not None
+        with self._lock:
+            h = ep.handle if is_open() else 0  # ucxx drops the handle of an endpoint that failed
+            if not h:
+                raise PeerDeadError(f"{what}: the endpoint is closed")
+            rc = lib.ukv_send_frame(self._worker_h, h, tag, header, len(header), data, nbytes, _FAST_SLICE_NS,
+                                    *self._c_out)
+            if self._c_prog.value:
+                self._progressed()
+            if rc == 1:
+                return _ucp_tag.NativeRequest(self._c_req.value, what, self._lock)
+        if rc < 0:
+            raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
+        return None
+
+    def recv_frame(self, ep: Any, tag: int, buf: Any, addr: int, is_open: Callable[[], bool],
+                   what: Callable[[], str]) -> "Arrived | _ucp_tag.NativeRequest | ProbedRecv | None":
+        """Receive the message on exactly ``tag`` into ``buf`` (at ``addr``) if it arrives while this
+        thread spins (``UCXKV_SPIN_US``, in slices of the engine's lock); needs :attr:`tag_fast`.
+
+        Returns None when nothing arrived (nothing consumed: the caller takes the ordinary
+        path, which waits with its timeout and liveness checks; also when the endpoint
+        closed), else the received message (:class:`Arrived`, or a :class:`NativeRequest`
+        still in flight that keeps ``buf`` until done, or for a message a sweep had parked
+        in the stash, the :class:`ProbedRecv` that takes it). A message longer than ``buf``
+        raises :class:`RemoteProtocolError` (it was consumed, truncated), a UCX error
+        :class:`PeerDeadError`, both naming ``what()``.
+        """
+        lib = self.tag_fast
+        assert lib is not None
+        lock, cap = self._lock, len(buf)
+        end = 0.0
+        while True:
+            with lock:
+                if not is_open():
+                    return None
+                if tag in self._stash:
+                    return ProbedRecv(self, ep, buf, tag, None, what(), is_open)
+                rc = lib.ukv_recv_frame(self._worker_h, tag, addr, cap, _FAST_SLICE_NS, self._c_lenp, *self._c_out)
+                if self._c_prog.value:
+                    self._progressed()
+                n = self._c_len.value
+                if rc == 1:
+                    req = _ucp_tag.NativeRequest(self._c_req.value, what(), lock, n, buf)
+                    self._draining.append((req, buf))  # buf outlives the request, whatever its waiter does
+            if rc != 2 and n > cap:  # consumed (truncated): the peer broke the frame limit
+                raise RemoteProtocolError(f"{what()}: {n} bytes arrived, expected at most {cap} bytes")
+            if rc == 0:
+                return Arrived(n)
+            if rc == 1:
+                return req
+            if rc < 0:
+                raise PeerDeadError(f"{what()} failed: {_ucp_tag.status_string(rc)}")
+            now = time.monotonic()
+            if not end:
+                end = now + self._spin_s - _FAST_SLICE_NS * 1e-9
+            if now >= end:
+                self._local.spun_at = now  # the ordinary wait that follows sleeps at once (see wait)
+                return None
 
     def own(self, tag_base: int, mask_bits: int) -> None:
         """Declare the tags sharing ``tag_base``'s top bits live: a sweep keeps messages on them.
@@ -439,11 +537,16 @@ class Engine:
             self._sweep()
         if not did:
             return False
+        self._progressed(own_kick)
+        return True
+
+    def _progressed(self, own_kick: int = -1) -> None:
+        """What follows progress that did something (engine lock held): kick the sleepers, whose
+        events it may have consumed, and run tracked ops' completions (a header's posts its payload receive)."""
         for fd in self._sleeping:
             if fd != own_kick:
                 os.eventfd_write(fd, 1)
-        self._poll_pending()  # run tracked ops' completions (a header's posts its payload receive)
-        return True
+        self._poll_pending()
 
     def _poll_pending(self) -> None:
         """Poll the tracked ops and forget the finished ones (an error stays for its waiter)."""
@@ -464,8 +567,9 @@ class Engine:
 
         The calling thread progresses the worker itself (for every op, tracked
         ones included): spinning for ``UCXKV_SPIN_US`` (the fast path of a small
-        message), then sleeping on the worker's event fd (no CPU while nothing
-        arrives); a ``stream`` op's waiter spins again after each wake-up. Raises :class:`PeerTimeoutError` at ``deadline`` (a
+        message; skipped right after :meth:`recv_frame` spun in this thread), then
+        sleeping on the worker's event fd (no CPU while nothing arrives); a
+        ``stream`` op's waiter spins again after each wake-up. Raises :class:`PeerTimeoutError` at ``deadline`` (a
         ``time.monotonic`` value) and :class:`PeerDeadError` as soon as
         ``alive()`` returns a reason (checked at least every ``_TICK_S``).
         ``what`` names the wait in those errors (it should name the peer).
@@ -480,8 +584,9 @@ class Engine:
         start = time.monotonic()
         spin_until = start + self._spin_s
         # spin for spin_s, then sleep on the worker's event fd and on
-        # the kick fd another thread writes when it consumed events (it may have drained the fd)
-        spinning = self._spin_s > 0
+        # the kick fd another thread writes when it consumed events (it may have drained the fd);
+        # a thread that just spun in recv_frame for this message does not spin twice
+        spinning = self._spin_s > 0 and start - getattr(self._local, "spun_at", -1.0) > _RESPIN_S
         sleeper = self._sleeper()
         poller, kick = sleeper.poller, sleeper.kick_fd
         asleep = False  # kick registered in self._sleeping
@@ -508,6 +613,7 @@ class Engine:
                 if spinning:
                     if now >= spin_until:
                         spinning = False
+                    os.sched_yield()  # more runnable threads than cores: the peer may need this one
                 elif armed and poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
                     try:
                         os.eventfd_read(kick)

@@ -202,6 +202,40 @@ def spec_of(t: torch.Tensor, inline: bool) -> TensorSpec:
     return TensorSpec(dtype_name(t.dtype), list(t.shape), t.numel() * t.element_size(), t.device.type, inline)
 
 
+def _int_size(v: int) -> int:
+    if 0 <= v:
+        return 1 if v < 128 else 2 if v < 1 << 8 else 3 if v < 1 << 16 else 5 if v < 1 << 32 else 9
+    return 1 if v >= -32 else 2 if v >= -(1 << 7) else 3 if v >= -(1 << 15) else 5 if v >= -(1 << 31) else 9
+
+
+def _len_size(n: int, small: int) -> int:
+    """Bytes of a msgpack str/array length prefix (``small``: the fix-form limit, 32 or 16)."""
+    return 1 if n < small else 3 if n < 1 << 16 else 5
+
+
+def _spec_size(s: TensorSpec | None) -> int:
+    if s is None:
+        return 1
+    dtype = len(s.dtype.encode())
+    dtype += 2 if 32 <= dtype < 256 else _len_size(dtype, 32)
+    device = len(s.device.encode())
+    device += 2 if 32 <= device < 256 else _len_size(device, 32)
+    shape = _len_size(len(s.shape), 16) + sum(_int_size(d) for d in s.shape)
+    return 1 + dtype + shape + _int_size(s.nbytes) + device + 1
+
+
+def header_size(header: Header) -> int:
+    """``len(encode_header_bytes(header))``, computed from the specs' sizes without encoding (msgpack's rules)."""
+    body = header.body
+    n = 1 if body is None else len(body) + (2 if len(body) < 1 << 8 else 3 if len(body) < 1 << 16 else 5)
+    return 1 + _int_size(header.seq) + _len_size(len(header.tensors), 16) + sum(map(_spec_size, header.tensors)) + n
+
+
+def encode_header_bytes(header: Header) -> bytes:
+    """``header`` as msgpack: what follows the frame's 4-byte length prefix."""
+    return _encoder.encode(header)
+
+
 def encode_header(frame: memoryview, header: Header, inline: Sequence[bytes | memoryview] = ()) -> int:
     """Write ``header`` and the ``inline`` payloads (in order) into ``frame``; return the bytes used."""
     body = _encoder.encode(header)

@@ -1,9 +1,7 @@
 """UCX's C RMA calls (memory maps, remote keys, get/put, flush) on ucxx's own handles.
 
-ucxx 0.52's Python layer has no RMA, so a small C helper, compiled once with the
-system C compiler against the headers and ``libucp`` of the ``libucx`` wheel and
-cached (``$UCXKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/ucxkv``, else
-``~/.cache/ucxkv``), does the calls. It also posts many pieces in one call, so a
+ucxx 0.52's Python layer has no RMA, so a small C helper (built and cached by
+:mod:`transport._native`) does the calls. It also posts many pieces in one call, so a
 transfer of thousands of pieces costs one Python call, not thousands.
 
 Every function here must be called with the engine's lock held.
@@ -12,18 +10,9 @@ Every function here must be called with the engine's lock held.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
-from .errors import LocalUsageError
-
-log = logging.getLogger(__name__)
+from . import _native
 
 _C_SOURCE = r"""
 #include <ucp/api/ucp.h>
@@ -107,49 +96,12 @@ P = ctypes.c_void_p
 SZ = ctypes.c_size_t
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("UCXKV_CACHE_DIR"):
-        return Path(os.environ["UCXKV_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ucxkv"
-
-
-def _build(so: Path, ucx_root: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise LocalUsageError("UCX RMA needs a C compiler (cc or gcc, or $CC) to build its helper once; none found")
-    so.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-        src = Path(tmp) / "ukv_rma.c"
-        src.write_text(_C_SOURCE)
-        out = Path(tmp) / so.name
-        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{ucx_root / 'include'}", str(src), f"-L{ucx_root / 'lib'}",
-               "-lucp", "-lucs", f"-Wl,-rpath,{ucx_root / 'lib'}", "-o", str(out)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            raise LocalUsageError(f"building the UCX RMA helper failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
-        os.replace(out, so)  # atomic: concurrent builders never see a half-written library
-    log.info("built UCX RMA helper %s", so)
-
-
 def lib() -> ctypes.CDLL:
     """The compiled helper, built on first use (about 0.2 s) and cached across processes."""
     global _LIB
     with _lock:
         if _LIB is not None:
             return _LIB
-        import libucx
-
-        libucx.load_library()
-        ucx_root = Path(libucx.__file__).parent
-        if not (ucx_root / "include" / "ucp" / "api" / "ucp.h").exists():
-            raise LocalUsageError(f"UCX headers not found under {ucx_root}/include; cannot build the RMA helper")
-        version = (ucx_root / "VERSION.txt").read_text().strip() if (ucx_root / "VERSION.txt").exists() else "?"
-        key = hashlib.sha256((_C_SOURCE + version + str(ucx_root)).encode()).hexdigest()[:16]
-        so = _cache_dir() / f"ukv_rma_{key}.so"
-        if not so.exists():
-            _build(so, ucx_root)
-        h = ctypes.CDLL(str(so))
         c_int, i64p = ctypes.c_int, ctypes.POINTER(ctypes.c_int64)
         sig = {
             "ukv_mem_map": (c_int, [P, P, SZ, ctypes.POINTER(P)]),
@@ -165,11 +117,8 @@ def lib() -> ctypes.CDLL:
             "ukv_worker_progress": (ctypes.c_uint, [P]),
             "ukv_status_string": (ctypes.c_char_p, [c_int]),
         }
-        for name, (res, args) in sig.items():
-            fn = getattr(h, name)
-            fn.restype, fn.argtypes = res, args
-        _LIB = h
-        return h
+        _LIB = _native.load("ukv_rma", _C_SOURCE, sig, "UCX RMA helper")
+        return _LIB
 
 
 def status_string(status: int) -> str:

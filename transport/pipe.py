@@ -39,7 +39,7 @@ import torch
 from . import _envelope as codec
 from . import _wire
 from ._control import ClientLink, ControlServer, Link, dial
-from ._engine import Engine, Op, get_engine
+from ._engine import Arrived, Engine, Op, get_engine
 from ._options import PipeKeywords, PipeOptions
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
 
@@ -81,6 +81,10 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
 
     For a CPU tensor it is the tensor's own memory (writable): numpy's view where numpy
     has the dtype (fewer torch calls on the small-message path), else a uint8 byte view.
+    A CUDA tensor's bytes are copied to the host (one synchronous device-to-host copy):
+    inline bytes travel in the host header frame, and the alternative, a payload message
+    of its own sent from device memory, costs a second UCX message and the same copy
+    inside UCX (cuda_copy); so the copy stays.
     """
     if t.device.type != "cpu":
         return memoryview(codec.byte_view(t).cpu().numpy())
@@ -88,6 +92,25 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(t.numpy()).cast("B")
     except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), a conj view: through torch
         return memoryview(codec.byte_view(t).numpy())
+
+
+def _copy_inline(t: torch.Tensor, data: memoryview) -> None:
+    """Copy a tensor's inline bytes (from its header frame) into ``t``, on any device."""
+    if t.device.type == "cpu":
+        _host_bytes(t)[:] = data
+    else:
+        codec.byte_view(t).copy_(torch.frombuffer(data, dtype=torch.uint8))
+
+
+def _done_ok(req: Any) -> bool:
+    """Whether a header receive completed without error (an error is raised later, by the ordinary path)."""
+    try:
+        if req.completed:
+            req.check_error()
+            return True
+    except Exception:  # noqa: BLE001 - the slot that finishes it raises it
+        pass
+    return False
 
 
 class Handle:
@@ -184,6 +207,7 @@ class Pipe:
         self._slots: list[_RecvSlot] = []
         self._broken: str | None = None
         self._recv_refused: str | None = None  # recv_message refused an envelope unreceived: out of step
+        self._rx_frame: np.ndarray | None = None  # the fast path's header frame, reused (see _recv_small)
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
@@ -276,8 +300,9 @@ class Pipe:
     def _ready(self, timeout: float | None = None) -> None:
         """Raise unless the pipe is open, unbroken and connected (waiting up to ``timeout`` for a peer)."""
         self._check_usable()
-        self.wait_connected(timeout)
-        self._check_usable()
+        if not self._connected.is_set():  # (Event.wait costs a lock even when set: ~1 µs per message)
+            self.wait_connected(timeout)
+            self._check_usable()
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -340,7 +365,7 @@ class Pipe:
         seq = self._send_seq
         # what is left of the frame once the header is written goes to small tensors, in order
         wire_seq = seq & _SEQ_MASK  # what the receiver checks (it compares its own seq masked alike)
-        room = codec.INLINE_LIMIT - len(codec._encoder.encode(codec.Header(wire_seq, specs, body)))
+        room = codec.INLINE_LIMIT - codec.header_size(codec.Header(wire_seq, specs, body))
         inline: list[memoryview] = []
         payloads: list[Any] = []
         keep: list[Any] = []
@@ -423,15 +448,55 @@ class Pipe:
 
     def send_tensor(self, tensor: TensorLike | None, timeout: float | None = None) -> None:
         """Send one tensor (or None); returns once the peer has it. Raises on timeout or a dead peer."""
-        self.send_tensors_async([tensor], _background=False).wait(timeout)
+        if tensor is None or not self._send_small(tensor, timeout):
+            self.send_tensors_async([tensor], _background=False).wait(timeout)
+
+    def _send_small(self, obj: TensorLike, timeout: float | None) -> bool:
+        """Send a small host tensor as one message through the compiled path (transport._ucp_tag).
+
+        The bytes on the wire are those of :meth:`_post_send` for the same tensor (one
+        header frame with the tensor inline). Returns False, having sent nothing, where
+        the path does not apply: no helper, a CUDA or strided tensor, too large to ride inline.
+        """
+        eng = self._engine
+        if eng.tag_fast is None:
+            return False
+        t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return False
+        nbytes = t.numel() * t.element_size()
+        if nbytes > codec.INLINE_LIMIT:
+            return False
+        self._ready()
+        what = "sending a tensor"
+        with self._send_lock:
+            seq = self._send_seq
+            spec = codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), nbytes, "cpu", True)
+            header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
+            if nbytes > codec.INLINE_LIMIT - len(header):  # _post_send's rule: it would not ride inline
+                return False
+            try:
+                req = eng.send_frame(self._ep, self._tag(self._send_tag, seq, False), header, t.data_ptr(), nbytes,
+                                     what, self._ep_open)
+            except PeerError as exc:
+                self._fail(exc, f"{what} to {self.peer}")
+            self._send_seq = seq + 1
+        self.bytes_sent += nbytes
+        if req is not None:  # still in flight after one slice: the ordinary wait, with its timeout
+            Handle(self, [Op([req], [])], f"{what} to {self.peer}").wait(timeout)
+        return True
 
     # -- receiving -------------------------------------------------------
     def _post_recv(self, device: torch.device, out: torch.Tensor | None = None, background: bool = True,
-                   message: bool = False, max_tensors: int | None = None) -> _RecvSlot:
-        """Post the receive of the next header; once it arrived, allocate its tensors and post their payloads."""
+                   message: bool = False, max_tensors: int | None = None,
+                   received: tuple[np.ndarray, Any] | None = None) -> _RecvSlot:
+        """Post the receive of the next header; once it arrived, allocate its tensors and post their payloads.
+
+        ``received``: the header already arrived (the fast path's frame and request).
+        """
         seq = self._recv_seq
         self._recv_seq += 1
-        frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
+        frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8) if received is None else received[0]
         slot_box: list[_RecvSlot] = []
         what = f"{'message' if message else 'tensor'} #{seq} from {self.peer}"
 
@@ -459,34 +524,19 @@ class Pipe:
                 if spec is None:
                     slot.tensors.append(None)
                     continue
-                if out is not None:
-                    if codec.DTYPES[spec.dtype] != out.dtype or list(out.shape) != list(spec.shape):
-                        raise RemoteProtocolError(
-                            f"{self.peer} sent {spec.dtype}{list(spec.shape)} but the receive expected "
-                            f"{codec.dtype_name(out.dtype)}{list(out.shape)}")
-                    t = out
-                else:
-                    try:
-                        t = torch.empty(spec.shape, dtype=codec.DTYPES[spec.dtype], device=device)
-                    except (RuntimeError, MemoryError) as exc:  # the peer's claim, not our fault
-                        raise RemoteProtocolError(
-                            f"{what} claims {spec.dtype}{spec.shape[:8]} ({spec.nbytes} bytes) for tensor {i}, "
-                            f"which cannot be allocated on {device}: {codec.clip(str(exc))}") from None
+                t = self._landing(spec, i, what, device, out)
                 slot.tensors.append(t)
                 self.bytes_received += spec.nbytes
                 if not spec.nbytes:
                     continue
                 if spec.inline:
-                    if t.device.type == "cpu":
-                        _host_bytes(t)[:] = data
-                    else:
-                        codec.byte_view(t).copy_(torch.frombuffer(data, dtype=torch.uint8))
+                    _copy_inline(t, data)
                     continue
                 slot.payload_ops.append(self._post_payload(t, spec.nbytes, seq + j, f"payload {i} of {what}", track))
                 j += 1
 
-        header_req = self._engine.tag_recv(self._ep, frame, self._tag(self._recv_tag, seq, False), None,
-                                           f"header of {what}", self._ep_open)
+        header_req = received[1] if received is not None else self._engine.tag_recv(
+            self._ep, frame, self._tag(self._recv_tag, seq, False), None, f"header of {what}", self._ep_open)
         slot = _RecvSlot(seq, frame, Op([header_req], [frame], on_header), message)
         slot_box.append(slot)
         if background:
@@ -509,6 +559,22 @@ class Pipe:
         else:
             req.completed  # noqa: B018 - the probe posts the receive if the message is there (errors wait for poll)
         return op
+
+    def _landing(self, spec: codec.TensorSpec, i: int, what: str, device: torch.device,
+                 out: torch.Tensor | None) -> torch.Tensor:
+        """The tensor that receives ``spec`` (tensor ``i`` of ``what``): ``out`` once checked, else a new one."""
+        if out is not None:
+            if codec.DTYPES[spec.dtype] != out.dtype or list(out.shape) != list(spec.shape):
+                raise RemoteProtocolError(
+                    f"{self.peer} sent {spec.dtype}{list(spec.shape)} but the receive expected "
+                    f"{codec.dtype_name(out.dtype)}{list(out.shape)}")
+            return out
+        try:
+            return torch.empty(spec.shape, dtype=codec.DTYPES[spec.dtype], device=device)
+        except (RuntimeError, MemoryError) as exc:  # the peer's claim, not our fault
+            raise RemoteProtocolError(
+                f"{what} claims {spec.dtype}{spec.shape[:8]} ({spec.nbytes} bytes) for tensor {i}, "
+                f"which cannot be allocated on {device}: {codec.clip(str(exc))}") from None
 
     def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
         what = f"receiving {'message' if slot.message else 'tensor'} #{slot.seq} from {self.peer}"
@@ -565,6 +631,10 @@ class Pipe:
         A timeout here is not fatal: the receive stays posted and the next call
         picks it up, so nothing the peer sends is lost or reordered.
         """
+        if self._engine.tag_fast is not None and (out is None or out.is_contiguous()):
+            got = self._recv_small(device, timeout, False, None, out)
+            if got is not None:
+                return got[1][0]
         if out is not None:
             # waited on at once: this thread progresses it (no hand-over to the progress thread)
             return self.recv_tensors_async(out=[out], _single=True, _background=False).wait(timeout)
@@ -581,6 +651,11 @@ class Pipe:
         send (to answer) but receives nothing more. A timeout is not fatal, as
         for :meth:`recv_tensor`.
         """
+        if self._engine.tag_fast is not None:
+            got = self._recv_small(device, timeout, True, max_tensors, None)
+            if got is not None:
+                assert got[0] is not None
+                return got[0], got[1]
         slot = self._recv_next(device, timeout, True, max_tensors)
         if slot.refused is not None:
             self._recv_refused = slot.refused
@@ -609,18 +684,107 @@ class Pipe:
                 raise LocalUsageError(f"a {pending} that timed out is still pending on this pipe; call {pending} first")
             if not self._slots:
                 self._slots.append(self._post_recv(dev, background=False, message=message, max_tensors=max_tensors))
-            slot = self._slots[0]
-            if not slot.header_op._done:
-                try:
-                    self._engine.wait(slot.header_op, deadline, f"receiving #{slot.seq} from {self.peer}",
-                                      lambda: self._alive(slot.seq))
-                except PeerTimeoutError:
-                    raise  # nothing arrived yet: the receive stays posted
-                except (PeerError, RemoteProtocolError) as exc:
-                    self._fail(exc, "receiving")
-            self._finish_slot(slot, deadline)
-            self._slots.pop(0)
-            return slot
+            return self._take_slot(deadline)
+
+    def _take_slot(self, deadline: float) -> _RecvSlot:
+        """Wait for the first posted receive to complete and take it (``_recv_lock`` held)."""
+        slot = self._slots[0]
+        if not slot.header_op._done:
+            try:
+                self._engine.wait(slot.header_op, deadline, f"receiving #{slot.seq} from {self.peer}",
+                                  lambda: self._alive(slot.seq))
+            except PeerTimeoutError:
+                raise  # nothing arrived yet: the receive stays posted
+            except (PeerError, RemoteProtocolError) as exc:
+                self._fail(exc, "receiving")
+        self._finish_slot(slot, deadline)
+        self._slots.pop(0)
+        return slot
+
+    def _recv_small(self, device: str | torch.device | None, timeout: float | None, message: bool,
+                    max_tensors: int | None, out: torch.Tensor | None
+                    ) -> tuple[bytes | None, list[torch.Tensor | None]] | None:
+        """The next send, if it arrives while this thread spins, through the compiled path (transport._ucp_tag).
+
+        Returns ``(body, tensors)``, or None when it does not apply (a receive is already
+        posted) or nothing arrived yet: nothing was consumed and the caller takes the
+        ordinary path. A header alone (its tensors all inline) is decoded and copied here;
+        anything else (payloads to follow, a refusal, a mismatch) becomes a posted receive
+        that the ordinary path finishes, with its checks and errors.
+        """
+        self._ready(timeout)
+        if self._recv_refused is not None:
+            raise RemoteProtocolError(f"pipe {self.name} receives nothing more from {self.peer}: {self._recv_refused}")
+        with self._recv_lock:
+            if self._slots:
+                return None
+            frame = self._rx_frame
+            if frame is None:
+                frame = self._rx_frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
+                self._rx_addr = frame.ctypes.data
+            seq = self._recv_seq
+            kind = "message" if message else "tensor"
+            try:
+                req = self._engine.recv_frame(self._ep, self._tag(self._recv_tag, seq, False), frame, self._rx_addr,
+                                              self._ep_open, lambda: f"header of {kind} #{seq} from {self.peer}")
+            except (PeerError, RemoteProtocolError) as exc:
+                self._recv_seq = seq + 1  # consumed or failed: the pipe breaks
+                self._fail(exc, "receiving")
+            if req is None:
+                return None
+            deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+            if isinstance(req, Arrived) or _done_ok(req):
+                got = self._decode_small(frame, req.length, seq, message, max_tensors)
+                if got is not None:
+                    return got[0].body, self._land_inline(seq, kind, got, device, out)
+            # the ordinary path finishes it; the frame goes with it (a fresh one for the next)
+            self._rx_frame = None
+            dev = self.device if device is None else torch.device(device)
+            self._slots.append(self._post_recv(dev, out, background=False, message=message, max_tensors=max_tensors,
+                                               received=(frame, req)))
+            slot = self._take_slot(deadline)
+        if slot.refused is not None:
+            self._recv_refused = slot.refused
+            raise RemoteProtocolError(slot.refused)
+        return (slot.header.body if slot.header is not None else None), slot.tensors
+
+    def _decode_small(self, frame: np.ndarray, n: int, seq: int, message: bool,
+                      max_tensors: int | None) -> tuple[codec.Header, list[memoryview | None]] | None:
+        """The header in ``frame[:n]`` and its inline bytes if it is complete in itself and what the
+        receive expects, else None."""
+        try:
+            h, inline = codec.decode_header(memoryview(frame)[:n], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
+        except RemoteProtocolError:
+            return None  # the ordinary path decodes it again and raises, breaking the pipe
+        if (h.body is not None) != message or h.payloads:
+            return None
+        if message and max_tensors is not None and len(h.tensors) > max_tensors:
+            return None
+        if not message and len(h.tensors) != 1:
+            return None
+        return h, inline
+
+    def _land_inline(self, seq: int, kind: str, got: tuple[codec.Header, list[memoryview | None]],
+                     device: str | torch.device | None, out: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The tensors of a header whose bytes all rode inline, copied out of its frame; the receive is taken."""
+        h, inline = got
+        dev = self.device if device is None else torch.device(device)
+        tensors: list[torch.Tensor | None] = []
+        for i, (spec, data) in enumerate(zip(h.tensors, inline)):
+            if spec is None:
+                tensors.append(None)
+                continue
+            try:
+                t = self._landing(spec, i, f"{kind} #{seq} from {self.peer}", dev, out)
+            except RemoteProtocolError as exc:
+                self._recv_seq = seq + 1  # consumed: the pipe breaks
+                self._fail(exc, "receiving")
+            if data is not None and spec.nbytes:
+                _copy_inline(t, data)
+            tensors.append(t)
+            self.bytes_received += spec.nbytes
+        self._recv_seq = seq + 1
+        return tensors
 
     # -- one-sided access --------------------------------------------------
     def remote_memory(self, descriptor: "bytes | MemoryDescriptor") -> "RemoteMemory":

@@ -1,0 +1,109 @@
+"""The compiled one-message path (transport._ucp_tag) against the ordinary one: same wire, same rules.
+
+One process, a real pipe pair over real UCX; the engine is the process's, so switching
+its ``tag_fast`` off between calls makes either end take the ordinary Python path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from transport import PeerTimeoutError, Pipe
+from transport._engine import get_engine
+
+
+@pytest.fixture()
+def pair() -> Iterator[tuple[Pipe, Pipe]]:
+    if get_engine().tag_fast is None:
+        pytest.skip("the fast-path helper could not be built here (no C compiler?)")
+    a = Pipe.listen(timeout_s=30)
+    b = Pipe.connect(a.address, timeout_s=30)
+    a.wait_connected(30)
+    try:
+        yield a, b
+    finally:
+        b.close()
+        a.close()
+
+
+def _sends() -> list[Any]:
+    return [torch.arange(3, dtype=torch.int64), torch.zeros(0, 4), torch.ones(2, 3, dtype=torch.bfloat16),
+            torch.tensor(7), torch.full((2048,), 3, dtype=torch.int32),  # 8 KiB: too big to ride inline
+            torch.arange(1 << 18, dtype=torch.float32)]  # 1 MiB: header then payload
+
+
+@pytest.mark.parametrize("send_fast,recv_fast", [(True, True), (True, False), (False, True)])
+def test_fast_and_ordinary_paths_speak_the_same_wire(pair: tuple[Pipe, Pipe], send_fast: bool, recv_fast: bool):
+    a, b = pair
+    eng = get_engine()
+    helper = eng.tag_fast
+    try:
+        for round_ in range(3):
+            for t in _sends():
+                eng.tag_fast = helper if send_fast else None
+                # one thread: a large send (rendezvous) completes only once the receive is posted
+                h = b.send_tensor_async(t) if t.nbytes > 4096 else b.send_tensor(t)
+                eng.tag_fast = helper if recv_fast else None
+                got = a.recv_tensor(timeout=30)
+                if h is not None:
+                    h.wait(30)
+                assert got is not None and got.dtype == t.dtype and torch.equal(got, t), (round_, t.shape)
+            eng.tag_fast = helper if send_fast else None
+            h = b.send_message_async(b"body", [torch.ones(3), None, torch.arange(1 << 16)])
+            eng.tag_fast = helper if recv_fast else None
+            body, tensors = a.recv_message(timeout=30)
+            h.wait(30)
+            eng.tag_fast = helper if send_fast else None
+            b.send_tensor(torch.tensor([1.5]))
+            eng.tag_fast = helper if recv_fast else None
+            assert body == b"body" and tensors[1] is None and torch.equal(tensors[2], torch.arange(1 << 16))
+            out = torch.empty(1)
+            assert a.recv_tensor(out=out, timeout=30) is out and out.item() == 1.5
+    finally:
+        eng.tag_fast = helper
+    assert a.bytes_received == b.bytes_sent
+
+
+def test_small_messages_take_one_native_call_each(pair: tuple[Pipe, Pipe], monkeypatch: pytest.MonkeyPatch):
+    a, b = pair
+    eng = get_engine()
+
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a small message took the ordinary path")
+
+    monkeypatch.setattr(eng, "tag_send", refuse)
+    monkeypatch.setattr(eng, "tag_recv", refuse)
+    for i in range(50):
+        b.send_tensor(torch.tensor([i]))
+        assert a.recv_tensor(timeout=30).item() == i
+        a.send_tensor(torch.tensor([-i]))
+        assert b.recv_tensor(out=torch.empty(1, dtype=torch.int64), timeout=30).item() == -i
+
+
+def test_a_message_a_sweep_parked_is_still_received(pair: tuple[Pipe, Pipe]):
+    a, b = pair
+    eng = get_engine()
+    b.send_tensor(torch.tensor([42]))
+    tag = a._tag(a._recv_tag, a._recv_seq, False)
+    deadline = time.monotonic() + 10
+    while tag not in eng._stash and time.monotonic() < deadline:  # the progress thread's sweep parks it
+        time.sleep(0.02)
+    assert tag in eng._stash
+    assert a.recv_tensor(timeout=30).item() == 42
+    assert tag not in eng._stash
+
+
+def test_a_fast_receive_that_times_out_is_not_fatal(pair: tuple[Pipe, Pipe]):
+    a, b = pair
+    t0 = time.monotonic()
+    with pytest.raises(PeerTimeoutError):
+        a.recv_tensor(timeout=0.3)
+    assert 0.25 < time.monotonic() - t0 < 5
+    b.send_tensor(torch.tensor([5]))
+    assert a.recv_tensor(timeout=30).item() == 5  # the receive that stayed posted takes it
+    b.send_tensor(torch.tensor([6]))
+    assert a.recv_tensor(timeout=30).item() == 6  # and the fast path is back

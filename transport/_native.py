@@ -1,0 +1,78 @@
+"""Small C helpers on UCX's C API, compiled once and loaded with ctypes (shared by every helper).
+
+ucxx 0.52's Python layer lacks some UCX calls (RMA) and costs several Python
+calls per message; a helper's C source is compiled once with the system C
+compiler against the headers and ``libucp`` of the ``libucx`` wheel and cached
+(``$UCXKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/ucxkv``, else ``~/.cache/ucxkv``),
+keyed by a hash of its source, the UCX version and the wheel's path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import LocalUsageError
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("UCXKV_CACHE_DIR"):
+        return Path(os.environ["UCXKV_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ucxkv"
+
+
+def _build(so: Path, ucx_root: Path, source: str, what: str) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise LocalUsageError(f"the {what} needs a C compiler (cc or gcc, or $CC) to build once; none found")
+    so.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
+        src = Path(tmp) / (so.stem + ".c")
+        src.write_text(source)
+        out = Path(tmp) / so.name
+        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{ucx_root / 'include'}", str(src), f"-L{ucx_root / 'lib'}",
+               "-lucp", "-lucs", f"-Wl,-rpath,{ucx_root / 'lib'}", "-o", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise LocalUsageError(f"building the {what} failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
+        os.replace(out, so)  # atomic: concurrent builders never see a half-written library
+    log.info("built the %s: %s", what, so)
+
+
+def load(name: str, source: str, signatures: dict[str, tuple[Any, list[Any]]], what: str) -> ctypes.CDLL:
+    """Build (first time only, about 0.2 s) and load the helper ``name`` from C ``source``.
+
+    ``signatures`` maps each exported function to ``(restype, argtypes)``; they are set on
+    the returned library. Raises :class:`LocalUsageError` naming ``what`` when there is no
+    compiler, no UCX headers, or the build fails.
+    """
+    with _lock:
+        import libucx
+
+        libucx.load_library()
+        ucx_root = Path(libucx.__file__).parent
+        if not (ucx_root / "include" / "ucp" / "api" / "ucp.h").exists():
+            raise LocalUsageError(f"UCX headers not found under {ucx_root}/include; cannot build the {what}")
+        version = (ucx_root / "VERSION.txt").read_text().strip() if (ucx_root / "VERSION.txt").exists() else "?"
+        key = hashlib.sha256((source + version + str(ucx_root)).encode()).hexdigest()[:16]
+        so = _cache_dir() / f"{name}_{key}.so"
+        if not so.exists():
+            _build(so, ucx_root, source, what)
+        h = ctypes.CDLL(str(so))
+        for fname, (res, args) in signatures.items():
+            fn = getattr(h, fname)
+            fn.restype, fn.argtypes = res, args
+        return h

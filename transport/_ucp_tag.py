@@ -1,0 +1,231 @@
+"""The compiled fast path of a one-message send or receive (a header with its data inline).
+
+A small tensor travels as one tag message (see :mod:`transport.pipe`). Through
+ucxx's Python layer its send or receive costs a dozen Python-level calls
+(post, wrap, probe, poll, progress); here each is one C call made with the
+engine's lock held and the GIL released (ctypes): the send assembles the frame
+(length prefix, header, inline bytes) and posts it; the receive probes the
+worker for the message on its exact tag, progressing the worker for up to a
+given slice while it has not arrived, and receives it into the caller's frame.
+Neither blocks beyond its slice: what is still in flight then comes back as a
+request (:class:`NativeRequest`) that the engine's ordinary waits take over,
+with their timeouts and liveness checks.
+
+Built and cached by :mod:`transport._native`; when it cannot be built (no C
+compiler), or ``UCXKV_FAST_PATH=0``, :func:`lib` returns None and the pipe
+keeps its Python path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from typing import Any
+
+from . import _native
+from .errors import LocalUsageError, PeerDeadError
+
+log = logging.getLogger(__name__)
+
+_C_SOURCE = r"""
+#include <ucp/api/ucp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sched.h>
+
+/* A spinning caller yields its core after this many idle progress calls: on a machine with more
+   runnable threads than cores, the peer it waits for may need this core (measured in docs/bench.md). */
+#define YIELD_EVERY 16
+
+/* Progress once; every YIELD_EVERY idle calls in a row, yield the core. */
+static unsigned progress(ucp_worker_h w, int *idle) {
+    unsigned did = ucp_worker_progress(w);
+    if (did) {
+        *idle = 0;
+    } else if (++*idle >= YIELD_EVERY) {
+        *idle = 0;
+        sched_yield();
+    }
+    return did;
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void free_user_data(void *request, ucs_status_t status, void *user_data) {
+    (void)request; (void)status;
+    free(user_data);
+}
+
+/* Progress until request r completes or spin_ns passed (at least one progress).
+   0: done and freed; < 0: failed (freed); 1: still in flight, *req = r (the caller owns it). */
+static int finish(ucp_worker_h w, void *r, int64_t spin_ns, void **req, unsigned *progressed) {
+    uint64_t end = now_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+    int idle = 0;
+    for (;;) {
+        *progressed += progress(w, &idle);
+        ucs_status_t s = ucp_request_check_status(r);
+        if (s != UCS_INPROGRESS) {
+            ucp_request_free(r);
+            return s == UCS_OK ? 0 : (int)s;
+        }
+        if (now_ns() >= end) {
+            *req = r;
+            return 1;
+        }
+    }
+}
+
+/* Send one frame on tag: u32 little-endian hdrlen | hdr | data, from a copy (the caller's
+   memory is free again on return). 0: sent; 1: in flight, *req; < 0: UCS error. */
+int ukv_send_frame(ucp_worker_h w, ucp_ep_h ep, uint64_t tag, const char *hdr, uint32_t hdrlen,
+                   const void *data, size_t datalen, int64_t spin_ns, void **req, unsigned *progressed) {
+    size_t n = 4 + (size_t)hdrlen + datalen;
+    unsigned char *buf = malloc(n);
+    *req = NULL;
+    *progressed = 0;
+    if (buf == NULL) return UCS_ERR_NO_MEMORY;
+    buf[0] = hdrlen & 0xff; buf[1] = (hdrlen >> 8) & 0xff; buf[2] = (hdrlen >> 16) & 0xff; buf[3] = hdrlen >> 24;
+    memcpy(buf + 4, hdr, hdrlen);
+    if (datalen) memcpy(buf + 4 + hdrlen, data, datalen);
+    ucp_request_param_t p;
+    memset(&p, 0, sizeof(p));
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = free_user_data;  /* not called on immediate completion */
+    p.user_data = buf;
+    ucs_status_ptr_t r = ucp_tag_send_nbx(ep, buf, n, tag, &p);
+    if (r == NULL) { free(buf); return 0; }
+    if (UCS_PTR_IS_ERR(r)) { free(buf); return UCS_PTR_STATUS(r); }
+    return finish(w, r, spin_ns, req, progressed);
+}
+
+/* Receive the message on exactly tag into buf[0..cap), progressing the worker for up to spin_ns
+   while it has not arrived. *len: its full length once matched (above cap: truncated).
+   0: received; 1: matched, still arriving, *req (buf must stay alive until it completes);
+   2: nothing arrived (nothing consumed); < 0: UCS error of the matched receive. */
+int ukv_recv_frame(ucp_worker_h w, uint64_t tag, void *buf, size_t cap, int64_t spin_ns, size_t *len,
+                   void **req, unsigned *progressed) {
+    ucp_tag_recv_info_t info;
+    uint64_t end = 0;
+    int started = 0, idle = 0;
+    *req = NULL;
+    *progressed = 0;
+    *len = 0;
+    for (;;) {
+        ucp_tag_message_h m = ucp_tag_probe_nb(w, tag, (ucp_tag_t)-1, 1, &info);
+        if (m != NULL) {
+            ucp_request_param_t p;
+            memset(&p, 0, sizeof(p));
+            *len = info.length;
+            ucs_status_ptr_t r = ucp_tag_msg_recv_nbx(w, buf, cap, m, &p);
+            if (r == NULL) return 0;
+            if (UCS_PTR_IS_ERR(r)) return UCS_PTR_STATUS(r);
+            return finish(w, r, spin_ns, req, progressed);
+        }
+        if (!started) {
+            end = now_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+            started = 1;
+        } else if (now_ns() >= end) {
+            return 2;
+        }
+        *progressed += progress(w, &idle);
+    }
+}
+
+/* 1 while in progress, else the final status (0 or < 0). */
+int ukv_tag_request_status(void *req) {
+    ucs_status_t s = ucp_request_check_status(req);
+    return s == UCS_INPROGRESS ? 1 : (int)s;
+}
+
+void ukv_tag_request_free(void *req) { ucp_request_free(req); }
+
+const char *ukv_tag_status_string(int s) { return ucs_status_string((ucs_status_t)s); }
+"""
+
+P = ctypes.c_void_p
+_lock = threading.Lock()
+_LIB: ctypes.CDLL | None = None
+_tried = False
+
+
+def enabled() -> bool:
+    """Whether the fast path may be used: ``UCXKV_FAST_PATH`` is not ``0`` (read at each engine start)."""
+    raw = os.environ.get("UCXKV_FAST_PATH", "1")
+    if raw not in ("0", "1"):
+        raise LocalUsageError(f"UCXKV_FAST_PATH={raw!r} must be 0 or 1")
+    return raw == "1"
+
+
+def lib() -> ctypes.CDLL | None:
+    """The compiled helper (built on first use, cached), or None when it cannot be built (logged once)."""
+    global _LIB, _tried
+    with _lock:
+        if _LIB is not None or _tried:
+            return _LIB
+        _tried = True
+        c_int, sz, u32, i64 = ctypes.c_int, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_int64
+        up, szp, pp = ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(sz), ctypes.POINTER(P)
+        sig = {
+            "ukv_send_frame": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, P, sz, i64, pp, up]),
+            "ukv_recv_frame": (c_int, [P, ctypes.c_uint64, P, sz, i64, szp, pp, up]),
+            "ukv_tag_request_status": (c_int, [P]),
+            "ukv_tag_request_free": (None, [P]),
+            "ukv_tag_status_string": (ctypes.c_char_p, [c_int]),
+        }
+        try:
+            _LIB = _native.load("ukv_tag", _C_SOURCE, sig, "UCX tag fast-path helper")
+        except (LocalUsageError, OSError) as exc:
+            log.warning("small messages take the Python path (slower): %s", exc)
+        return _LIB
+
+
+def status_string(status: int) -> str:
+    """UCX's words for a status code."""
+    h = lib()
+    return h.ukv_tag_status_string(status).decode() if h is not None else f"UCS status {status}"
+
+
+class NativeRequest:
+    """A tag request the helper left in flight, shaped like a ucxx request for :class:`transport._engine.Op`.
+
+    It is polled and freed under the engine's lock (``lock``); ``length`` is the
+    matched message's length (receives). ``keep`` holds the buffer UCX may still
+    touch until the request completes.
+    """
+
+    __slots__ = ("_req", "_status", "_what", "_lock", "length", "keep")
+
+    def __init__(self, req: int, what: str, lock: Any, length: int = -1, keep: Any = None):
+        self._req: int | None = req
+        self._status = 0
+        self._what, self._lock, self.length, self.keep = what, lock, length, keep
+
+    @property
+    def completed(self) -> bool:
+        if self._req is None:
+            return True
+        with self._lock:
+            if self._req is None:
+                return True
+            h = lib()
+            assert h is not None
+            s = h.ukv_tag_request_status(self._req)
+            if s == 1:
+                return False
+            self._status = s
+            h.ukv_tag_request_free(self._req)
+            self._req = None
+            self.keep = None
+        return True
+
+    def check_error(self) -> None:
+        if self._status < 0:
+            raise PeerDeadError(f"{self._what}: {status_string(self._status)}")
