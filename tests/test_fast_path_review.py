@@ -1,0 +1,132 @@
+"""Review of the compiled one-message path (transport._ucp_tag): cases where it departs from the
+ordinary path's promises. Each case runs with the fast path on and off (the control), in a
+spawned process of its own over real UCX, so an engine's settings never leak between cases.
+
+A case marked xfail(strict) documents a defect of the fast path that is not fixed yet.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import Peers
+
+def _off_and_on(defect: str) -> list[Any]:
+    """The fast path off (the control, which passes) and on (a known defect: xfail, strict)."""
+    return ["0", pytest.param("1", marks=pytest.mark.xfail(strict=True, reason=defect))]
+
+
+def _pair(timeout_s: float = 30) -> tuple[Any, Any]:
+    from transport import Pipe
+
+    a = Pipe.listen(timeout_s=timeout_s)
+    b = Pipe.connect(a.address, timeout_s=timeout_s)
+    a.wait_connected(timeout_s)
+    return a, b
+
+
+def _report(q: Any, fast: str, fn: Any) -> None:
+    os.environ["UCXKV_FAST_PATH"] = fast
+    try:
+        q.put(("ok", fn()))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the test
+        q.put(("error", type(exc).__name__, str(exc), ""))
+    q.close()
+    q.join_thread()
+
+
+def bad_device_body(q: Any, fast: str) -> None:
+    """A receive given an unusable ``device`` raises; the message it was for is still received next."""
+    import torch
+
+    def body() -> dict:
+        from transport._engine import get_engine
+
+        a, b = _pair()
+        try:
+            assert (get_engine().tag_fast is not None) == (fast == "1")
+            b.send_tensor(torch.tensor([7]))
+            time.sleep(0.1)  # arrived (and maybe parked by a sweep) before the receive
+            try:
+                a.recv_tensor(device="no-such-device", timeout=2)
+                first = "returned"
+            except Exception as exc:  # noqa: BLE001 - reported below
+                first = type(exc).__name__
+            try:
+                got = a.recv_tensor(timeout=2)
+                second = f"value {int(got)}" if got is not None else "None"
+            except Exception as exc:  # noqa: BLE001
+                second = f"{type(exc).__name__}: {exc}"
+            return {"first": first, "second": second}
+        finally:
+            b.close()
+            a.close()
+
+    _report(q, fast, body)
+
+
+def fork_body(q: Any, fast: str) -> None:
+    """A forked child that receives on its parent's pipe gets LocalUsageError (the engine is the parent's)."""
+    import torch
+
+    def body() -> dict:
+        from transport import LocalUsageError
+
+        a, b = _pair()
+        try:
+            b.send_tensor(torch.tensor([7]))
+            time.sleep(0.1)
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: one receive, its outcome down the os pipe, and out
+                try:
+                    a.recv_tensor(timeout=2)
+                    out = "received"
+                except LocalUsageError:
+                    out = "LocalUsageError"
+                except BaseException as exc:  # noqa: BLE001
+                    out = type(exc).__name__
+                os.write(w, out.encode())
+                os._exit(0)
+            os.close(w)
+            ready, _, _ = select.select([r], [], [], 20)
+            child = os.read(r, 100).decode() if ready else "hung (no answer in 20 s)"
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(r)
+            parent = int(a.recv_tensor(timeout=5))  # the parent still has its message
+            return {"child": child, "parent": parent}
+        finally:
+            b.close()
+            a.close()
+
+    _report(q, fast, body)
+
+
+def _run(peers: Peers, target: Any, fast: str) -> dict:
+    p = peers.start(target, fast)
+    return peers.expect(p, "ok", timeout=90)
+
+
+@pytest.mark.parametrize("fast", _off_and_on(
+    "Pipe._recv_small consumes the message, then _land_inline evaluates torch.device(device), "
+    "which raises before _recv_seq advances: the message is lost and the next receive times out"))
+def test_a_receive_with_a_bad_device_loses_no_message(peers: Peers, fast: str):
+    got = _run(peers, bad_device_body, fast)
+    assert got["first"] != "returned"
+    assert got["second"] == "value 7", got
+
+
+@pytest.mark.parametrize("fast", _off_and_on(
+    "Engine.recv_frame has no fork check (Engine.wait has): a forked child probes and receives on "
+    "its parent's worker instead of raising LocalUsageError"))
+def test_a_forked_child_cannot_receive_on_its_parents_pipe(peers: Peers, fast: str):
+    got = _run(peers, fork_body, fast)
+    assert got == {"child": "LocalUsageError", "parent": 7}, got
