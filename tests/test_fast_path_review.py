@@ -7,11 +7,12 @@ A case marked xfail(strict) documents a defect of the fast path that is not fixe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -22,13 +23,14 @@ def _off_and_on(defect: str) -> list[Any]:
     return ["0", pytest.param("1", marks=pytest.mark.xfail(strict=True, reason=defect))]
 
 
-def _pair(timeout_s: float = 30) -> tuple[Any, Any]:
+@contextlib.contextmanager
+def _pair(timeout_s: float = 30) -> Iterator[tuple[Any, Any]]:
+    """A connected pipe pair in this process (real UCX), closed on the way out."""
     from transport import Pipe
 
-    a = Pipe.listen(timeout_s=timeout_s)
-    b = Pipe.connect(a.address, timeout_s=timeout_s)
-    a.wait_connected(timeout_s)
-    return a, b
+    with Pipe.listen(timeout_s=timeout_s) as a, Pipe.connect(a.address, timeout_s=timeout_s) as b:
+        a.wait_connected(timeout_s)
+        yield a, b
 
 
 def _report(q: Any, fast: str, fn: Any) -> None:
@@ -48,8 +50,7 @@ def bad_device_body(q: Any, fast: str) -> None:
     def body() -> dict:
         from transport._engine import get_engine
 
-        a, b = _pair()
-        try:
+        with _pair() as (a, b):
             assert (get_engine().tag_fast is not None) == (fast == "1")
             b.send_tensor(torch.tensor([7]))
             time.sleep(0.1)  # arrived (and maybe parked by a sweep) before the receive
@@ -64,9 +65,6 @@ def bad_device_body(q: Any, fast: str) -> None:
             except Exception as exc:  # noqa: BLE001
                 second = f"{type(exc).__name__}: {exc}"
             return {"first": first, "second": second}
-        finally:
-            b.close()
-            a.close()
 
     _report(q, fast, body)
 
@@ -78,8 +76,7 @@ def fork_body(q: Any, fast: str) -> None:
     def body() -> dict:
         from transport import LocalUsageError
 
-        a, b = _pair()
-        try:
+        with _pair() as (a, b):
             b.send_tensor(torch.tensor([7]))
             time.sleep(0.1)
             r, w = os.pipe()
@@ -103,23 +100,15 @@ def fork_body(q: Any, fast: str) -> None:
             os.close(r)
             parent = int(a.recv_tensor(timeout=5))  # the parent still has its message
             return {"child": child, "parent": parent}
-        finally:
-            b.close()
-            a.close()
 
     _report(q, fast, body)
-
-
-def _run(peers: Peers, target: Any, fast: str) -> dict:
-    p = peers.start(target, fast)
-    return peers.expect(p, "ok", timeout=90)
 
 
 @pytest.mark.parametrize("fast", _off_and_on(
     "Pipe._recv_small consumes the message, then _land_inline evaluates torch.device(device), "
     "which raises before _recv_seq advances: the message is lost and the next receive times out"))
 def test_a_receive_with_a_bad_device_loses_no_message(peers: Peers, fast: str):
-    got = _run(peers, bad_device_body, fast)
+    got = _run_with(peers, bad_device_body, fast)
     assert got["first"] != "returned"
     assert got["second"] == "value 7", got
 
@@ -128,5 +117,62 @@ def test_a_receive_with_a_bad_device_loses_no_message(peers: Peers, fast: str):
     "Engine.recv_frame has no fork check (Engine.wait has): a forked child probes and receives on "
     "its parent's worker instead of raising LocalUsageError"))
 def test_a_forked_child_cannot_receive_on_its_parents_pipe(peers: Peers, fast: str):
-    got = _run(peers, fork_body, fast)
+    got = _run_with(peers, fork_body, fast)
     assert got == {"child": "LocalUsageError", "parent": 7}, got
+
+
+def dying_receiver(q: Any, fast: str) -> None:
+    """Listens over tcp, reports its address, receives one tensor, then dies at once (SIGKILL)."""
+    os.environ["UCX_TLS"] = "tcp"
+
+    def body() -> None:
+        from transport import Pipe
+
+        p = Pipe.listen("127.0.0.1", 0, timeout_s=30)
+        q.put(("addr", p.address))
+        p.recv_tensor(timeout=30)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _report(q, fast, body)
+
+
+def surviving_sender(q: Any, fast: str, address: str) -> None:
+    """Sends small tensors to a peer that dies until a send fails; reports the error and the peer's name."""
+    os.environ["UCX_TLS"] = "tcp"
+    import torch
+
+    def body() -> dict:
+        from transport import Pipe
+
+        p = Pipe.connect(address, timeout_s=30, peer_timeout_s=2, heartbeat_s=0.2)
+        try:
+            end = time.monotonic() + 30
+            i = 0
+            while time.monotonic() < end:
+                try:
+                    p.send_tensor(torch.tensor([i]), timeout=5)
+                except Exception as exc:  # noqa: BLE001 - what we came for
+                    return {"error": f"{type(exc).__name__}: {exc}", "peer": p.peer, "sent": i}
+                i += 1
+                time.sleep(0.001)
+            return {"error": None, "peer": p.peer, "sent": i}
+        finally:
+            p.close()
+
+    _report(q, fast, body)
+
+
+@pytest.mark.parametrize("fast", _off_and_on(
+    "Pipe._send_small passes what='sending a tensor' (no peer) to Engine.send_frame and NativeRequest, "
+    "and _fail re-raises that PeerDeadError as is: 'sending a tensor failed: Endpoint timeout'"))
+def test_a_send_to_a_dead_peer_names_it(peers: Peers, fast: str):
+    rx = peers.start(dying_receiver, fast)
+    address = peers.expect(rx, "addr", timeout=60)
+    got = _run_with(peers, surviving_sender, fast, address)
+    assert got["error"] is not None, got
+    assert got["peer"] in got["error"], got
+
+
+def _run_with(peers: Peers, target: Any, *args: Any) -> dict:
+    p = peers.start(target, *args)
+    return peers.expect(p, "ok", timeout=90)
