@@ -176,3 +176,40 @@ def test_a_send_to_a_dead_peer_names_it(peers: Peers, fast: str):
 def _run_with(peers: Peers, target: Any, *args: Any) -> dict:
     p = peers.start(target, *args)
     return peers.expect(p, "ok", timeout=90)
+
+
+def no_compiler_body(q: Any, cache_dir: str, cc: str) -> None:
+    """With an empty helper cache and a compiler that fails (or is missing), the engine comes up
+    without the fast path and a pipe pair still carries small tensors."""
+    os.environ["UCXKV_CACHE_DIR"], os.environ["CC"] = cache_dir, cc
+    import torch
+
+    def body() -> dict:
+        from transport._engine import get_engine
+
+        with _pair() as (a, b):
+            b.send_tensor(torch.tensor([3]))
+            got = int(a.recv_tensor(timeout=10))
+        return {"fast": get_engine().tag_fast is not None, "got": got, "cached": sorted(os.listdir(cache_dir))}
+
+    _report(q, "1", body)
+
+
+@pytest.mark.parametrize("cc", ["/bin/false", "/no/such/compiler"])
+def test_no_compiler_falls_back_to_the_python_path(peers: Peers, tmp_path: Any, cc: str):
+    got = _run_with(peers, no_compiler_body, str(tmp_path / "cache"), cc)
+    assert got == {"fast": False, "got": 3, "cached": []}, got
+
+
+def test_parallel_first_builds_share_one_cache(tmp_path: Any):
+    """Four processes build the helpers into the same empty cache at once: each loads a whole library."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "UCXKV_CACHE_DIR": str(tmp_path)}
+    code = "from transport import _ucp_tag, _ucp_rma; assert _ucp_tag.lib() is not None; _ucp_rma.lib()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".so", ".so"]  # no temporary left behind
