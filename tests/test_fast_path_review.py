@@ -213,3 +213,44 @@ def test_parallel_first_builds_share_one_cache(tmp_path: Any):
     errors = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, errors
     assert sorted(f.suffix for f in tmp_path.iterdir()) == [".so", ".so"]  # no temporary left behind
+
+
+def oversized_header_body(q: Any, fast: str, nbytes: int) -> None:
+    """A header frame of ``nbytes`` (past the 8 KiB frame) is a RemoteProtocolError naming the peer,
+    the pipe breaks, and the process's engine still serves a new pair."""
+    import numpy as np
+    import torch
+
+    def body() -> dict:
+        from transport import PeerError, RemoteProtocolError
+
+        with _pair() as (a, b):
+            junk = np.full(nbytes, 7, dtype=np.uint8)
+            req = b._engine.tag_send(b._ep, junk, b._tag(b._send_tag, 0, False))
+            try:
+                a.recv_tensor(timeout=10)
+                first = "returned"
+            except RemoteProtocolError as exc:
+                first = "named" if a.peer in str(exc) else f"unnamed: {exc}"
+            try:
+                a.recv_tensor(timeout=1)
+                second = "returned"
+            except PeerError as exc:
+                second = "broken" if "broken" in str(exc) else str(exc)
+            deadline = time.monotonic() + 10
+            while not req.completed and time.monotonic() < deadline:  # the sender's request is answered
+                time.sleep(0.01)
+            sender_done = req.completed
+        with _pair() as (c, d):
+            d.send_tensor(torch.tensor([9]))
+            again = int(c.recv_tensor(timeout=10))
+        return {"first": first, "second": second, "sender_done": sender_done, "again": again}
+
+    _report(q, fast, body)
+
+
+@pytest.mark.parametrize("nbytes", [9000, 1 << 20])
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_an_oversized_header_frame_breaks_the_pipe_only(peers: Peers, fast: str, nbytes: int):
+    got = _run_with(peers, oversized_header_body, fast, nbytes)
+    assert got == {"first": "named", "second": "broken", "sender_done": True, "again": 9}, got
