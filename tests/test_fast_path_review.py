@@ -69,6 +69,29 @@ def bad_device_body(q: Any, fast: str) -> None:
     _report(q, fast, body)
 
 
+def view_bits_body(q: Any, fast: str) -> None:
+    """A conjugate or negative view (torch's lazy bits over unchanged memory) arrives as its values,
+    or its send fails: never as the memory under it."""
+    import torch
+
+    def body() -> dict:
+        sent = {"conj": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),
+                "neg": torch._neg_view(torch.tensor([1.0, 2.0]))}
+        out = {}
+        with _pair() as (a, b):
+            for name, t in sent.items():
+                try:
+                    b.send_tensor(t, timeout=10)
+                except Exception as exc:  # noqa: BLE001 - refusing is fine, corrupting is not
+                    out[name] = f"refused ({type(exc).__name__})"
+                    continue
+                got = a.recv_tensor(timeout=10)
+                out[name] = "values" if torch.equal(got, t.resolve_conj().resolve_neg()) else f"memory: {got.tolist()}"
+        return out
+
+    _report(q, fast, body)
+
+
 def fork_body(q: Any, fast: str) -> None:
     """A forked child that receives on its parent's pipe gets LocalUsageError (the engine is the parent's)."""
     import torch
@@ -111,6 +134,14 @@ def test_a_receive_with_a_bad_device_loses_no_message(peers: Peers, fast: str):
     got = _run_with(peers, bad_device_body, fast)
     assert got["first"] != "returned"
     assert got["second"] == "value 7", got
+
+
+@pytest.mark.parametrize("fast", _off_and_on(
+    "Pipe._send_small sends t.data_ptr() bytes of a conj/neg view (is_contiguous() is True): "
+    "the receiver gets the unconjugated/unnegated memory; the ordinary path raises instead"))
+def test_a_conjugate_or_negative_view_is_never_sent_as_its_memory(peers: Peers, fast: str):
+    got = _run_with(peers, view_bits_body, fast)
+    assert all(v == "values" or v.startswith("refused") for v in got.values()), got
 
 
 @pytest.mark.parametrize("fast", _off_and_on(
