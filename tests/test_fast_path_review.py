@@ -1,6 +1,6 @@
 """Review of the compiled one-message path (transport._ucp_tag): cases where it departs from the
-ordinary path's promises. Each case runs with the fast path on and off (the control), in a
-spawned process of its own over real UCX, so an engine's settings never leak between cases.
+ordinary path's promises. Each case runs with the fast path on and off (the control), over real
+UCX in spawned processes: the in-process cases share one (CASES), the others have their own.
 
 A case marked xfail(strict) documents a defect of the fast path that is not fixed yet.
 """
@@ -43,95 +43,125 @@ def _report(q: Any, fast: str, fn: Any) -> None:
     q.join_thread()
 
 
-def bad_device_body(q: Any, fast: str) -> None:
+def bad_device_case() -> dict:
     """A receive given an unusable ``device`` raises; the message it was for is still received next."""
     import torch
 
-    def body() -> dict:
-        from transport._engine import get_engine
-
-        with _pair() as (a, b):
-            assert (get_engine().tag_fast is not None) == (fast == "1")
-            b.send_tensor(torch.tensor([7]))
-            time.sleep(0.1)  # arrived (and maybe parked by a sweep) before the receive
-            try:
-                a.recv_tensor(device="no-such-device", timeout=2)
-                first = "returned"
-            except Exception as exc:  # noqa: BLE001 - reported below
-                first = type(exc).__name__
-            try:
-                got = a.recv_tensor(timeout=2)
-                second = f"value {int(got)}" if got is not None else "None"
-            except Exception as exc:  # noqa: BLE001
-                second = f"{type(exc).__name__}: {exc}"
-            return {"first": first, "second": second}
-
-    _report(q, fast, body)
+    with _pair() as (a, b):
+        b.send_tensor(torch.tensor([7]))
+        time.sleep(0.1)  # arrived (and maybe parked by a sweep) before the receive
+        try:
+            a.recv_tensor(device="no-such-device", timeout=2)
+            first = "returned"
+        except Exception as exc:  # noqa: BLE001 - reported below
+            first = type(exc).__name__
+        try:
+            got = a.recv_tensor(timeout=2)
+            second = f"value {int(got)}" if got is not None else "None"
+        except Exception as exc:  # noqa: BLE001
+            second = f"{type(exc).__name__}: {exc}"
+        return {"first": first, "second": second}
 
 
-def view_bits_body(q: Any, fast: str) -> None:
+def view_bits_case() -> dict:
     """A conjugate or negative view (torch's lazy bits over unchanged memory) arrives as its values,
     or its send fails: never as the memory under it."""
     import torch
 
-    def body() -> dict:
-        sent = {"conj": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),
-                "neg": torch._neg_view(torch.tensor([1.0, 2.0]))}
-        out = {}
-        with _pair() as (a, b):
-            for name, t in sent.items():
-                try:
-                    b.send_tensor(t, timeout=10)
-                except Exception as exc:  # noqa: BLE001 - refusing is fine, corrupting is not
-                    out[name] = f"refused ({type(exc).__name__})"
-                    continue
-                got = a.recv_tensor(timeout=10)
-                out[name] = "values" if torch.equal(got, t.resolve_conj().resolve_neg()) else f"memory: {got.tolist()}"
-        return out
-
-    _report(q, fast, body)
+    sent = {"conj": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),
+            "neg": torch._neg_view(torch.tensor([1.0, 2.0]))}
+    out = {}
+    with _pair() as (a, b):
+        for name, t in sent.items():
+            try:
+                b.send_tensor(t, timeout=10)
+            except Exception as exc:  # noqa: BLE001 - refusing is fine, corrupting is not
+                out[name] = f"refused ({type(exc).__name__})"
+                continue
+            got = a.recv_tensor(timeout=10)
+            out[name] = "values" if torch.equal(got, t.resolve_conj().resolve_neg()) else f"memory: {got.tolist()}"
+    return out
 
 
-def fork_body(q: Any, fast: str) -> None:
+def fork_case() -> dict:
     """A forked child that receives on its parent's pipe gets LocalUsageError (the engine is the parent's)."""
     import torch
 
+    from transport import LocalUsageError
+
+    with _pair() as (a, b):
+        b.send_tensor(torch.tensor([7]))
+        time.sleep(0.1)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one receive, its outcome down the os pipe, and out
+            try:
+                a.recv_tensor(timeout=2)
+                out = "received"
+            except LocalUsageError:
+                out = "LocalUsageError"
+            except BaseException as exc:  # noqa: BLE001
+                out = type(exc).__name__
+            os.write(w, out.encode())
+            os._exit(0)
+        os.close(w)
+        ready, _, _ = select.select([r], [], [], 20)
+        child = os.read(r, 100).decode() if ready else "hung (no answer in 20 s)"
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        parent = int(a.recv_tensor(timeout=5))  # the parent still has its message
+        return {"child": child, "parent": parent}
+
+
+#: name -> what runs in the shared process, once with the fast path off and once on
+CASES: dict[str, Any] = {
+    "bad_device": bad_device_case,
+    "view_bits": view_bits_case,
+    "fork": fork_case,
+    "oversized_9000": lambda: oversized_header_case(9000),
+    "oversized_1M": lambda: oversized_header_case(1 << 20),
+}
+
+
+def in_process_cases(q: Any) -> None:
+    """Runs every case of CASES with the fast path off, then on (as tests/test_fast_path.py, by
+    switching the engine's ``tag_fast``); reports ``{"name/mode": result}``."""
+
     def body() -> dict:
-        from transport import LocalUsageError
+        from transport._engine import get_engine
 
-        with _pair() as (a, b):
-            b.send_tensor(torch.tensor([7]))
-            time.sleep(0.1)
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child: one receive, its outcome down the os pipe, and out
+        eng = get_engine()
+        helper = eng.tag_fast
+        assert helper is not None, "the fast-path helper could not be built"
+        results = {}
+        for mode in ("0", "1"):
+            eng.tag_fast = helper if mode == "1" else None
+            for name, case in CASES.items():
                 try:
-                    a.recv_tensor(timeout=2)
-                    out = "received"
-                except LocalUsageError:
-                    out = "LocalUsageError"
-                except BaseException as exc:  # noqa: BLE001
-                    out = type(exc).__name__
-                os.write(w, out.encode())
-                os._exit(0)
-            os.close(w)
-            ready, _, _ = select.select([r], [], [], 20)
-            child = os.read(r, 100).decode() if ready else "hung (no answer in 20 s)"
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(r)
-            parent = int(a.recv_tensor(timeout=5))  # the parent still has its message
-            return {"child": child, "parent": parent}
+                    results[f"{name}/{mode}"] = case()
+                except Exception as exc:  # noqa: BLE001 - one case's failure is its own
+                    results[f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
+        return results
 
-    _report(q, fast, body)
+    _report(q, "1", body)
+
+
+@pytest.fixture(scope="module")
+def cases() -> Iterator[dict]:
+    ps = Peers()
+    try:
+        yield _run_with(ps, in_process_cases)
+    finally:
+        ps.close()
 
 
 @pytest.mark.parametrize("fast", _off_and_on(
     "Pipe._recv_small consumes the message, then _land_inline evaluates torch.device(device), "
     "which raises before _recv_seq advances: the message is lost and the next receive times out"))
-def test_a_receive_with_a_bad_device_loses_no_message(peers: Peers, fast: str):
-    got = _run_with(peers, bad_device_body, fast)
+def test_a_receive_with_a_bad_device_loses_no_message(cases: dict, fast: str):
+    got = cases[f"bad_device/{fast}"]
     assert got["first"] != "returned"
     assert got["second"] == "value 7", got
 
@@ -139,16 +169,16 @@ def test_a_receive_with_a_bad_device_loses_no_message(peers: Peers, fast: str):
 @pytest.mark.parametrize("fast", _off_and_on(
     "Pipe._send_small sends t.data_ptr() bytes of a conj/neg view (is_contiguous() is True): "
     "the receiver gets the unconjugated/unnegated memory; the ordinary path raises instead"))
-def test_a_conjugate_or_negative_view_is_never_sent_as_its_memory(peers: Peers, fast: str):
-    got = _run_with(peers, view_bits_body, fast)
+def test_a_conjugate_or_negative_view_is_never_sent_as_its_memory(cases: dict, fast: str):
+    got = cases[f"view_bits/{fast}"]
     assert all(v == "values" or v.startswith("refused") for v in got.values()), got
 
 
 @pytest.mark.parametrize("fast", _off_and_on(
     "Engine.recv_frame has no fork check (Engine.wait has): a forked child probes and receives on "
     "its parent's worker instead of raising LocalUsageError"))
-def test_a_forked_child_cannot_receive_on_its_parents_pipe(peers: Peers, fast: str):
-    got = _run_with(peers, fork_body, fast)
+def test_a_forked_child_cannot_receive_on_its_parents_pipe(cases: dict, fast: str):
+    got = cases[f"fork/{fast}"]
     assert got == {"child": "LocalUsageError", "parent": 7}, got
 
 
@@ -226,62 +256,58 @@ def no_compiler_body(q: Any, cache_dir: str, cc: str) -> None:
     _report(q, "1", body)
 
 
-@pytest.mark.parametrize("cc", ["/bin/false", "/no/such/compiler"])
-def test_no_compiler_falls_back_to_the_python_path(peers: Peers, tmp_path: Any, cc: str):
-    got = _run_with(peers, no_compiler_body, str(tmp_path / "cache"), cc)
+def test_no_compiler_falls_back_to_the_python_path(peers: Peers, tmp_path: Any):
+    got = _run_with(peers, no_compiler_body, str(tmp_path / "cache"), "/bin/false")
     assert got == {"fast": False, "got": 3, "cached": []}, got
 
 
 def test_parallel_first_builds_share_one_cache(tmp_path: Any):
-    """Four processes build the helpers into the same empty cache at once: each loads a whole library."""
+    """Three processes build the helpers into the same empty cache at once: each loads a whole library."""
     import subprocess
     import sys
 
     env = {**os.environ, "UCXKV_CACHE_DIR": str(tmp_path)}
     code = "from transport import _ucp_tag, _ucp_rma; assert _ucp_tag.lib() is not None; _ucp_rma.lib()"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
-             for _ in range(4)]
+             for _ in range(3)]
     errors = [p.communicate(timeout=240)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert [p.returncode for p in procs] == [0] * 3, errors
     assert sorted(f.suffix for f in tmp_path.iterdir()) == [".so", ".so"]  # no temporary left behind
 
 
-def oversized_header_body(q: Any, fast: str, nbytes: int) -> None:
+def oversized_header_case(nbytes: int) -> dict:
     """A header frame of ``nbytes`` (past the 8 KiB frame) is a RemoteProtocolError naming the peer,
     the pipe breaks, and the process's engine still serves a new pair."""
     import numpy as np
     import torch
 
-    def body() -> dict:
-        from transport import PeerError, RemoteProtocolError
+    from transport import PeerError, RemoteProtocolError
 
-        with _pair() as (a, b):
-            junk = np.full(nbytes, 7, dtype=np.uint8)
-            req = b._engine.tag_send(b._ep, junk, b._tag(b._send_tag, 0, False))
-            try:
-                a.recv_tensor(timeout=10)
-                first = "returned"
-            except RemoteProtocolError as exc:
-                first = "named" if a.peer in str(exc) else f"unnamed: {exc}"
-            try:
-                a.recv_tensor(timeout=1)
-                second = "returned"
-            except PeerError as exc:
-                second = "broken" if "broken" in str(exc) else str(exc)
-            deadline = time.monotonic() + 10
-            while not req.completed and time.monotonic() < deadline:  # the sender's request is answered
-                time.sleep(0.01)
-            sender_done = req.completed
-        with _pair() as (c, d):
-            d.send_tensor(torch.tensor([9]))
-            again = int(c.recv_tensor(timeout=10))
-        return {"first": first, "second": second, "sender_done": sender_done, "again": again}
-
-    _report(q, fast, body)
+    with _pair() as (a, b):
+        junk = np.full(nbytes, 7, dtype=np.uint8)
+        req = b._engine.tag_send(b._ep, junk, b._tag(b._send_tag, 0, False))
+        try:
+            a.recv_tensor(timeout=10)
+            first = "returned"
+        except RemoteProtocolError as exc:
+            first = "named" if a.peer in str(exc) else f"unnamed: {exc}"
+        try:
+            a.recv_tensor(timeout=1)
+            second = "returned"
+        except PeerError as exc:
+            second = "broken" if "broken" in str(exc) else str(exc)
+        deadline = time.monotonic() + 10
+        while not req.completed and time.monotonic() < deadline:  # the sender's request is answered
+            time.sleep(0.01)
+        sender_done = req.completed
+    with _pair() as (c, d):
+        d.send_tensor(torch.tensor([9]))
+        again = int(c.recv_tensor(timeout=10))
+    return {"first": first, "second": second, "sender_done": sender_done, "again": again}
 
 
-@pytest.mark.parametrize("nbytes", [9000, 1 << 20])
+@pytest.mark.parametrize("size", ["9000", "1M"])
 @pytest.mark.parametrize("fast", ["0", "1"])
-def test_an_oversized_header_frame_breaks_the_pipe_only(peers: Peers, fast: str, nbytes: int):
-    got = _run_with(peers, oversized_header_body, fast, nbytes)
+def test_an_oversized_header_frame_breaks_the_pipe_only(cases: dict, fast: str, size: str):
+    got = cases[f"oversized_{size}/{fast}"]
     assert got == {"first": "named", "second": "broken", "sender_done": True, "again": 9}, got
