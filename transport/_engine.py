@@ -348,6 +348,11 @@ class Engine:
                 self.worker.progress()
         return dropped
 
+    def _check_pid(self) -> None:
+        """Refuse use from a forked child: the worker and its queues are the parent's."""
+        if os.getpid() != self._pid:
+            raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
+
     # -- the one-message fast path (transport._ucp_tag) -----------------------
     def send_frame(self, ep: Any, tag: int, header: bytes, data: int, nbytes: int, what: str,
                    is_open: Callable[[], bool]) -> "_ucp_tag.NativeRequest | None":
@@ -360,16 +365,20 @@ class Engine:
         """
         lib = self.tag_fast
         assert lib is not None
+        self._check_pid()
         with self._lock:
             h = ep.handle if is_open() else 0  # ucxx drops the handle of an endpoint that failed
             if not h:
                 raise PeerDeadError(f"{what}: the endpoint is closed")
             rc = lib.ukv_send_frame(self._worker_h, h, tag, header, len(header), data, nbytes, _FAST_SLICE_NS,
                                     *self._c_out)
-            if self._c_prog.value:
+            c_req, progressed = self._c_req.value, self._c_prog.value  # read before callbacks run
+            if progressed:
                 self._progressed()
             if rc == 1:
-                return _ucp_tag.NativeRequest(self._c_req.value, what, self._lock)
+                req = _ucp_tag.NativeRequest(c_req, what, self._lock)
+                self._draining.append((req, None))  # freed once done, also if its waiter gives up
+                return req
         if rc < 0:
             raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
         return None
@@ -389,7 +398,10 @@ class Engine:
         """
         lib = self.tag_fast
         assert lib is not None
+        self._check_pid()
         lock, cap = self._lock, len(buf)
+        # UCXKV_SPIN_US=0 promises no spinning: one probe, no progress slice
+        slice_ns = min(_FAST_SLICE_NS, int(self._spin_s * 1e9))
         end = 0.0
         while True:
             with lock:
@@ -397,12 +409,12 @@ class Engine:
                     return None
                 if tag in self._stash:
                     return ProbedRecv(self, ep, buf, tag, None, what(), is_open)
-                rc = lib.ukv_recv_frame(self._worker_h, tag, addr, cap, _FAST_SLICE_NS, self._c_lenp, *self._c_out)
-                if self._c_prog.value:
+                rc = lib.ukv_recv_frame(self._worker_h, tag, addr, cap, slice_ns, self._c_lenp, *self._c_out)
+                n, c_req, progressed = self._c_len.value, self._c_req.value, self._c_prog.value
+                if progressed:
                     self._progressed()
-                n = self._c_len.value
                 if rc == 1:
-                    req = _ucp_tag.NativeRequest(self._c_req.value, what(), lock, n, buf)
+                    req = _ucp_tag.NativeRequest(c_req, what(), lock, n, buf)
                     self._draining.append((req, buf))  # buf outlives the request, whatever its waiter does
             if rc != 2 and n > cap:  # consumed (truncated): the peer broke the frame limit
                 raise RemoteProtocolError(f"{what()}: {n} bytes arrived, expected at most {cap} bytes")
@@ -574,8 +586,7 @@ class Engine:
         ``alive()`` returns a reason (checked at least every ``_TICK_S``).
         ``what`` names the wait in those errors (it should name the peer).
         """
-        if os.getpid() != self._pid:
-            raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
+        self._check_pid()
         lock = self._lock
         with lock:  # fast path: complete at posting (an eager send) or after one progress (arrived)
             if self._poll(op, what) or (self._progress() and self._poll(op, what)):

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 
+#: Compiler flags of every helper (part of the cache key).
+_CFLAGS = ("-O2", "-shared", "-fPIC")
+
 
 def _cache_dir() -> Path:
     if os.environ.get("UCXKV_CACHE_DIR"):
@@ -35,7 +39,7 @@ def _cache_dir() -> Path:
 
 
 def _build(so: Path, ucx_root: Path, source: str, what: str) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not cc:
         raise LocalUsageError(f"the {what} needs a C compiler (cc or gcc, or $CC) to build once; none found")
     so.parent.mkdir(parents=True, exist_ok=True)
@@ -43,9 +47,12 @@ def _build(so: Path, ucx_root: Path, source: str, what: str) -> None:
         src = Path(tmp) / (so.stem + ".c")
         src.write_text(source)
         out = Path(tmp) / so.name
-        cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{ucx_root / 'include'}", str(src), f"-L{ucx_root / 'lib'}",
+        cmd = [*cc, *_CFLAGS, f"-I{ucx_root / 'include'}", str(src), f"-L{ucx_root / 'lib'}",
                "-lucp", "-lucs", f"-Wl,-rpath,{ucx_root / 'lib'}", "-o", str(out)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LocalUsageError(f"building the {what} failed ({' '.join(cmd)}): {exc}") from None
         if res.returncode != 0:
             raise LocalUsageError(f"building the {what} failed ({' '.join(cmd)}):\n{res.stderr[-2000:]}")
         os.replace(out, so)  # atomic: concurrent builders never see a half-written library
@@ -67,7 +74,7 @@ def load(name: str, source: str, signatures: dict[str, tuple[Any, list[Any]]], w
         if not (ucx_root / "include" / "ucp" / "api" / "ucp.h").exists():
             raise LocalUsageError(f"UCX headers not found under {ucx_root}/include; cannot build the {what}")
         version = (ucx_root / "VERSION.txt").read_text().strip() if (ucx_root / "VERSION.txt").exists() else "?"
-        key = hashlib.sha256((source + version + str(ucx_root)).encode()).hexdigest()[:16]
+        key = hashlib.sha256((source + version + str(ucx_root) + " ".join(_CFLAGS)).encode()).hexdigest()[:16]
         so = _cache_dir() / f"{name}_{key}.so"
         if not so.exists():
             _build(so, ucx_root, source, what)

@@ -167,6 +167,8 @@ def enabled() -> bool:
 def lib() -> ctypes.CDLL | None:
     """The compiled helper (built on first use, cached), or None when it cannot be built (logged once)."""
     global _LIB, _tried
+    if _LIB is not None:  # polled on every in-flight request: no lock once loaded
+        return _LIB
     with _lock:
         if _LIB is not None or _tried:
             return _LIB
@@ -182,7 +184,7 @@ def lib() -> ctypes.CDLL | None:
         }
         try:
             _LIB = _native.load("ukv_tag", _C_SOURCE, sig, "UCX tag fast-path helper")
-        except (LocalUsageError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to build or load falls back, logged
             log.warning("small messages take the Python path (slower): %s", exc)
         return _LIB
 

@@ -358,6 +358,8 @@ class Pipe:
         tensors: list[torch.Tensor | None] = []
         for obj in objs:
             t = None if obj is None else codec.as_torch(obj)
+            if t is not None and (t.is_conj() or t.is_neg()):
+                t = t.resolve_conj().resolve_neg()  # a lazy view's memory is not its value
             if t is not None and not t.is_contiguous():
                 t = t.contiguous()  # the one copy a strided tensor needs
             tensors.append(t)
@@ -462,13 +464,13 @@ class Pipe:
         if eng.tag_fast is None:
             return False
         t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
-        if t.device.type != "cpu" or not t.is_contiguous():
-            return False
+        if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+            return False  # a lazily conjugated/negated view's memory is not its value
         nbytes = t.numel() * t.element_size()
         if nbytes > codec.INLINE_LIMIT:
             return False
         self._ready()
-        what = "sending a tensor"
+        what = f"sending a tensor to {self.peer}"
         with self._send_lock:
             seq = self._send_seq
             spec = codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), nbytes, "cpu", True)
@@ -479,11 +481,11 @@ class Pipe:
                 req = eng.send_frame(self._ep, self._tag(self._send_tag, seq, False), header, t.data_ptr(), nbytes,
                                      what, self._ep_open)
             except PeerError as exc:
-                self._fail(exc, f"{what} to {self.peer}")
+                self._fail(exc, what)
             self._send_seq = seq + 1
         self.bytes_sent += nbytes
         if req is not None:  # still in flight after one slice: the ordinary wait, with its timeout
-            Handle(self, [Op([req], [])], f"{what} to {self.peer}").wait(timeout)
+            Handle(self, [Op([req], [])], what).wait(timeout)
         return True
 
     # -- receiving -------------------------------------------------------
@@ -715,6 +717,7 @@ class Pipe:
         self._ready(timeout)
         if self._recv_refused is not None:
             raise RemoteProtocolError(f"pipe {self.name} receives nothing more from {self.peer}: {self._recv_refused}")
+        dev = self.device if device is None else torch.device(device)  # a bad argument fails before anything is taken
         with self._recv_lock:
             if self._slots:
                 return None
@@ -736,10 +739,9 @@ class Pipe:
             if isinstance(req, Arrived) or _done_ok(req):
                 got = self._decode_small(frame, req.length, seq, message, max_tensors)
                 if got is not None:
-                    return got[0].body, self._land_inline(seq, kind, got, device, out)
+                    return got[0].body, self._land_inline(seq, kind, got, dev, out)
             # the ordinary path finishes it; the frame goes with it (a fresh one for the next)
             self._rx_frame = None
-            dev = self.device if device is None else torch.device(device)
             self._slots.append(self._post_recv(dev, out, background=False, message=message, max_tensors=max_tensors,
                                                received=(frame, req)))
             slot = self._take_slot(deadline)
@@ -765,25 +767,33 @@ class Pipe:
         return h, inline
 
     def _land_inline(self, seq: int, kind: str, got: tuple[codec.Header, list[memoryview | None]],
-                     device: str | torch.device | None, out: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """The tensors of a header whose bytes all rode inline, copied out of its frame; the receive is taken."""
+                     dev: torch.device, out: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The tensors of a header whose bytes all rode inline, copied out of its frame; the receive is taken.
+
+        The message is consumed whatever happens here: any error breaks the pipe (a later
+        receive must not wait for a sequence number already used).
+        """
         h, inline = got
-        dev = self.device if device is None else torch.device(device)
         tensors: list[torch.Tensor | None] = []
-        for i, (spec, data) in enumerate(zip(h.tensors, inline)):
-            if spec is None:
-                tensors.append(None)
-                continue
-            try:
+        try:
+            for i, (spec, data) in enumerate(zip(h.tensors, inline)):
+                if spec is None:
+                    tensors.append(None)
+                    continue
                 t = self._landing(spec, i, f"{kind} #{seq} from {self.peer}", dev, out)
-            except RemoteProtocolError as exc:
-                self._recv_seq = seq + 1  # consumed: the pipe breaks
-                self._fail(exc, "receiving")
-            if data is not None and spec.nbytes:
-                _copy_inline(t, data)
-            tensors.append(t)
-            self.bytes_received += spec.nbytes
-        self._recv_seq = seq + 1
+                if data is not None and spec.nbytes:
+                    _copy_inline(t, data)
+                tensors.append(t)
+                self.bytes_received += spec.nbytes
+        except RemoteProtocolError as exc:
+            self._recv_seq = seq + 1
+            self._fail(exc, "receiving")
+        except BaseException as exc:
+            self._recv_seq = seq + 1
+            self._break(f"receiving {kind} #{seq} from {self.peer} failed here: {exc!r}")
+            raise
+        finally:
+            self._recv_seq = seq + 1
         return tensors
 
     # -- one-sided access --------------------------------------------------
