@@ -133,7 +133,7 @@ def test_fast_sends_put_the_ordinary_paths_bytes_on_the_wire(pair: tuple[Pipe, P
 
     monkeypatch.setattr(eng, "send_frame", record_fast)
     monkeypatch.setattr(eng, "tag_send", record_ordinary)
-    sends = [*_inline_messages(), (None, [torch.tensor([3.25])]), (None, [torch.zeros(2, 0)])]
+    sends = [*_inline_messages(), (None, [torch.tensor([3.25])]), (None, [torch.zeros(2, 0)]), (None, [None])]
     try:
         for body, ts in sends:
             for fast in (True, False):

@@ -437,7 +437,7 @@ class Pipe:
                      timeout: float | None = None) -> None:
         """Send ``body`` and ``tensors`` as one envelope; returns once the peer has it all (see :meth:`send_message_async`)."""
         body = bytes(body)
-        if not self._send_inline(tensors, body, timeout):
+        if not self._send_inline([(tensors, body)], timeout):
             self.send_message_async(body, tensors, _background=False).wait(timeout)
 
     def send_tensor_async(self, tensor: TensorLike | None) -> Handle:
@@ -446,66 +446,73 @@ class Pipe:
 
     def send_tensors(self, tensors: Sequence[TensorLike | None], timeout: float | None = None) -> None:
         """Send ``tensors`` in order and return once the peer has received them all."""
-        deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
-        for i, t in enumerate(tensors):
-            if t is None or not self._send_inline([t], None, max(0.0, deadline - time.monotonic())):
-                # the rest in one batch, as before (a large one may need the peer's receive posted)
-                self.send_tensors_async(tensors[i:], _background=False).wait(max(0.0, deadline - time.monotonic()))
-                return
+        tensors = list(tensors)
+        if not self._send_inline([([t], None) for t in tensors], timeout):
+            self.send_tensors_async(tensors, _background=False).wait(timeout)
 
     def send_tensor(self, tensor: TensorLike | None, timeout: float | None = None) -> None:
         """Send one tensor (or None); returns once the peer has it. Raises on timeout or a dead peer."""
-        if tensor is None or not self._send_inline([tensor], None, timeout):
+        if not self._send_inline([([tensor], None)], timeout):
             self.send_tensors_async([tensor], _background=False).wait(timeout)
 
-    def _send_inline(self, objs: Sequence[TensorLike | None], body: bytes | None, timeout: float | None) -> bool:
-        """Send one header frame whose tensors all ride inline as one message through the compiled path.
+    def _send_inline(self, sends: Sequence[tuple[Sequence[TensorLike | None], bytes | None]],
+                     timeout: float | None) -> bool:
+        """Send each of ``sends`` as one header frame with all its tensors inline, one C call each.
 
-        ``body`` None: a bare tensor (``objs`` holds one); else a :meth:`send_message` envelope.
-        The bytes on the wire are those of :meth:`_post_send` for the same send (one
-        header frame, every tensor inline, in order). Returns False, having sent nothing,
-        where the path does not apply: no helper (transport._ucp_tag), a CUDA or strided
+        A send is ``(tensors, body)``: body None for a bare tensor (one in the list), else a
+        :meth:`send_message` envelope. Through the compiled path (transport._ucp_tag), the
+        bytes on the wire are those of :meth:`_post_send` for the same sends, posted under
+        one hold of the send lock as it does. Returns False, having sent nothing, where the
+        path does not apply to every send: no helper, a CUDA, strided or lazily conjugated
         tensor, or a tensor that would not ride inline by :meth:`_post_send`'s rule.
         """
         eng = self._engine
-        if eng.tag_fast is None:
+        if eng.tag_fast is None or not sends:
             return False
-        tensors: list[torch.Tensor | None] = []
-        nbytes = 0
-        for obj in objs:
-            if obj is None:
-                tensors.append(None)
-                continue
-            t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
-            if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
-                return False  # (a lazy conj/neg view's memory is not its values: the ordinary path resolves it)
-            nbytes += t.numel() * t.element_size()
-            if nbytes > codec.INLINE_LIMIT:
-                return False
-            tensors.append(t)
+        checked: list[tuple[list[torch.Tensor | None], bytes | None, int]] = []
+        for objs, body in sends:
+            tensors: list[torch.Tensor | None] = []
+            nbytes = 0
+            for obj in objs:
+                t = None if obj is None else obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
+                if t is not None:
+                    if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+                        return False  # (a lazy conj/neg view's memory is not its values: the ordinary path resolves it)
+                    nbytes += t.numel() * t.element_size()
+                    if nbytes > codec.INLINE_LIMIT:
+                        return False
+                tensors.append(t)
+            checked.append((tensors, body, nbytes))
         self._ready()
-        what = "sending a tensor" if body is None else f"sending a message with {len(objs)} tensor(s)"
+        what = "sending a tensor" if sends[0][1] is None else f"sending a message with {len(sends[0][0])} tensor(s)"
+        pending: list[Any] = []
         with self._send_lock:
             seq = self._send_seq
-            specs = [None if t is None else codec.spec_of(t, True) for t in tensors]
-            header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, specs, body))
-            # _post_send's rule: tensors take what the header leaves, in order; all fit iff their sum does
-            if nbytes > codec.INLINE_LIMIT - len(header):
-                return False
-            data = [t for t in tensors if t is not None and t.numel()]
-            if len(data) == 1:
-                addr: Any = data[0].data_ptr()
-            else:  # several (or none): one buffer the helper copies from (the frame's inline part)
-                addr = b"".join([_host_bytes(t) for t in data]) if data else None
-            try:
-                req = eng.send_frame(self._ep, self._tag(self._send_tag, seq, False), header, addr, nbytes,
-                                     what, self._ep_open)
-            except PeerError as exc:
-                self._fail(exc, f"{what} to {self.peer}")
-            self._send_seq = seq + 1
-        self.bytes_sent += nbytes
-        if req is not None:  # still in flight after one slice: the ordinary wait, with its timeout
-            Handle(self, [Op([req], [])], f"{what} to {self.peer}").wait(timeout)
+            frames = []
+            for k, (tensors, body, nbytes) in enumerate(checked):
+                specs = [None if t is None else codec.spec_of(t, True) for t in tensors]
+                header = codec.encode_header_bytes(codec.Header((seq + k) & _SEQ_MASK, specs, body))
+                # _post_send's rule: tensors take what the header leaves, in order; all fit iff their sum does
+                if nbytes > codec.INLINE_LIMIT - len(header):
+                    return False
+                data = [t for t in tensors if t is not None and t.numel()]
+                if len(data) == 1:
+                    addr: Any = data[0].data_ptr()
+                else:  # several (or none): one buffer the helper copies from (the frame's inline part)
+                    addr = b"".join([_host_bytes(t) for t in data]) if data else None
+                frames.append((header, addr, nbytes))
+            for k, (header, addr, nbytes) in enumerate(frames):
+                try:
+                    req = eng.send_frame(self._ep, self._tag(self._send_tag, seq + k, False), header, addr, nbytes,
+                                         what, self._ep_open)
+                except PeerError as exc:
+                    self._fail(exc, f"{what} to {self.peer}")
+                self._send_seq = seq + k + 1
+                self.bytes_sent += nbytes
+                if req is not None:
+                    pending.append(req)
+        if pending:  # still in flight after one slice: the ordinary wait, with its timeout
+            Handle(self, [Op(pending, [])], f"{what} to {self.peer}").wait(timeout)
         return True
 
     # -- receiving -------------------------------------------------------
