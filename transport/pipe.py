@@ -469,39 +469,43 @@ class Pipe:
         eng = self._engine
         if eng.tag_fast is None or not sends:
             return False
-        checked: list[tuple[list[torch.Tensor | None], bytes | None, int]] = []
+        checked: list[tuple[list[codec.TensorSpec | None], bytes | None, int, Any]] = []
         for objs, body in sends:
-            tensors: list[torch.Tensor | None] = []
+            specs: list[codec.TensorSpec | None] = []
+            data: list[torch.Tensor] = []
             nbytes = 0
             for obj in objs:
-                t = None if obj is None else obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
-                if t is not None:
-                    if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
-                        return False  # (a lazy conj/neg view's memory is not its values: the ordinary path resolves it)
-                    nbytes += t.numel() * t.element_size()
-                    if nbytes > codec.INLINE_LIMIT:
-                        return False
-                tensors.append(t)
-            checked.append((tensors, body, nbytes))
+                if obj is None:
+                    specs.append(None)
+                    continue
+                t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
+                if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+                    return False  # (a lazy conj/neg view's memory is not its values: the ordinary path resolves it)
+                nb = t.numel() * t.element_size()
+                nbytes += nb
+                if nbytes > codec.INLINE_LIMIT:
+                    return False
+                specs.append(codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), nb, "cpu", True))
+                if nb:
+                    data.append(t)
+            if len(data) == 1:
+                addr: Any = data[0].data_ptr()
+            else:  # several (or none): one buffer the helper copies from (the frame's inline part)
+                addr = b"".join([_host_bytes(t) for t in data]) if data else None
+            checked.append((specs, body, nbytes, addr))
         self._ready()
         what = "sending a tensor" if sends[0][1] is None else f"sending a message with {len(sends[0][0])} tensor(s)"
         pending: list[Any] = []
         with self._send_lock:
             seq = self._send_seq
-            frames = []
-            for k, (tensors, body, nbytes) in enumerate(checked):
-                specs = [None if t is None else codec.spec_of(t, True) for t in tensors]
+            headers = []
+            for k, (specs, body, nbytes, _) in enumerate(checked):
                 header = codec.encode_header_bytes(codec.Header((seq + k) & _SEQ_MASK, specs, body))
                 # _post_send's rule: tensors take what the header leaves, in order; all fit iff their sum does
                 if nbytes > codec.INLINE_LIMIT - len(header):
                     return False
-                data = [t for t in tensors if t is not None and t.numel()]
-                if len(data) == 1:
-                    addr: Any = data[0].data_ptr()
-                else:  # several (or none): one buffer the helper copies from (the frame's inline part)
-                    addr = b"".join([_host_bytes(t) for t in data]) if data else None
-                frames.append((header, addr, nbytes))
-            for k, (header, addr, nbytes) in enumerate(frames):
+                headers.append(header)
+            for k, (header, (_, _, nbytes, addr)) in enumerate(zip(headers, checked)):
                 try:
                     req = eng.send_frame(self._ep, self._tag(self._send_tag, seq + k, False), header, addr, nbytes,
                                          what, self._ep_open)
