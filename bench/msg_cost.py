@@ -1,8 +1,9 @@
 """CPU time of the Pipe's own per-message code, free of scheduling: one process, one thread.
 
-Run: ``python -m bench.msg_cost [--size 8] [--tls sm]``. A pipe pair in this
+Run: ``python -m bench.msg_cost [--size 8] [--tls sm] [--message]``. A pipe pair in this
 process; ``send_tensor`` on one end N times, then ``recv_tensor(out=)`` N times
-on the other (every message has already arrived, so no waiting is timed). Prints
+on the other (``--message``: ``send_message`` of a 64-byte body with the tensor,
+then ``recv_message``, the lookup wire's calls) (every message has already arrived, so no waiting is timed). Prints
 the thread CPU time per call, best of R rounds: a figure that a loaded machine
 inflates far less than a ping-pong's wall clock (docs/bench.md, "Second pass").
 """
@@ -14,8 +15,9 @@ import os
 import time
 
 
-def measure(size: int, n: int, rounds: int) -> tuple[float, float]:
-    """(send_tensor, recv_tensor(out=)) thread CPU µs per call, best of ``rounds`` x ``n``."""
+def measure(size: int, n: int, rounds: int, message: bool = False) -> tuple[float, float]:
+    """(send, receive) thread CPU µs per call, best of ``rounds`` x ``n``: ``send_tensor`` and
+    ``recv_tensor(out=)``, or with ``message`` ``send_message`` and ``recv_message``."""
     import torch
 
     from transport import Pipe
@@ -26,17 +28,31 @@ def measure(size: int, n: int, rounds: int) -> tuple[float, float]:
         a.wait_connected(30)
         t = torch.arange(size, dtype=torch.int64).to(torch.uint8)
         rb = torch.empty(size, dtype=torch.uint8)
+        if message:
+            body = bytes(64)
+
+            def send() -> None:
+                b.send_message(body, [t])
+
+            def recv() -> None:
+                rb.copy_(a.recv_message()[1][0])
+        else:
+            def send() -> None:
+                b.send_tensor(t)
+
+            def recv() -> None:
+                a.recv_tensor(out=rb)
         for _ in range(200):
-            b.send_tensor(t)
-            a.recv_tensor(out=rb)
+            send()
+            recv()
         best_s = best_r = float("inf")
         for _ in range(rounds):
             c0 = time.thread_time_ns()
             for _ in range(n):
-                b.send_tensor(t)
+                send()
             c1 = time.thread_time_ns()
             for _ in range(n):
-                a.recv_tensor(out=rb)
+                recv()
             c2 = time.thread_time_ns()
             best_s, best_r = min(best_s, (c1 - c0) / n / 1e3), min(best_r, (c2 - c1) / n / 1e3)
         if not torch.equal(rb, t):
@@ -53,12 +69,14 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=2000, help="calls per round (2000)")
     ap.add_argument("-r", "--rounds", type=int, default=7, help="rounds, the best is kept (7)")
     ap.add_argument("--tls", default=None, help="UCX_TLS for this process")
+    ap.add_argument("--message", action="store_true", help="send_message / recv_message instead")
     args = ap.parse_args()
     if args.tls:
         os.environ["UCX_TLS"] = args.tls
-    s, r = measure(args.size, args.n, args.rounds)
+    s, r = measure(args.size, args.n, args.rounds, args.message)
+    calls = ("send_message", "recv_message") if args.message else ("send_tensor", "recv_tensor(out=)")
     print(f"size {args.size} B UCX_TLS={os.environ.get('UCX_TLS', 'default')} load={os.getloadavg()[0]:.2f}: "
-          f"send_tensor {s:.1f} us CPU, recv_tensor(out=) {r:.1f} us CPU (best of {args.rounds}x{args.n})")
+          f"{calls[0]} {s:.1f} us CPU, {calls[1]} {r:.1f} us CPU (best of {args.rounds}x{args.n})")
     return 0
 
 

@@ -6,6 +6,8 @@ its ``tag_fast`` off between calls makes either end take the ordinary Python pat
 
 from __future__ import annotations
 
+import ctypes
+import struct
 import time
 from typing import Any, Iterator
 
@@ -36,6 +38,14 @@ def _sends() -> list[Any]:
             torch.arange(1 << 18, dtype=torch.float32)]  # 1 MiB: header then payload
 
 
+def _inline_messages() -> list[tuple[bytes, list[Any]]]:
+    """Messages whose tensors all ride inline (the lookup wire's shapes among them)."""
+    return [(b"", []), (b"only a body" * 50, []),
+            (b"q", [torch.arange(16, dtype=torch.int64), None, torch.zeros(0, 3), torch.ones(2, 2, dtype=torch.bfloat16)]),
+            (b"r", [torch.tensor(True), torch.arange(6, dtype=torch.float16).view(2, 3)]),
+            (b"x" * 100, [torch.full((1800,), 7, dtype=torch.int32)])]  # ~7.3 KiB: just inline
+
+
 @pytest.mark.parametrize("send_fast,recv_fast", [(True, True), (True, False), (False, True)])
 def test_fast_and_ordinary_paths_speak_the_same_wire(pair: tuple[Pipe, Pipe], send_fast: bool, recv_fast: bool):
     a, b = pair
@@ -63,6 +73,19 @@ def test_fast_and_ordinary_paths_speak_the_same_wire(pair: tuple[Pipe, Pipe], se
             assert body == b"body" and tensors[1] is None and torch.equal(tensors[2], torch.arange(1 << 16))
             out = torch.empty(1)
             assert a.recv_tensor(out=out, timeout=30) is out and out.item() == 1.5
+            for body, ts in _inline_messages():
+                eng.tag_fast = helper if send_fast else None
+                b.send_message(body, ts)
+                eng.tag_fast = helper if recv_fast else None
+                got_body, got = a.recv_message(timeout=30)
+                assert got_body == body and len(got) == len(ts)
+                for g, t in zip(got, ts):
+                    assert (g is None and t is None) or (g.dtype == t.dtype and torch.equal(g, t))
+            eng.tag_fast = helper if send_fast else None
+            b.send_tensors([torch.arange(4), None, torch.tensor([2.5])])
+            eng.tag_fast = helper if recv_fast else None
+            got = [a.recv_tensor(timeout=30) for _ in range(3)]
+            assert torch.equal(got[0], torch.arange(4)) and got[1] is None and got[2].item() == 2.5
     finally:
         eng.tag_fast = helper
     assert a.bytes_received == b.bytes_sent
@@ -82,6 +105,54 @@ def test_small_messages_take_one_native_call_each(pair: tuple[Pipe, Pipe], monke
         assert a.recv_tensor(timeout=30).item() == i
         a.send_tensor(torch.tensor([-i]))
         assert b.recv_tensor(out=torch.empty(1, dtype=torch.int64), timeout=30).item() == -i
+        b.send_message(b"ask %d" % i, [torch.tensor([i]), None, torch.ones(3)])
+        body, ts = a.recv_message(timeout=30, max_tensors=4)
+        assert body == b"ask %d" % i and ts[0].item() == i and ts[1] is None
+        a.send_message(b"answer")
+        assert b.recv_message(timeout=30) == (b"answer", [])
+        b.send_tensors([torch.tensor([i]), torch.tensor([i + 1])])
+        assert [a.recv_tensor(timeout=30).item() for _ in range(2)] == [i, i + 1]
+
+
+def test_fast_sends_put_the_ordinary_paths_bytes_on_the_wire(pair: tuple[Pipe, Pipe], monkeypatch: pytest.MonkeyPatch):
+    """Each send's frame, byte for byte, from both paths (the sequence number aside)."""
+    a, b = pair
+    eng = get_engine()
+    helper = eng.tag_fast
+    frames: list[bytes] = []
+    send_frame, tag_send = eng.send_frame, eng.tag_send
+
+    def record_fast(ep: Any, tag: int, header: bytes, data: Any, nbytes: int, *rest: Any) -> Any:
+        raw = b"" if not nbytes else data if isinstance(data, bytes) else ctypes.string_at(data, nbytes)
+        frames.append(struct.pack("<I", len(header)) + header + raw)
+        return send_frame(ep, tag, header, data, nbytes, *rest)
+
+    def record_ordinary(ep: Any, buf: Any, tag: int) -> Any:
+        frames.append(bytes(buf))
+        return tag_send(ep, buf, tag)
+
+    monkeypatch.setattr(eng, "send_frame", record_fast)
+    monkeypatch.setattr(eng, "tag_send", record_ordinary)
+    sends = [*_inline_messages(), (None, [torch.tensor([3.25])]), (None, [torch.zeros(2, 0)]), (None, [None])]
+    try:
+        for body, ts in sends:
+            for fast in (True, False):
+                eng.tag_fast = helper if fast else None
+                n = len(frames)
+                seq = b._send_seq
+                if body is None:
+                    b.send_tensor(ts[0])
+                else:
+                    b.send_message(body, ts)
+                assert len(frames) == n + 1, "one frame per all-inline send"
+                assert frames[-1][5] == seq  # msgpack: u32 length, array marker, then the (small) sequence number
+            eng.tag_fast = helper
+            fast_frame, ordinary_frame = frames[-2], frames[-1]
+            assert fast_frame[:5] + fast_frame[6:] == ordinary_frame[:5] + ordinary_frame[6:], body
+            for _ in range(2):
+                a.recv_tensor(timeout=30) if body is None else a.recv_message(timeout=30)
+    finally:
+        eng.tag_fast = helper
 
 
 def test_a_message_a_sweep_parked_is_still_received(pair: tuple[Pipe, Pipe]):

@@ -354,14 +354,14 @@ class Engine:
             raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
 
     # -- the one-message fast path (transport._ucp_tag) -----------------------
-    def send_frame(self, ep: Any, tag: int, header: bytes, data: int, nbytes: int, what: str,
+    def send_frame(self, ep: Any, tag: int, header: bytes, data: int | bytes | None, nbytes: int, what: str,
                    is_open: Callable[[], bool]) -> "_ucp_tag.NativeRequest | None":
         """Send ``u32 len(header) | header | data[:nbytes]`` as one message on ``tag`` (needs :attr:`tag_fast`).
 
-        ``data`` is an address; its memory is free again on return. Returns None once
-        sent, or the request still in flight after one slice (wait on it with an
-        :class:`Op`). Raises :class:`PeerDeadError` naming ``what`` if the endpoint is
-        closed or failed, or UCX refuses the send.
+        ``data`` is an address, a bytes object, or None when ``nbytes`` is 0; its memory is
+        free again on return. Returns None once sent, or the request still in flight after
+        one slice (wait on it with an :class:`Op`). Raises :class:`PeerDeadError` naming
+        ``what`` if the endpoint is closed or failed, or UCX refuses the send.
         """
         lib = self.tag_fast
         assert lib is not None

@@ -438,7 +438,9 @@ class Pipe:
     def send_message(self, body: bytes, tensors: Sequence[TensorLike | None] = (),
                      timeout: float | None = None) -> None:
         """Send ``body`` and ``tensors`` as one envelope; returns once the peer has it all (see :meth:`send_message_async`)."""
-        self.send_message_async(body, tensors, _background=False).wait(timeout)
+        body = bytes(body)
+        if not self._send_inline([(tensors, body)], timeout):
+            self.send_message_async(body, tensors, _background=False).wait(timeout)
 
     def send_tensor_async(self, tensor: TensorLike | None) -> Handle:
         """Start sending one tensor (or None); see :meth:`send_tensors_async`."""
@@ -446,46 +448,78 @@ class Pipe:
 
     def send_tensors(self, tensors: Sequence[TensorLike | None], timeout: float | None = None) -> None:
         """Send ``tensors`` in order and return once the peer has received them all."""
-        self.send_tensors_async(tensors, _background=False).wait(timeout)
+        tensors = list(tensors)
+        if not self._send_inline([([t], None) for t in tensors], timeout):
+            self.send_tensors_async(tensors, _background=False).wait(timeout)
 
     def send_tensor(self, tensor: TensorLike | None, timeout: float | None = None) -> None:
         """Send one tensor (or None); returns once the peer has it. Raises on timeout or a dead peer."""
-        if tensor is None or not self._send_small(tensor, timeout):
+        if not self._send_inline([([tensor], None)], timeout):
             self.send_tensors_async([tensor], _background=False).wait(timeout)
 
-    def _send_small(self, obj: TensorLike, timeout: float | None) -> bool:
-        """Send a small host tensor as one message through the compiled path (transport._ucp_tag).
+    def _send_inline(self, sends: Sequence[tuple[Sequence[TensorLike | None], bytes | None]],
+                     timeout: float | None) -> bool:
+        """Send each of ``sends`` as one header frame with all its tensors inline, one C call each.
 
-        The bytes on the wire are those of :meth:`_post_send` for the same tensor (one
-        header frame with the tensor inline). Returns False, having sent nothing, where
-        the path does not apply: no helper, a CUDA or strided tensor, too large to ride inline.
+        A send is ``(tensors, body)``: body None for a bare tensor (one in the list), else a
+        :meth:`send_message` envelope. Through the compiled path (transport._ucp_tag), the
+        bytes on the wire are those of :meth:`_post_send` for the same sends, posted under
+        one hold of the send lock as it does. Returns False, having sent nothing, where the
+        path does not apply to every send: no helper, a CUDA, strided or lazily conjugated
+        tensor, or a tensor that would not ride inline by :meth:`_post_send`'s rule.
         """
         eng = self._engine
-        if eng.tag_fast is None:
+        if eng.tag_fast is None or not sends:
             return False
-        t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
-        if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
-            return False  # a lazily conjugated/negated view's memory is not its value
-        nbytes = t.numel() * t.element_size()
-        if nbytes > codec.INLINE_LIMIT:
-            return False
+        checked: list[tuple[list[codec.TensorSpec | None], bytes | None, int, Any]] = []
+        for objs, body in sends:
+            specs: list[codec.TensorSpec | None] = []
+            data: list[torch.Tensor] = []
+            nbytes = 0
+            for obj in objs:
+                if obj is None:
+                    specs.append(None)
+                    continue
+                t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
+                if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+                    return False  # (a lazy conj/neg view's memory is not its values: the ordinary path resolves it)
+                nb = t.numel() * t.element_size()
+                nbytes += nb
+                if nbytes > codec.INLINE_LIMIT:
+                    return False
+                specs.append(codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), nb, "cpu", True))
+                if nb:
+                    data.append(t)
+            if len(data) == 1:
+                addr: Any = data[0].data_ptr()
+            else:  # several (or none): one buffer the helper copies from (the frame's inline part)
+                addr = b"".join([_host_bytes(t) for t in data]) if data else None
+            checked.append((specs, body, nbytes, addr))
         self._ready()
-        what = f"sending a tensor to {self.peer}"
+        what = (f"sending a tensor to {self.peer}" if sends[0][1] is None
+                else f"sending a message with {len(sends[0][0])} tensor(s) to {self.peer}")
+        pending: list[Any] = []
         with self._send_lock:
             seq = self._send_seq
-            spec = codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), nbytes, "cpu", True)
-            header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
-            if nbytes > codec.INLINE_LIMIT - len(header):  # _post_send's rule: it would not ride inline
-                return False
-            try:
-                req = eng.send_frame(self._ep, self._tag(self._send_tag, seq, False), header, t.data_ptr(), nbytes,
-                                     what, self._ep_open)
-            except PeerError as exc:
-                self._fail(exc, what)
-            self._send_seq = seq + 1
-        self.bytes_sent += nbytes
-        if req is not None:  # still in flight after one slice: the ordinary wait, with its timeout
-            Handle(self, [Op([req], [])], what).wait(timeout)
+            headers = []
+            for k, (specs, body, nbytes, _) in enumerate(checked):
+                header = codec.encode_header_bytes(codec.Header((seq + k) & _SEQ_MASK, specs, body))
+                # _post_send's rule: tensors take what the header leaves, in order; all fit iff their sum does
+                if nbytes > codec.INLINE_LIMIT - len(header):
+                    return False
+                headers.append(header)
+            for k, (header, (_, _, nbytes, addr)) in enumerate(zip(headers, checked)):
+                try:
+                    req = eng.send_frame(self._ep, self._tag(self._send_tag, seq + k, False), header, addr, nbytes,
+                                         what, self._ep_open)
+                except PeerError as exc:
+                    self._fail(exc, what)
+                self._send_seq = seq + k + 1
+                self.bytes_sent += nbytes
+                if req is not None:
+                    pending.append(req)
+        if pending:  # still in flight after one slice: the ordinary wait, with its timeout
+            Handle(self, [Op(pending, [])], what).wait(timeout)
         return True
 
     # -- receiving -------------------------------------------------------
