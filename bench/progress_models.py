@@ -33,6 +33,9 @@ thread asleep in ``time.sleep``; ``idle_wait`` with the Python thread waiting, t
 variant's way, for a receive that never comes (``spin`` and the ``completed`` loops burn a
 core there by construction).
 
+The last column is UCP's thread mode of the client's worker (``ucp_worker_query``): ucxx
+creates every worker ``UCS_THREAD_MODE_MULTI``, so UCP itself serializes concurrent calls.
+
 ``UCX_TLS=sm`` is rewritten to ``posix,sysv,self`` as our engine does (no cma), so the
 figures compare with ``bench.perftest --tls sm``.
 """
@@ -88,6 +91,7 @@ class Result:
     tls: str
     iterations: int
     verified: int
+    thread_mode: str
     p50_us: float
     avg_us: float
     max_us: float
@@ -109,6 +113,27 @@ def ucx_config(tls: str | None) -> tuple[dict[str, str], bool]:
         os.environ["UCX_TLS"] = tls
     config = _safe_tls_config() or {}
     return config, _has_error_handling(config.get("TLS", os.environ.get("UCX_TLS", "")))
+
+
+_THREAD_MODES = {0: "SINGLE", 1: "SERIALIZED", 2: "MULTI"}
+
+
+def worker_thread_mode(worker: Any) -> str:
+    """UCP's thread mode of a ucxx ``UCXWorker`` (``ucp_worker_query``), e.g. ``MULTI``.
+
+    ucxx asks for ``UCS_THREAD_MODE_MULTI``; UCP grants it only when built ``--enable-mt``. MULTI
+    means UCP serializes calls on the worker (a progress thread's and ours) with its own lock.
+    """
+    import ctypes
+
+    ucp = ctypes.CDLL("libucp.so.0")  # already loaded by ucxx: this finds that copy
+    attr = (ctypes.c_uint8 * 512)()  # ucp_worker_attr_t: u64 field_mask, then the thread mode (enum)
+    ctypes.c_uint64.from_buffer(attr, 0).value = 1  # UCP_WORKER_ATTR_FIELD_THREAD_MODE
+    status = ucp.ucp_worker_query(ctypes.c_void_p(worker.handle), attr)
+    if status != 0:
+        raise RuntimeError(f"ucp_worker_query failed with UCX status {status}")
+    mode = ctypes.c_int.from_buffer(attr, 8).value
+    return _THREAD_MODES.get(mode, f"unknown ({mode})")
 
 
 class _Side:
@@ -293,7 +318,7 @@ def run_variant(name: str, n: int, warmup: int = 200, idle_s: float = 5.0, tls: 
         here.send("close")
         side.close()
         _recv_pipe(here, "server close", proc=proc)
-        return Result(name, side.tls, n, verified, statistics.median(times), statistics.fmean(times),
+        return Result(name, side.tls, n, verified, worker_thread_mode(side.worker), statistics.median(times), statistics.fmean(times),
                       max(times), idle_thread, idle_wait, float(peer_idle[0]), float(peer_idle[1]))
     finally:
         proc.join(10)
@@ -326,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# 8 B tag ping-pong, one-way us, n={args.n} w={args.warmup}, idle {args.idle:g} s, "
           f"epoll timeout {args.epoll_timeout_ms} ms, load {os.getloadavg()[0]:.2f}")
     print(f"{'variant':<16} {'UCX_TLS':<18} {'p50':>8} {'avg':>8} {'max':>9} {'verified':>11} "
-          f"{'idle_thread%':>12} {'idle_wait%':>10} {'peer_thread%':>12} {'peer_wait%':>10}")
+          f"{'idle_thread%':>12} {'idle_wait%':>10} {'peer_thread%':>12} {'peer_wait%':>10} {'ucp_thread_mode':>15}")
     rc = 0
     for name in names:
         try:
@@ -338,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = all(math.isfinite(x) and x > 0 for x in (r.p50_us, r.avg_us))
         print(f"{r.variant:<16} {r.tls:<18} {r.p50_us:8.2f} {r.avg_us:8.2f} {r.max_us:9.1f} "
               f"{r.verified:>5}/{r.iterations:<5} {r.idle_thread * 100:12.2f} {r.idle_wait * 100:10.2f} "
-              f"{r.peer_idle_thread * 100:12.2f} {r.peer_idle_wait * 100:10.2f}")
+              f"{r.peer_idle_thread * 100:12.2f} {r.peer_idle_wait * 100:10.2f} {r.thread_mode:>15}")
         rc |= 0 if ok else 1
     return rc
 

@@ -37,6 +37,7 @@ def test_every_variant_reports_verified_latency(tls: str) -> None:
         assert verified == f"{N}/{N}", (name, out)  # every pong equalled its ping
         idle = [float(c) for c in cols[6:10]]
         assert all(math.isfinite(c) and c >= 0 for c in idle), (name, out)
+        assert cols[10] == "MULTI", (name, out)  # what docs/bench.md says of ucxx workers
 
 
 def test_unknown_variant_is_a_usage_error() -> None:
