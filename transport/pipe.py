@@ -161,6 +161,11 @@ class _RecvHandle(Handle):
         return self._result[0] if self._single else self._result
 
 
+#: The header op of a slot whose header the compiled path received and found as expected.
+_RECEIVED = Op([], [])
+_RECEIVED.poll()
+
+
 class _FastRecv:
     """Receives into ``out`` tensors that the compiled path (``ukv_recv_tensors``) takes when they are waited on.
 
@@ -236,6 +241,7 @@ class Pipe:
         self._broken: str | None = None
         self._recv_refused: str | None = None  # recv_message refused an envelope unreceived: out of step
         self._rx_frame: np.ndarray | None = None  # the fast path's header frame, reused (see _recv_small)
+        self._specs: dict[tuple[torch.dtype, torch.Size], tuple[codec.TensorSpec, bytes]] = {}  # see _spec_bytes
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
@@ -441,8 +447,7 @@ class Pipe:
             return None
         nbytes = t.numel() * t.element_size()
         seq = self._send_seq
-        spec = codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), nbytes, "cpu", False)
-        header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
+        header = codec.one_tensor_header(seq & _SEQ_MASK, self._spec_bytes(t.dtype, t.shape, nbytes)[1])
         if nbytes <= codec.INLINE_LIMIT - len(header):  # _post_send's rule: it rides inline
             return None
         self._send_seq = seq + 1
@@ -674,6 +679,8 @@ class Pipe:
                 f"which cannot be allocated on {device}: {codec.clip(str(exc))}") from None
 
     def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
+        if slot.header_op is _RECEIVED and not slot.payload_ops:  # the compiled path did it all
+            return slot.tensor
         what = f"receiving {'message' if slot.message else 'tensor'} #{slot.seq} from {self.peer}"
         self._wait_ops([slot.header_op], deadline, what + " (header)", slot.seq)
         for i, op in enumerate(slot.payload_ops):
@@ -728,18 +735,29 @@ class Pipe:
         (a dtype, depth or size the ordinary path rejects with its own error)."""
         if out.device.type != "cpu" or not out.is_contiguous() or out.dim() > codec.MAX_NDIM:
             return None
-        try:
-            dtype = codec.dtype_name(out.dtype)
-        except LocalUsageError:
-            return None
         nbytes = out.numel() * out.element_size()
         if nbytes > self.max_tensor_bytes:
             return None
-        h = codec.Header(seq & _SEQ_MASK, [codec.TensorSpec(dtype, list(out.shape), nbytes, "cpu", False)], None)
-        body = codec.encode_header_bytes(h)
+        try:
+            spec, spec_bytes = self._spec_bytes(out.dtype, out.shape, nbytes)
+        except LocalUsageError:  # a dtype the transport does not carry
+            return None
+        body = codec.one_tensor_header(seq & _SEQ_MASK, spec_bytes)
         if nbytes <= codec.INLINE_LIMIT - len(body):
             return None
-        return h, len(body).to_bytes(4, "little") + body
+        return codec.Header(seq & _SEQ_MASK, [spec], None), len(body).to_bytes(4, "little") + body
+
+    def _spec_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int) -> tuple[codec.TensorSpec, bytes]:
+        """The spec of a CPU tensor of ``dtype`` and ``shape`` sent as a payload, and its msgpack bytes
+        (cached: a stream repeats a few shapes). Raises :class:`LocalUsageError` for an unsupported dtype."""
+        key = (dtype, shape)
+        got = self._specs.get(key)
+        if got is None:
+            spec = codec.TensorSpec(codec.dtype_name(dtype), list(shape), nbytes, "cpu", False)
+            if len(self._specs) >= 64:
+                self._specs.clear()
+            got = self._specs[key] = (spec, codec.encode_spec(spec))
+        return got
 
     def _defer_fast(self, outs: list[torch.Tensor], device: torch.device, background: bool
                     ) -> tuple[list[_RecvSlot], _FastRecv] | None:
@@ -816,8 +834,7 @@ class Pipe:
             st, what = c.state, f"tensor #{slot.seq} from {self.peer}"
             if st in (_ucp_tag.ST_DONE, _ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_FAILED_PAY):
                 # its header was the one expected: nothing of it is left to check
-                slot.header, slot.tensors, slot.header_op = fb.headers[i], [out], Op([], [])
-                slot.header_op.poll()
+                slot.header, slot.tensors, slot.header_op = fb.headers[i], [out], _RECEIVED
                 self.bytes_received += c.out_len
                 if st == _ucp_tag.ST_PAY_FLIGHT:
                     req: Any = _ucp_tag.NativeRequest(c.req, f"payload 0 of {what}", lock, keep=out)
