@@ -481,14 +481,14 @@ class Engine:
 
     def recv_tensors(self, slots: Any, k: int, spin_ns: int) -> tuple[int, bool]:
         """One slice of ``ukv_recv_tensors`` on ``slots[:k]`` (a :class:`_ucp_tag.RecvSlot` array), engine
-        lock held; returns (slots still waiting or in flight, whether anything moved: a slot or the
-        worker's progress). Needs :attr:`tag_fast`."""
+        lock held; returns (slots still waiting or in flight, whether anything moved: a slot, or data
+        of one still arriving). Needs :attr:`tag_fast`."""
         lib = self.tag_fast
         assert lib is not None
         self._check_pid()
         with self._lock:
             open_ = lib.ukv_recv_tensors(self._worker_h, slots, k, spin_ns, self._c_out[1], self._c_changedp)
-            moved = bool(self._c_changed.value or self._c_prog.value)
+            moved = bool(self._c_changed.value)
             if self._c_prog.value:
                 self._progressed()
         return open_, moved

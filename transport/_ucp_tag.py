@@ -279,7 +279,9 @@ static int advance(ucp_worker_h w, ukv_rslot *s) {
    out), advancing every slot, so several payloads are in flight at once, and progressing the worker
    until each slot is past what this helper does (done, failed, or left to the ordinary path) or
    spin_ns passed (at least one pass). A slot's header is looked for once the slot before it has its own
-   (headers arrive in order: no probe is spent on the later ones). Returns the number of slots still waiting or in flight; *changed: whether any slot moved. */
+   (headers arrive in order: no probe is spent on the later ones). Returns the number of slots still
+   waiting or in flight; *changed: 1 if any slot moved on, 2 if the worker made progress while one of
+   them was arriving. */
 int ukv_recv_tensors(ucp_worker_h w, ukv_rslot *s, int k, int64_t spin_ns, unsigned *progressed, int *changed) {
     uint64_t end = now_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
     int idle = 0;
@@ -296,7 +298,11 @@ int ukv_recv_tensors(ucp_worker_h w, ukv_rslot *s, int k, int64_t spin_ns, unsig
             open += s[i].state <= UKV_PAY_FLIGHT && s[i].state != UKV_HDR_OTHER;
         }
         if (open == 0 || now_ns() >= end) return open;
-        *progressed += progress(w, &idle);
+        unsigned did = progress(w, &idle);
+        *progressed += did;
+        /* progress counts as movement only while one of ours is arriving (not another pipe's traffic) */
+        for (int i = 0; did && i < k && !(*changed & 2); i++)
+            if (s[i].state == UKV_HDR_FLIGHT || s[i].state == UKV_PAY_FLIGHT) *changed |= 2;
     }
 }
 
