@@ -691,8 +691,7 @@ class Engine:
             while True:
                 with lock:
                     if spinning and native:
-                        if self._native_progress(op.requests) and op.stream:
-                            spin_until = time.monotonic() + self._spin_s  # data moves: keep spinning
+                        self._native_progress(op.requests)
                     else:
                         self._progress(kick if asleep else -1)
                     if self._poll(op, what):
