@@ -78,20 +78,23 @@ def view_bits_case() -> dict:
     return out
 
 
-def fork_case() -> dict:
-    """A forked child that receives on its parent's pipe gets LocalUsageError (the engine is the parent's)."""
+def fork_case(sent: Any = None, out: Any = None) -> dict:
+    """A forked child that receives on its parent's pipe gets LocalUsageError (the engine is the parent's).
+
+    ``sent`` (default ``tensor([7])``) starts with 7; ``out``: receive into a tensor like it."""
     import torch
 
     from transport import LocalUsageError
 
+    sent = torch.tensor([7]) if sent is None else sent
     with _pair() as (a, b):
-        b.send_tensor(torch.tensor([7]))
+        h = b.send_tensor_async(sent)
         time.sleep(0.1)
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: one receive, its outcome down the os pipe, and out
             try:
-                a.recv_tensor(timeout=2)
+                a.recv_tensor(timeout=2, out=None if out is None else torch.empty_like(out))
                 out = "received"
             except LocalUsageError:
                 out = "LocalUsageError"
@@ -106,7 +109,8 @@ def fork_case() -> dict:
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(r)
-        parent = int(a.recv_tensor(timeout=5))  # the parent still has its message
+        parent = int(a.recv_tensor(timeout=5, out=out).view(-1)[0])  # the parent still has its message
+        h.wait(5)
         return {"child": child, "parent": parent}
 
 
@@ -120,36 +124,42 @@ CASES: dict[str, Any] = {
 }
 
 
+def both_modes(cases: dict[str, Any]) -> dict:
+    """Runs every case of ``cases`` with the fast path off, then on (as tests/test_fast_path.py, by
+    switching the engine's ``tag_fast``); returns ``{"name/mode": result}``."""
+    from transport._engine import get_engine
+
+    eng = get_engine()
+    helper = eng.tag_fast
+    assert helper is not None, "the fast-path helper could not be built"
+    results = {}
+    for mode in ("0", "1"):
+        eng.tag_fast = helper if mode == "1" else None
+        for name, case in cases.items():
+            try:
+                results[f"{name}/{mode}"] = case()
+            except Exception as exc:  # noqa: BLE001 - one case's failure is its own
+                results[f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
 def in_process_cases(q: Any) -> None:
-    """Runs every case of CASES with the fast path off, then on (as tests/test_fast_path.py, by
-    switching the engine's ``tag_fast``); reports ``{"name/mode": result}``."""
+    """Runs every case of CASES in both modes (:func:`both_modes`) and reports the results."""
+    _report(q, "1", lambda: both_modes(CASES))
 
-    def body() -> dict:
-        from transport._engine import get_engine
 
-        eng = get_engine()
-        helper = eng.tag_fast
-        assert helper is not None, "the fast-path helper could not be built"
-        results = {}
-        for mode in ("0", "1"):
-            eng.tag_fast = helper if mode == "1" else None
-            for name, case in CASES.items():
-                try:
-                    results[f"{name}/{mode}"] = case()
-                except Exception as exc:  # noqa: BLE001 - one case's failure is its own
-                    results[f"{name}/{mode}"] = f"{type(exc).__name__}: {exc}"
-        return results
-
-    _report(q, "1", body)
+def shared_cases(target: Any) -> Iterator[dict]:
+    """What ``target`` (run in one spawned process) reports; the process is cleaned up after."""
+    ps = Peers()
+    try:
+        yield _run_with(ps, target)
+    finally:
+        ps.close()
 
 
 @pytest.fixture(scope="module")
 def cases() -> Iterator[dict]:
-    ps = Peers()
-    try:
-        yield _run_with(ps, in_process_cases)
-    finally:
-        ps.close()
+    yield from shared_cases(in_process_cases)
 
 
 @pytest.mark.parametrize("fast", ["0", "1"])

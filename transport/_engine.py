@@ -189,6 +189,19 @@ class Arrived:
         """Nothing can fail any more."""
 
 
+class Failed:
+    """A request that already failed with ``error``, shaped like a ucxx request for :class:`Op`."""
+
+    __slots__ = ("error", "length")
+    completed = True
+
+    def __init__(self, error: TransportError, length: int = -1):
+        self.error, self.length = error, length
+
+    def check_error(self) -> None:
+        raise self.error
+
+
 class _Sleeper:
     """A waiting thread's way to sleep: a poller on the worker's fd and on its own kick eventfd.
 
@@ -256,6 +269,9 @@ class Engine:
             self._c_req, self._c_len, self._c_prog = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_uint()
             self._c_out = (ctypes.byref(self._c_req), ctypes.byref(self._c_prog))
             self._c_lenp = ctypes.byref(self._c_len)
+            self._c_reqs = (ctypes.c_void_p * 2)()
+            self._c_changed = ctypes.c_int()
+            self._c_changedp = ctypes.byref(self._c_changed)
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._wake_fd, self._thread)
@@ -431,6 +447,52 @@ class Engine:
                 self._local.spun_at = now  # the ordinary wait that follows sleeps at once (see wait)
                 return None
 
+    def send_tensor(self, ep: Any, tag: int, header: bytes, pay_tag: int, addr: int, nbytes: int, keep: Any,
+                    what: str, is_open: Callable[[], bool]) -> "list[_ucp_tag.NativeRequest]":
+        """Send the header frame ``u32 len(header) | header`` on ``tag`` (from a copy) and ``nbytes`` at
+        ``addr`` on ``pay_tag`` (in place: ``keep``, the memory's owner, is held until UCX is done
+        with it), in one C call that progresses the worker once; needs :attr:`tag_fast`.
+
+        Returns the requests still in flight (wait on them with an :class:`Op`). Raises
+        :class:`PeerDeadError` naming ``what`` if the endpoint is closed or UCX refuses a send.
+        """
+        lib = self.tag_fast
+        assert lib is not None
+        self._check_pid()
+        reqs = self._c_reqs
+        with self._lock:
+            h = ep.handle if is_open() else 0
+            if not h:
+                raise PeerDeadError(f"{what}: the endpoint is closed")
+            rc = lib.ukv_send_tensor(self._worker_h, h, tag, header, len(header), pay_tag, addr, nbytes, 0,
+                                     reqs, self._c_out[1])
+            r0, r1, progressed = reqs[0], reqs[1], self._c_prog.value
+            if progressed:
+                self._progressed()
+            out = []
+            for r, k in ((r0, None), (r1, keep)):
+                if r:
+                    req = _ucp_tag.NativeRequest(r, what, self._lock, keep=k)
+                    self._draining.append((req, k))  # freed once done, also if its waiter gives up
+                    out.append(req)
+        if rc < 0:
+            raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
+        return out
+
+    def recv_tensors(self, slots: Any, k: int, spin_ns: int) -> tuple[int, bool]:
+        """One slice of ``ukv_recv_tensors`` on ``slots[:k]`` (a :class:`_ucp_tag.RecvSlot` array), engine
+        lock held; returns (slots still waiting or in flight, whether anything moved: a slot, or data
+        of one still arriving). Needs :attr:`tag_fast`."""
+        lib = self.tag_fast
+        assert lib is not None
+        self._check_pid()
+        with self._lock:
+            open_ = lib.ukv_recv_tensors(self._worker_h, slots, k, spin_ns, self._c_out[1], self._c_changedp)
+            moved = bool(self._c_changed.value)
+            if self._c_prog.value:
+                self._progressed()
+        return open_, moved
+
     def own(self, tag_base: int, mask_bits: int) -> None:
         """Declare the tags sharing ``tag_base``'s top bits live: a sweep keeps messages on them.
 
@@ -542,11 +604,29 @@ class Engine:
             for _ in range(255):
                 if not progress_once():
                     break
-        # also when idle now: what arrived just after the last sweep must not stay parked
+        self._maybe_sweep()  # also when idle now: what arrived just after the last sweep must not stay parked
+        if not did:
+            return False
+        self._progressed(own_kick)
+        return True
+
+    def _maybe_sweep(self) -> None:
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_S
             self._sweep()
+
+    def _native_progress(self, requests: list[Any], own_kick: int = -1) -> bool:
+        """:meth:`_progress` for an op whose requests are all :class:`_ucp_tag.NativeRequest`: one C call
+        progresses the worker until they complete or a slice (``_FAST_SLICE_NS``) ends (engine lock held)."""
+        ptrs = [r._req for r in requests if r._req is not None]
+        did = 0
+        if ptrs:
+            assert self.tag_fast is not None
+            self.tag_fast.ukv_wait_requests(self._worker_h, (ctypes.c_void_p * len(ptrs))(*ptrs), len(ptrs),
+                                            _FAST_SLICE_NS, self._c_out[1])
+            did = self._c_prog.value
+        self._maybe_sweep()
         if not did:
             return False
         self._progressed(own_kick)
@@ -603,12 +683,17 @@ class Engine:
         asleep = False  # kick registered in self._sleeping
         armed = False
         n = 0
+        # an op of compiled-path requests is spun on in C, a slice per iteration (see _native_progress)
+        native = self.tag_fast is not None and all(type(r) is _ucp_tag.NativeRequest for r in op.requests)
         with lock:
             self._waiters += 1  # while any, waiters progress the worker for everyone
         try:
             while True:
                 with lock:
-                    self._progress(kick if asleep else -1)
+                    if spinning and native:
+                        self._native_progress(op.requests)
+                    else:
+                        self._progress(kick if asleep else -1)
                     if self._poll(op, what):
                         return
                     if not spinning:
@@ -617,14 +702,15 @@ class Engine:
                             self._sleeping.add(kick)
                         armed = worker.arm()  # False: events are pending, progress again
                 n += 1
-                if spinning and (n & 31):
+                if spinning and not native and (n & 31):
                     continue
                 now = time.monotonic()
                 self._check(start, now, deadline, what, alive)
                 if spinning:
                     if now >= spin_until:
                         spinning = False
-                    os.sched_yield()  # more runnable threads than cores: the peer may need this one
+                    if not native:  # (the C slice yields by itself)
+                        os.sched_yield()  # more runnable threads than cores: the peer may need this one
                 elif armed and poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
                     try:
                         os.eventfd_read(kick)

@@ -236,6 +236,28 @@ def encode_header_bytes(header: Header) -> bytes:
     return _encoder.encode(header)
 
 
+def _msgpack_uint(v: int) -> bytes:
+    """A non-negative int below 2**32 as msgpack writes it (the shortest form, as msgspec does)."""
+    if v < 0x80:
+        return bytes((v,))
+    if v < 0x100:
+        return bytes((0xCC, v))
+    if v < 0x10000:
+        return b"\xcd" + v.to_bytes(2, "big")
+    return b"\xce" + v.to_bytes(4, "big")
+
+
+def one_tensor_header(seq: int, spec_bytes: bytes) -> bytes:
+    """``encode_header_bytes(Header(seq, [spec], None))`` from ``spec_bytes = encode_spec(spec)``, without
+    building the header (a stream of same-shaped tensors differs only in ``seq``, 0 <= seq < 2**32)."""
+    return b"\x93" + _msgpack_uint(seq) + b"\x91" + spec_bytes + b"\xc0"
+
+
+def encode_spec(spec: TensorSpec) -> bytes:
+    """``spec`` as msgpack (as it appears inside an encoded header)."""
+    return _encoder.encode(spec)
+
+
 def encode_header(frame: memoryview, header: Header, inline: Sequence[bytes | memoryview] = ()) -> int:
     """Write ``header`` and the ``inline`` payloads (in order) into ``frame``; return the bytes used."""
     body = _encoder.encode(header)

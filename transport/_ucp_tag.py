@@ -139,6 +139,188 @@ int ukv_recv_frame(ucp_worker_h w, uint64_t tag, void *buf, size_t cap, int64_t 
     }
 }
 
+/* Send a tensor: its header frame on tag_hdr from a copy (as ukv_send_frame) and its payload on tag_pay
+   from the caller's memory, in place (it must stay alive until reqs[1] completes), then progress up to
+   spin_ns (one progress at least). reqs[0], reqs[1]: the requests still in flight (NULL: done; the caller
+   frees them with ukv_tag_request_free once complete). 0: both posted; < 0: UCS error of the header
+   (nothing posted) or of the payload (reqs[0] may be in flight). */
+int ukv_send_tensor(ucp_worker_h w, ucp_ep_h ep, uint64_t tag_hdr, const char *hdr, uint32_t hdrlen,
+                    uint64_t tag_pay, const void *pay, size_t paylen, int64_t spin_ns, void **reqs,
+                    unsigned *progressed) {
+    size_t n = 4 + (size_t)hdrlen;
+    unsigned char *buf = malloc(n);
+    reqs[0] = reqs[1] = NULL;
+    *progressed = 0;
+    if (buf == NULL) return UCS_ERR_NO_MEMORY;
+    buf[0] = hdrlen & 0xff; buf[1] = (hdrlen >> 8) & 0xff; buf[2] = (hdrlen >> 16) & 0xff; buf[3] = hdrlen >> 24;
+    memcpy(buf + 4, hdr, hdrlen);
+    ucp_request_param_t p;
+    memset(&p, 0, sizeof(p));
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = free_user_data;
+    p.user_data = buf;
+    ucs_status_ptr_t r = ucp_tag_send_nbx(ep, buf, n, tag_hdr, &p);
+    if (r == NULL) {
+        free(buf);
+    } else if (UCS_PTR_IS_ERR(r)) {
+        free(buf);
+        return UCS_PTR_STATUS(r);
+    } else {
+        reqs[0] = r;
+    }
+    ucp_request_param_t q;
+    memset(&q, 0, sizeof(q));
+    r = ucp_tag_send_nbx(ep, pay, paylen, tag_pay, &q);
+    if (UCS_PTR_IS_ERR(r)) return UCS_PTR_STATUS(r);
+    reqs[1] = r;
+    uint64_t end = now_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+    int idle = 0;
+    for (;;) {
+        *progressed += progress(w, &idle);
+        for (int i = 0; i < 2; i++) {
+            if (reqs[i] != NULL && ucp_request_check_status(reqs[i]) != UCS_INPROGRESS) {
+                ucs_status_t s = ucp_request_check_status(reqs[i]);
+                if (s != UCS_OK) return 0;  /* left for the caller, which reads its status */
+                ucp_request_free(reqs[i]);
+                reqs[i] = NULL;
+            }
+        }
+        if ((reqs[0] == NULL && reqs[1] == NULL) || now_ns() >= end) return 0;
+    }
+}
+
+/* One receive of a tensor with a payload straight into the caller's memory (see ukv_recv_tensors). */
+typedef struct {
+    uint64_t hdr_tag, pay_tag;
+    void *frame;
+    uint64_t cap;
+    const void *expect;   /* the exact header frame expected (length prefix included) */
+    uint64_t expect_len;
+    void *out;
+    uint64_t out_len;
+    uint64_t len;         /* the header's length once it arrived */
+    int64_t state;
+    int64_t status;       /* the UCS error of a failed receive (state UKV_FAILED_*) */
+    void *req;            /* the receive in flight (states UKV_HDR_FLIGHT, UKV_PAY_FLIGHT) */
+} ukv_rslot;
+
+enum { UKV_WAIT_HDR = 0, UKV_HDR_FLIGHT = 1, UKV_HDR_OTHER = 2, UKV_WAIT_PAY = 3, UKV_PAY_FLIGHT = 4,
+       UKV_DONE = 5, UKV_PAY_OTHER = 6, UKV_FAILED_HDR = 7, UKV_FAILED_PAY = 8 };
+
+static void header_arrived(ukv_rslot *s) {
+    s->state = (s->len == s->expect_len && s->len <= s->cap && memcmp(s->frame, s->expect, s->len) == 0)
+               ? UKV_WAIT_PAY : UKV_HDR_OTHER;
+}
+
+/* Whether the slot's request finished; if so it is freed, and a failure sets state = failed. */
+static int reaped(ukv_rslot *s, int64_t failed) {
+    ucs_status_t st = ucp_request_check_status(s->req);
+    if (st == UCS_INPROGRESS) return 0;
+    ucp_request_free(s->req);
+    s->req = NULL;
+    if (st != UCS_OK) { s->status = st; s->state = failed; }
+    return 1;
+}
+
+/* Receive the probed message m into buf[0..len): 1 if it completed at once, else 0 with the slot's
+   state set to flight (its request in s->req) or, if UCX refused, to failed. */
+static int take(ucp_worker_h w, ukv_rslot *s, void *buf, size_t len, ucp_tag_message_h m, int64_t flight,
+                int64_t failed) {
+    ucp_request_param_t p;
+    memset(&p, 0, sizeof(p));
+    ucs_status_ptr_t r = ucp_tag_msg_recv_nbx(w, buf, len, m, &p);
+    if (r == NULL) return 1;
+    if (UCS_PTR_IS_ERR(r)) {
+        s->status = UCS_PTR_STATUS(r);
+        s->state = failed;
+    } else {
+        s->req = r;
+        s->state = flight;
+    }
+    return 0;
+}
+
+/* Take one slot as far as it goes without waiting; 1 if its state changed. */
+static int advance(ucp_worker_h w, ukv_rslot *s) {
+    ucp_tag_recv_info_t info;
+    int64_t before = s->state;
+    for (;;) {
+        switch (s->state) {
+        case UKV_WAIT_HDR: {
+            ucp_tag_message_h m = ucp_tag_probe_nb(w, s->hdr_tag, (ucp_tag_t)-1, 1, &info);
+            if (m == NULL) return s->state != before;
+            s->len = info.length;
+            if (take(w, s, s->frame, s->cap, m, UKV_HDR_FLIGHT, UKV_FAILED_HDR)) header_arrived(s);
+            break;
+        }
+        case UKV_HDR_FLIGHT:
+            if (!reaped(s, UKV_FAILED_HDR)) return s->state != before;
+            if (s->state != UKV_FAILED_HDR) header_arrived(s);
+            break;
+        case UKV_WAIT_PAY: {
+            /* look before taking: a payload of another length is left for the ordinary path's error */
+            if (ucp_tag_probe_nb(w, s->pay_tag, (ucp_tag_t)-1, 0, &info) == NULL) return s->state != before;
+            if (info.length != s->out_len) { s->state = UKV_PAY_OTHER; break; }
+            ucp_tag_message_h m = ucp_tag_probe_nb(w, s->pay_tag, (ucp_tag_t)-1, 1, &info);
+            if (take(w, s, s->out, s->out_len, m, UKV_PAY_FLIGHT, UKV_FAILED_PAY)) s->state = UKV_DONE;
+            break;
+        }
+        case UKV_PAY_FLIGHT:
+            if (!reaped(s, UKV_FAILED_PAY)) return s->state != before;
+            if (s->state != UKV_FAILED_PAY) s->state = UKV_DONE;
+            break;
+        default:  /* nothing more to do here: done, or the caller's ordinary path takes it */
+            return s->state != before;
+        }
+    }
+}
+
+/* Receive slots s[0..k) (a header each, compared with its expected bytes, then its payload into
+   out), advancing every slot, so several payloads are in flight at once, and progressing the worker
+   until each slot is past what this helper does (done, failed, or left to the ordinary path) or
+   spin_ns passed (at least one pass). A slot's header is looked for once the slot before it has its own
+   (headers arrive in order: no probe is spent on the later ones). Returns the number of slots still
+   waiting or in flight; *changed: 1 if any slot moved on, 2 if the worker made progress while one of
+   them was arriving. */
+int ukv_recv_tensors(ucp_worker_h w, ukv_rslot *s, int k, int64_t spin_ns, unsigned *progressed, int *changed) {
+    uint64_t end = now_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+    int idle = 0;
+    *progressed = 0;
+    *changed = 0;
+    for (;;) {
+        int open = 0;
+        for (int i = 0; i < k; i++) {
+            if (s[i].state == UKV_WAIT_HDR && i > 0 && s[i - 1].state == UKV_WAIT_HDR) {
+                open++;
+                continue;
+            }
+            *changed |= advance(w, &s[i]);
+            open += s[i].state <= UKV_PAY_FLIGHT && s[i].state != UKV_HDR_OTHER;
+        }
+        if (open == 0 || now_ns() >= end) return open;
+        unsigned did = progress(w, &idle);
+        *progressed += did;
+        /* progress counts as movement only while one of ours is arriving (not another pipe's traffic) */
+        for (int i = 0; did && i < k && !(*changed & 2); i++)
+            if (s[i].state == UKV_HDR_FLIGHT || s[i].state == UKV_PAY_FLIGHT) *changed |= 2;
+    }
+}
+
+/* Progress until every request of r[0..n) completed (NULL entries are skipped) or spin_ns passed
+   (at least one progress). Returns how many are still in progress; completed ones are not freed. */
+int ukv_wait_requests(ucp_worker_h w, void **r, int n, int64_t spin_ns, unsigned *progressed) {
+    uint64_t end = now_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
+    int idle = 0;
+    *progressed = 0;
+    for (;;) {
+        *progressed += progress(w, &idle);
+        int open = 0;
+        for (int i = 0; i < n; i++)
+            open += r[i] != NULL && ucp_request_check_status(r[i]) == UCS_INPROGRESS;
+        if (open == 0 || now_ns() >= end) return open;
+    }
+}
+
 /* 1 while in progress, else the final status (0 or < 0). */
 int ukv_tag_request_status(void *req) {
     ucs_status_t s = ucp_request_check_status(req);
@@ -151,6 +333,23 @@ const char *ukv_tag_status_string(int s) { return ucs_status_string((ucs_status_
 """
 
 P = ctypes.c_void_p
+
+
+class RecvSlot(ctypes.Structure):
+    """``ukv_rslot``: one receive of :func:`ukv_recv_tensors` (a header compared with ``expect``, then
+    the payload into ``out``); ``state`` is one of the ``ST_*`` values."""
+
+    _fields_ = [("hdr_tag", ctypes.c_uint64), ("pay_tag", ctypes.c_uint64), ("frame", P), ("cap", ctypes.c_uint64),
+                ("expect", P), ("expect_len", ctypes.c_uint64), ("out", P), ("out_len", ctypes.c_uint64),
+                ("len", ctypes.c_uint64), ("state", ctypes.c_int64), ("status", ctypes.c_int64), ("req", P)]
+
+
+#: ``RecvSlot.state``: nothing taken yet; header in flight; header arrived but differs from the expected
+#: bytes; header matched, payload not arrived; payload in flight; done; payload of another length (not
+#: taken); header receive failed; payload receive failed.
+(ST_WAIT_HDR, ST_HDR_FLIGHT, ST_HDR_OTHER, ST_WAIT_PAY, ST_PAY_FLIGHT, ST_DONE, ST_PAY_OTHER, ST_FAILED_HDR,
+ ST_FAILED_PAY) = range(9)
+
 _lock = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _tried = False
@@ -178,6 +377,10 @@ def lib() -> ctypes.CDLL | None:
         sig = {
             "ukv_send_frame": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, P, sz, i64, pp, up]),
             "ukv_recv_frame": (c_int, [P, ctypes.c_uint64, P, sz, i64, szp, pp, up]),
+            "ukv_send_tensor": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, ctypes.c_uint64, P, sz, i64,
+                                        pp, up]),
+            "ukv_recv_tensors": (c_int, [P, ctypes.POINTER(RecvSlot), c_int, i64, up, ctypes.POINTER(c_int)]),
+            "ukv_wait_requests": (c_int, [P, pp, c_int, i64, up]),
             "ukv_tag_request_status": (c_int, [P]),
             "ukv_tag_request_free": (None, [P]),
             "ukv_tag_status_string": (ctypes.c_char_p, [c_int]),

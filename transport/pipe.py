@@ -22,6 +22,7 @@ N tensors is one header and its payloads, never a header per tensor.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -37,15 +38,16 @@ import numpy as np
 import torch
 
 from . import _envelope as codec
-from . import _wire
+from . import _ucp_tag, _wire
 from ._control import ClientLink, ControlServer, Link, dial
-from ._engine import Arrived, Engine, Op, get_engine
+from ._engine import _FAST_SLICE_NS, Arrived, Engine, Failed, Op, get_engine
 from ._options import PipeKeywords, PipeOptions
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
 
 if TYPE_CHECKING:
     from ._rma import MemoryDescriptor, RemoteMemory
-from .errors import LocalUsageError, PeerClosedError, PeerError, PeerTimeoutError, RemoteProtocolError, TransportError
+from .errors import (LocalUsageError, PeerClosedError, PeerDeadError, PeerError, PeerTimeoutError, RemoteProtocolError,
+                     TransportError)
 
 log = logging.getLogger(__name__)
 
@@ -141,27 +143,58 @@ class Handle:
 class _RecvHandle(Handle):
     """Receives posted by :meth:`Pipe.recv_tensors_async`; ``wait()`` returns the tensors in order."""
 
-    def __init__(self, pipe: "Pipe", slots: list["_RecvSlot"], single: bool):
+    def __init__(self, pipe: "Pipe", slots: list["_RecvSlot"], single: bool, fast: "_FastRecv | None" = None):
         super().__init__(pipe, [], f"receiving {len(slots)} tensor(s) from {pipe.peer}")
-        self._slots, self._single = slots, single
+        self._slots, self._single, self._fast = slots, single, fast
 
     def done(self) -> bool:
+        if self._fast is not None and not self._fast.handed_over:
+            with self._pipe._recv_lock:  # one pass of the compiled path, no spin
+                self._pipe._drive_fast(self._fast, self._slots, time.monotonic())
         return all(s.header_op._done and all(op._done for op in s.payload_ops) for s in self._slots)
 
     def wait(self, timeout: float | None = None) -> Any:
         if not self._waited:
             deadline = time.monotonic() + (self._pipe.timeout_s if timeout is None else timeout)
-            self._result = self._pipe._finish_slots(self._slots, deadline)
+            self._result = self._pipe._finish_slots(self._slots, deadline, self._fast)
             self._waited = True
         return self._result[0] if self._single else self._result
 
 
+#: The header op of a slot whose header the compiled path received and found as expected.
+_RECEIVED = Op([], [])
+_RECEIVED.poll()
+
+
+class _FastRecv:
+    """Receives into ``out`` tensors that the compiled path (``ukv_recv_tensors``) takes when they are waited on.
+
+    Each slot's header is compared byte for byte with the frame a send of its ``out``'s
+    dtype and shape puts on the wire; only then is its payload received into ``out``.
+    Whatever the compiled path does not finish (another header, nothing yet) is handed
+    over to the ordinary path once (:meth:`Pipe._hand_over`), so every check and error
+    is the ordinary one.
+    """
+
+    __slots__ = ("arr", "k", "outs", "headers", "frames", "expect", "device", "background", "handed_over")
+
+    def __init__(self, k: int, outs: list[torch.Tensor], headers: list[codec.Header], frames: list[np.ndarray],
+                 expect: list[bytes], device: torch.device, background: bool):
+        self.arr = (_ucp_tag.RecvSlot * k)()
+        self.k, self.outs, self.headers, self.frames, self.expect = k, outs, headers, frames, expect
+        self.device, self.background = device, background
+        self.handed_over = False
+
+
 class _RecvSlot:
-    """State of one posted receive: its header op and, once known, its payload op."""
+    """State of one posted receive: its header op and, once known, its payload op.
+
+    A slot of a :class:`_FastRecv` has no header op until the batch is handed over.
+    """
 
     __slots__ = ("seq", "frame", "header_op", "payload_ops", "tensors", "header", "batch", "message", "refused")
 
-    def __init__(self, seq: int, frame: np.ndarray, header_op: Op, message: bool = False):
+    def __init__(self, seq: int, frame: np.ndarray, header_op: Op | None, message: bool = False):
         self.seq, self.frame, self.header_op, self.message = seq, frame, header_op, message
         self.batch = False  # posted by recv_tensors_async (several batches may be pending)
         self.payload_ops: list[Op] = []
@@ -208,6 +241,7 @@ class Pipe:
         self._broken: str | None = None
         self._recv_refused: str | None = None  # recv_message refused an envelope unreceived: out of step
         self._rx_frame: np.ndarray | None = None  # the fast path's header frame, reused (see _recv_small)
+        self._specs: dict[tuple[torch.dtype, torch.Size], tuple[codec.TensorSpec, bytes]] = {}  # see _spec_bytes
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
@@ -395,15 +429,45 @@ class Pipe:
             out.append(self._engine.tag_send(self._ep, buf, self._tag(self._send_tag, seq + j, True)))
         return out, keep, nbytes
 
+    def _send_payload_fast(self, objs: Sequence[TensorLike | None], body: bytes | None
+                           ) -> tuple[list[Any], list[Any], int] | None:
+        """Send one bare tensor that travels as header + payload through one C call (``_send_lock`` held).
+
+        The bytes on the wire are :meth:`_post_send`'s: the header frame (its one spec, not inline)
+        on tag ``seq``, then the tensor's memory, in place, on ``seq`` with the payload bit. Returns
+        what :meth:`_post_send` returns, or None, having sent nothing, where the path does not apply
+        (a message, several tensors, None, a CUDA, strided or lazily conjugated tensor, or one
+        small enough to ride inline).
+        """
+        if body is not None or len(objs) != 1 or objs[0] is None:
+            return None
+        obj = objs[0]
+        t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
+        if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+            return None
+        nbytes = t.numel() * t.element_size()
+        seq = self._send_seq
+        header = codec.one_tensor_header(seq & _SEQ_MASK, self._spec_bytes(t.dtype, t.shape, nbytes)[1])
+        if nbytes <= codec.INLINE_LIMIT - len(header):  # _post_send's rule: it rides inline
+            return None
+        self._send_seq = seq + 1
+        what = f"sending tensor #{seq} to {self.peer}"
+        reqs = self._engine.send_tensor(self._ep, self._tag(self._send_tag, seq, False), header,
+                                        self._tag(self._send_tag, seq, True), t.data_ptr(), nbytes, t, what,
+                                        self._ep_open)
+        return reqs, [t], nbytes
+
     def _send_async(self, sends: Sequence[tuple[Sequence[TensorLike | None], bytes | None]], background: bool,
                     what: str) -> Handle:
         self._ready()
         requests: list[Any] = []
         keep: list[Any] = []
         total = 0
+        fast = self._engine.tag_fast is not None
         with self._send_lock:
             for objs, body in sends:
-                r, k, n = self._post_send(objs, body)
+                sent = self._send_payload_fast(objs, body) if fast else None
+                r, k, n = sent if sent is not None else self._post_send(objs, body)
                 requests += r
                 keep += k
                 total += n
@@ -525,13 +589,15 @@ class Pipe:
     # -- receiving -------------------------------------------------------
     def _post_recv(self, device: torch.device, out: torch.Tensor | None = None, background: bool = True,
                    message: bool = False, max_tensors: int | None = None,
-                   received: tuple[np.ndarray, Any] | None = None) -> _RecvSlot:
+                   received: tuple[np.ndarray, Any] | None = None, seq: int | None = None) -> _RecvSlot:
         """Post the receive of the next header; once it arrived, allocate its tensors and post their payloads.
 
-        ``received``: the header already arrived (the fast path's frame and request).
+        ``received``: the header already arrived (the fast path's frame and request). ``seq``: the
+        sequence number a :class:`_FastRecv` slot already took (None: the next one).
         """
-        seq = self._recv_seq
-        self._recv_seq += 1
+        if seq is None:
+            seq = self._recv_seq
+            self._recv_seq += 1
         frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8) if received is None else received[0]
         slot_box: list[_RecvSlot] = []
         what = f"{'message' if message else 'tensor'} #{seq} from {self.peer}"
@@ -613,15 +679,20 @@ class Pipe:
                 f"which cannot be allocated on {device}: {codec.clip(str(exc))}") from None
 
     def _finish_slot(self, slot: _RecvSlot, deadline: float) -> torch.Tensor | None:
+        if slot.header_op is _RECEIVED and not slot.payload_ops:  # the compiled path did it all
+            return slot.tensor
         what = f"receiving {'message' if slot.message else 'tensor'} #{slot.seq} from {self.peer}"
         self._wait_ops([slot.header_op], deadline, what + " (header)", slot.seq)
         for i, op in enumerate(slot.payload_ops):
             self._wait_ops([op], deadline, what + f" (payload {i})", slot.seq)
         return slot.tensor
 
-    def _finish_slots(self, slots: list[_RecvSlot], deadline: float) -> list[torch.Tensor | None]:
+    def _finish_slots(self, slots: list[_RecvSlot], deadline: float, fast: _FastRecv | None = None
+                      ) -> list[torch.Tensor | None]:
         out = []
         with self._recv_lock:
+            if fast is not None and not fast.handed_over:
+                self._drive_fast(fast, slots, deadline)
             for s in slots:
                 out.append(self._finish_slot(s, deadline))
                 self._slots.remove(s)
@@ -648,11 +719,152 @@ class Pipe:
         with self._recv_lock:
             if any(not sl.batch for sl in self._slots):
                 raise LocalUsageError("a recv_tensor that timed out is still pending on this pipe; call recv_tensor first")
-            slots = [self._post_recv(dev, None if out is None else out[i], _background) for i in range(n)]
+            fast = (self._defer_fast(list(out), dev, _background)
+                    if out is not None and n and not self._slots and self._engine.tag_fast is not None else None)
+            slots = (fast[0] if fast is not None else
+                     [self._post_recv(dev, None if out is None else out[i], _background) for i in range(n)])
             for sl in slots:
                 sl.batch = True
             self._slots.extend(slots)
-        return _RecvHandle(self, slots, _single)
+        return _RecvHandle(self, slots, _single, None if fast is None else fast[1])
+
+    def _payload_header(self, out: torch.Tensor, seq: int) -> tuple[codec.Header, bytes] | None:
+        """The header of send #``seq`` of a CPU tensor of ``out``'s dtype and shape whose bytes travel as a
+        payload, and its frame as on the wire; None where the compiled receive does not apply: such a
+        tensor would ride inline, ``out`` is not a contiguous CPU tensor, or the header would be refused
+        (a dtype, depth or size the ordinary path rejects with its own error)."""
+        if out.device.type != "cpu" or not out.is_contiguous() or out.dim() > codec.MAX_NDIM:
+            return None
+        nbytes = out.numel() * out.element_size()
+        if nbytes > self.max_tensor_bytes:
+            return None
+        try:
+            spec, spec_bytes = self._spec_bytes(out.dtype, out.shape, nbytes)
+        except LocalUsageError:  # a dtype the transport does not carry
+            return None
+        body = codec.one_tensor_header(seq & _SEQ_MASK, spec_bytes)
+        if nbytes <= codec.INLINE_LIMIT - len(body):
+            return None
+        return codec.Header(seq & _SEQ_MASK, [spec], None), len(body).to_bytes(4, "little") + body
+
+    def _spec_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int) -> tuple[codec.TensorSpec, bytes]:
+        """The spec of a CPU tensor of ``dtype`` and ``shape`` sent as a payload, and its msgpack bytes
+        (cached: a stream repeats a few shapes). Raises :class:`LocalUsageError` for an unsupported dtype."""
+        key = (dtype, shape)
+        got = self._specs.get(key)
+        if got is None:
+            spec = codec.TensorSpec(codec.dtype_name(dtype), list(shape), nbytes, "cpu", False)
+            if len(self._specs) >= 64:
+                self._specs.clear()
+            got = self._specs[key] = (spec, codec.encode_spec(spec))
+        return got
+
+    def _defer_fast(self, outs: list[torch.Tensor], device: torch.device, background: bool
+                    ) -> tuple[list[_RecvSlot], _FastRecv] | None:
+        """Take the next ``len(outs)`` sequence numbers for a :class:`_FastRecv` (``_recv_lock`` held), or
+        None, having taken nothing, where the compiled receive does not apply to every ``out``."""
+        seq0 = self._recv_seq
+        got = []
+        for i, o in enumerate(outs):
+            hb = self._payload_header(o, seq0 + i)
+            if hb is None:
+                return None
+            got.append(hb)
+        k = len(outs)
+        frames = np.empty((k, codec.HEADER_FRAME_SIZE), dtype=np.uint8)
+        expect = [b for _, b in got]
+        fb = _FastRecv(k, outs, [h for h, _ in got], list(frames), expect, device, background)
+        base = frames.ctypes.data
+        for i, (o, b) in enumerate(zip(outs, expect)):
+            c = fb.arr[i]
+            c.hdr_tag = self._tag(self._recv_tag, seq0 + i, False)
+            c.pay_tag = self._tag(self._recv_tag, seq0 + i, True)
+            c.frame, c.cap = base + i * codec.HEADER_FRAME_SIZE, codec.HEADER_FRAME_SIZE
+            c.expect, c.expect_len = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value, len(b)
+            c.out, c.out_len = o.data_ptr(), o.numel() * o.element_size()
+        self._recv_seq = seq0 + k
+        return [_RecvSlot(seq0 + i, fb.frames[i], None) for i in range(k)], fb
+
+    def _drive_fast(self, fb: _FastRecv, slots: list[_RecvSlot], deadline: float) -> None:
+        """Receive ``fb``'s slots through ``ukv_recv_tensors`` (``_recv_lock`` held), in slices of the engine's
+        lock, for as long as something moves (then ``UCXKV_SPIN_US`` more), at most until ``deadline``;
+        then hand what is left over to the ordinary path (:meth:`_hand_over`), which waits with its
+        timeout and liveness checks and raises every error the ordinary path raises."""
+        eng = self._engine
+        spin = eng._spin_s
+        slice_ns = min(_FAST_SLICE_NS, int(spin * 1e9))
+        quiet_at = time.monotonic() + spin
+        n = 0
+        try:
+            while not self._ep_closed and not (eng._stash and self._stashed(fb)):
+                open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
+                if not open_:
+                    break
+                now = time.monotonic()
+                if moved:
+                    quiet_at = now + spin
+                elif now >= quiet_at:
+                    break
+                if now >= deadline:
+                    break
+                n += 1
+                if not n & 15 and self._alive(slots[0].seq):
+                    break  # the ordinary wait raises it
+        finally:
+            self._hand_over(fb, slots)
+
+    def _stashed(self, fb: _FastRecv) -> bool:
+        """Whether a sweep parked a message the compiled receive of ``fb`` looks for (it only probes the worker)."""
+        stash = self._engine._stash
+        for c in fb.arr:
+            if (c.state == _ucp_tag.ST_WAIT_HDR and c.hdr_tag in stash) or (
+                    c.state == _ucp_tag.ST_WAIT_PAY and c.pay_tag in stash):
+                return True
+        return False
+
+    def _hand_over(self, fb: _FastRecv, slots: list[_RecvSlot]) -> None:
+        """Turn each slot of ``fb`` into the ordinary path's state for what the compiled path did
+        (``_recv_lock`` held): done, a payload in flight, or a header to check (or still to come)
+        that :meth:`_post_recv` takes from there."""
+        fb.handed_over = True
+        eng = self._engine
+        lock = eng._lock
+        for i in range(fb.k):
+            c, slot, out, frame = fb.arr[i], slots[i], fb.outs[i], fb.frames[i]
+            st, what = c.state, f"tensor #{slot.seq} from {self.peer}"
+            if st in (_ucp_tag.ST_DONE, _ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_FAILED_PAY):
+                # its header was the one expected: nothing of it is left to check
+                slot.header, slot.tensors, slot.header_op = fb.headers[i], [out], _RECEIVED
+                self.bytes_received += c.out_len
+                if st == _ucp_tag.ST_PAY_FLIGHT:
+                    req: Any = _ucp_tag.NativeRequest(c.req, f"payload 0 of {what}", lock, keep=out)
+                    with lock:
+                        eng._draining.append((req, out))  # out outlives the request, whatever its waiter does
+                    slot.payload_ops = [Op([req], [out], stream=c.out_len >= _STREAM_BYTES)]
+                elif st == _ucp_tag.ST_FAILED_PAY:
+                    slot.payload_ops = [Op([Failed(PeerDeadError(
+                        f"payload 0 of {what} failed: {_ucp_tag.status_string(c.status)}"))], [])]
+                continue
+            received: tuple[np.ndarray, Any] | None
+            if st == _ucp_tag.ST_WAIT_HDR:
+                received = None
+            elif st == _ucp_tag.ST_HDR_FLIGHT:
+                req = _ucp_tag.NativeRequest(c.req, f"header of {what}", lock, c.len, frame)
+                with lock:
+                    eng._draining.append((req, frame))
+                received = (frame, req)
+            elif st == _ucp_tag.ST_FAILED_HDR:
+                received = (frame, Failed(PeerDeadError(
+                    f"header of {what} failed: {_ucp_tag.status_string(c.status)}")))
+            elif c.len > c.cap:  # consumed (truncated): the peer broke the frame limit
+                received = (frame, Failed(RemoteProtocolError(
+                    f"header of {what}: {c.len} bytes arrived, expected at most {c.cap} bytes")))
+            else:  # another header than expected, or the expected one whose payload has not come (or differs)
+                received = (frame, Arrived(c.len))
+            new = self._post_recv(fb.device, out, fb.background, received=received, seq=slot.seq)
+            new.batch = True
+            slots[i] = new
+            self._slots[self._slots.index(slot)] = new
 
     def recv_tensor_async(self, device: str | torch.device | None = None) -> Handle:
         """Post a receive for the next tensor; ``wait()`` returns it (or None)."""
@@ -667,11 +879,12 @@ class Pipe:
         A timeout here is not fatal: the receive stays posted and the next call
         picks it up, so nothing the peer sends is lost or reordered.
         """
-        if self._engine.tag_fast is not None and (out is None or out.is_contiguous()):
+        fast = self._engine.tag_fast is not None
+        if fast and (out is None or (out.is_contiguous() and self._payload_header(out, self._recv_seq) is None)):
             got = self._recv_small(device, timeout, False, None, out)
             if got is not None:
                 return got[1][0]
-        if out is not None:
+        if out is not None:  # (with a payload, through the compiled path: see _FastRecv)
             # waited on at once: this thread progresses it (no hand-over to the progress thread)
             return self.recv_tensors_async(out=[out], _single=True, _background=False).wait(timeout)
         return self._recv_next(device, timeout, False, None).tensor

@@ -1,0 +1,131 @@
+"""Per-message CPU of a tensor stream, both sides: what ``tensor_bw`` does without its control messages.
+
+Run: ``python -m bench.stream_cost [--size 65536] [-n 8000] [--tls sm] [--profile]`` (to measure
+another tree: ``cd /tmp; PYTHONPATH=TREE python TREE2/bench/stream_cost.py``; ``-m`` imports the
+current directory's ``transport`` first). A receiver
+process waits on ``recv_tensors_async(out=[buf] * 8)`` batches while this process sends with
+``send_tensor_async``, 8 in flight. Each side prints its process CPU time (all threads,
+``getrusage``) per message, its MB/s and, with ``--profile``, its cProfile call count per message
+and top functions; the receiver also prints where its compiled receives stood when handed to the
+ordinary path (``_ucp_tag.ST_*`` counts). CPU per message and call counts survive a loaded
+machine far better than the MB/s (docs/bench.md, "Streaming through the compiled path").
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing as mp
+import os
+import resource
+import time
+from typing import Any
+
+WINDOW = 8
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _measured(side: str, n: int, size: int, profile: bool, run: Any) -> str:
+    """Run ``run()`` (the timed part) and describe it: CPU µs per message, MB/s, calls per message."""
+    prof = None
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    c0, t0 = _cpu(), time.perf_counter()
+    run()
+    c1, t1 = _cpu(), time.perf_counter()
+    line = f"{side}: {1e6 * (c1 - c0) / n:.1f} us CPU/message, {n * size / (t1 - t0) / 1e6:.0f} MB/s"
+    if prof is not None:
+        import io
+        import pstats
+
+        prof.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out)
+        stats.sort_stats("tottime").print_stats(12)
+        line += f", {stats.total_calls / n:.0f} Python calls/message\n{out.getvalue()}"
+    return line
+
+
+def _receiver(q: Any, size: int, n: int, profile: bool) -> None:
+    import torch
+
+    from transport import Pipe, _ucp_tag
+    from transport import pipe as pipe_mod
+
+    names = {getattr(_ucp_tag, k): k for k in dir(_ucp_tag) if k.startswith("ST_")}
+    states: collections.Counter = collections.Counter()
+    hand_over = getattr(pipe_mod.Pipe, "_hand_over", None)  # (a tree without the compiled payload path: none)
+
+    def counting(self: Any, fb: Any, slots: Any) -> None:
+        states.update(names[c.state] for c in fb.arr)
+        hand_over(self, fb, slots)
+
+    if hand_over is not None:
+        pipe_mod.Pipe._hand_over = counting  # type: ignore[method-assign]
+    p = Pipe.listen(timeout_s=60)
+    q.put(p.address)
+    p.wait_connected(60)
+    buf = torch.empty(size, dtype=torch.uint8)
+    p.recv_tensor(timeout=60)  # the sender is up
+
+    def run() -> None:
+        done = 0
+        while done < n:
+            k = min(WINDOW, n - done)
+            p.recv_tensors_async(out=[buf] * k).wait(60)
+            done += k
+
+    line = _measured("receiver", n, size, profile, run)
+    p.send_tensor(None)
+    q.put(f"{line}\nreceiver compiled slots at hand-over: {dict(states)}")
+    p.recv_tensor(timeout=60)
+    p.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=65536, help="bytes per tensor")
+    ap.add_argument("-n", type=int, default=8000, help="messages")
+    ap.add_argument("--tls", default="sm", help="UCX_TLS of both sides")
+    ap.add_argument("--profile", action="store_true", help="cProfile both sides (slower)")
+    args = ap.parse_args()
+    os.environ["UCX_TLS"] = args.tls
+    import torch
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    rx = ctx.Process(target=_receiver, args=(q, args.size, args.n, args.profile), daemon=True)
+    rx.start()
+    from transport import Pipe
+
+    p = Pipe.connect(q.get(timeout=120), timeout_s=60)
+    t = torch.ones(args.size, dtype=torch.uint8)
+    p.send_tensor(None)
+
+    def run() -> None:
+        inflight: collections.deque = collections.deque()
+        for _ in range(args.n):
+            if len(inflight) >= WINDOW:
+                inflight.popleft().wait(60)
+            inflight.append(p.send_tensor_async(t))
+        while inflight:
+            inflight.popleft().wait(60)
+        p.recv_tensor(timeout=60)  # the receiver has them all
+
+    line = _measured("sender", args.n, args.size, args.profile, run)
+    print(q.get(timeout=120))
+    print(line)
+    p.send_tensor(None)
+    p.close()
+    rx.join(30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Tensors with a payload through the compiled path (``ukv_send_tensor``, ``ukv_recv_tensors``) against
+the ordinary Python path: the same wire both ways, the same errors, the same waits.
+
+The interop and fault cases run sender and receiver in separate spawned processes, each with its own
+``UCXKV_FAST_PATH``; the frame comparison runs one pipe pair in this process, switching the engine's
+``tag_fast`` between sends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import time
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from tests.conftest import Peers
+from tests.test_fast_path_review import _pair, _report, _run_with, both_modes, shared_cases
+from tests.test_fast_path_review import fork_case as review_fork_case
+from transport import Pipe
+from transport._engine import get_engine
+
+
+def _payloads() -> list[torch.Tensor]:
+    """Tensors whose bytes travel as a payload (64 KiB, 1 MiB, odd sizes, several dtypes)."""
+    g = torch.Generator().manual_seed(5)
+    return [torch.arange(16384, dtype=torch.float32),  # 64 KiB
+            torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=g),  # 1 MiB
+            torch.randint(-999, 999, (3001, 7), dtype=torch.int16, generator=g),
+            torch.randn(123, 457, generator=g).to(torch.bfloat16),
+            torch.randn(1, 100003, dtype=torch.float64, generator=g),
+            torch.randint(0, 2, (70001,), generator=g).bool(),
+            torch.randint(-128, 127, (8193,), dtype=torch.int8, generator=g)]  # just past the inline room
+
+
+def _mixed() -> list[torch.Tensor | None]:
+    """A send_tensors of inline tensors, payload tensors and a None."""
+    return [torch.arange(5), torch.full((40000,), 3, dtype=torch.int32), None, torch.ones(7600, dtype=torch.uint8),
+            torch.arange(30000, dtype=torch.float64).view(100, 300)]
+
+
+def _same(got: Any, want: Any) -> bool:
+    if want is None:
+        return got is None
+    return got is not None and got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+
+
+def _count_states(pipe_mod: Any) -> dict:
+    """Counts, by ``_ucp_tag.ST_*`` name, where each compiled receive slot was when handed over."""
+    from transport import _ucp_tag
+
+    names = {getattr(_ucp_tag, n): n for n in dir(_ucp_tag) if n.startswith("ST_")}
+    counts: dict[str, int] = {}
+    hand_over = pipe_mod.Pipe._hand_over
+
+    def counting(self: Any, fb: Any, slots: Any) -> None:
+        for c in fb.arr:
+            counts[names[c.state]] = counts.get(names[c.state], 0) + 1
+        hand_over(self, fb, slots)
+
+    pipe_mod.Pipe._hand_over = counting
+    return counts
+
+
+def interop_receiver(q: Any, fast: str) -> None:
+    """Listens, reports its address, receives what interop_sender sends in four ways, reports the checks."""
+
+    def body() -> dict:
+        from transport import pipe as pipe_mod
+
+        counts = _count_states(pipe_mod)
+        p = Pipe.listen(timeout_s=60)
+        q.put(("addr", p.address))
+        p.wait_connected(60)
+        want, mixed, ok = _payloads(), _mixed(), {}
+        try:
+            outs = [torch.empty_like(t) for t in want]
+            got = p.recv_tensors_async(out=outs).wait(60)
+            ok["batch"] = all(g is o and _same(g, t) for g, o, t in zip(got, outs, want))
+            outs = [torch.empty_like(t) for t in want]
+            ok["one_by_one_into"] = all(p.recv_tensor(out=o, timeout=60) is o and _same(o, t) for o, t in zip(outs, want))
+            ok["fresh"] = all(_same(p.recv_tensor(timeout=60), t) for t in want)
+            ok["mixed"] = all(_same(p.recv_tensor(timeout=60), t) for t in mixed)
+            # a None where a payload was expected: that slot gives None, the others their tensors
+            outs = [torch.empty(40000, dtype=torch.int32), torch.empty(1), torch.empty(30000, dtype=torch.float64)]
+            got = p.recv_tensors_async(out=outs).wait(60)
+            ok["none_in_batch"] = _same(got[0], mixed[1]) and got[1] is None and _same(got[2], mixed[4].view(-1))
+            p.send_tensor(None)  # done
+            return {"ok": ok, "states": dict(counts), "received": p.bytes_received}
+        finally:
+            p.close()
+
+    _report(q, fast, body)
+
+
+def interop_sender(q: Any, fast: str, address: str) -> None:
+    """Sends _payloads three times (async, send_tensors, one by one), _mixed, then [payload, None, payload]."""
+
+    def body() -> dict:
+        p = Pipe.connect(address, timeout_s=60)
+        try:
+            want, mixed = _payloads(), _mixed()
+            for h in [p.send_tensor_async(t) for t in want]:
+                h.wait(60)
+            p.send_tensors(want, timeout=60)
+            for t in want:
+                p.send_tensor(t, timeout=60)
+            p.send_tensors(mixed, timeout=60)
+            p.send_tensors([mixed[1], None, mixed[4].view(-1)], timeout=60)
+            p.recv_tensor(timeout=60)
+            return {"sent": p.bytes_sent}
+        finally:
+            p.close()
+
+    _report(q, fast, body)
+
+
+@pytest.mark.parametrize("send_fast,recv_fast", [("1", "0"), ("0", "1"), ("1", "1")])
+def test_payload_tensors_cross_between_fast_and_ordinary_peers(peers: Peers, send_fast: str, recv_fast: str):
+    rx = peers.start(interop_receiver, recv_fast)
+    address = peers.expect(rx, "addr", timeout=60)
+    tx = peers.start(interop_sender, send_fast, address)
+    got, sent = peers.expect(rx, "ok", timeout=120), peers.expect(tx, "ok", timeout=120)
+    assert all(got["ok"].values()) and len(got["ok"]) == 5, got
+    assert got["received"] == sent["sent"]
+    states = got["states"]
+    if recv_fast == "0":
+        assert states == {}, states
+    else:  # every header compared was the one expected (whichever path sent it), but the None's
+        assert states.get("ST_HDR_OTHER", 0) <= 1 and "ST_PAY_OTHER" not in states, states
+
+
+@pytest.fixture()
+def pair() -> Iterator[tuple[Pipe, Pipe]]:
+    if get_engine().tag_fast is None:
+        pytest.skip("the fast-path helper could not be built here (no C compiler?)")
+    with _pair() as ab:
+        yield ab
+
+
+def test_fast_payload_sends_put_the_ordinary_header_on_the_wire(pair: tuple[Pipe, Pipe],
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """The header frame of each payload tensor, byte for byte: fast send, ordinary send, and the frame
+    the fast receive expects (the sequence number aside)."""
+    a, b = pair
+    eng = get_engine()
+    helper = eng.tag_fast
+    frames: list[bytes] = []
+    send_tensor, tag_send = eng.send_tensor, eng.tag_send
+
+    def record_fast(ep: Any, tag: int, header: bytes, pay_tag: int, addr: int, nbytes: int, *rest: Any) -> Any:
+        frames.append(struct.pack("<I", len(header)) + header)
+        return send_tensor(ep, tag, header, pay_tag, addr, nbytes, *rest)
+
+    def record_ordinary(ep: Any, buf: Any, t: int) -> Any:
+        if not t & 1:  # headers only
+            frames.append(bytes(buf))
+        return tag_send(ep, buf, t)
+
+    monkeypatch.setattr(eng, "send_tensor", record_fast)
+    monkeypatch.setattr(eng, "tag_send", record_ordinary)
+    try:
+        for t in _payloads():
+            for fast in (True, False):
+                eng.tag_fast = helper if fast else None
+                seq = b._send_seq
+                n = len(frames)
+                h = b.send_tensor_async(t)
+                assert len(frames) == n + 1
+                eng.tag_fast = helper
+                expected = a._payload_header(torch.empty_like(t), seq)
+                assert expected is not None and frames[-1] == expected[1], (t.dtype, t.shape, fast)
+                got = a.recv_tensor(out=torch.empty_like(t), timeout=30)
+                h.wait(30)
+                assert torch.equal(got, t)
+    finally:
+        eng.tag_fast = helper
+    # what rides inline is not a payload: the compiled receive leaves it to the inline path
+    assert a._payload_header(torch.empty(7600, dtype=torch.uint8), 0) is None
+    assert a._payload_header(torch.empty(40000, device="meta"), 0) is None
+
+
+def mismatch_case() -> dict:
+    """What a receive into ``out`` makes of a send it does not match, then what the pipe does next."""
+    from transport import PeerError
+
+    results = {}
+    for name, send, out in [
+            ("dtype", torch.ones(64, 1024), torch.empty(64, 1024, dtype=torch.float16)),
+            ("shape", torch.ones(64, 1024), torch.empty(1024, 64)),
+            ("none", None, torch.empty(1 << 16)),
+            ("inline", torch.ones(4), torch.empty(1 << 16)),
+            ("bigger", torch.ones(1 << 17), torch.empty(1 << 16))]:
+        out.fill_(-5)
+        with _pair() as (a, b):
+            h = b.send_tensor_async(send)
+            try:
+                got = a.recv_tensor(out=out, timeout=10)
+                first = "None" if got is None else f"returned {got is out}"
+            except Exception as exc:  # noqa: BLE001 - what we came for
+                first = f"{type(exc).__name__}: {exc}".replace(a.peer, "PEER")
+            try:
+                h.wait(2)
+                sent = "done"
+            except Exception as exc:  # noqa: BLE001
+                sent = type(exc).__name__
+            b.send_tensor(torch.tensor([1]))
+            try:
+                then = f"value {int(a.recv_tensor(timeout=2))}"
+            except PeerError as exc:
+                then = "broken" if "broken" in str(exc) else type(exc).__name__
+            results[name] = {"first": first, "then": then, "out_untouched": bool((out == -5).all())}
+    return results
+
+
+def timeout_case() -> dict:
+    """A receive into ``out`` that times out, then the send arrives: what each following call gets."""
+    results = {}
+    for how in ("recv_tensor", "batch"):
+        with _pair() as (a, b):
+            out = torch.empty(1 << 16)
+            t0 = time.monotonic()
+            try:
+                if how == "batch":
+                    a.recv_tensors_async(out=[out]).wait(0.3)
+                else:
+                    a.recv_tensor(out=out, timeout=0.3)
+                first = "returned"
+            except Exception as exc:  # noqa: BLE001
+                first = type(exc).__name__
+            took = time.monotonic() - t0
+            b.send_tensor_async(torch.full((1 << 16,), 2.0))
+            try:
+                then = f"sum {float(a.recv_tensor(timeout=5).sum())}"
+            except Exception as exc:  # noqa: BLE001
+                then = type(exc).__name__
+            results[how] = {"first": first, "in_time": 0.25 < took < 5, "then": then}
+    return results
+
+
+def fork_case() -> dict:
+    """A forked child that receives into ``out`` on its parent's pipe gets LocalUsageError."""
+    return review_fork_case(torch.full((1 << 16,), 7.0), torch.empty(1 << 16))
+
+
+def in_process_cases(q: Any) -> None:
+    """mismatch_case, timeout_case and fork_case with the fast path off, then on."""
+    _report(q, "1", lambda: both_modes({"mismatch": mismatch_case, "timeout": timeout_case, "fork": fork_case}))
+
+
+@pytest.fixture(scope="module")
+def cases() -> Iterator[dict]:
+    yield from shared_cases(in_process_cases)
+
+
+def test_a_mismatch_into_out_raises_what_the_ordinary_path_raises(cases: dict):
+    fast, ordinary = cases["mismatch/1"], cases["mismatch/0"]
+    assert fast == ordinary, (fast, ordinary)
+    assert "RemoteProtocolError" in fast["dtype"]["first"] and "PEER" in fast["dtype"]["first"], fast
+    assert "RemoteProtocolError" in fast["shape"]["first"] and fast["shape"]["then"] == "broken", fast
+    assert fast["none"]["first"] == "None" and fast["none"]["then"] == "value 1", fast
+    assert all(r["out_untouched"] for r in fast.values()), fast
+
+
+def test_a_timed_out_receive_into_out_behaves_as_the_ordinary_one(cases: dict):
+    fast, ordinary = cases["timeout/1"], cases["timeout/0"]
+    assert fast == ordinary, (fast, ordinary)
+    assert all(r["first"] == "PeerTimeoutError" and r["in_time"] for r in fast.values()), fast
+
+
+def test_a_forked_child_cannot_receive_a_payload_on_its_parents_pipe(cases: dict):
+    assert cases["fork/1"] == cases["fork/0"] == {"child": "LocalUsageError", "parent": 7}, cases
+
+
+def killed_sender(q: Any, fast: str, address: str, direction: str) -> None:
+    """Connects, starts a 512 MiB transfer (sending it, or receiving it) and SIGKILLs itself mid-way."""
+    os.environ["UCX_TLS"] = "tcp"
+
+    def body() -> None:
+        p = Pipe.connect(address, timeout_s=60, peer_timeout_s=2, heartbeat_s=0.2)
+        big = torch.ones(1 << 29, dtype=torch.uint8)
+        if direction == "send":
+            p.send_tensor_async(big)
+        else:
+            p.recv_tensors_async(out=[big])
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _report(q, fast, body)
+
+
+def surviving_peer(q: Any, fast: str, direction: str) -> None:
+    """Listens; receives (or sends) the 512 MiB tensor its killed peer was sending (receiving); reports
+    the error and how long after the start of the wait it came."""
+    os.environ["UCX_TLS"] = "tcp"
+
+    def body() -> dict:
+        p = Pipe.listen(timeout_s=60, peer_timeout_s=2, heartbeat_s=0.2)
+        q.put(("addr", p.address))
+        p.wait_connected(60)
+        big = torch.empty(1 << 29, dtype=torch.uint8)
+        t0 = time.monotonic()
+        try:
+            if direction == "send":  # the peer sends: we receive
+                p.recv_tensors_async(out=[big]).wait(60)
+            else:
+                p.send_tensor(big, timeout=60)
+            return {"error": None, "after": time.monotonic() - t0}
+        except Exception as exc:  # noqa: BLE001 - what we came for
+            return {"error": f"{type(exc).__name__}: {exc}", "after": time.monotonic() - t0, "peer": p.peer}
+        finally:
+            p.close()
+
+    _report(q, fast, body)
+
+
+@pytest.mark.parametrize("direction", ["send", "recv"])
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_a_peer_killed_mid_payload_is_a_peer_error_not_a_hang(peers: Peers, fast: str, direction: str):
+    rx = peers.start(surviving_peer, fast, direction)
+    address = peers.expect(rx, "addr", timeout=60)
+    peers.start(killed_sender, fast, address, direction)
+    got = peers.expect(rx, "ok", timeout=90)
+    assert got["error"] is not None and got["error"].startswith(("PeerDeadError", "PeerError")), got
+    assert got["peer"] in got["error"] and got["after"] < 15, got
+
+
+def test_payload_requests_complete_through_native_waits(pair: tuple[Pipe, Pipe]):
+    """A stream of payload sends and batched receives into ``out`` ends with nothing left in flight."""
+    a, b = pair
+    eng = get_engine()
+    t = torch.arange(1 << 16, dtype=torch.float32)
+    outs = [torch.empty_like(t) for _ in range(8)]
+    for _ in range(20):
+        hs = [b.send_tensor_async(t) for _ in range(8)]
+        got = a.recv_tensors_async(out=outs).wait(30)
+        for h in hs:
+            h.wait(30)
+        assert all(g is o and torch.equal(o, t) for g, o in zip(got, outs))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with eng._lock:
+            left = [r for r, _ in eng._draining if not r.completed]
+        if not left:
+            break
+        time.sleep(0.01)
+    assert not left
