@@ -94,6 +94,22 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(codec.byte_view(t).numpy())
 
 
+def _numpy_dtypes() -> dict[str, np.dtype]:
+    """The wire dtypes numpy holds with the same torch dtype (bfloat16, complex32 and float8 are not)."""
+    out = {}
+    for name, dt in codec.DTYPES.items():
+        try:
+            nd = np.dtype(name)
+        except TypeError:
+            continue
+        if torch.from_numpy(np.empty(0, dtype=nd)).dtype == dt:
+            out[name] = nd
+    return out
+
+
+_NP_DTYPES = _numpy_dtypes()
+
+
 def _copy_inline(t: torch.Tensor, data: memoryview) -> None:
     """Copy a tensor's inline bytes (from its header frame) into ``t``, on any device."""
     if t.device.type == "cpu":
@@ -809,14 +825,21 @@ class Pipe:
         """
         h, inline = got
         tensors: list[torch.Tensor | None] = []
+        # a new host tensor of a dtype numpy holds: numpy allocates and copies in one step (~1 µs, where
+        # torch.empty and a copy into it cost ~3 µs); anything else lands through _landing
+        np_dtypes = _NP_DTYPES if out is None and dev.type == "cpu" else {}
         try:
             for i, (spec, data) in enumerate(zip(h.tensors, inline)):
                 if spec is None:
                     tensors.append(None)
                     continue
-                t = self._landing(spec, i, f"{kind} #{seq} from {self.peer}", dev, out)
-                if data is not None and spec.nbytes:
-                    _copy_inline(t, data)
+                nd = np_dtypes.get(spec.dtype)
+                if nd is not None and data is not None:
+                    t = torch.from_numpy(np.frombuffer(data, nd).copy().reshape(spec.shape))
+                else:
+                    t = self._landing(spec, i, f"{kind} #{seq} from {self.peer}", dev, out)
+                    if data is not None and spec.nbytes:
+                        _copy_inline(t, data)
                 tensors.append(t)
                 self.bytes_received += spec.nbytes
         except RemoteProtocolError as exc:
