@@ -22,6 +22,7 @@ N tensors is one header and its payloads, never a header per tensor.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -509,7 +510,9 @@ class Pipe:
             if len(data) == 1:
                 addr: Any = data[0].data_ptr()
             else:  # several (or none): one buffer the helper copies from (the frame's inline part)
-                addr = b"".join([_host_bytes(t) for t in data]) if data else None
+                # (host, contiguous, resolved: each tensor's bytes read straight from its memory, ~0.5 µs
+                # where _host_bytes' numpy view costs ~1.3)
+                addr = b"".join([ctypes.string_at(t.data_ptr(), t.nbytes) for t in data]) if data else None
             checked.append((specs, body, nbytes, addr))
         self._ready()
         what = (f"sending a tensor to {self.peer}" if sends[0][1] is None
