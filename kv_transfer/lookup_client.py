@@ -153,8 +153,9 @@ class LookupClient:
         ans, rest = self._rpc(msg, [input_tokens, roi], t, self.device if device is None else device)
         if isinstance(ans, wire.NotFound):
             return None
-        if not isinstance(ans, wire.Found) or len(rest) != 2 + wire.count_parts(ans.parts):
+        if not isinstance(ans, wire.Found) or len(rest) < 2 or len(ans.parts) != 3:
             raise LookupProtocolError(f"lookup server {self.address} sent a malformed answer to Fetch #{msg.seq}")
+        # (raises LookupProtocolError when the parts describe another number of tensors than arrived)
         key, value, hidden = wire.unflatten_parts(ans.parts, rest[2:], self.address)
         return Match(rest[0], rest[1], key, value, hidden, ans.matched, ans.request_id)
 

@@ -178,3 +178,19 @@ def test_a_fast_receive_that_times_out_is_not_fatal(pair: tuple[Pipe, Pipe]):
     assert a.recv_tensor(timeout=30).item() == 5  # the receive that stayed posted takes it
     b.send_tensor(torch.tensor([6]))
     assert a.recv_tensor(timeout=30).item() == 6  # and the fast path is back
+
+
+def test_inline_tensors_received_own_their_memory(pair: tuple[Pipe, Pipe]):
+    """What lands from the reused receive frame is a copy: each tensor its own writable, contiguous memory."""
+    a, b = pair
+    first = [torch.arange(4, dtype=torch.int64), torch.full((2, 3), 7, dtype=torch.uint8), torch.tensor(True)]
+    b.send_message(b"one", first)
+    _, got = a.recv_message(timeout=30)
+    b.send_message(b"two", [torch.zeros(4, dtype=torch.int64), torch.zeros((2, 3), dtype=torch.uint8),
+                            torch.tensor(False)])
+    _, again = a.recv_message(timeout=30)  # the same frame, overwritten
+    for g, t in zip(got, first):
+        assert g.dtype == t.dtype and g.shape == t.shape and g.is_contiguous() and torch.equal(g, t)
+    assert len({g.data_ptr() for g in got + again}) == 6
+    got[0] += 1  # writable, and nobody else's memory
+    assert torch.equal(got[0], torch.arange(1, 5)) and torch.equal(again[0], torch.zeros(4, dtype=torch.int64))

@@ -350,6 +350,37 @@ def test_lookup_request_cannot_announce_tensors_it_does_not_carry():
         server.close()
 
 
+def test_lookup_answer_with_the_wrong_parts_is_a_protocol_error():
+    """A producer whose Found lists other than three parts, or parts that describe other tensors than
+    arrived, gets a LookupProtocolError from fetch (never a ValueError from unpacking)."""
+    import threading
+
+    from kv_transfer import LookupClient, LookupProtocolError
+    from kv_transfer import _lookup_wire as wire
+    from transport import PipeListener
+
+    answers = [([-2, -2], 4), ([-2, -2, -2], 4), ([-2, 3, -1], 3)]  # (parts, tensors sent)
+    lst = PipeListener(service="kvlookup", timeout_s=30)
+
+    def fake_producer() -> None:
+        with lst.accept(30) as p:
+            for parts, n in answers:
+                body, _ = p.recv_message(timeout=30)
+                seq = wire.decode_request(body, 2, "client").seq
+                p.send_message(wire.encode(wire.Found(seq, 1, parts)), [torch.ones(1)] * n)
+
+    th = threading.Thread(target=fake_producer, daemon=True)
+    th.start()
+    try:
+        with LookupClient(lst.address, timeout_s=30) as c:
+            for parts, _ in answers:
+                with pytest.raises(LookupProtocolError, match="malformed answer|describe"):
+                    c.fetch(torch.tensor([1]))
+        th.join(30)
+    finally:
+        lst.close()
+
+
 # -- 6. closed pipes give their sockets back ----------------------------------------------
 def test_fds_return_to_baseline_after_many_short_lived_consumers(remote_listener):
     from transport import Pipe

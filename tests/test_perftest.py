@@ -141,6 +141,19 @@ def test_msg_cost_reports_per_call_cpu_of_send_and_receive() -> None:
     assert 0 < float(m.group(1)) < 10_000 and 0 < float(m.group(2)) < 10_000
 
 
+def test_lookup_profile_reports_both_sides_of_a_round_trip() -> None:
+    import re
+
+    res = subprocess.run([sys.executable, "-m", "bench.lookup_profile", "-n", "400", "-m", "300", "--profile"],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(r"answer send_message/recv_message +[\d.]+ / +[\d.]+ us", res.stdout), res.stdout
+    m = re.search(r"round trip \(200 lookups\): p50 ([\d.]+) us.*client ([\d.]+) us, server handler ([\d.]+) us",
+                  res.stdout)
+    assert m and all(0 < float(v) < 1e6 for v in m.groups()), res.stdout
+    assert res.stdout.count("function calls per lookup") == 2, res.stdout
+
+
 def test_kv_mode_stage_and_auto_resolve_like_the_connector(monkeypatch, capsys) -> None:
     import argparse
 

@@ -276,11 +276,13 @@ def encode_header(frame: memoryview, header: Header, inline: Sequence[bytes | me
 
 
 def _spec_problem(s: TensorSpec, max_nbytes: int) -> str | None:
-    if s.dtype not in DTYPES:
+    itemsize = _ITEMSIZE.get(s.dtype)
+    if itemsize is None:
         return f"names unknown dtype {clip(s.dtype, 40)!r}"
-    if len(s.shape) > MAX_NDIM or any((not isinstance(d, int)) or not 0 <= d <= max_nbytes for d in s.shape):
+    shape = s.shape  # ints: the decoder refuses anything else (a bool, a float) for list[int]
+    if len(shape) > MAX_NDIM or (shape and (min(shape) < 0 or max(shape) > max_nbytes)):
         return f"has an invalid shape {s.shape[:8]}"
-    expect = math.prod(s.shape) * _ITEMSIZE[s.dtype]
+    expect = math.prod(shape) * itemsize
     if s.nbytes != expect:
         return f"says {s.nbytes} bytes but dtype {s.dtype} and shape {s.shape} make {expect}"
     if s.nbytes > max_nbytes:

@@ -96,6 +96,22 @@ def _host_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(codec.byte_view(t).numpy())
 
 
+def _numpy_dtypes() -> dict[str, np.dtype]:
+    """The wire dtypes numpy holds with the same torch dtype (bfloat16, complex32 and float8 are not)."""
+    out = {}
+    for name, dt in codec.DTYPES.items():
+        try:
+            nd = np.dtype(name)
+        except TypeError:
+            continue
+        if torch.from_numpy(np.empty(0, dtype=nd)).dtype == dt:
+            out[name] = nd
+    return out
+
+
+_NP_DTYPES = _numpy_dtypes()
+
+
 def _copy_inline(t: torch.Tensor, data: memoryview) -> None:
     """Copy a tensor's inline bytes (from its header frame) into ``t``, on any device."""
     if t.device.type == "cpu":
@@ -557,7 +573,9 @@ class Pipe:
             if len(data) == 1:
                 addr: Any = data[0].data_ptr()
             else:  # several (or none): one buffer the helper copies from (the frame's inline part)
-                addr = b"".join([_host_bytes(t) for t in data]) if data else None
+                # (host, contiguous, resolved: each tensor's bytes read straight from its memory, ~0.5 µs
+                # where _host_bytes' numpy view costs ~1.3)
+                addr = b"".join([ctypes.string_at(t.data_ptr(), t.nbytes) for t in data]) if data else None
             checked.append((specs, body, nbytes, addr))
         self._ready()
         what = (f"sending a tensor to {self.peer}" if sends[0][1] is None
@@ -1022,14 +1040,21 @@ class Pipe:
         """
         h, inline = got
         tensors: list[torch.Tensor | None] = []
+        # a new host tensor of a dtype numpy holds: numpy allocates and copies in one step (~1 µs, where
+        # torch.empty and a copy into it cost ~3 µs); anything else lands through _landing
+        np_dtypes = _NP_DTYPES if out is None and dev.type == "cpu" else {}
         try:
             for i, (spec, data) in enumerate(zip(h.tensors, inline)):
                 if spec is None:
                     tensors.append(None)
                     continue
-                t = self._landing(spec, i, f"{kind} #{seq} from {self.peer}", dev, out)
-                if data is not None and spec.nbytes:
-                    _copy_inline(t, data)
+                nd = np_dtypes.get(spec.dtype)
+                if nd is not None and data is not None:
+                    t = torch.from_numpy(np.frombuffer(data, nd).copy().reshape(spec.shape))
+                else:
+                    t = self._landing(spec, i, f"{kind} #{seq} from {self.peer}", dev, out)
+                    if data is not None and spec.nbytes:
+                        _copy_inline(t, data)
                 tensors.append(t)
                 self.bytes_received += spec.nbytes
         except RemoteProtocolError as exc:
