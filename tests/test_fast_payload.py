@@ -286,7 +286,9 @@ def killed_sender(q: Any, fast: str, address: str, direction: str) -> None:
             p.send_tensor_async(big)
         else:
             p.recv_tensors_async(out=[big])
-        time.sleep(0.3)
+        # 512 MiB over loopback tcp takes ~0.25 s or more: dying 50 ms in never lets it finish first
+        # (at 0.3 s a fast run did, and the survivor saw no error)
+        time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
 
     _report(q, fast, body)
