@@ -217,27 +217,31 @@ def mismatch_case() -> dict:
 
 
 def timeout_case() -> dict:
-    """A receive into ``out`` that times out, then the send arrives: what each following call gets."""
+    """A receive into ``out`` that times out, then the send arrives: what each following call gets
+    (``out`` of a payload size, and of an inline size; a receive without ``out`` for comparison)."""
     results = {}
-    for how in ("recv_tensor", "batch"):
+    for how, n in (("recv_tensor", 1 << 16), ("recv_tensor_inline", 4), ("batch", 1 << 16), ("no_out", 1 << 16)):
         with _pair() as (a, b):
-            out = torch.empty(1 << 16)
+            out = torch.empty(n)
             t0 = time.monotonic()
             try:
                 if how == "batch":
                     a.recv_tensors_async(out=[out]).wait(0.3)
+                elif how == "no_out":
+                    a.recv_tensor(timeout=0.3)
                 else:
                     a.recv_tensor(out=out, timeout=0.3)
-                first = "returned"
+                first, says = "returned", ""
             except Exception as exc:  # noqa: BLE001
-                first = type(exc).__name__
+                first, says = type(exc).__name__, str(exc)
             took = time.monotonic() - t0
-            b.send_tensor_async(torch.full((1 << 16,), 2.0))
+            b.send_tensor_async(torch.full((n,), 2.0))
             try:
                 then = f"sum {float(a.recv_tensor(timeout=5).sum())}"
             except Exception as exc:  # noqa: BLE001
-                then = type(exc).__name__
-            results[how] = {"first": first, "in_time": 0.25 < took < 5, "then": then}
+                then = type(exc).__name__ + (" (broken)" if "broken" in str(exc) else "")
+            results[how] = {"first": first, "in_time": 0.25 < took < 5, "then": then,
+                            "says_unusable": "now unusable" in says and "land in out" in says}
     return results
 
 
@@ -269,6 +273,16 @@ def test_a_timed_out_receive_into_out_behaves_as_the_ordinary_one(cases: dict):
     fast, ordinary = cases["timeout/1"], cases["timeout/0"]
     assert fast == ordinary, (fast, ordinary)
     assert all(r["first"] == "PeerTimeoutError" and r["in_time"] for r in fast.values()), fast
+
+
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_recv_tensor_into_out_that_times_out_breaks_the_pipe_and_says_why(cases: dict, fast: str):
+    """Pipe.recv_tensor's promise: with out, a timeout breaks the pipe (the bytes could still land in out
+    later), in an error that says so; without out, the receive stays posted and the next call gets it."""
+    got = cases[f"timeout/{fast}"]
+    for how in ("recv_tensor", "recv_tensor_inline"):
+        assert got[how]["says_unusable"] and got[how]["then"] == "PeerError (broken)", got
+    assert got["no_out"]["then"] == f"sum {2.0 * (1 << 16)}" and not got["no_out"]["says_unusable"], got
 
 
 def test_a_forked_child_cannot_receive_a_payload_on_its_parents_pipe(cases: dict):

@@ -724,6 +724,8 @@ class Pipe:
 
         With ``out``, the i-th tensor lands in ``out[i]`` in place (no allocation, no copy);
         a tensor whose dtype or shape differs from its ``out`` is a :class:`RemoteProtocolError`.
+        A ``wait`` that times out breaks the pipe (as every handle's): unlike :meth:`recv_tensor`
+        without ``out``, what was posted does not stay posted for a later call.
         """
         if out is not None:
             for i, o in enumerate(out):
@@ -894,18 +896,38 @@ class Pipe:
         """Receive the next tensor (or None) onto ``device`` (the pipe's default if None).
 
         With ``out`` (contiguous, matching dtype and shape) the bytes land in it in place.
-        A timeout here is not fatal: the receive stays posted and the next call
-        picks it up, so nothing the peer sends is lost or reordered.
+
+        Without ``out``, a timeout is not fatal: the receive stays posted and the next
+        call picks it up, so nothing the peer sends is lost or reordered. With ``out``,
+        a timeout breaks the pipe (:class:`PeerTimeoutError` saying so; every later call
+        raises :class:`PeerError`): the receive into ``out`` was posted, so the peer's
+        bytes could still land in ``out`` after this call returned, and the caller
+        cannot know when ``out`` is theirs again unless the receive is cancelled with the endpoint.
         """
         fast = self._engine.tag_fast is not None
-        if fast and (out is None or (out.is_contiguous() and self._payload_header(out, self._recv_seq) is None)):
-            got = self._recv_small(device, timeout, False, None, out)
-            if got is not None:
-                return got[1][0]
-        if out is not None:  # (with a payload, through the compiled path: see _FastRecv)
-            # waited on at once: this thread progresses it (no hand-over to the progress thread)
-            return self.recv_tensors_async(out=[out], _single=True, _background=False).wait(timeout)
+        try:
+            if fast and (out is None or (out.is_contiguous() and self._payload_header(out, self._recv_seq) is None)):
+                got = self._recv_small(device, timeout, False, None, out)
+                if got is not None:
+                    return got[1][0]
+            if out is not None:  # (with a payload, through the compiled path: see _FastRecv)
+                # waited on at once: this thread progresses it (no hand-over to the progress thread)
+                return self.recv_tensors_async(out=[out], _single=True, _background=False).wait(timeout)
+        except PeerTimeoutError as exc:
+            if out is None:
+                raise
+            self._out_timed_out(exc)
         return self._recv_next(device, timeout, False, None).tensor
+
+    def _out_timed_out(self, exc: PeerTimeoutError) -> NoReturn:
+        """Break the pipe for a receive into ``out`` that timed out, and raise the error that says why."""
+        reason = (f"{exc}; a receive into out that times out breaks the pipe, which is now unusable: the bytes "
+                  f"could still land in out after the call returned, so the receive cannot stay posted")
+        if self._broken is None:
+            self._break(reason)
+        elif self._broken.startswith("timed out"):  # the wait's own break: this says why
+            self._broken = reason
+        raise PeerTimeoutError(f"pipe {self.name}: {reason}") from None
 
     def recv_message(self, device: str | torch.device | None = None, timeout: float | None = None,
                      max_tensors: int | None = None) -> tuple[bytes, list[torch.Tensor | None]]:
@@ -916,7 +938,7 @@ class Pipe:
         allocated. An envelope announcing more than ``max_tensors`` tensors is
         refused unreceived with :class:`RemoteProtocolError`; the pipe can still
         send (to answer) but receives nothing more. A timeout is not fatal, as
-        for :meth:`recv_tensor`.
+        for :meth:`recv_tensor` without ``out``.
         """
         if self._engine.tag_fast is not None:
             got = self._recv_small(device, timeout, True, max_tensors, None)
