@@ -295,7 +295,7 @@ def _serve_one(pipe: Any, cfg: dict[str, Any]) -> dict[str, Any]:
             while done < count:  # one batch of receives posted at a time (the Pipe allows one pending batch)
                 k = min(window, count - done)
                 if into:
-                    pipe.recv_tensors_async(out=[rbuf] * k).wait()
+                    pipe.recv_tensors(out=[rbuf] * k)
                 else:
                     pipe.recv_tensors_async(k, dev).wait()
                 done += k
@@ -352,7 +352,7 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
                 scatter_blocks([dst[layer]], layout, dst_ids, buf)
         elif cfg["kv_mode"] == "gather":
             if verify and into:
-                pipe.recv_tensors_async(out=[staging_in, sums_all]).wait()
+                pipe.recv_tensors(out=[staging_in, sums_all])
                 staging, sums = staging_in, sums_all
             elif verify:
                 staging, sums = pipe.recv_tensors_async(2, dev).wait()
@@ -365,7 +365,7 @@ def _serve_kv(pipe: Any, cfg: dict[str, Any], dev: str) -> dict[str, Any]:
         else:
             views = block_views(dst, layout, dst_ids)
             if into:  # straight into the cache blocks: zero copy on the receive side
-                pipe.recv_tensors_async(out=views).wait()
+                pipe.recv_tensors(out=views)
                 t0 = time.perf_counter()
             else:
                 got = pipe.recv_tensors_async(len(views), dev).wait()

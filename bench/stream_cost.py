@@ -3,7 +3,7 @@
 Run: ``python -m bench.stream_cost [--size 65536] [-n 8000] [--tls sm] [--profile]`` (to measure
 another tree: ``cd /tmp; PYTHONPATH=TREE python TREE2/bench/stream_cost.py``; ``-m`` imports the
 current directory's ``transport`` first). A receiver
-process waits on ``recv_tensors_async(out=[buf] * 8)`` batches while this process sends with
+process waits on ``recv_tensors(out=[buf] * 8)`` batches while this process sends with
 ``send_tensor_async``, 8 in flight. Each side prints its process CPU time (all threads,
 ``getrusage``) per message, its MB/s and, with ``--profile``, its cProfile call count per message
 and top functions; the receiver also prints where its compiled receives stood when handed to the
@@ -79,7 +79,7 @@ def _receiver(q: Any, size: int, n: int, profile: bool) -> None:
         done = 0
         while done < n:
             k = min(WINDOW, n - done)
-            p.recv_tensors_async(out=[buf] * k).wait(60)
+            p.recv_tensors(out=[buf] * k, timeout=60)
             done += k
 
     line = _measured("receiver", n, size, profile, run)

@@ -78,7 +78,7 @@ def interop_receiver(q: Any, fast: str) -> None:
         want, mixed, ok = _payloads(), _mixed(), {}
         try:
             outs = [torch.empty_like(t) for t in want]
-            got = p.recv_tensors_async(out=outs).wait(60)
+            got = p.recv_tensors(out=outs, timeout=60)
             ok["batch"] = all(g is o and _same(g, t) for g, o, t in zip(got, outs, want))
             outs = [torch.empty_like(t) for t in want]
             ok["one_by_one_into"] = all(p.recv_tensor(out=o, timeout=60) is o and _same(o, t) for o, t in zip(outs, want))
@@ -86,7 +86,7 @@ def interop_receiver(q: Any, fast: str) -> None:
             ok["mixed"] = all(_same(p.recv_tensor(timeout=60), t) for t in mixed)
             # a None where a payload was expected: that slot gives None, the others their tensors
             outs = [torch.empty(40000, dtype=torch.int32), torch.empty(1), torch.empty(30000, dtype=torch.float64)]
-            got = p.recv_tensors_async(out=outs).wait(60)
+            got = p.recv_tensors(out=outs, timeout=60)
             ok["none_in_batch"] = _same(got[0], mixed[1]) and got[1] is None and _same(got[2], mixed[4].view(-1))
             p.send_tensor(None)  # done
             return {"ok": ok, "states": dict(counts), "received": p.bytes_received}
@@ -226,7 +226,7 @@ def timeout_case() -> dict:
             t0 = time.monotonic()
             try:
                 if how == "batch":
-                    a.recv_tensors_async(out=[out]).wait(0.3)
+                    a.recv_tensors(out=[out], timeout=0.3)
                 elif how == "no_out":
                     a.recv_tensor(timeout=0.3)
                 else:
@@ -321,7 +321,7 @@ def surviving_peer(q: Any, fast: str, direction: str) -> None:
         t0 = time.monotonic()
         try:
             if direction == "send":  # the peer sends: we receive
-                p.recv_tensors_async(out=[big]).wait(60)
+                p.recv_tensors(out=[big], timeout=60)
             else:
                 p.send_tensor(big, timeout=60)
             return {"error": None, "after": time.monotonic() - t0}
@@ -352,7 +352,7 @@ def test_payload_requests_complete_through_native_waits(pair: tuple[Pipe, Pipe])
     outs = [torch.empty_like(t) for _ in range(8)]
     for _ in range(20):
         hs = [b.send_tensor_async(t) for _ in range(8)]
-        got = a.recv_tensors_async(out=outs).wait(30)
+        got = a.recv_tensors(out=outs, timeout=30)
         for h in hs:
             h.wait(30)
         assert all(g is o and torch.equal(o, t) for g, o in zip(got, outs))
@@ -364,3 +364,23 @@ def test_payload_requests_complete_through_native_waits(pair: tuple[Pipe, Pipe])
             break
         time.sleep(0.01)
     assert not left
+
+
+def test_a_posted_batch_into_out_receives_in_the_background(pair: tuple[Pipe, Pipe]):
+    """``recv_tensors_async(out=)`` keeps its promise: what it posted progresses with nobody waiting, so
+    blocking sends of payload tensors to it complete before its handle is waited on (the compiled
+    receive, which runs inside a wait, is only for ``recv_tensors`` / ``recv_tensor``)."""
+    a, b = pair
+    n = 1 << 16
+    outs = [torch.empty(n) for _ in range(2)]
+    h = a.recv_tensors_async(out=outs)
+    src = [torch.full((n,), float(i)) for i in range(2)]
+    for t in src:
+        b.send_tensor(t, timeout=10)
+    got = h.wait(10)
+    assert all(g is o and torch.equal(o, t) for g, o, t in zip(got, outs, src))
+    hs = [b.send_tensor_async(t) for t in reversed(src)]  # and the blocking form still takes its batch
+    got = a.recv_tensors(out=outs, timeout=10)
+    for s in hs:
+        s.wait(10)
+    assert all(g is o and torch.equal(o, t) for g, o, t in zip(got, outs, reversed(src)))

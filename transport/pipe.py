@@ -725,7 +725,9 @@ class Pipe:
         With ``out``, the i-th tensor lands in ``out[i]`` in place (no allocation, no copy);
         a tensor whose dtype or shape differs from its ``out`` is a :class:`RemoteProtocolError`.
         A ``wait`` that times out breaks the pipe (as every handle's): unlike :meth:`recv_tensor`
-        without ``out``, what was posted does not stay posted for a later call.
+        without ``out``, what was posted does not stay posted for a later call. What is posted
+        progresses in the background, waited on or not; a caller that waits at once should use
+        :meth:`recv_tensors`, which takes CPU ``out`` tensors through the compiled path.
         """
         if out is not None:
             for i, o in enumerate(out):
@@ -739,8 +741,11 @@ class Pipe:
         with self._recv_lock:
             if any(not sl.batch for sl in self._slots):
                 raise LocalUsageError("a recv_tensor that timed out is still pending on this pipe; call recv_tensor first")
+            # the compiled receive runs when the batch is waited on, so only for a caller that waits at once
+            # (recv_tensors / recv_tensor): a handle the caller keeps must progress in the background
             fast = (self._defer_fast(list(out), dev, _background)
-                    if out is not None and n and not self._slots and self._engine.tag_fast is not None else None)
+                    if out is not None and n and not _background and not self._slots
+                    and self._engine.tag_fast is not None else None)
             slots = (fast[0] if fast is not None else
                      [self._post_recv(dev, None if out is None else out[i], _background) for i in range(n)])
             for sl in slots:
@@ -885,6 +890,22 @@ class Pipe:
             new.batch = True
             slots[i] = new
             self._slots[self._slots.index(slot)] = new
+
+    def recv_tensors(self, n: int | None = None, device: str | torch.device | None = None,
+                     out: Sequence[torch.Tensor] | None = None, timeout: float | None = None
+                     ) -> list[torch.Tensor | None]:
+        """Receive the next ``n`` tensors (or ``len(out)``, each landing in its ``out`` in place), in order.
+
+        What :meth:`recv_tensors_async` then ``wait`` does, for a caller that waits at once: into
+        CPU ``out`` tensors, through the compiled path. A timeout breaks the pipe (see
+        :meth:`recv_tensor` with ``out``).
+        """
+        try:
+            return self.recv_tensors_async(n, device, out, _background=False).wait(timeout)
+        except PeerTimeoutError as exc:
+            if out is None:
+                raise
+            self._out_timed_out(exc)
 
     def recv_tensor_async(self, device: str | torch.device | None = None) -> Handle:
         """Post a receive for the next tensor; ``wait()`` returns it (or None)."""
