@@ -917,6 +917,10 @@ class Pipe:
         """Receive the next tensor (or None) onto ``device`` (the pipe's default if None).
 
         With ``out`` (contiguous, matching dtype and shape) the bytes land in it in place.
+        Without it, a CPU tensor small enough to ride inline in its header, of a dtype numpy
+        holds, comes back backed by a numpy array (one allocation and copy, the cheapest): it
+        owns its memory and shares it like any tensor, but its storage cannot be resized
+        (``resize_`` to a larger size raises).
 
         Without ``out``, a timeout is not fatal: the receive stays posted and the next
         call picks it up, so nothing the peer sends is lost or reordered. With ``out``,
