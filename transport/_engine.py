@@ -1,6 +1,6 @@
 """The process's single UCX context and worker, and the waits on its requests.
 
-Why one file of ~550 lines: one owner of one native resource; the lock, the
+Why one file of ~950 lines: one owner of one native resource; the lock, the
 progress thread, the waits and the probed receives all follow one locking
 discipline, which a split would scatter.
 
@@ -8,10 +8,20 @@ One :class:`Engine` per process owns the native UCX resources. Every UCX call
 goes through its lock, so the worker is never touched by two threads at once.
 Progress is made in two places, and callers never drive it themselves:
 
-- a background thread progresses the worker whenever requests are in flight
-  (so a non-blocking send keeps moving while its caller computes);
 - a thread that *waits* on a request progresses the worker itself while it
-  waits, which is what makes a blocking transfer as fast as the wire.
+  waits, which is what makes a blocking transfer as fast as the wire;
+- a background thread progresses the worker when requests are in flight and
+  nobody waits (so a non-blocking send keeps moving while its caller computes).
+
+One owner of the worker's wake-ups: at any time at most one thread, the
+*leader*, sleeps on the worker's event fd: the newest thread in
+:meth:`Engine.wait`, or the progress thread when nobody waits and work needs
+watching. Every sleeping thread has its own epoll set, and leadership moves by
+moving the worker's fd between those sets, without waking anyone. Whoever
+progresses the worker kicks (through its own eventfd) exactly the sleeping
+waiters whose operation is now complete; the others sleep on. A leader whose
+own wait ends hands the fd over before it leaves (:meth:`Engine._pass_lead`),
+so events are never left unwatched.
 
 Waits are bounded: each takes a deadline and a liveness check, and raises
 instead of hanging.
@@ -42,8 +52,8 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 TCP_TX_SEG_SIZE = "64K"
 os.environ.setdefault("UCX_TCP_TX_SEG_SIZE", TCP_TX_SEG_SIZE)
 
-#: A waiting thread progresses the worker itself this long (µs) before it sleeps until the
-#: progress thread sees its operation complete; ``UCXKV_SPIN_US`` overrides (0: sleep at once).
+#: A waiting thread progresses the worker itself this long (µs) before it sleeps until
+#: its operation completes (see Engine.wait); ``UCXKV_SPIN_US`` overrides (0: sleep at once).
 DEFAULT_SPIN_US = 200
 #: A sleeping waiter checks its peer's liveness and its deadline this often.
 _TICK_S = 0.05
@@ -203,19 +213,51 @@ class Failed:
 
 
 class _Sleeper:
-    """A waiting thread's way to sleep: a poller on the worker's fd and on its own kick eventfd.
+    """A thread's way to sleep: its own epoll set, holding its kick eventfd and, while this thread
+    is the engine's leader, the worker's event fd (moved in and out by :meth:`Engine._lead`).
 
-    Kept per thread (thread-local); the eventfd closes when its thread's local state is freed.
+    One per thread that waits (thread-local) and one for the progress thread. ``op`` is what
+    the thread waits on, ``asleep`` whether it is past its spin (so others' progress may complete
+    ``op`` and must kick it), ``kicked`` whether a kick is on its way. ``wakes`` counts sleeps
+    that ended before their timeout (a kick or a worker event), for tests and benches. The fds
+    close when the object is freed.
     """
 
-    __slots__ = ("poller", "kick_fd", "__weakref__")
+    __slots__ = ("ep", "kick_fd", "op", "asleep", "kicked", "wakes", "name", "__weakref__")
 
-    def __init__(self, worker_fd: int):
+    def __init__(self, name: str):
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.poller = select.poll()
-        self.poller.register(worker_fd, select.POLLIN)
-        self.poller.register(self.kick_fd, select.POLLIN)
+        self.ep = select.epoll()
+        self.ep.register(self.kick_fd, select.EPOLLIN)
+        self.op: Op | None = None
+        self.asleep = self.kicked = False
+        self.wakes = 0
+        self.name = name
         weakref.finalize(self, os.close, self.kick_fd)
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    def sleep(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` s; True if woken (a kick, consumed here, or a worker event)."""
+        if not self.ep.poll(timeout):
+            return False
+        self.wakes += 1
+        try:
+            os.eventfd_read(self.kick_fd)
+        except BlockingIOError:
+            pass
+        return True
+
+
+def _finished(op: Op) -> bool:
+    """Whether every request of ``op`` completed (engine lock held); its ``on_done`` is left to its waiter."""
+    if op._done:
+        return True
+    try:
+        return all(r.completed for r in op.requests)
+    except Exception:  # noqa: BLE001 - its waiter raises it
+        return True
 
 
 def _stop_engine(stop: threading.Event, wake_fd: int, thread: threading.Thread) -> None:
@@ -253,14 +295,14 @@ class Engine:
         self._next_sweep = 0.0
         self._spin_s = _spin_seconds()
         self._serving = 0  # users of unattended progress (see serve())
-        self._watching = False  # whether the progress thread sleeps on the worker's fd too
-        self._kicked = False  # a wake-up written to _wake_fd that the progress thread has not yet seen
         self._local = threading.local()
-        # kick fds of the threads asleep on the worker's fd in wait(): one each, since a
-        # shared one is drained by whichever sleeper runs first and the others sleep on
-        self._sleeping: set[int] = set()
-        self._waiters = 0  # threads in wait()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._worker_fd = self.worker.epoll_file_descriptor
+        #: the threads in wait(), oldest first (see _lead)
+        self._waiting: list[_Sleeper] = []
+        #: the one sleeper whose epoll set holds the worker's fd (None: nobody sleeps on it)
+        self._leader: _Sleeper | None = None
+        self._sleepers: weakref.WeakSet[_Sleeper] = weakref.WeakSet()
+        self._pt = self._new_sleeper("ucxkv-progress")
         self._stop = threading.Event()
         # the compiled one-message path, when it can be built and UCXKV_FAST_PATH is not 0
         self.tag_fast = _ucp_tag.lib() if _ucp_tag.enabled() else None
@@ -274,7 +316,7 @@ class Engine:
             self._c_changedp = ctypes.byref(self._c_changed)
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
         self._thread.start()
-        self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._wake_fd, self._thread)
+        self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._pt.kick_fd, self._thread)
         cfg = self.context.config
         log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s spin=%.0fus fast path=%s", cfg.get("TLS"),
                  cfg.get("RNDV_THRESH"), self._spin_s * 1e6, self.tag_fast is not None)
@@ -563,52 +605,102 @@ class Engine:
                 op.poll()
             except Exception:  # noqa: BLE001 - kept in op.error for its waiter
                 pass
-            kick = self._needs_kick()
-        if kick:  # asleep on its wake-up fd alone: have it watch the worker too
-            os.eventfd_write(self._wake_fd, 1)
+            self._progress_thread_duty()
         return op
 
-    def _needs_kick(self) -> bool:
-        """Whether newly tracked work must wake the progress thread (engine lock held); marks it woken.
-
-        Not while it already watches the worker, nor while a thread is in :meth:`wait` (waiters
-        progress the worker for everyone, and the last one to leave wakes the progress thread),
-        nor twice before it ran: a stream of sends posted back to back costs one wake-up, not one
-        each (each eventfd write that wakes a thread took 20-70 us of wall time under cProfile on two
-        busy cores; docs/bench.md, third pass).
-        """
-        if self._watching or self._waiters or self._kicked:
-            return False
-        self._kicked = True
-        return True
-
     def serve(self, delta: int) -> None:
-        """Count a user (+1) or drop one (-1) of unattended progress: while any, the progress
-        thread wakes on every worker event (peers' emulated RMA on our registrations)."""
+        """Count a user (+1) or drop one (-1) of unattended progress: while any, the worker's
+        events are always watched (peers' emulated RMA on our registrations), by the progress
+        thread when no thread is in :meth:`wait`."""
         with self._lock:
             self._serving += delta
-            watching = self._watching
-        if delta > 0 and not watching:
-            os.eventfd_write(self._wake_fd, 1)
+            self._progress_thread_duty()
 
-    def _progress(self, own_kick: int = -1) -> bool:
-        """Progress the worker until it has nothing more to do (engine lock held); True if it did anything.
+    # -- who watches the worker ------------------------------------------
+    def _new_sleeper(self, name: str) -> _Sleeper:
+        s = _Sleeper(name)
+        self._sleepers.add(s)
+        return s
 
-        Events this consumes may be what a thread asleep on the worker's fd waits
-        for, and the next arm() drains that fd: every such sleeper (but the caller,
-        whose kick fd is ``own_kick``) is kicked awake through its own kick fd.
+    def _sleeper(self) -> _Sleeper:
+        s = getattr(self._local, "sleeper", None)
+        if s is None:
+            s = self._local.sleeper = self._new_sleeper(threading.current_thread().name)
+        return s
+
+    def wake_counts(self) -> dict[str, int]:
+        """Sleeps that ended before their timeout (a kick or a worker event), by thread name, over
+        the threads that ever slept in this engine and still exist (debugging and tests)."""
+        with self._lock:
+            return {s.name: s.wakes for s in list(self._sleepers)}
+
+    def _lead(self, new: _Sleeper | None, arm: bool = False) -> None:
+        """Make ``new`` the leader, the one thread that sleeps on the worker's fd (engine lock held).
+
+        The fd moves between the threads' epoll sets, so a sleeping thread gains or loses it
+        without waking. ``arm``: ``new`` may be asleep already, so the worker is armed for it
+        here (and if events are pending, ``new`` is kicked to progress them itself).
         """
-        progress_once = self.worker.progress_once
-        did = progress_once()
-        if did:
-            for _ in range(255):
-                if not progress_once():
-                    break
+        old, wfd = self._leader, self._worker_fd
+        if old is new:
+            return
+        if old is not None:
+            old.ep.unregister(wfd)
+        self._leader = new
+        if new is not None:
+            if arm and not self.worker.arm():
+                new.kick()
+            new.ep.register(wfd, select.EPOLLIN)
+
+    def _progress_thread_duty(self) -> None:
+        """Give the progress thread the lead when work needs watching and no thread is in
+        :meth:`wait`, take it back when none does (engine lock held)."""
+        if self._serving or self._pending:
+            if self._leader is None and not self._waiting:
+                self._lead(self._pt, arm=True)
+        elif self._leader is self._pt:
+            self._lead(None)
+
+    def _pass_lead(self) -> None:
+        """The leader leaves: the newest other thread in :meth:`wait` leads (one asleep and not about
+        to leave preferred), else the progress thread if work needs it (engine lock held)."""
+        nxt = None
+        for s in reversed(self._waiting):
+            if nxt is None or (nxt.kicked and not s.kicked):
+                nxt = s
+        if nxt is None:
+            self._lead(None)
+            self._progress_thread_duty()
+        else:
+            self._lead(nxt, arm=nxt.asleep)
+
+    def _progress(self, me: _Sleeper | None = None, native: list[Any] | None = None, check: bool = False) -> bool:
+        """Progress the worker (engine lock held); True if it did anything. Then :meth:`_progressed`,
+        also when it did nothing if ``check`` (the caller woke on a worker event someone else consumed).
+
+        ``native``: the requests, all :class:`_ucp_tag.NativeRequest`, of the caller's op: one C call
+        progresses the worker until they complete or a slice (``_FAST_SLICE_NS``) ends. Otherwise the
+        worker is progressed until it has nothing more to do.
+        """
+        if native is not None:
+            ptrs = [r._req for r in native if r._req is not None]
+            did = 0
+            if ptrs:
+                assert self.tag_fast is not None
+                self.tag_fast.ukv_wait_requests(self._worker_h, (ctypes.c_void_p * len(ptrs))(*ptrs), len(ptrs),
+                                                _FAST_SLICE_NS, self._c_out[1])
+                did = self._c_prog.value
+        else:
+            progress_once = self.worker.progress_once
+            did = progress_once()
+            if did:
+                for _ in range(255):
+                    if not progress_once():
+                        break
         self._maybe_sweep()  # also when idle now: what arrived just after the last sweep must not stay parked
-        if not did:
-            return False
-        self._progressed(own_kick)
-        return True
+        if did or check:
+            self._progressed(me)
+        return bool(did)
 
     def _maybe_sweep(self) -> None:
         now = time.monotonic()
@@ -616,29 +708,15 @@ class Engine:
             self._next_sweep = now + _SWEEP_S
             self._sweep()
 
-    def _native_progress(self, requests: list[Any], own_kick: int = -1) -> bool:
-        """:meth:`_progress` for an op whose requests are all :class:`_ucp_tag.NativeRequest`: one C call
-        progresses the worker until they complete or a slice (``_FAST_SLICE_NS``) ends (engine lock held)."""
-        ptrs = [r._req for r in requests if r._req is not None]
-        did = 0
-        if ptrs:
-            assert self.tag_fast is not None
-            self.tag_fast.ukv_wait_requests(self._worker_h, (ctypes.c_void_p * len(ptrs))(*ptrs), len(ptrs),
-                                            _FAST_SLICE_NS, self._c_out[1])
-            did = self._c_prog.value
-        self._maybe_sweep()
-        if not did:
-            return False
-        self._progressed(own_kick)
-        return True
-
-    def _progressed(self, own_kick: int = -1) -> None:
-        """What follows progress that did something (engine lock held): kick the sleepers, whose
-        events it may have consumed, and run tracked ops' completions (a header's posts its payload receive)."""
-        for fd in self._sleeping:
-            if fd != own_kick:
-                os.eventfd_write(fd, 1)
+    def _progressed(self, me: _Sleeper | None = None) -> None:
+        """What follows progress that did something (engine lock held): run tracked ops' completions
+        (a header's posts its payload receive), then kick each thread asleep in :meth:`wait` (but
+        ``me``) whose op is now complete, and only those: the others sleep on."""
         self._poll_pending()
+        for s in self._waiting:
+            if s.asleep and not s.kicked and s is not me and s.op is not None and _finished(s.op):
+                s.kicked = True
+                s.kick()
 
     def _poll_pending(self) -> None:
         """Poll the tracked ops and forget the finished ones (an error stays for its waiter)."""
@@ -660,8 +738,12 @@ class Engine:
         The calling thread progresses the worker itself (for every op, tracked
         ones included): spinning for ``UCXKV_SPIN_US`` (the fast path of a small
         message; skipped right after :meth:`recv_frame` spun in this thread), then
-        sleeping on the worker's event fd (no CPU while nothing arrives); a
-        ``stream`` op's waiter spins again after each wake-up. Raises :class:`PeerTimeoutError` at ``deadline`` (a
+        sleeping (no CPU while nothing arrives); a ``stream`` op's waiter spins
+        again after each wake-up. Of the threads in here, only the newest (the
+        leader, see :meth:`_lead`) sleeps on the worker's event fd; the others
+        sleep on their own kick fd, written by whoever's progress completed their
+        op, and wake for nothing else. A leader that leaves hands the fd over at
+        once (:meth:`_pass_lead`). Raises :class:`PeerTimeoutError` at ``deadline`` (a
         ``time.monotonic`` value) and :class:`PeerDeadError` as soon as
         ``alive()`` returns a reason (checked at least every ``_TICK_S``).
         ``what`` names the wait in those errors (it should name the peer).
@@ -674,64 +756,49 @@ class Engine:
         worker = self.worker
         start = time.monotonic()
         spin_until = start + self._spin_s
-        # spin for spin_s, then sleep on the worker's event fd and on
-        # the kick fd another thread writes when it consumed events (it may have drained the fd);
         # a thread that just spun in recv_frame for this message does not spin twice
         spinning = self._spin_s > 0 and start - getattr(self._local, "spun_at", -1.0) > _RESPIN_S
-        sleeper = self._sleeper()
-        poller, kick = sleeper.poller, sleeper.kick_fd
-        asleep = False  # kick registered in self._sleeping
+        me = self._sleeper()
+        me.op, me.asleep, me.kicked = op, False, False
+        woken = False  # the last sleep ended early: a worker event, maybe consumed by someone else
         armed = False
         n = 0
-        # an op of compiled-path requests is spun on in C, a slice per iteration (see _native_progress)
-        native = self.tag_fast is not None and all(type(r) is _ucp_tag.NativeRequest for r in op.requests)
+        # an op of compiled-path requests is spun on in C, a slice per iteration (see _progress)
+        native = op.requests if self.tag_fast is not None and all(
+            type(r) is _ucp_tag.NativeRequest for r in op.requests) else None
         with lock:
-            self._waiters += 1  # while any, waiters progress the worker for everyone
+            self._waiting.append(me)
+            self._lead(me)  # the newest waiter leads: its events are the likeliest next
         try:
             while True:
                 with lock:
-                    if spinning and native:
-                        self._native_progress(op.requests)
-                    else:
-                        self._progress(kick if asleep else -1)
+                    self._progress(me, native if spinning else None, woken)
                     if self._poll(op, what):
                         return
                     if not spinning:
-                        if not asleep:
-                            asleep = True
-                            self._sleeping.add(kick)
-                        armed = worker.arm()  # False: events are pending, progress again
+                        me.asleep, me.kicked = True, False
+                        armed = worker.arm() if self._leader is me else True  # False: events are pending
                 n += 1
-                if spinning and not native and (n & 31):
+                if spinning and native is None and (n & 31):
                     continue
                 now = time.monotonic()
                 self._check(start, now, deadline, what, alive)
                 if spinning:
                     if now >= spin_until:
                         spinning = False
-                    if not native:  # (the C slice yields by itself)
+                    if native is None:  # (the C slice yields by itself)
                         os.sched_yield()  # more runnable threads than cores: the peer may need this one
-                elif armed and poller.poll(min(_TICK_S, max(deadline - now, 0.0)) * 1000):
-                    try:
-                        os.eventfd_read(kick)
-                    except BlockingIOError:
-                        pass
-                    if op.stream:
+                    woken = False
+                elif armed:
+                    woken = me.sleep(min(_TICK_S, max(deadline - now, 0.0)))
+                    if woken and op.stream:
                         spinning, spin_until = self._spin_s > 0, time.monotonic() + self._spin_s
         finally:
             with lock:
-                if asleep:
-                    self._sleeping.discard(kick)
-                self._waiters -= 1
-                wake = bool(self._pending) and self._needs_kick()
-            if wake:  # tracked ops are left without a waiter: the progress thread takes over
-                os.eventfd_write(self._wake_fd, 1)
-
-    def _sleeper(self) -> "_Sleeper":
-        s = getattr(self._local, "sleeper", None)
-        if s is None:
-            s = self._local.sleeper = _Sleeper(self.worker.epoll_file_descriptor)
-        return s
+                me.op, me.asleep = None, False
+                self._waiting.remove(me)
+                if self._leader is me:
+                    self._pass_lead()
 
     def _check(self, start: float, now: float, deadline: float, what: str,
                alive: Callable[[], str | None] | None) -> None:
@@ -759,11 +826,12 @@ class Engine:
     def _progress_loop(self) -> None:
         """Progress what nobody waits on: tracked operations and emulated RMA served to peers.
 
-        It always sleeps on its wake-up fd, and on the worker's event fd too
-        only while such work exists and no thread is in :meth:`wait` (waiters
-        progress the worker for everyone, tracked ops included). So a waiter
-        is not slowed by a second thread waking for its events (measured in
-        docs/bench.md).
+        It sleeps on its own kick fd, and leads (sleeps on the worker's event fd
+        too) only while such work exists and no thread is in :meth:`wait`
+        (:meth:`_progress_thread_duty`): waiters progress the worker for everyone,
+        tracked ops included, so a waiter is not slowed by a second thread waking
+        for its events (measured in docs/bench.md). Handing it the lead moves the
+        fd into its epoll set and arms the worker, without waking it.
 
         It also wakes every ``_TICK_S`` to progress the worker once, so that an idle
         process still answers UCX's own connection traffic: over tcp, a peer's new
@@ -772,34 +840,17 @@ class Engine:
         waiter spins (measured at 48-99 % of a core before this tick; see
         docs/bench.md). Twenty wake-ups a second cost well under 0.1 % of a core.
         """
-        worker_fd = self.worker.epoll_file_descriptor
-        poller = select.poll()
-        poller.register(self._wake_fd, select.POLLIN)
-        lock = self._lock
-        registered = False
+        me, lock = self._pt, self._lock
         while not self._stop.is_set():
             with lock:
-                self._kicked = False  # cleared before need is computed: a later track() kicks again
-                if not self._progress():
+                if not self._progress(me):
                     self._poll_pending()  # e.g. sends that completed at posting
-                need = self._serving > 0 or (bool(self._pending) and not self._waiters)
-                armed = self.worker.arm() if need else True  # False: events are pending, progress again
-                self._watching = need
-            if not armed:
-                continue
-            if need != registered:
-                if need:
-                    poller.register(worker_fd, select.POLLIN)
-                else:
-                    poller.unregister(worker_fd)
-                registered = need
-            # the tick: pending ops are re-polled in case one completes without an event, and
-            # an idle worker is progressed (peers' connection handshakes, see the docstring)
-            poller.poll(_TICK_S * 1000)
-            try:
-                os.eventfd_read(self._wake_fd)
-            except BlockingIOError:
-                pass
+                self._progress_thread_duty()
+                armed = self.worker.arm() if self._leader is me else True  # False: events are pending
+            if armed:
+                # the tick: pending ops are re-polled in case one completes without an event, and
+                # an idle worker is progressed (peers' connection handshakes, see the docstring)
+                me.sleep(_TICK_S)
 
     def shutdown(self) -> None:
         """Stop the progress thread (idempotent)."""
