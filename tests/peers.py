@@ -264,3 +264,32 @@ def cuda_case(i: int) -> torch.Tensor:
     n = [10, 5000, 1 << 22, 1 << 20][i]
     dt = [torch.bfloat16, torch.float16, torch.float32, torch.float32][i]
     return torch.randn(n, generator=g).to(dt)
+
+
+def wake_peer(q: Any, back: Any, tls: str, addresses: list[str], echoes: int, plan: list[int], gap_s: float) -> None:
+    """Connect to every address; echo ``echoes`` tensors on the first pipe, then send to the others:
+    for each index ``i`` of ``plan``, after ``gap_s``, a float64 tensor of ``time.monotonic()`` on pipe
+    ``i``; then ``-1.0`` on each. Closes when ``back`` says so (tests/test_wake_owner.py)."""
+    _set_tls(tls)
+    from transport import Pipe
+
+    def run() -> dict:
+        pipes = [Pipe.connect(a) for a in addresses]
+        try:
+            for p in pipes:
+                p.wait_connected(30)
+            q.put(("connected",))
+            for _ in range(echoes):
+                pipes[0].send_tensor(pipes[0].recv_tensor(timeout=30))
+            for i in plan:
+                time.sleep(gap_s)
+                pipes[i].send_tensor(torch.tensor([time.monotonic()], dtype=torch.float64))
+            for p in pipes[1:]:
+                p.send_tensor(torch.tensor([-1.0], dtype=torch.float64))
+            back.get(timeout=60)
+        finally:
+            for p in pipes:
+                p.close()
+        return {}
+
+    _report(q, run)

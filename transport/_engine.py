@@ -454,6 +454,16 @@ class Engine:
         raises :class:`RemoteProtocolError` (it was consumed, truncated), a UCX error
         :class:`PeerDeadError`, both naming ``what()``.
         """
+        me = self._hold_lead()  # this spin progresses the worker: no one need sleep on it meanwhile
+        try:
+            return self._recv_frame(ep, tag, buf, addr, is_open, what)
+        finally:
+            if me is not None:
+                self._drop_lead(me)
+
+    def _recv_frame(self, ep: Any, tag: int, buf: Any, addr: int, is_open: Callable[[], bool],
+                    what: Callable[[], str]) -> "Arrived | _ucp_tag.NativeRequest | ProbedRecv | None":
+        """:meth:`recv_frame`'s spin."""
         lib = self.tag_fast
         assert lib is not None
         self._check_pid()
@@ -648,9 +658,35 @@ class Engine:
             old.ep.unregister(wfd)
         self._leader = new
         if new is not None:
-            if arm and not self.worker.arm():
+            if arm and not self._arm():
                 new.kick()
             new.ep.register(wfd, select.EPOLLIN)
+
+    def _arm(self) -> bool:
+        """Arm the worker for a thread that may be asleep (engine lock held), progressing what is
+        pending first; False if events still came in between (that thread must progress them)."""
+        for _ in range(4):
+            if self.worker.arm():
+                return True
+            self._progress()
+        return False
+
+    def _hold_lead(self) -> _Sleeper | None:
+        """Take the lead for a spin outside :meth:`wait` (which progresses the worker itself), if a
+        thread sleeps on the worker's fd: it would wake for the events this spin handles anyway. Returns
+        the caller's sleeper to give to :meth:`_drop_lead` after the spin, or None if nobody led."""
+        if self._leader is None:  # (read without the lock: at worst one needless wake-up)
+            return None
+        me = self._sleeper()
+        with self._lock:
+            self._lead(me)
+        return me
+
+    def _drop_lead(self, me: _Sleeper) -> None:
+        """Undo :meth:`_hold_lead`: the lead goes to the newest waiter, or the progress thread."""
+        with self._lock:
+            if self._leader is me:
+                self._pass_lead()
 
     def _progress_thread_duty(self) -> None:
         """Give the progress thread the lead when work needs watching and no thread is in
