@@ -223,7 +223,7 @@ class _Sleeper:
     close when the object is freed.
     """
 
-    __slots__ = ("ep", "kick_fd", "op", "asleep", "kicked", "wakes", "name", "__weakref__")
+    __slots__ = ("ep", "kick_fd", "op", "asleep", "kicked", "has_fd", "wakes", "name", "__weakref__")
 
     def __init__(self, name: str):
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -231,6 +231,7 @@ class _Sleeper:
         self.ep.register(self.kick_fd, select.EPOLLIN)
         self.op: Op | None = None
         self.asleep = self.kicked = False
+        self.has_fd = False  # the worker's fd is in ep (only ever the leader's)
         self.wakes = 0
         self.name = name
         weakref.finalize(self, os.close, self.kick_fd)
@@ -648,19 +649,28 @@ class Engine:
         """Make ``new`` the leader, the one thread that sleeps on the worker's fd (engine lock held).
 
         The fd moves between the threads' epoll sets, so a sleeping thread gains or loses it
-        without waking. ``arm``: ``new`` may be asleep already, so the worker is armed for it
-        here (and if events are pending, ``new`` is kicked to progress them itself).
+        without waking; a leader that is not asleep gets it only when it goes to sleep
+        (:meth:`_watch`), so a wait that ends within its spin costs no system call. ``arm``:
+        ``new`` may be asleep already, so the worker is armed for it here and the fd given
+        to it now (if events are still pending, ``new`` is kicked to progress them itself).
         """
-        old, wfd = self._leader, self._worker_fd
+        old = self._leader
         if old is new:
             return
-        if old is not None:
-            old.ep.unregister(wfd)
+        if old is not None and old.has_fd:
+            old.ep.unregister(self._worker_fd)
+            old.has_fd = False
         self._leader = new
-        if new is not None:
-            if arm and not self._arm():
+        if new is not None and arm:
+            if not self._arm():
                 new.kick()
-            new.ep.register(wfd, select.EPOLLIN)
+            self._watch(new)
+
+    def _watch(self, s: _Sleeper) -> None:
+        """Put the worker's fd in the leader ``s``'s epoll set (engine lock held; the worker armed)."""
+        if not s.has_fd:
+            s.ep.register(self._worker_fd, select.EPOLLIN)
+            s.has_fd = True
 
     def _arm(self) -> bool:
         """Arm the worker for a thread that may be asleep (engine lock held), progressing what is
@@ -813,7 +823,11 @@ class Engine:
                         return
                     if not spinning:
                         me.asleep, me.kicked = True, False
-                        armed = worker.arm() if self._leader is me else True  # False: events are pending
+                        armed = True
+                        if self._leader is me:
+                            armed = worker.arm()  # False: events are pending, progress again
+                            if armed:
+                                self._watch(me)
                 n += 1
                 if spinning and native is None and (n & 31):
                     continue
@@ -835,6 +849,8 @@ class Engine:
                 self._waiting.remove(me)
                 if self._leader is me:
                     self._pass_lead()
+                elif not self._waiting:
+                    self._progress_thread_duty()
 
     def _check(self, start: float, now: float, deadline: float, what: str,
                alive: Callable[[], str | None] | None) -> None:
@@ -882,7 +898,11 @@ class Engine:
                 if not self._progress(me):
                     self._poll_pending()  # e.g. sends that completed at posting
                 self._progress_thread_duty()
-                armed = self.worker.arm() if self._leader is me else True  # False: events are pending
+                armed = True
+                if self._leader is me:
+                    armed = self.worker.arm()  # False: events are pending, progress again
+                    if armed:
+                        self._watch(me)
             if armed:
                 # the tick: pending ops are re-polled in case one completes without an event, and
                 # an idle worker is progressed (peers' connection handshakes, see the docstring)
