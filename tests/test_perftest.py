@@ -154,6 +154,19 @@ def test_lookup_profile_reports_both_sides_of_a_round_trip() -> None:
     assert res.stdout.count("function calls per lookup") == 2, res.stdout
 
 
+def test_lookup_profile_with_several_consumers_reports_server_cost_per_lookup() -> None:
+    import re
+
+    res = subprocess.run([sys.executable, "-m", "bench.lookup_profile", "-n", "300", "--consumers", "2",
+                          "--pace-us", "500"], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = re.search(r"2 consumers x 100 timed lookups.*server CPU ([\d.]+) us and ([\d.]+) wake-ups per lookup "
+                  r"\(engine's count ([\d.]+)", res.stdout)
+    assert m, res.stdout
+    cpu, wakes, engine_wakes = (float(v) for v in m.groups())
+    assert 0 < cpu < 1e5 and 0 <= engine_wakes <= wakes, res.stdout
+
+
 def test_kv_mode_stage_and_auto_resolve_like_the_connector(monkeypatch, capsys) -> None:
     import argparse
 

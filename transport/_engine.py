@@ -15,9 +15,10 @@ Progress is made in two places, and callers never drive it themselves:
 
 One owner of the worker's wake-ups: at any time at most one thread, the
 *leader*, sleeps on the worker's event fd: the newest thread in
-:meth:`Engine.wait`, or the progress thread when nobody waits and work needs
-watching. Every sleeping thread has its own epoll set, and leadership moves by
-moving the worker's fd between those sets, without waking anyone. Whoever
+:meth:`Engine.wait` (or one spinning in :meth:`Engine.recv_frame`, which
+progresses the worker anyway), else the progress thread when nobody waits and
+work needs watching. Every sleeping thread has its own epoll set, and the lead
+moves by moving the worker's fd between those sets, without waking anyone. Whoever
 progresses the worker kicks (through its own eventfd) exactly the sleeping
 waiters whose operation is now complete; the others sleep on. A leader whose
 own wait ends hands the fd over before it leaves (:meth:`Engine._pass_lead`),
