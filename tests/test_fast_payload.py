@@ -384,3 +384,43 @@ def test_a_posted_batch_into_out_receives_in_the_background(pair: tuple[Pipe, Pi
     for s in hs:
         s.wait(10)
     assert all(g is o and torch.equal(o, t) for g, o, t in zip(got, outs, reversed(src)))
+
+
+def test_a_payload_a_sweep_parked_is_received_without_spinning_the_compiled_receive(pair: tuple[Pipe, Pipe]):
+    """A sweep can move a tensor's header and payload out of the worker into the engine's stash, where
+    the compiled receive (which probes the worker) cannot see them: the engine's ``recv_tensors`` sees
+    that and hands the batch to the ordinary receive at once (no slice spent in C), which takes them."""
+    a, b = pair
+    eng = get_engine()
+    t = torch.arange(1 << 14, dtype=torch.float32)  # 64 KiB: a payload
+    h = b.send_tensor_async(t)
+    hdr = a._tag(a._recv_tag, a._recv_seq, False)
+    deadline = time.monotonic() + 10
+    while hdr not in eng._stash and time.monotonic() < deadline:  # the progress thread's sweep parks it
+        time.sleep(0.02)
+    assert hdr in eng._stash
+    helper, calls = eng.tag_fast, []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            if name == "ukv_recv_tensors":
+                calls.append(name)
+            return getattr(helper, name)
+
+    eng.tag_fast = Counting()
+    try:
+        out = torch.empty_like(t)
+        got = a.recv_tensors(out=[out], timeout=10)
+    finally:
+        eng.tag_fast = helper
+    h.wait(10)
+    assert got[0] is out and torch.equal(out, t)
+    assert calls == [] and hdr not in eng._stash
+    h = b.send_tensor_async(t + 1)  # and the next batch takes the compiled path again
+    eng.tag_fast = Counting()
+    try:
+        a.recv_tensors(out=[out], timeout=10)
+    finally:
+        eng.tag_fast = helper
+    h.wait(10)
+    assert torch.equal(out, t + 1) and calls

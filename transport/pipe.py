@@ -821,9 +821,9 @@ class Pipe:
         quiet_at = time.monotonic() + spin
         n = 0
         try:
-            while not self._ep_closed and not (eng._stash and self._stashed(fb)):
+            while not self._ep_closed:
                 open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
-                if not open_:
+                if not open_:  # every slot past the compiled path, or a message it waits for parked by a sweep
                     break
                 now = time.monotonic()
                 if moved:
@@ -837,15 +837,6 @@ class Pipe:
                     break  # the ordinary wait raises it
         finally:
             self._hand_over(fb, slots)
-
-    def _stashed(self, fb: _FastRecv) -> bool:
-        """Whether a sweep parked a message the compiled receive of ``fb`` looks for (it only probes the worker)."""
-        stash = self._engine._stash
-        for c in fb.arr:
-            if (c.state == _ucp_tag.ST_WAIT_HDR and c.hdr_tag in stash) or (
-                    c.state == _ucp_tag.ST_WAIT_PAY and c.pay_tag in stash):
-                return True
-        return False
 
     def _hand_over(self, fb: _FastRecv, slots: list[_RecvSlot]) -> None:
         """Turn each slot of ``fb`` into the ordinary path's state for what the compiled path did
