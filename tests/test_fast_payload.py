@@ -424,3 +424,36 @@ def test_a_payload_a_sweep_parked_is_received_without_spinning_the_compiled_rece
         eng.tag_fast = helper
     h.wait(10)
     assert torch.equal(out, t + 1) and calls
+
+
+def test_a_header_the_small_receive_hands_over_is_decoded_once(pair: tuple[Pipe, Pipe],
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """``recv_tensor()`` / ``recv_message()`` take the next header through the compiled small receive; one with
+    payloads to follow goes on to the ordinary path, which uses the header already decoded (its checks
+    and tensors unchanged)."""
+    from transport import _envelope
+
+    a, b = pair
+    decodes: list[int] = []
+    decode = _envelope.decode_header
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        decodes.append(1)
+        return decode(*args, **kw)
+
+    monkeypatch.setattr(_envelope, "decode_header", counting)
+    t = torch.arange(1 << 14, dtype=torch.int32)  # a payload
+    for i in range(3):
+        h = b.send_tensor_async(t + i)
+        time.sleep(0.05)  # arrived: the small receive takes its header at once
+        decodes.clear()
+        got = a.recv_tensor(timeout=10)
+        h.wait(10)
+        assert torch.equal(got, t + i) and len(decodes) == 1, decodes
+    h = b.send_message_async(b"body", [t, torch.arange(3)])
+    time.sleep(0.05)
+    decodes.clear()
+    body, ts = a.recv_message(timeout=10)
+    h.wait(10)
+    assert body == b"body" and torch.equal(ts[0], t) and torch.equal(ts[1], torch.arange(3))
+    assert len(decodes) == 1, decodes

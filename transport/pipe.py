@@ -607,10 +607,12 @@ class Pipe:
     # -- receiving -------------------------------------------------------
     def _post_recv(self, device: torch.device, out: torch.Tensor | None = None, background: bool = True,
                    message: bool = False, max_tensors: int | None = None,
-                   received: tuple[np.ndarray, Any] | None = None, seq: int | None = None) -> _RecvSlot:
+                   received: tuple[np.ndarray, Any] | None = None, seq: int | None = None,
+                   decoded: tuple[codec.Header, list[memoryview | None]] | None = None) -> _RecvSlot:
         """Post the receive of the next header; once it arrived, allocate its tensors and post their payloads.
 
-        ``received``: the header already arrived (the fast path's frame and request). ``seq``: the
+        ``received``: the header already arrived (the fast path's frame and request); ``decoded``:
+        that header, already decoded from its frame (it is checked here as any other). ``seq``: the
         sequence number a :class:`_FastRecv` slot already took (None: the next one).
         """
         if seq is None:
@@ -622,8 +624,11 @@ class Pipe:
 
         def on_header() -> None:
             slot = slot_box.pop()  # the op drops this callback once run: no cycle keeps the slot alive
-            got = header_req.length  # only the bytes that arrived are parsed (inline bytes included)
-            h, inline = codec.decode_header(memoryview(frame)[:got], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
+            if decoded is not None:
+                h, inline = decoded
+            else:  # only the bytes that arrived are parsed (inline bytes included)
+                h, inline = codec.decode_header(memoryview(frame)[:header_req.length], self.peer, seq & _SEQ_MASK,
+                                                self.max_tensor_bytes)
             if message and h.body is None:
                 raise RemoteProtocolError(f"{self.peer} sent a bare tensor where {what} was expected")
             if not message and (h.body is not None or len(h.tensors) != 1):
@@ -1039,35 +1044,39 @@ class Pipe:
             if req is None:
                 return None
             deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+            got = None
             if isinstance(req, Arrived) or _done_ok(req):
-                got = self._decode_small(frame, req.length, seq, message, max_tensors)
-                if got is not None:
+                got = self._decode_small(frame, req.length, seq)
+                if got is not None and self._complete_small(got[0], message, max_tensors):
                     return got[0].body, self._land_inline(seq, kind, got, dev, out)
-            # the ordinary path finishes it; the frame goes with it (a fresh one for the next)
+            # the ordinary path finishes it (with the header decoded here, if it was); the frame goes with it
+            # (a fresh one for the next)
             self._rx_frame = None
             self._slots.append(self._post_recv(dev, out, background=False, message=message, max_tensors=max_tensors,
-                                               received=(frame, req)))
+                                               received=(frame, req), decoded=got))
             slot = self._take_slot(deadline)
         if slot.refused is not None:
             self._recv_refused = slot.refused
             raise RemoteProtocolError(slot.refused)
         return (slot.header.body if slot.header is not None else None), slot.tensors
 
-    def _decode_small(self, frame: np.ndarray, n: int, seq: int, message: bool,
-                      max_tensors: int | None) -> tuple[codec.Header, list[memoryview | None]] | None:
-        """The header in ``frame[:n]`` and its inline bytes if it is complete in itself and what the
-        receive expects, else None."""
+    def _decode_small(self, frame: np.ndarray, n: int, seq: int
+                      ) -> tuple[codec.Header, list[memoryview | None]] | None:
+        """The header in ``frame[:n]`` and its inline bytes (views of ``frame``), or None if it does not
+        decode (the ordinary path decodes it again and raises, breaking the pipe)."""
         try:
-            h, inline = codec.decode_header(memoryview(frame)[:n], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
+            return codec.decode_header(memoryview(frame)[:n], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
         except RemoteProtocolError:
-            return None  # the ordinary path decodes it again and raises, breaking the pipe
+            return None
+
+    @staticmethod
+    def _complete_small(h: codec.Header, message: bool, max_tensors: int | None) -> bool:
+        """Whether header ``h`` is complete in itself (no payloads) and what the receive expects."""
         if (h.body is not None) != message or h.payloads:
-            return None
+            return False
         if message and max_tensors is not None and len(h.tensors) > max_tensors:
-            return None
-        if not message and len(h.tensors) != 1:
-            return None
-        return h, inline
+            return False
+        return message or len(h.tensors) == 1
 
     def _land_inline(self, seq: int, kind: str, got: tuple[codec.Header, list[memoryview | None]],
                      dev: torch.device, out: torch.Tensor | None) -> list[torch.Tensor | None]:
