@@ -457,3 +457,63 @@ def test_a_header_the_small_receive_hands_over_is_decoded_once(pair: tuple[Pipe,
     h.wait(10)
     assert body == b"body" and torch.equal(ts[0], t) and torch.equal(ts[1], torch.arange(3))
     assert len(decodes) == 1, decodes
+
+
+def test_compiled_receives_reuse_their_header_frames_until_one_goes_to_the_ordinary_path(
+        pair: tuple[Pipe, Pipe], monkeypatch: pytest.MonkeyPatch):
+    """Batches into ``out`` and small receives reuse one set of header frames per pipe; a hand-over that gives
+    a frame to the ordinary path (here: a header whose payload comes late) leaves that frame to it, and
+    the next compiled receive takes new ones."""
+    import threading
+
+    import numpy as np
+
+    a, b = pair
+    eng = get_engine()
+    n = 1 << 14
+    outs = [torch.empty(n) for _ in range(4)]
+    src = [torch.full((n,), float(i)) for i in range(4)]
+    for _ in range(3):
+        hs = [b.send_tensor_async(t) for t in src]
+        a.recv_tensors(out=outs, timeout=10)
+        for h in hs:
+            h.wait(10)
+        assert all(torch.equal(o, t) for o, t in zip(outs, src))
+        frames = a._rx_frames
+        b.send_tensor(torch.arange(3))  # a small receive uses the first frame
+        assert torch.equal(a.recv_tensor(timeout=10), torch.arange(3))
+        assert a._rx_frames is frames and frames is not None and len(frames) >= 4
+    # the header of a send, then its payload 0.3 s later: the compiled receive hands over in between
+    seq = b._send_seq
+    header = a._payload_header(outs[0], seq)
+    assert header is not None
+    hdr = np.frombuffer(header[1], dtype=np.uint8).copy()
+    late = torch.full((n,), 7.0)
+    reqs = [eng.tag_send(b._ep, hdr, b._tag(b._send_tag, seq, False))]
+    b._send_seq += 1
+    sender = threading.Timer(0.5, lambda: reqs.append(eng.tag_send(b._ep, late.numpy(), b._tag(b._send_tag, seq, True))))
+    from transport import _ucp_tag
+    from transport import pipe as pipe_mod
+
+    states: list[int] = []
+    hand_over = pipe_mod.Pipe._hand_over
+
+    def recording(self: Any, fb: Any, slots: Any) -> None:
+        states.extend(c.state for c in fb.arr)
+        hand_over(self, fb, slots)
+
+    monkeypatch.setattr(pipe_mod.Pipe, "_hand_over", recording)
+    monkeypatch.setattr(eng, "_spin_s", 0.1)  # the header surely arrives while the compiled receive spins
+    sender.start()
+    got = a.recv_tensors(out=outs[:1], timeout=10)
+    sender.join()
+    monkeypatch.undo()
+    assert got[0] is outs[0] and torch.equal(outs[0], late)
+    assert states == [_ucp_tag.ST_WAIT_PAY]  # handed over with its header in the frame
+    assert a._rx_frames is None  # its frame went with the ordinary receive
+    hs = [b.send_tensor_async(t) for t in src]
+    a.recv_tensors(out=outs, timeout=10)
+    for h in hs:
+        h.wait(10)
+    assert all(torch.equal(o, t) for o, t in zip(outs, src))
+    assert a._rx_frames is not None and a._rx_frames is not frames

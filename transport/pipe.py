@@ -256,7 +256,8 @@ class Pipe:
         self._slots: list[_RecvSlot] = []
         self._broken: str | None = None
         self._recv_refused: str | None = None  # recv_message refused an envelope unreceived: out of step
-        self._rx_frame: np.ndarray | None = None  # the fast path's header frame, reused (see _recv_small)
+        #: the compiled receives' header frames (a row each), reused from receive to receive (see _frames)
+        self._rx_frames: np.ndarray | None = None
         self._specs: dict[tuple[torch.dtype, torch.Size], tuple[codec.TensorSpec, bytes]] = {}  # see _spec_bytes
         self._closed = False
         self.address = ""
@@ -801,10 +802,9 @@ class Pipe:
                 return None
             got.append(hb)
         k = len(outs)
-        frames = np.empty((k, codec.HEADER_FRAME_SIZE), dtype=np.uint8)
+        frames, base = self._frames(k)
         expect = [b for _, b in got]
-        fb = _FastRecv(k, outs, [h for h, _ in got], list(frames), expect, device, background)
-        base = frames.ctypes.data
+        fb = _FastRecv(k, outs, [h for h, _ in got], list(frames[:k]), expect, device, background)
         for i, (o, b) in enumerate(zip(outs, expect)):
             c = fb.arr[i]
             c.hdr_tag = self._tag(self._recv_tag, seq0 + i, False)
@@ -814,6 +814,21 @@ class Pipe:
             c.out, c.out_len = o.data_ptr(), o.numel() * o.element_size()
         self._recv_seq = seq0 + k
         return [_RecvSlot(seq0 + i, fb.frames[i], None) for i in range(k)], fb
+
+    def _frames(self, k: int) -> tuple[np.ndarray, int]:
+        """At least ``k`` header frames (rows) for a compiled receive, and their address (``_recv_lock`` held).
+
+        The same frames serve every compiled receive of this pipe, one at a time: each runs only
+        while no other receive is posted here (``_recv_small``, ``_defer_fast``), holding ``_recv_lock``
+        until it is done or handed over, and a hand-over that gives one of them to the ordinary path
+        (a header to check, or one still arriving) drops them (the next receive takes new ones), so a frame that
+        a posted receive still holds is never written by the next one.
+        """
+        frames = self._rx_frames
+        if frames is None or len(frames) < k:
+            frames = self._rx_frames = np.empty((k, codec.HEADER_FRAME_SIZE), dtype=np.uint8)
+            self._rx_addr = frames.ctypes.data
+        return frames, self._rx_addr
 
     def _drive_fast(self, fb: _FastRecv, slots: list[_RecvSlot], deadline: float) -> None:
         """Receive ``fb``'s slots through ``ukv_recv_tensors`` (``_recv_lock`` held), in slices of the engine's
@@ -882,6 +897,8 @@ class Pipe:
                     f"header of {what}: {c.len} bytes arrived, expected at most {c.cap} bytes")))
             else:  # another header than expected, or the expected one whose payload has not come (or differs)
                 received = (frame, Arrived(c.len))
+            if received is not None:  # its frame goes with it: the next compiled receive takes new ones
+                self._rx_frames = None
             new = self._post_recv(fb.device, out, fb.background, received=received, seq=slot.seq)
             new.batch = True
             slots[i] = new
@@ -1029,14 +1046,12 @@ class Pipe:
         with self._recv_lock:
             if self._slots:
                 return None
-            frame = self._rx_frame
-            if frame is None:
-                frame = self._rx_frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
-                self._rx_addr = frame.ctypes.data
+            frames, addr = self._frames(1)
+            frame = frames[0]
             seq = self._recv_seq
             kind = "message" if message else "tensor"
             try:
-                req = self._engine.recv_frame(self._ep, self._tag(self._recv_tag, seq, False), frame, self._rx_addr,
+                req = self._engine.recv_frame(self._ep, self._tag(self._recv_tag, seq, False), frame, addr,
                                               self._ep_open, lambda: f"header of {kind} #{seq} from {self.peer}")
             except (PeerError, RemoteProtocolError) as exc:
                 self._recv_seq = seq + 1  # consumed or failed: the pipe breaks
@@ -1051,7 +1066,7 @@ class Pipe:
                     return got[0].body, self._land_inline(seq, kind, got, dev, out)
             # the ordinary path finishes it (with the header decoded here, if it was); the frame goes with it
             # (a fresh one for the next)
-            self._rx_frame = None
+            self._rx_frames = None
             self._slots.append(self._post_recv(dev, out, background=False, message=message, max_tensors=max_tensors,
                                                received=(frame, req), decoded=got))
             slot = self._take_slot(deadline)
