@@ -5,7 +5,8 @@ another tree: ``cd /tmp; PYTHONPATH=TREE python TREE2/bench/stream_cost.py``; ``
 current directory's ``transport`` first). A receiver
 process waits on ``recv_tensors(out=[buf] * 8)`` batches while this process sends with
 ``send_tensor_async``, 8 in flight. Each side prints its process CPU time (all threads,
-``getrusage``) per message, its MB/s and, with ``--profile``, its cProfile call count per message
+``getrusage``) per message, then per thread (CPU from ``/proc/self/task/*/schedstat``, voluntary and
+involuntary context switches), its MB/s and, with ``--profile``, its cProfile call count per message
 and top functions; the receiver also prints where its compiled receives stood when handed to the
 ordinary path (``_ucp_tag.ST_*`` counts). CPU per message and call counts survive a loaded
 machine far better than the MB/s (docs/bench.md, "Streaming through the compiled path").
@@ -29,18 +30,57 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _threads() -> dict[int, tuple[str, int, int, int]]:
+    """Each thread of this process: tid -> (name, CPU ns from schedstat, voluntary and involuntary
+    context switches). Python threads by their name; others (UCX's) by their comm, in brackets."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        base = f"/proc/self/task/{tid}"
+        try:
+            with open(f"{base}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"{base}/status") as f:
+                st = dict(line.split(":", 1) for line in f if ":" in line)
+            with open(f"{base}/comm") as f:
+                comm = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        t = int(tid)
+        out[t] = (names.get(t, f"[{comm}]"), ns, int(st["voluntary_ctxt_switches"]),
+                  int(st["nonvoluntary_ctxt_switches"]))
+    return out
+
+
+def _per_thread(before: dict, after: dict, n: int) -> str:
+    """CPU µs and context switches (voluntary + involuntary) per message, thread by thread."""
+    parts = []
+    for tid, (name, ns, vol, invol) in sorted(after.items(), key=lambda kv: -kv[1][1]):
+        _, ns0, vol0, invol0 = before.get(tid, (name, 0, 0, 0))
+        if ns - ns0 < 1000 * n / 100:  # under 0.01 µs a message: idle
+            continue
+        parts.append(f"{name} {(ns - ns0) / 1e3 / n:.1f} us, {(vol - vol0) / n:.2f}+{(invol - invol0) / n:.2f} cs")
+    return "; ".join(parts)
+
+
 def _measured(side: str, n: int, size: int, profile: bool, run: Any) -> str:
-    """Run ``run()`` (the timed part) and describe it: CPU µs per message, MB/s, calls per message."""
+    """Run ``run()`` (the timed part) and describe it: CPU µs per message (all threads, then thread by
+    thread with context switches per message), MB/s, calls per message."""
     prof = None
     if profile:
         import cProfile
 
         prof = cProfile.Profile()
         prof.enable()
+    th0 = _threads()
     c0, t0 = _cpu(), time.perf_counter()
     run()
     c1, t1 = _cpu(), time.perf_counter()
-    line = f"{side}: {1e6 * (c1 - c0) / n:.1f} us CPU/message, {n * size / (t1 - t0) / 1e6:.0f} MB/s"
+    th1 = _threads()
+    line = (f"{side}: {1e6 * (c1 - c0) / n:.1f} us CPU/message, {n * size / (t1 - t0) / 1e6:.0f} MB/s\n"
+            f"  {side} threads: {_per_thread(th0, th1, n)}")
     if prof is not None:
         import io
         import pstats

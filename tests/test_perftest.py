@@ -154,6 +154,20 @@ def test_lookup_profile_reports_both_sides_of_a_round_trip() -> None:
     assert res.stdout.count("function calls per lookup") == 2, res.stdout
 
 
+def test_stream_cost_reports_cpu_per_message_thread_by_thread() -> None:
+    import re
+
+    res = subprocess.run([sys.executable, "-m", "bench.stream_cost", "--size", "65536", "-n", "400", "--tls", "sm"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for side in ("receiver", "sender"):
+        m = re.search(side + r": ([\d.]+) us CPU/message, (\d+) MB/s\n  " + side + r" threads: (.*)", res.stdout)
+        assert m and 0 < float(m.group(1)) < 1e5 and int(m.group(2)) > 0, res.stdout
+        threads = dict(re.findall(r"(\S+) ([\d.]+) us, [\d.]+\+[\d.]+ cs", m.group(3)))
+        assert float(threads["MainThread"]) > 0, m.group(3)  # the thread that sends or receives
+        assert sum(map(float, threads.values())) <= float(m.group(1)) * 1.05 + 1, (threads, m.group(1))
+
+
 def test_kv_mode_stage_and_auto_resolve_like_the_connector(monkeypatch, capsys) -> None:
     import argparse
 
