@@ -165,7 +165,9 @@ def test_stream_cost_reports_cpu_per_message_thread_by_thread() -> None:
         assert m and 0 < float(m.group(1)) < 1e5 and int(m.group(2)) > 0, res.stdout
         threads = dict(re.findall(r"(\S+) ([\d.]+) us, [\d.]+\+[\d.]+ cs", m.group(3)))
         assert float(threads["MainThread"]) > 0, m.group(3)  # the thread that sends or receives
-        assert sum(map(float, threads.values())) <= float(m.group(1)) * 1.05 + 1, (threads, m.group(1))
+        # the same CPU counted two ways (schedstat vs getrusage's tick-scaled split): roughly equal
+        total = float(m.group(1))
+        assert 0.5 * total - 5 <= sum(map(float, threads.values())) <= 1.5 * total + 5, (threads, total)
 
 
 def test_kv_mode_stage_and_auto_resolve_like_the_connector(monkeypatch, capsys) -> None:
