@@ -807,7 +807,7 @@ class Engine:
                 # events pending (a stream's fragments keep arriving): yield the core and the GIL first, or
                 # this loop starves the thread it was kicked for (the sender between two waits, which needs
                 # the lock and the GIL to become a waiter again): measured 26-29 passes and 185-200 us of
-                # this thread's CPU per 1 MiB message over sm, 0.5 and ~40 us with it (docs/bench.md)
+                # this thread's CPU per 1 MiB message over sm; 0.5 passes and 40-59 us with it (docs/bench.md)
                 os.sched_yield()
                 continue
             if need != registered:
