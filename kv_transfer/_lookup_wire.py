@@ -207,8 +207,8 @@ def tokens_key(tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor]) -> O
     """The masked tokens as a 1-D int64 numpy array (``tokens[roi]``), or None without tokens."""
     if tokens is None:
         return None
-    if roi is None and tokens.dtype == torch.int64 and not tokens.requires_grad and tokens.device.type == "cpu":
-        return tokens.numpy().reshape(-1)  # the common query, once per lookup: ~1 µs, the steps below ~2.3
+    if roi is None and tokens.dtype == torch.int64 and tokens.is_cpu and not tokens.requires_grad:
+        return tokens.numpy().reshape(-1)  # the common query, once per lookup: ~0.8 µs, the steps below ~2.3
     t = tokens.detach().reshape(-1)
     if t.device.type != "cpu":  # (a .to("cpu") of a host tensor still costs a few us per lookup)
         t = t.cpu()

@@ -561,9 +561,10 @@ class Pipe:
                     specs.append(None)
                     continue
                 t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
-                if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+                # (is_cpu and nbytes: each a tenth of a µs where device.type and numel() * element_size() take 0.3)
+                if not t.is_cpu or not t.is_contiguous() or t.is_conj() or t.is_neg():
                     return False  # (a lazy conj/neg view's memory is not its values: the ordinary path resolves it)
-                nb = t.numel() * t.element_size()
+                nb = t.nbytes
                 nbytes += nb
                 if nbytes > codec.INLINE_LIMIT:
                     return False
@@ -1029,7 +1030,8 @@ class Pipe:
         self._ready(timeout)
         if self._recv_refused is not None:
             raise RemoteProtocolError(f"pipe {self.name} receives nothing more from {self.peer}: {self._recv_refused}")
-        dev = self.device if device is None else torch.device(device)  # a bad argument fails before anything is taken
+        # a bad argument fails before anything is taken (a torch.device as is: converting one again costs ~0.2 µs)
+        dev = self.device if device is None else device if type(device) is torch.device else torch.device(device)
         with self._recv_lock:
             if self._slots:
                 return None
@@ -1047,11 +1049,11 @@ class Pipe:
                 self._fail(exc, "receiving")
             if req is None:
                 return None
-            deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
-            if isinstance(req, Arrived) or _done_ok(req):
+            if type(req) is Arrived or _done_ok(req):
                 got = self._decode_small(frame, req.length, seq, message, max_tensors)
                 if got is not None:
                     return got[0].body, self._land_inline(seq, kind, got, dev, out)
+            deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
             # the ordinary path finishes it; the frame goes with it (a fresh one for the next)
             self._rx_frame = None
             self._slots.append(self._post_recv(dev, out, background=False, message=message, max_tensors=max_tensors,
@@ -1070,12 +1072,16 @@ class Pipe:
             h, inline = codec.decode_header(memoryview(frame)[:n], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
         except RemoteProtocolError:
             return None  # the ordinary path decodes it again and raises, breaking the pipe
-        if (h.body is not None) != message or h.payloads:
+        if (h.body is not None) != message:
             return None
-        if message and max_tensors is not None and len(h.tensors) > max_tensors:
+        if message:
+            if max_tensors is not None and len(h.tensors) > max_tensors:
+                return None
+        elif len(h.tensors) != 1:
             return None
-        if not message and len(h.tensors) != 1:
-            return None
+        for spec, data in zip(h.tensors, inline):  # (h.payloads, without its generator)
+            if data is None and spec is not None and spec.nbytes:
+                return None  # a payload follows
         return h, inline
 
     def _land_inline(self, seq: int, kind: str, got: tuple[codec.Header, list[memoryview | None]],
@@ -1096,8 +1102,8 @@ class Pipe:
                     tensors.append(None)
                     continue
                 nd = np_dtypes.get(spec.dtype)
-                if nd is not None and data is not None:
-                    t = torch.from_numpy(np.frombuffer(data, nd).copy().reshape(spec.shape))
+                if nd is not None and data is not None:  # (the spec was checked: data holds shape's bytes exactly)
+                    t = torch.from_numpy(np.ndarray(spec.shape, nd, data).copy())
                 else:
                     t = self._landing(spec, i, f"{kind} #{seq} from {self.peer}", dev, out)
                     if data is not None and spec.nbytes:
