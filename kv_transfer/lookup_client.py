@@ -57,7 +57,7 @@ class LookupClient:
         self.options = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
                                       heartbeat_s=heartbeat_s, device=device, auth=auth)
         self.timeout_s = float(self.options.timeout_s)
-        self.device = self.options.device
+        self.device = torch.device(self.options.device)  # (converted once, not at every receive)
         self.redial = bool(redial)
         self.redials = 0  # connections made after the first one
         self._dial_kw = dict(name=name, service=SERVICE, meta=meta, options=self.options)

@@ -173,13 +173,15 @@ class LookupServer:
             pipe.send_message(wire.encode(wire.NotFound(msg.seq)), timeout=self.send_timeout_s)
             return True
         handle, m = hit
-        try:
-            key = narrow_part(m.key, msg.narrow, f"Fetch from {peer}")
-        except KVUsageError as exc:
-            self.buffer.unclaim(handle)
-            pipe.send_message(wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc))),
-                              timeout=self.send_timeout_s)
-            return True
+        key = m.key
+        if msg.narrow is not None:
+            try:
+                key = narrow_part(key, msg.narrow, f"Fetch from {peer}")
+            except KVUsageError as exc:
+                self.buffer.unclaim(handle)
+                pipe.send_message(wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc))),
+                                  timeout=self.send_timeout_s)
+                return True
         codes, flat = wire.flatten_parts([key, m.value, m.hidden])
         head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id))
         try:  # one envelope: one header for tokens, roi and every layer's tensors, then the payloads

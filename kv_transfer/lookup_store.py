@@ -206,7 +206,21 @@ class LookupBuffer:
     def _free(self, e: _Entry) -> None:
         if self._entries.pop(e.eid, None) is not None:
             self._bytes -= e.nbytes
+            self._drop_freed_leases()
             self._notify_locked()
+
+    def _drop_freed_leases(self) -> None:
+        """Pop freed entries off the head of the lease heap, and rebuild it once it is mostly freed entries.
+
+        Done where entries are freed (release runs after the answer is sent), so that the lease
+        check of the next claim, on the lookup's path, finds a live head and costs one comparison.
+        """
+        leases = self._leases
+        while leases and leases[0][1] not in self._entries:
+            heapq.heappop(leases)
+        if len(leases) > 2 * len(self._entries) + 64:  # freed entries deep in the heap: rebuild from the live ones
+            self._leases = leases = [(e.deadline, e.eid) for e in self._entries.values() if e.eid not in self._overdue]
+            heapq.heapify(leases)
 
     def _expire_locked(self) -> Optional[float]:
         """Drop available entries past their lease; return the next deadline (or None).
@@ -214,6 +228,9 @@ class LookupBuffer:
         Costs O(k log n) for k entries due (or freed since), not O(n): the leases are a heap.
         """
         now = self._clock()
+        leases = self._leases
+        if not self._overdue and (not leases or leases[0][0] > now):
+            return leases[0][0] if leases else None  # nothing due (the head is live: see _drop_freed_leases)
         dead = []
         if self._overdue:
             for eid in list(self._overdue):
@@ -222,7 +239,6 @@ class LookupBuffer:
                     self._overdue.discard(eid)
                     if e is not None:
                         dead.append(e)
-        leases = self._leases
         while leases and (leases[0][0] <= now or leases[0][1] not in self._entries):
             _, eid = heapq.heappop(leases)
             e = self._entries.get(eid)
@@ -232,14 +248,12 @@ class LookupBuffer:
                 self._overdue.add(eid)  # a send is in flight: it expires when that ends
             else:
                 dead.append(e)
-        if len(leases) > 2 * len(self._entries) + 64:  # mostly freed entries: rebuild from the live ones
-            self._leases = leases = [(e.deadline, e.eid) for e in self._entries.values() if e.eid not in self._overdue]
-            heapq.heapify(leases)
         for e in dead:
             self._unindex(e)
-            self._free(e)
+            self._free(e)  # (may rebuild the heap)
             self.expired += 1
             log.info("lookup entry %d (request %s, %d bytes) expired unclaimed", e.eid, e.request_id, e.nbytes)
+        leases = self._leases
         return leases[0][0] if leases else None
 
     def expire(self) -> int:

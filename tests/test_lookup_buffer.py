@@ -192,6 +192,30 @@ def test_leases_of_many_entries_expire_in_deadline_order_after_most_were_consume
     assert buf.num_entries == 0 and buf.expired == len(left)
 
 
+def test_lease_heap_keeps_a_live_head_and_stays_bounded_whatever_order_entries_go_in():
+    # a claim's lease check is one comparison only because releases pop freed entries off the heap's
+    # head and rebuild it once freed entries pile up deeper; expiry must still see every live lease
+    import random
+
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 24, lease_s=1000, clock=clock)
+    for i in range(400):
+        buf.insert(toks(i), None, torch.zeros(1), None, None, lease_s=10 + (i % 9) * 10)
+    order = list(range(400))
+    random.Random(7).shuffle(order)
+    gone = set(order[:300])
+    for n, i in enumerate(order[:300]):
+        assert buf.fetch(toks(i), None) is not None
+        heap, live = buf._leases, buf._entries
+        assert not heap or heap[0][1] in live, n  # the head is a live entry
+        assert len(heap) <= 2 * len(live) + 64, n  # freed entries never pile up beyond the rebuild bound
+    left = [i for i in range(400) if i not in gone]
+    for step in range(1, 10):
+        clock.t = 1000.0 + step * 10
+        assert buf.num_entries == sum(1 for i in left if 10 + (i % 9) * 10 > step * 10), step
+    assert buf.num_entries == 0 and buf.expired == len(left)
+
+
 def test_abort_drops_available_and_claimed_entries():
     buf = LookupBuffer(1 << 20)
     buf.insert(toks(1), None, torch.zeros(4), None, None, request_id="r")
