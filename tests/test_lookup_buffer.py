@@ -378,6 +378,32 @@ def test_remote_narrow_and_readers_over_the_wire():
     assert wire.decode_request(wire.encode(wire.Fetch(1, "r", narrow=[1, 0, 2], readers=2)), 2, "p").readers == 2
 
 
+def test_remote_exact_match_gives_the_query_tokens_back_without_sending_them():
+    # wire v3: where the entry's tokens are the query's (exact match, no roi, same dtype and shape) the
+    # answer carries None in their place; anything else still sends the stored tokens
+    buf = LookupBuffer(1 << 20)
+    key = torch.arange(6.0)
+    buf.insert(toks(1, 2, 3), None, key, None, None, request_id="a")
+    buf.insert(toks(1, 2, 3).to(torch.int32), None, key, None, None, request_id="b")  # same values, other dtype
+    buf.insert(toks(4, 5).reshape(1, 2), None, key, None, None, request_id="c")  # same values, other shape
+    buf.insert(toks(7, 8, 9), None, key, None, None, request_id="d")
+    buf.insert(toks(6, 6), torch.tensor([True, False]), key, None, None, request_id="e")
+    with buf.serve("127.0.0.1", 0) as server, LookupBuffer.connect(server.address, timeout_s=10) as client:
+        q = toks(1, 2, 3)
+        m = client.fetch(q, None, request_id="a")
+        assert m.input_tokens is q and torch.equal(m.key, key) and m.matched == 3  # not sent back: its own
+        m = client.fetch(toks(1, 2, 3), None, request_id="b")
+        assert m.input_tokens.dtype == torch.int32 and m.input_tokens.tolist() == [1, 2, 3]
+        m = client.fetch(toks(4, 5), None, request_id="c")
+        assert m.input_tokens.shape == (1, 2) and m.input_tokens.tolist() == [[4, 5]]
+        q = toks(7, 8, 9, 10)
+        m = client.fetch(q, None, prefix=True, request_id="d")  # a prefix match: the stored tokens
+        assert m.input_tokens is not q and m.input_tokens.tolist() == [7, 8, 9] and m.matched == 3
+        m = client.fetch(toks(6, 5), torch.tensor([True, False]), request_id="e")  # a roi: the stored ones
+        assert m.input_tokens.tolist() == [6, 6] and m.roi.tolist() == [True, False]
+    assert buf.num_entries == 0
+
+
 # -- retained entries (decode failover) --------------------------------------------------
 def test_retained_entry_survives_fetches_until_abort_acknowledges_it():
     clock = FakeClock()
