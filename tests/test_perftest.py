@@ -147,7 +147,8 @@ def test_lookup_profile_reports_both_sides_of_a_round_trip() -> None:
     res = subprocess.run([sys.executable, "-m", "bench.lookup_profile", "-n", "400", "-m", "300", "--profile"],
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert re.search(r"answer send_message/recv_message +[\d.]+ / +[\d.]+ us", res.stdout), res.stdout
+    assert re.search(r"\n  answer send_message/recv_message +[\d.]+ / +[\d.]+ us", res.stdout), res.stdout
+    assert re.search(r"echo answer send_message/recv_message +[\d.]+ / +[\d.]+ us", res.stdout), res.stdout
     m = re.search(r"round trip \(200 lookups\): p50 ([\d.]+) us.*client ([\d.]+) us, server handler ([\d.]+) us",
                   res.stdout)
     assert m and all(0 < float(v) < 1e6 for v in m.groups()), res.stdout
