@@ -149,18 +149,18 @@ def test_fast_payload_sends_put_the_ordinary_header_on_the_wire(pair: tuple[Pipe
     eng = get_engine()
     helper = eng.tag_fast
     frames: list[bytes] = []
-    send_tensor, tag_send = eng.send_tensor, eng.tag_send
+    send_tensors, tag_send = eng.send_tensors, eng.tag_send
 
-    def record_fast(ep: Any, tag: int, header: bytes, pay_tag: int, addr: int, nbytes: int, *rest: Any) -> Any:
-        frames.append(struct.pack("<I", len(header)) + header)
-        return send_tensor(ep, tag, header, pay_tag, addr, nbytes, *rest)
+    def record_fast(ep: Any, posts: list, *rest: Any) -> Any:
+        frames.extend(struct.pack("<I", len(header)) + header for _, header, _, _, _ in posts)
+        return send_tensors(ep, posts, *rest)
 
     def record_ordinary(ep: Any, buf: Any, t: int) -> Any:
         if not t & 1:  # headers only
             frames.append(bytes(buf))
         return tag_send(ep, buf, t)
 
-    monkeypatch.setattr(eng, "send_tensor", record_fast)
+    monkeypatch.setattr(eng, "send_tensors", record_fast)
     monkeypatch.setattr(eng, "tag_send", record_ordinary)
     try:
         for t in _payloads():
@@ -181,6 +181,32 @@ def test_fast_payload_sends_put_the_ordinary_header_on_the_wire(pair: tuple[Pipe
     # what rides inline is not a payload: the compiled receive leaves it to the inline path
     assert a._payload_header(torch.empty(7600, dtype=torch.uint8), 0) is None
     assert a._payload_header(torch.empty(40000, device="meta"), 0) is None
+
+
+@pytest.mark.parametrize("seq", [0, 127, 128, 255, 256, 65535, 65536, (1 << 23) - 1, 1 << 23])
+def test_the_compiled_header_is_the_ordinary_frame_at_every_seq_width(pair: tuple[Pipe, Pipe], seq: int):
+    """The header the compiled send puts on the wire and the receive expects (one msgspec encoding of a
+    cached spec) equals the frame the ordinary send writes for the same tensor, at every width msgpack
+    gives the sequence number (1 to 5 bytes: the inline room changes with it) and past the mask."""
+    from transport import _envelope as codec
+    from transport.pipe import _SEQ_MASK
+
+    a, _ = pair
+    near = [torch.empty(n, dtype=torch.uint8) for n in range(7648, 7664)]  # around the inline boundary
+    kinds = set()
+    for t in _payloads() + near:
+        spec = codec.spec_of(t, False)
+        header_len = codec.header_size(codec.Header(seq & _SEQ_MASK, [spec], None))
+        frame = memoryview(bytearray(codec.HEADER_FRAME_SIZE))
+        inline = codec.rides_inline(spec.nbytes, header_len)
+        kinds.add(inline)
+        if inline:  # the ordinary send inlines it: not a payload
+            assert a._payload_header(t, seq) is None
+            continue
+        used = codec.encode_header(frame, codec.Header(seq & _SEQ_MASK, [spec], None))
+        got = a._payload_header(t, seq)
+        assert got is not None and got[1] == bytes(frame[:used]), (t.dtype, t.shape, seq)
+    assert kinds == {True, False}  # both sides of the boundary were compared
 
 
 def mismatch_case() -> dict:
