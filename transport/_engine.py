@@ -535,14 +535,35 @@ class Engine:
 
     def wait_sends(self, reqs: "_ucp_tag.NativeRequests", deadline: float, what: str,
                    alive: Callable[[], str | None] | None = None) -> None:
-        """Wait for sends :meth:`send_tensors` left in flight, as :meth:`wait` waits for an op: one C call
-        when they are done already (the usual case for the older sends of a window), else :meth:`wait`
-        itself (its C spin on them, then its sleep). Raises what :meth:`wait` raises; a failed send is
-        a :class:`PeerDeadError` naming it."""
+        """Wait for sends :meth:`send_tensors` left in flight, with :meth:`wait`'s promises (deadline,
+        ``alive``, errors naming ``what``): one C call when they are done already (the usual case for
+        the older sends of a window); else ``ukv_wait_requests`` on their C array in slices of the lock
+        for ``UCXKV_SPIN_US``, the deadline and liveness checked between slices; then :meth:`wait`
+        itself, which sleeps at once. The spin neither counts as a waiter nor wakes the progress thread
+        on leaving: background sends were tracked when posted (:class:`_SendsInFlight`), and a stream's
+        wait that completes in the spin costs no wake-up. A failed send is a :class:`PeerDeadError`."""
         self._check_pid()
         if reqs.completed:
             reqs.check_error()
             return
+        lib = self.tag_fast
+        assert lib is not None
+        slice_ns = min(_FAST_SLICE_NS, int(self._spin_s * 1e9))  # UCXKV_SPIN_US=0: no spin
+        if slice_ns > 0:
+            lock, progressedp = self._lock, self._c_out[1]
+            now = start = time.monotonic()
+            spin_until = start + self._spin_s
+            while now < spin_until:
+                with lock:
+                    lib.ukv_wait_requests(self._worker_h, reqs.ptrs, reqs.n, slice_ns, progressedp)
+                    if self._c_prog.value:
+                        self._progressed()
+                if reqs.completed:
+                    reqs.check_error()
+                    return
+                now = time.monotonic()
+                self._check(start, now, deadline, what, alive)
+            self._local.spun_at = now  # the wait below sleeps at once
         self.wait(Op([reqs], []), deadline, what, alive)
 
     def recv_tensors(self, slots: Any, k: int, spin_ns: int) -> tuple[int, bool]:
