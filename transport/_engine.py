@@ -309,7 +309,6 @@ class Engine:
             self._c_req, self._c_len, self._c_prog = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_uint()
             self._c_out = (ctypes.byref(self._c_req), ctypes.byref(self._c_prog))
             self._c_lenp = ctypes.byref(self._c_len)
-            self._c_reqs = (ctypes.c_void_p * 2)()
             self._c_changed = ctypes.c_int()
             self._c_changedp = ctypes.byref(self._c_changed)
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
