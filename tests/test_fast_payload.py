@@ -505,3 +505,25 @@ def test_background_sends_complete_with_nobody_waiting(peers: Peers, fast: str):
     sent = peers.expect(tx, "ok", timeout=90)
     assert sent["tracked"] and sent["done"] and sent["after"] < 10, sent
     assert peers.expect(rx, "ok", timeout=60) == {"ok": True}
+
+
+def test_a_stalled_send_does_not_hold_back_the_sends_of_other_pipes(pair: tuple[Pipe, Pipe]):
+    """The compiled path's background sends are freed in posting order: a 1 MiB send nobody receives
+    (the head) must not keep every later send of another pipe, and its tensor, queued behind it."""
+    a, b = pair
+    eng = get_engine()
+    stalled = b.send_tensor_async(torch.ones(1 << 18))  # a never receives it
+    with _pair() as (c, d):
+        t = torch.arange(1 << 14, dtype=torch.float32)
+        out = torch.empty_like(t)
+        for _ in range(300):  # each left to the progress thread (never waited), then received
+            d.send_tensor_async(t.clone())
+            assert torch.equal(c.recv_tensor(out=out, timeout=30), t)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with eng._lock:
+                queued = len(eng._sends.queue)
+            if queued <= 2 * 64:
+                break
+            time.sleep(0.02)
+    assert not stalled.done() and queued <= 2 * 64, queued

@@ -207,19 +207,26 @@ class Failed:
         raise self.error
 
 
+#: :class:`_SendsInFlight` frees only at its head, in posting order, until it holds more than this many.
+_SENDS_BOUND = 64
+
+
 class _SendsInFlight:
     """The compiled path's background sends in flight (:class:`_ucp_tag.NativeRequests`, in posting order),
     in the engine's tracked ops as one op while any is: the progress thread progresses the worker for them
     as for any tracked op (its wake-up rule unchanged), and each of its polls frees those finished at the
     head. A send that joins while it is tracked costs an append: no poll, no wake-up check (an earlier
-    send already guarantees progress). Each send's own waiter frees it too, in whatever order.
+    send already guarantees progress). Each send's own waiter frees it too, in whatever order. A head
+    that does not complete (a stalled peer) holds nothing else back: past ``bound`` sends, a poll frees
+    every finished one.
     """
 
-    __slots__ = ("queue", "tracked")
+    __slots__ = ("queue", "tracked", "bound")
 
     def __init__(self) -> None:
         self.queue: collections.deque[Any] = collections.deque()
         self.tracked = False
+        self.bound = _SENDS_BOUND
 
     def add(self, reqs: Any, engine: "Engine") -> bool:
         """Queue ``reqs`` (engine lock held); True if the progress thread must be woken (see ``_needs_kick``)."""
@@ -235,6 +242,9 @@ class _SendsInFlight:
         q = self.queue
         while q and q[0].completed:
             q.popleft()
+        if len(q) > self.bound:  # a head that does not complete (a stalled peer): others must not pile up
+            self.queue = q = collections.deque(r for r in q if not r.completed)
+            self.bound = max(_SENDS_BOUND, 2 * len(q))  # (amortized: a full pass only after the queue doubled)
         if q:
             return False
         self.tracked = False
