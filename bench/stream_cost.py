@@ -1,13 +1,15 @@
 """Per-message CPU of a tensor stream, both sides: what ``tensor_bw`` does without its control messages.
 
-Run: ``python -m bench.stream_cost [--size 65536] [-n 8000] [--tls sm] [--profile]`` (to measure
+Run: ``python -m bench.stream_cost [--size 65536] [-n 8000] [--tls sm] [--profile] [--split]`` (to measure
 another tree: ``cd /tmp; PYTHONPATH=TREE python TREE2/bench/stream_cost.py``; ``-m`` imports the
 current directory's ``transport`` first). A receiver
 process waits on ``recv_tensors(out=[buf] * 8)`` batches while this process sends with
 ``send_tensor_async``, 8 in flight. Each side prints its process CPU time (all threads,
 ``getrusage``) per message, then per thread (CPU from ``/proc/self/task/*/schedstat``, voluntary and
 involuntary context switches), its MB/s and, with ``--profile``, its cProfile call count per message
-and top functions; the receiver also prints where its compiled receives stood when handed to the
+and top functions (``--split``: the sender thread's CPU in ``send_tensor_async`` apart from its CPU in
+``wait``, which includes spinning for a slower receiver); the receiver also prints where its compiled
+receives stood when handed to the
 ordinary path (``_ucp_tag.ST_*`` counts). CPU per message and call counts survive a loaded
 machine far better than the MB/s (docs/bench.md, "Streaming through the compiled path").
 """
@@ -135,6 +137,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=8000, help="messages")
     ap.add_argument("--tls", default="sm", help="UCX_TLS of both sides")
     ap.add_argument("--profile", action="store_true", help="cProfile both sides (slower)")
+    ap.add_argument("--split", action="store_true",
+                    help="also the sender thread's CPU in send_tensor_async and in wait, apart (thread_time)")
     args = ap.parse_args()
     os.environ["UCX_TLS"] = args.tls
     import torch
@@ -149,6 +153,8 @@ def main() -> None:
     t = torch.ones(args.size, dtype=torch.uint8)
     p.send_tensor(None)
 
+    split = [0.0, 0.0]  # --split: this thread's CPU in send_tensor_async, in wait
+
     def run() -> None:
         inflight: collections.deque = collections.deque()
         for _ in range(args.n):
@@ -159,7 +165,26 @@ def main() -> None:
             inflight.popleft().wait(60)
         p.recv_tensor(timeout=60)  # the receiver has them all
 
-    line = _measured("sender", args.n, args.size, args.profile, run)
+    def run_split() -> None:
+        clock = time.thread_time
+        inflight: collections.deque = collections.deque()
+        for _ in range(args.n):
+            if len(inflight) >= WINDOW:
+                c0 = clock()
+                inflight.popleft().wait(60)
+                split[1] += clock() - c0
+            c0 = clock()
+            inflight.append(p.send_tensor_async(t))
+            split[0] += clock() - c0
+        while inflight:
+            inflight.popleft().wait(60)
+        p.recv_tensor(timeout=60)
+
+    line = _measured("sender", args.n, args.size, args.profile, run_split if args.split else run)
+    if args.split:
+        line += (f"\nsender split: {1e6 * split[0] / args.n:.1f} us CPU/message in send_tensor_async, "
+                 f"{1e6 * split[1] / args.n:.1f} in wait (spinning for the receiver included), the rest in "
+                 f"other threads (the progress thread)")
     print(q.get(timeout=120))
     print(line)
     p.send_tensor(None)
