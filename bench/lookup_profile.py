@@ -3,8 +3,9 @@
 Run: ``python -m bench.lookup_profile [--tls sm] [-n 3000] [--profile]``; to measure another
 tree with this script, ``PYTHONPATH=<tree> python bench/lookup_profile.py``. Two parts:
 
-* **messages**: the lookup wire's two envelopes (a query: body and ``[tokens, None]``; an answer:
-  body and ``[tokens, None, key]``, 8 B each) and ``tensor_lat``'s bare 8 B tensor, each sent and
+* **messages**: the lookup wire's envelopes (a query: body and ``[tokens, None]``; an answer:
+  body and ``[tokens, None, key]``, 8 B each, or ``[None, None, key]`` where the tokens are the
+  query's own, wire v3's echo) and ``tensor_lat``'s bare 8 B tensor, each sent and
   then received in one thread of one process, ``time.thread_time_ns`` around every call (median
   of 20,000): what the transport costs per message, free of waiting.
 * **round trip**: a producer process serves ``n`` pre-inserted entries, this process fetches
@@ -52,6 +53,9 @@ def message_costs(count: int = 20000) -> dict[str, tuple[float, float]]:
         shapes = {"query send_message/recv_message": lambda: (b.send_message(body, [tok, None]), a.recv_message),
                   "answer send_message/recv_message": lambda: (b.send_message(body, [tok, None, key]),
                                                                a.recv_message),
+                  # wire v3: tokens equal to the query's are not sent back (see _lookup_wire.Found.echo)
+                  "echo answer send_message/recv_message": lambda: (b.send_message(body, [None, None, key]),
+                                                                    a.recv_message),
                   "tensor_lat send_tensor/recv_tensor(out=)": lambda: (b.send_tensor(key),
                                                                        lambda: a.recv_tensor(out=rb))}
         out = {}
@@ -319,7 +323,7 @@ def main() -> int:
         return 0
     print(f"UCX_TLS={args.tls} load={os.getloadavg()[0]:.2f}; per message, thread CPU, median of {args.messages}:")
     for name, (s, r) in message_costs(args.messages).items():
-        print(f"  {name:42s} {s:5.1f} / {r:5.1f} us")
+        print(f"  {name:47s} {s:5.1f} / {r:5.1f} us")
     res = round_trip(args.n, args.profile)
     srv = res["server"]
     print(f"round trip ({args.n - 200} lookups): p50 {res['p50_us']:.1f} us, mean {res['mean_us']:.1f} us; "

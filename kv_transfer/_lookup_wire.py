@@ -35,7 +35,9 @@ from .errors import KVUsageError, LookupProtocolError, WireVersionError
 #      message tensor (preamble with a tensor count) then each tensor with a header of its own.
 #   2: the message and its tensors travel as one transport envelope (one header for all tensors);
 #      the preamble lost its tensor count (the envelope header states it).
-WIRE_VERSION = 2
+#   3: Found.echo: the entry's tokens are the query's own, so the answer carries None in their place
+#      (a v2 client would take that None for the tokens: hence a new version, not an appended field).
+WIRE_VERSION = 3
 MAGIC = b"LKB\x00"
 #: Largest message body accepted; anything longer is refused unread.
 MAX_BODY = 64 * 1024
@@ -80,12 +82,19 @@ class Abort(msgspec.Struct, tag=True, frozen=True):
 
 # -- answers (producer -> consumer) --------------------------------------------
 class Found(msgspec.Struct, tag=True, frozen=True):
-    """A match: followed by tokens, roi, then the tensors of key, value, hidden per ``parts``."""
+    """A match: followed by tokens, roi, then the tensors of key, value, hidden per ``parts``.
+
+    ``echo``: the entry's tokens are the query's own (an exact match, neither side with a roi,
+    the same dtype and shape, so the same values); None travels in their place and the client
+    answers with the tokens it sent (:meth:`LookupClient.fetch`). A lookup's answer then carries
+    one tensor fewer, which is ~4 µs of its round trip (docs/bench.md).
+    """
 
     seq: int
     matched: int
     parts: List[int]
     request_id: Optional[str] = None
+    echo: bool = False
 
 
 class NotFound(msgspec.Struct, tag=True, frozen=True):
@@ -207,8 +216,8 @@ def tokens_key(tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor]) -> O
     """The masked tokens as a 1-D int64 numpy array (``tokens[roi]``), or None without tokens."""
     if tokens is None:
         return None
-    if roi is None and tokens.dtype == torch.int64 and not tokens.requires_grad and tokens.device.type == "cpu":
-        return tokens.numpy().reshape(-1)  # the common query, once per lookup: ~1 µs, the steps below ~2.3
+    if roi is None and tokens.dtype == torch.int64 and tokens.is_cpu and not tokens.requires_grad:
+        return tokens.numpy().reshape(-1)  # the common query, once per lookup: ~0.8 µs, the steps below ~2.3
     t = tokens.detach().reshape(-1)
     if t.device.type != "cpu":  # (a .to("cpu") of a host tensor still costs a few us per lookup)
         t = t.cpu()

@@ -57,7 +57,7 @@ class LookupClient:
         self.options = PipeOptions.of(options or KV_PIPE_OPTIONS, timeout_s=timeout_s, peer_timeout_s=peer_timeout_s,
                                       heartbeat_s=heartbeat_s, device=device, auth=auth)
         self.timeout_s = float(self.options.timeout_s)
-        self.device = self.options.device
+        self.device = torch.device(self.options.device)  # (converted once, not at every receive)
         self.redial = bool(redial)
         self.redials = 0  # connections made after the first one
         self._dial_kw = dict(name=name, service=SERVICE, meta=meta, options=self.options)
@@ -137,7 +137,11 @@ class LookupClient:
         The whole call is bounded by ``wait_s + timeout`` (``timeout`` defaults
         to the client's ``timeout_s``). Tensors land on ``device``. ``narrow``
         and ``readers``: see :meth:`LookupBuffer.fetch` (the producer narrows,
-        so only the asked range crosses the wire).
+        so only the asked range crosses the wire). Where the entry's tokens are
+        the query's own (an exact match, no roi on either side, the same dtype
+        and shape), they do not come back over the wire: ``input_tokens`` of the
+        match is the query tensor itself (moved to ``device`` if it is elsewhere),
+        as a local :class:`LookupBuffer` hands out its stored tensors.
 
         Raises:
             KVUsageError: bad query; PeerUnavailableError: the producer is
@@ -150,14 +154,22 @@ class LookupClient:
         check_readers(readers)
         msg = wire.Fetch(next(self._seq), request_id, bool(prefix), int(min_prefix), float(wait_s),
                          None if narrow is None else [int(v) for v in narrow], readers)
-        ans, rest = self._rpc(msg, [input_tokens, roi], t, self.device if device is None else device)
+        dev = self.device if device is None else device
+        ans, rest = self._rpc(msg, [input_tokens, roi], t, dev)
         if isinstance(ans, wire.NotFound):
             return None
         if not isinstance(ans, wire.Found) or len(rest) < 2 or len(ans.parts) != 3:
             raise LookupProtocolError(f"lookup server {self.address} sent a malformed answer to Fetch #{msg.seq}")
         # (raises LookupProtocolError when the parts describe another number of tensors than arrived)
         key, value, hidden = wire.unflatten_parts(ans.parts, rest[2:], self.address)
-        return Match(rest[0], rest[1], key, value, hidden, ans.matched, ans.request_id)
+        tokens = rest[0]
+        if ans.echo:  # the entry's tokens are the ones this query sent (see wire.Found.echo)
+            if tokens is not None or input_tokens is None or roi is not None:
+                raise LookupProtocolError(f"lookup server {self.address} sent a malformed answer to Fetch "
+                                          f"#{msg.seq}: echo of the query's tokens with "
+                                          f"{'tokens' if tokens is not None else 'no query tokens or a roi'}")
+            tokens = input_tokens.to(dev)  # (itself where it already is on dev)
+        return Match(tokens, rest[1], key, value, hidden, ans.matched, ans.request_id)
 
     def drop_select(self, input_tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], *,
                     wait_s: float = 0.0, **kw: Any) -> List[Any]:

@@ -173,17 +173,23 @@ class LookupServer:
             pipe.send_message(wire.encode(wire.NotFound(msg.seq)), timeout=self.send_timeout_s)
             return True
         handle, m = hit
-        try:
-            key = narrow_part(m.key, msg.narrow, f"Fetch from {peer}")
-        except KVUsageError as exc:
-            self.buffer.unclaim(handle)
-            pipe.send_message(wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc))),
-                              timeout=self.send_timeout_s)
-            return True
+        key = m.key
+        if msg.narrow is not None:
+            try:
+                key = narrow_part(key, msg.narrow, f"Fetch from {peer}")
+            except KVUsageError as exc:
+                self.buffer.unclaim(handle)
+                pipe.send_message(wire.encode(wire.ErrorReply(msg.seq, "bad_query", str(exc))),
+                                  timeout=self.send_timeout_s)
+                return True
         codes, flat = wire.flatten_parts([key, m.value, m.hidden])
-        head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id))
+        # the consumer has these tokens already: it sent them (see wire.Found.echo)
+        stored = m.input_tokens
+        echo = (roi is None and m.roi is None and not msg.prefix and tokens is not None and stored is not None
+                and stored.dtype == tokens.dtype and stored.shape == tokens.shape)
+        head = wire.encode(wire.Found(msg.seq, m.matched, codes, m.request_id, echo))
         try:  # one envelope: one header for tokens, roi and every layer's tensors, then the payloads
-            pipe.send_message(head, [m.input_tokens, m.roi, *flat], timeout=self.send_timeout_s)
+            pipe.send_message(head, [None if echo else stored, m.roi, *flat], timeout=self.send_timeout_s)
         except BaseException:
             self.failed_sends += 1
             self.buffer.unclaim(handle)

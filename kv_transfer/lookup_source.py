@@ -9,7 +9,7 @@ remote producer) or a :class:`~kv_transfer.MultiProducerClient` (several).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -25,12 +25,21 @@ MAX_READERS = 1024
 Part = wire.Part
 
 
+#: Whether a dtype holds integer token ids (not floating point, complex or bool), filled as dtypes are seen:
+#: one dict lookup per query where the three checks cost ~0.2 µs (twice per remote lookup).
+_TOKEN_DTYPES: Dict[torch.dtype, bool] = {}
+
+
 def check_query(tokens: Optional[torch.Tensor], roi: Optional[torch.Tensor], what: str) -> None:
     """Refuse (:class:`KVUsageError`) tokens that are not integer ids, or a roi without tokens."""
     if tokens is not None:
         if not isinstance(tokens, torch.Tensor):
             raise KVUsageError(f"{what} input_tokens: expected a tensor or None, got {type(tokens).__name__}")
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        ok = _TOKEN_DTYPES.get(tokens.dtype)
+        if ok is None:
+            ok = _TOKEN_DTYPES[tokens.dtype] = not (tokens.is_floating_point() or tokens.is_complex()
+                                                    or tokens.dtype == torch.bool)
+        if not ok:
             raise KVUsageError(f"{what} input_tokens: expected integer token ids, got {tokens.dtype}")
     if roi is not None:
         if not isinstance(roi, torch.Tensor):

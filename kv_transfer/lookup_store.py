@@ -134,7 +134,11 @@ class LookupBuffer:
         self.capacity_bytes = int(capacity_bytes)
         self.lease_s = float(lease_s)
         self._clock = clock
-        self._cond = threading.Condition()
+        # claim and release take the lock itself (one C call each way where the Condition's __enter__ is
+        # Python) and notify only when someone waits: both sit on every lookup's path
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)
+        self._waiters = 0  # threads in _wait_locked
         self._entries: Dict[int, _Entry] = {}  # available and claimed, insertion order
         self._by_tokens: Dict[bytes, List[int]] = {}  # available only
         self._by_rid: Dict[str, List[int]] = {}  # available only
@@ -151,23 +155,36 @@ class LookupBuffer:
     @property
     def bytes_used(self) -> int:
         """Bytes held by entries, available or claimed (leases are applied first)."""
-        with self._cond:
+        with self._mutex:
             self._expire_locked()
             return self._bytes
 
     @property
     def num_entries(self) -> int:
         """Entries held, available or claimed (leases are applied first)."""
-        with self._cond:
+        with self._mutex:
             self._expire_locked()
             return len(self._entries)
 
     def stats(self) -> Dict[str, int]:
         """``{"bytes_used", "num_entries", "capacity_bytes"}`` after applying leases."""
-        with self._cond:
+        with self._mutex:
             self._expire_locked()
             return {"bytes_used": self._bytes, "num_entries": len(self._entries),
                     "capacity_bytes": self.capacity_bytes}
+
+    # -- lock helpers (lock held) ---------------------------------------------
+    def _wait_locked(self, timeout: float) -> None:
+        self._waiters += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiters -= 1
+
+    def _notify_locked(self) -> None:
+        """Wake every waiter (an insert waiting for room, a claim waiting for an entry) if there is one."""
+        if self._waiters:
+            self._cond.notify_all()
 
     # -- index helpers (lock held) --------------------------------------------
     def _index(self, e: _Entry) -> None:
@@ -189,7 +206,21 @@ class LookupBuffer:
     def _free(self, e: _Entry) -> None:
         if self._entries.pop(e.eid, None) is not None:
             self._bytes -= e.nbytes
-            self._cond.notify_all()
+            self._drop_freed_leases()
+            self._notify_locked()
+
+    def _drop_freed_leases(self) -> None:
+        """Pop freed entries off the head of the lease heap, and rebuild it once it is mostly freed entries.
+
+        Done where entries are freed (release runs after the answer is sent), so that the lease
+        check of the next claim, on the lookup's path, finds a live head and costs one comparison.
+        """
+        leases = self._leases
+        while leases and leases[0][1] not in self._entries:
+            heapq.heappop(leases)
+        if len(leases) > 2 * len(self._entries) + 64:  # freed entries deep in the heap: rebuild from the live ones
+            self._leases = leases = [(e.deadline, e.eid) for e in self._entries.values() if e.eid not in self._overdue]
+            heapq.heapify(leases)
 
     def _expire_locked(self) -> Optional[float]:
         """Drop available entries past their lease; return the next deadline (or None).
@@ -197,6 +228,9 @@ class LookupBuffer:
         Costs O(k log n) for k entries due (or freed since), not O(n): the leases are a heap.
         """
         now = self._clock()
+        leases = self._leases
+        if not self._overdue and (not leases or leases[0][0] > now):
+            return leases[0][0] if leases else None  # nothing due (the head is live: see _drop_freed_leases)
         dead = []
         if self._overdue:
             for eid in list(self._overdue):
@@ -205,7 +239,6 @@ class LookupBuffer:
                     self._overdue.discard(eid)
                     if e is not None:
                         dead.append(e)
-        leases = self._leases
         while leases and (leases[0][0] <= now or leases[0][1] not in self._entries):
             _, eid = heapq.heappop(leases)
             e = self._entries.get(eid)
@@ -215,19 +248,17 @@ class LookupBuffer:
                 self._overdue.add(eid)  # a send is in flight: it expires when that ends
             else:
                 dead.append(e)
-        if len(leases) > 2 * len(self._entries) + 64:  # mostly freed entries: rebuild from the live ones
-            self._leases = leases = [(e.deadline, e.eid) for e in self._entries.values() if e.eid not in self._overdue]
-            heapq.heapify(leases)
         for e in dead:
             self._unindex(e)
-            self._free(e)
+            self._free(e)  # (may rebuild the heap)
             self.expired += 1
             log.info("lookup entry %d (request %s, %d bytes) expired unclaimed", e.eid, e.request_id, e.nbytes)
+        leases = self._leases
         return leases[0][0] if leases else None
 
     def expire(self) -> int:
         """Apply leases now; returns how many entries were dropped."""
-        with self._cond:
+        with self._mutex:
             before = self.expired
             self._expire_locked()
             return self.expired - before
@@ -264,7 +295,7 @@ class LookupBuffer:
                 f"{self.capacity_bytes} bytes; raise kv_buffer_size")
         lease = self.lease_s if lease_s is None else float(lease_s)
         end = time.monotonic() + timeout
-        with self._cond:
+        with self._mutex:
             while True:
                 if self._closed:
                     raise KVUsageError("insert: the lookup buffer is closed")
@@ -280,7 +311,7 @@ class LookupBuffer:
                 step = min(left, 0.5)
                 if nxt is not None:
                     step = max(0.001, min(step, nxt - self._clock()))
-                self._cond.wait(step)
+                self._wait_locked(step)
             eid = next(self._ids)
             e = _Entry(eid, input_tokens, roi, masked, request_id, key, value, hidden, nbytes, self._clock() + lease,
                        retain=bool(retain))
@@ -288,7 +319,7 @@ class LookupBuffer:
             heapq.heappush(self._leases, (e.deadline, eid))
             self._index(e)
             self._bytes += nbytes
-            self._cond.notify_all()
+            self._notify_locked()
         log.debug("lookup entry %d inserted (request %s, %d bytes)", eid, request_id, nbytes)
         return eid
 
@@ -339,7 +370,7 @@ class LookupBuffer:
             raise KVUsageError("drop_select: a query needs input_tokens or a request_id")
         masked = wire.tokens_key(input_tokens, roi)
         end = time.monotonic() + max(0.0, float(wait_s))
-        with self._cond:
+        with self._mutex:
             while True:
                 if self._closed:
                     return None
@@ -361,11 +392,11 @@ class LookupBuffer:
                 step = min(left, 0.1 if cancel is not None else 0.5)
                 if nxt is not None:
                     step = max(0.001, min(step, nxt - self._clock()))
-                self._cond.wait(step)
+                self._wait_locked(step)
 
     def release(self, handle: Any) -> None:
         """The claimed entry was delivered: drop it and free its bytes once its last reader got it (idempotent)."""
-        with self._cond:
+        with self._mutex:
             if handle.eid not in self._entries:
                 return
             handle.sends = max(0, handle.sends - 1)
@@ -376,12 +407,12 @@ class LookupBuffer:
 
     def unclaim(self, handle: Any) -> None:
         """The hand-over failed: make the entry available again (dropped if aborted or closed)."""
-        with self._cond:
+        with self._mutex:
             if handle.eid not in self._entries:
                 return
             handle.sends = max(0, handle.sends - 1)
             if handle.retain and not (handle.aborted or self._closed):
-                self._cond.notify_all()  # still indexed: nothing to put back
+                self._notify_locked()  # still indexed: nothing to put back
                 return
             handle.reads_left = (handle.reads_left or 0) + 1
             was_claimed, handle.claimed = handle.claimed, False
@@ -395,7 +426,7 @@ class LookupBuffer:
             else:
                 if was_claimed:
                     self._index(handle)
-                self._cond.notify_all()
+                self._notify_locked()
 
     def fetch(self, input_tokens: Optional[torch.Tensor] = None, roi: Optional[torch.Tensor] = None, *,
               request_id: Optional[str] = None, prefix: bool = False, min_prefix: int = 1, wait_s: float = 0.0,
@@ -436,7 +467,7 @@ class LookupBuffer:
     def abort(self, request_id: str) -> int:
         """Drop the entries of ``request_id``; returns how many (claimed ones go when their send ends)."""
         n = 0
-        with self._cond:
+        with self._mutex:
             for e in list(self._entries.values()):
                 if e.request_id != request_id:
                     continue
@@ -459,11 +490,11 @@ class LookupBuffer:
 
     def close(self) -> None:
         """Drop every available entry, wake all waiters, refuse further inserts (idempotent)."""
-        with self._cond:
+        with self._mutex:
             self._closed = True
             for e in list(self._entries.values()):
                 self._retire(e)
-            self._cond.notify_all()
+            self._notify_locked()
 
     def __enter__(self) -> "LookupBuffer":
         return self

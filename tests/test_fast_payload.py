@@ -149,18 +149,18 @@ def test_fast_payload_sends_put_the_ordinary_header_on_the_wire(pair: tuple[Pipe
     eng = get_engine()
     helper = eng.tag_fast
     frames: list[bytes] = []
-    send_tensor, tag_send = eng.send_tensor, eng.tag_send
+    send_tensors, tag_send = eng.send_tensors, eng.tag_send
 
-    def record_fast(ep: Any, tag: int, header: bytes, pay_tag: int, addr: int, nbytes: int, *rest: Any) -> Any:
-        frames.append(struct.pack("<I", len(header)) + header)
-        return send_tensor(ep, tag, header, pay_tag, addr, nbytes, *rest)
+    def record_fast(ep: Any, posts: list, *rest: Any) -> Any:
+        frames.extend(struct.pack("<I", len(header)) + header for _, header, _, _, _ in posts)
+        return send_tensors(ep, posts, *rest)
 
     def record_ordinary(ep: Any, buf: Any, t: int) -> Any:
         if not t & 1:  # headers only
             frames.append(bytes(buf))
         return tag_send(ep, buf, t)
 
-    monkeypatch.setattr(eng, "send_tensor", record_fast)
+    monkeypatch.setattr(eng, "send_tensors", record_fast)
     monkeypatch.setattr(eng, "tag_send", record_ordinary)
     try:
         for t in _payloads():
@@ -181,6 +181,32 @@ def test_fast_payload_sends_put_the_ordinary_header_on_the_wire(pair: tuple[Pipe
     # what rides inline is not a payload: the compiled receive leaves it to the inline path
     assert a._payload_header(torch.empty(7600, dtype=torch.uint8), 0) is None
     assert a._payload_header(torch.empty(40000, device="meta"), 0) is None
+
+
+@pytest.mark.parametrize("seq", [0, 127, 128, 255, 256, 65535, 65536, (1 << 23) - 1, 1 << 23])
+def test_the_compiled_header_is_the_ordinary_frame_at_every_seq_width(pair: tuple[Pipe, Pipe], seq: int):
+    """The header the compiled send puts on the wire and the receive expects (one msgspec encoding of a
+    cached spec) equals the frame the ordinary send writes for the same tensor, at every width msgpack
+    gives the sequence number (1 to 5 bytes: the inline room changes with it) and past the mask."""
+    from transport import _envelope as codec
+    from transport.pipe import _SEQ_MASK
+
+    a, _ = pair
+    near = [torch.empty(n, dtype=torch.uint8) for n in range(7648, 7664)]  # around the inline boundary
+    kinds = set()
+    for t in _payloads() + near:
+        spec = codec.spec_of(t, False)
+        header_len = codec.header_size(codec.Header(seq & _SEQ_MASK, [spec], None))
+        frame = memoryview(bytearray(codec.HEADER_FRAME_SIZE))
+        inline = codec.rides_inline(spec.nbytes, header_len)
+        kinds.add(inline)
+        if inline:  # the ordinary send inlines it: not a payload
+            assert a._payload_header(t, seq) is None
+            continue
+        used = codec.encode_header(frame, codec.Header(seq & _SEQ_MASK, [spec], None))
+        got = a._payload_header(t, seq)
+        assert got is not None and got[1] == bytes(frame[:used]), (t.dtype, t.shape, seq)
+    assert kinds == {True, False}  # both sides of the boundary were compared
 
 
 def mismatch_case() -> dict:
@@ -250,9 +276,34 @@ def fork_case() -> dict:
     return review_fork_case(torch.full((1 << 16,), 7.0), torch.empty(1 << 16))
 
 
+def send_timeout_case() -> dict:
+    """A send of a 1 MiB payload nobody receives, waited with a timeout: alone and as the first of a window."""
+    results = {}
+    for how in ("one", "window"):
+        with _pair() as (a, b):
+            hs = [b.send_tensor_async(torch.full((1 << 18,), float(i))) for i in range(1 if how == "one" else 4)]
+            done_before = hs[0].done()
+            t0 = time.monotonic()
+            try:
+                hs[0].wait(0.3)
+                first, says = "returned", ""
+            except Exception as exc:  # noqa: BLE001 - what we came for
+                first, says = type(exc).__name__, str(exc)
+            took = time.monotonic() - t0
+            try:
+                b.send_tensor(torch.ones(4), timeout=2)
+                then = "sent"
+            except Exception as exc:  # noqa: BLE001
+                then = type(exc).__name__ + (" (broken)" if "broken" in str(exc) else "")
+            results[how] = {"done_before": done_before, "first": first, "in_time": 0.25 < took < 5,
+                            "names_peer": b.peer in says, "then": then}
+    return results
+
+
 def in_process_cases(q: Any) -> None:
-    """mismatch_case, timeout_case and fork_case with the fast path off, then on."""
-    _report(q, "1", lambda: both_modes({"mismatch": mismatch_case, "timeout": timeout_case, "fork": fork_case}))
+    """mismatch_case, timeout_case, send_timeout_case and fork_case with the fast path off, then on."""
+    _report(q, "1", lambda: both_modes({"mismatch": mismatch_case, "timeout": timeout_case,
+                                        "send_timeout": send_timeout_case, "fork": fork_case}))
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +336,16 @@ def test_recv_tensor_into_out_that_times_out_breaks_the_pipe_and_says_why(cases:
     assert got["no_out"]["then"] == f"sum {2.0 * (1 << 16)}" and not got["no_out"]["says_unusable"], got
 
 
+def test_a_send_nobody_receives_times_out_and_breaks_the_pipe_in_both_modes(cases: dict):
+    """``send_tensor_async(...).wait(timeout)`` of a payload (the compiled path's handle, or the ordinary
+    one) raises PeerTimeoutError naming the peer in time, alone or first of a window; the pipe is broken."""
+    fast, ordinary = cases["send_timeout/1"], cases["send_timeout/0"]
+    assert fast == ordinary, (fast, ordinary)
+    for how in ("one", "window"):
+        assert fast[how] == {"done_before": False, "first": "PeerTimeoutError", "in_time": True,
+                             "names_peer": True, "then": "PeerError (broken)"}, fast
+
+
 def test_a_forked_child_cannot_receive_a_payload_on_its_parents_pipe(cases: dict):
     assert cases["fork/1"] == cases["fork/0"] == {"child": "LocalUsageError", "parent": 7}, cases
 
@@ -298,7 +359,7 @@ def killed_sender(q: Any, fast: str, address: str, direction: str) -> None:
         big = torch.ones(1 << 29, dtype=torch.uint8)
         if direction == "send":
             p.send_tensor_async(big)
-        else:
+        else:  # "recv", "recv_window": the survivor sends
             p.recv_tensors_async(out=[big])
         # 512 MiB over loopback tcp takes ~0.25 s or more: dying 50 ms in never lets it finish first
         # (at 0.3 s a fast run did, and the survivor saw no error)
@@ -322,8 +383,11 @@ def surviving_peer(q: Any, fast: str, direction: str) -> None:
         try:
             if direction == "send":  # the peer sends: we receive
                 p.recv_tensors(out=[big], timeout=60)
-            else:
+            elif direction == "recv":
                 p.send_tensor(big, timeout=60)
+            else:  # a window of background sends (send_tensor_async), waited in order
+                for h in [p.send_tensor_async(big) for _ in range(3)]:
+                    h.wait(60)
             return {"error": None, "after": time.monotonic() - t0}
         except Exception as exc:  # noqa: BLE001 - what we came for
             return {"error": f"{type(exc).__name__}: {exc}", "after": time.monotonic() - t0, "peer": p.peer}
@@ -333,7 +397,7 @@ def surviving_peer(q: Any, fast: str, direction: str) -> None:
     _report(q, fast, body)
 
 
-@pytest.mark.parametrize("direction", ["send", "recv"])
+@pytest.mark.parametrize("direction", ["send", "recv", "recv_window"])
 @pytest.mark.parametrize("fast", ["0", "1"])
 def test_a_peer_killed_mid_payload_is_a_peer_error_not_a_hang(peers: Peers, fast: str, direction: str):
     rx = peers.start(surviving_peer, fast, direction)
@@ -359,11 +423,12 @@ def test_payload_requests_complete_through_native_waits(pair: tuple[Pipe, Pipe])
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         with eng._lock:
-            left = [r for r, _ in eng._draining if not r.completed]
-        if not left:
+            left = [r for r, _ in eng._draining if not r.completed] + [r for r in eng._sends.queue if not r.completed]
+            tracked = eng._sends.tracked
+        if not left and not tracked:
             break
         time.sleep(0.01)
-    assert not left
+    assert not left and not tracked
 
 
 def test_a_posted_batch_into_out_receives_in_the_background(pair: tuple[Pipe, Pipe]):
@@ -384,3 +449,214 @@ def test_a_posted_batch_into_out_receives_in_the_background(pair: tuple[Pipe, Pi
     for s in hs:
         s.wait(10)
     assert all(g is o and torch.equal(o, t) for g, o, t in zip(got, outs, reversed(src)))
+
+
+def test_a_payload_a_sweep_parked_is_received_without_spinning_the_compiled_receive(pair: tuple[Pipe, Pipe]):
+    """A sweep can move a tensor's header and payload out of the worker into the engine's stash, where
+    the compiled receive (which probes the worker) cannot see them: the engine's ``recv_tensors`` sees
+    that and hands the batch to the ordinary receive at once (no slice spent in C), which takes them."""
+    a, b = pair
+    eng = get_engine()
+    t = torch.arange(1 << 14, dtype=torch.float32)  # 64 KiB: a payload
+    h = b.send_tensor_async(t)
+    hdr = a._tag(a._recv_tag, a._recv_seq, False)
+    deadline = time.monotonic() + 10
+    while hdr not in eng._stash and time.monotonic() < deadline:  # the progress thread's sweep parks it
+        time.sleep(0.02)
+    assert hdr in eng._stash
+    helper, calls = eng.tag_fast, []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            if name == "ukv_recv_tensors":
+                calls.append(name)
+            return getattr(helper, name)
+
+    eng.tag_fast = Counting()
+    try:
+        out = torch.empty_like(t)
+        got = a.recv_tensors(out=[out], timeout=10)
+    finally:
+        eng.tag_fast = helper
+    h.wait(10)
+    assert got[0] is out and torch.equal(out, t)
+    assert calls == [] and hdr not in eng._stash
+    h = b.send_tensor_async(t + 1)  # and the next batch takes the compiled path again
+    eng.tag_fast = Counting()
+    try:
+        a.recv_tensors(out=[out], timeout=10)
+    finally:
+        eng.tag_fast = helper
+    h.wait(10)
+    assert torch.equal(out, t + 1) and calls
+
+
+def test_a_header_the_small_receive_hands_over_is_decoded_once(pair: tuple[Pipe, Pipe],
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """``recv_tensor()`` / ``recv_message()`` take the next header through the compiled small receive; one with
+    payloads to follow goes on to the ordinary path, which uses the header already decoded (its checks
+    and tensors unchanged)."""
+    from transport import _envelope
+
+    a, b = pair
+    decodes: list[int] = []
+    decode = _envelope.decode_header
+
+    def counting(*args: Any, **kw: Any) -> Any:
+        decodes.append(1)
+        return decode(*args, **kw)
+
+    monkeypatch.setattr(_envelope, "decode_header", counting)
+    t = torch.arange(1 << 14, dtype=torch.int32)  # a payload
+    for i in range(3):
+        h = b.send_tensor_async(t + i)
+        time.sleep(0.05)  # arrived: the small receive takes its header at once
+        decodes.clear()
+        got = a.recv_tensor(timeout=10)
+        h.wait(10)
+        assert torch.equal(got, t + i) and len(decodes) == 1, decodes
+    h = b.send_message_async(b"body", [t, torch.arange(3)])
+    time.sleep(0.05)
+    decodes.clear()
+    body, ts = a.recv_message(timeout=10)
+    h.wait(10)
+    assert body == b"body" and torch.equal(ts[0], t) and torch.equal(ts[1], torch.arange(3))
+    assert len(decodes) == 1, decodes
+
+
+def test_compiled_receives_reuse_their_header_frames_until_one_goes_to_the_ordinary_path(
+        pair: tuple[Pipe, Pipe], monkeypatch: pytest.MonkeyPatch):
+    """Batches into ``out`` and small receives reuse one set of header frames per pipe; a hand-over that gives
+    a frame to the ordinary path (here: a header whose payload comes late) leaves that frame to it, and
+    the next compiled receive takes new ones."""
+    import threading
+
+    import numpy as np
+
+    a, b = pair
+    eng = get_engine()
+    n = 1 << 14
+    outs = [torch.empty(n) for _ in range(4)]
+    src = [torch.full((n,), float(i)) for i in range(4)]
+    for _ in range(3):
+        hs = [b.send_tensor_async(t) for t in src]
+        a.recv_tensors(out=outs, timeout=10)
+        for h in hs:
+            h.wait(10)
+        assert all(torch.equal(o, t) for o, t in zip(outs, src))
+        frames = a._rx_frames
+        b.send_tensor(torch.arange(3))  # a small receive uses the first frame
+        assert torch.equal(a.recv_tensor(timeout=10), torch.arange(3))
+        assert a._rx_frames is frames and frames is not None and len(frames) >= 4
+    # the header of a send, then its payload 0.3 s later: the compiled receive hands over in between
+    seq = b._send_seq
+    header = a._payload_header(outs[0], seq)
+    assert header is not None
+    hdr = np.frombuffer(header[1], dtype=np.uint8).copy()
+    late = torch.full((n,), 7.0)
+    reqs = [eng.tag_send(b._ep, hdr, b._tag(b._send_tag, seq, False))]
+    b._send_seq += 1
+    sender = threading.Timer(0.5, lambda: reqs.append(eng.tag_send(b._ep, late.numpy(), b._tag(b._send_tag, seq, True))))
+    from transport import _ucp_tag
+    from transport import pipe as pipe_mod
+
+    states: list[int] = []
+    hand_over = pipe_mod.Pipe._hand_over
+
+    def recording(self: Any, fb: Any, slots: Any) -> None:
+        states.extend(c.state for c in fb.arr)
+        hand_over(self, fb, slots)
+
+    monkeypatch.setattr(pipe_mod.Pipe, "_hand_over", recording)
+    monkeypatch.setattr(eng, "_spin_s", 0.1)  # the header surely arrives while the compiled receive spins
+    sender.start()
+    got = a.recv_tensors(out=outs[:1], timeout=10)
+    sender.join()
+    monkeypatch.undo()
+    assert got[0] is outs[0] and torch.equal(outs[0], late)
+    assert states == [_ucp_tag.ST_WAIT_PAY]  # handed over with its header in the frame
+    assert a._rx_frames is None  # its frame went with the ordinary receive
+    hs = [b.send_tensor_async(t) for t in src]
+    a.recv_tensors(out=outs, timeout=10)
+    for h in hs:
+        h.wait(10)
+    assert all(torch.equal(o, t) for o, t in zip(outs, src))
+    assert a._rx_frames is not None and a._rx_frames is not frames
+
+
+def background_receiver(q: Any, fast: str) -> None:
+    """Listens, receives four 4 MiB tensors into ``out`` over tcp and checks them, then waits for the sender's word."""
+    os.environ["UCX_TLS"] = "tcp"
+
+    def body() -> dict:
+        p = Pipe.listen(timeout_s=60)
+        q.put(("addr", p.address))
+        p.wait_connected(60)
+        try:
+            outs = [torch.empty(1 << 20) for _ in range(4)]
+            p.recv_tensors(out=outs, timeout=60)
+            ok = all(torch.equal(o, torch.full((1 << 20,), float(i))) for i, o in enumerate(outs))
+            p.recv_tensor(timeout=60)  # the sender saw its handles done
+            return {"ok": ok}
+        finally:
+            p.close()
+
+    _report(q, fast, body)
+
+
+def background_sender(q: Any, fast: str, address: str) -> None:
+    """Posts four 4 MiB sends over tcp with send_tensor_async and never waits on them: reports whether
+    every handle came to ``done()`` while this thread only slept (the progress thread moved them)."""
+    os.environ["UCX_TLS"] = "tcp"
+
+    def body() -> dict:
+        p = Pipe.connect(address, timeout_s=60)
+        try:
+            hs = [p.send_tensor_async(torch.full((1 << 20,), float(i))) for i in range(4)]
+            eng = get_engine()
+            with eng._lock:  # in flight (4 MiB over tcp cannot complete at posting) and tracked
+                tracked = bool(eng._pending) and not all(h.done() for h in hs)
+            t0 = time.monotonic()
+            while not all(h.done() for h in hs) and time.monotonic() - t0 < 20:
+                time.sleep(0.01)
+            done = all(h.done() for h in hs)
+            p.send_tensor(None, timeout=60)
+            return {"tracked": tracked, "done": done, "after": time.monotonic() - t0}
+        finally:
+            p.close()
+
+    _report(q, fast, body)
+
+
+@pytest.mark.parametrize("fast", ["0", "1"])
+def test_background_sends_complete_with_nobody_waiting(peers: Peers, fast: str):
+    """send_tensor_async's promise: its transfer progresses while the caller does something else (here,
+    sleeps); the compiled path's sends are tracked together (one op for all of them) and still do."""
+    rx = peers.start(background_receiver, fast)
+    address = peers.expect(rx, "addr", timeout=60)
+    tx = peers.start(background_sender, fast, address)
+    sent = peers.expect(tx, "ok", timeout=90)
+    assert sent["tracked"] and sent["done"] and sent["after"] < 10, sent
+    assert peers.expect(rx, "ok", timeout=60) == {"ok": True}
+
+
+def test_a_stalled_send_does_not_hold_back_the_sends_of_other_pipes(pair: tuple[Pipe, Pipe]):
+    """The compiled path's background sends are freed in posting order: a 1 MiB send nobody receives
+    (the head) must not keep every later send of another pipe, and its tensor, queued behind it."""
+    a, b = pair
+    eng = get_engine()
+    stalled = b.send_tensor_async(torch.ones(1 << 18))  # a never receives it
+    with _pair() as (c, d):
+        t = torch.arange(1 << 14, dtype=torch.float32)
+        out = torch.empty_like(t)
+        for _ in range(300):  # each left to the progress thread (never waited), then received
+            d.send_tensor_async(t.clone())
+            assert torch.equal(c.recv_tensor(out=out, timeout=30), t)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with eng._lock:
+                queued = len(eng._sends.queue)
+            if queued <= 2 * 64:
+                break
+            time.sleep(0.02)
+    assert not stalled.done() and queued <= 2 * 64, queued

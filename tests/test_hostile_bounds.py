@@ -381,6 +381,43 @@ def test_lookup_answer_with_the_wrong_parts_is_a_protocol_error():
         lst.close()
 
 
+def test_lookup_answer_echoing_tokens_it_cannot_echo_is_a_protocol_error():
+    """A Found that says the query's tokens are echoed (wire v3) while it sends tokens anyway, or to a
+    query that sent none, or with a roi, is refused with LookupProtocolError; the client keeps working."""
+    import threading
+
+    from kv_transfer import LookupClient, LookupProtocolError
+    from kv_transfer import _lookup_wire as wire
+    from transport import PipeListener
+
+    lst = PipeListener(service="kvlookup", timeout_s=30)
+    answers = [[torch.ones(1), None, torch.ones(1)], [None, None, torch.ones(1)], [None, None, torch.ones(1)],
+               [None, None, torch.ones(1)]]  # the last one is a good echo
+
+    def fake_producer() -> None:
+        with lst.accept(30) as p:
+            for tensors in answers:
+                body, _ = p.recv_message(timeout=30)
+                seq = wire.decode_request(body, 2, "client").seq
+                p.send_message(wire.encode(wire.Found(seq, 1, [-2, -1, -1], None, True)), tensors)
+
+    th = threading.Thread(target=fake_producer, daemon=True)
+    th.start()
+    try:
+        with LookupClient(lst.address, timeout_s=30) as c:
+            with pytest.raises(LookupProtocolError, match="echo of the query's tokens with tokens"):
+                c.fetch(torch.tensor([1]))
+            with pytest.raises(LookupProtocolError, match="echo of the query's tokens with no query tokens"):
+                c.fetch(None, request_id="r")
+            with pytest.raises(LookupProtocolError, match="or a roi"):
+                c.fetch(torch.tensor([1]), torch.tensor([True]))
+            q = torch.tensor([1])
+            assert c.fetch(q).input_tokens is q
+        th.join(30)
+    finally:
+        lst.close()
+
+
 # -- 6. closed pipes give their sockets back ----------------------------------------------
 def test_fds_return_to_baseline_after_many_short_lived_consumers(remote_listener):
     from transport import Pipe

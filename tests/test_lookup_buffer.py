@@ -192,6 +192,30 @@ def test_leases_of_many_entries_expire_in_deadline_order_after_most_were_consume
     assert buf.num_entries == 0 and buf.expired == len(left)
 
 
+def test_lease_heap_keeps_a_live_head_and_stays_bounded_whatever_order_entries_go_in():
+    # a claim's lease check is one comparison only because releases pop freed entries off the heap's
+    # head and rebuild it once freed entries pile up deeper; expiry must still see every live lease
+    import random
+
+    clock = FakeClock()
+    buf = LookupBuffer(1 << 24, lease_s=1000, clock=clock)
+    for i in range(400):
+        buf.insert(toks(i), None, torch.zeros(1), None, None, lease_s=10 + (i % 9) * 10)
+    order = list(range(400))
+    random.Random(7).shuffle(order)
+    gone = set(order[:300])
+    for n, i in enumerate(order[:300]):
+        assert buf.fetch(toks(i), None) is not None
+        heap, live = buf._leases, buf._entries
+        assert not heap or heap[0][1] in live, n  # the head is a live entry
+        assert len(heap) <= 2 * len(live) + 64, n  # freed entries never pile up beyond the rebuild bound
+    left = [i for i in range(400) if i not in gone]
+    for step in range(1, 10):
+        clock.t = 1000.0 + step * 10
+        assert buf.num_entries == sum(1 for i in left if 10 + (i % 9) * 10 > step * 10), step
+    assert buf.num_entries == 0 and buf.expired == len(left)
+
+
 def test_abort_drops_available_and_claimed_entries():
     buf = LookupBuffer(1 << 20)
     buf.insert(toks(1), None, torch.zeros(4), None, None, request_id="r")
@@ -352,6 +376,32 @@ def test_remote_narrow_and_readers_over_the_wire():
         with pytest.raises(KVUsageError, match="readers"):
             client.fetch(toks(1, 2), None, readers=0)
     assert wire.decode_request(wire.encode(wire.Fetch(1, "r", narrow=[1, 0, 2], readers=2)), 2, "p").readers == 2
+
+
+def test_remote_exact_match_gives_the_query_tokens_back_without_sending_them():
+    # wire v3: where the entry's tokens are the query's (exact match, no roi, same dtype and shape) the
+    # answer carries None in their place; anything else still sends the stored tokens
+    buf = LookupBuffer(1 << 20)
+    key = torch.arange(6.0)
+    buf.insert(toks(1, 2, 3), None, key, None, None, request_id="a")
+    buf.insert(toks(1, 2, 3).to(torch.int32), None, key, None, None, request_id="b")  # same values, other dtype
+    buf.insert(toks(4, 5).reshape(1, 2), None, key, None, None, request_id="c")  # same values, other shape
+    buf.insert(toks(7, 8, 9), None, key, None, None, request_id="d")
+    buf.insert(toks(6, 6), torch.tensor([True, False]), key, None, None, request_id="e")
+    with buf.serve("127.0.0.1", 0) as server, LookupBuffer.connect(server.address, timeout_s=10) as client:
+        q = toks(1, 2, 3)
+        m = client.fetch(q, None, request_id="a")
+        assert m.input_tokens is q and torch.equal(m.key, key) and m.matched == 3  # not sent back: its own
+        m = client.fetch(toks(1, 2, 3), None, request_id="b")
+        assert m.input_tokens.dtype == torch.int32 and m.input_tokens.tolist() == [1, 2, 3]
+        m = client.fetch(toks(4, 5), None, request_id="c")
+        assert m.input_tokens.shape == (1, 2) and m.input_tokens.tolist() == [[4, 5]]
+        q = toks(7, 8, 9, 10)
+        m = client.fetch(q, None, prefix=True, request_id="d")  # a prefix match: the stored tokens
+        assert m.input_tokens is not q and m.input_tokens.tolist() == [7, 8, 9] and m.matched == 3
+        m = client.fetch(toks(6, 5), torch.tensor([True, False]), request_id="e")  # a roi: the stored ones
+        assert m.input_tokens.tolist() == [6, 6] and m.roi.tolist() == [True, False]
+    assert buf.num_entries == 0
 
 
 # -- retained entries (decode failover) --------------------------------------------------

@@ -147,7 +147,8 @@ def test_lookup_profile_reports_both_sides_of_a_round_trip() -> None:
     res = subprocess.run([sys.executable, "-m", "bench.lookup_profile", "-n", "400", "-m", "300", "--profile"],
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert re.search(r"answer send_message/recv_message +[\d.]+ / +[\d.]+ us", res.stdout), res.stdout
+    assert re.search(r"\n  answer send_message/recv_message +[\d.]+ / +[\d.]+ us", res.stdout), res.stdout
+    assert re.search(r"echo answer send_message/recv_message +[\d.]+ / +[\d.]+ us", res.stdout), res.stdout
     m = re.search(r"round trip \(200 lookups\): p50 ([\d.]+) us.*client ([\d.]+) us, server handler ([\d.]+) us",
                   res.stdout)
     assert m and all(0 < float(v) < 1e6 for v in m.groups()), res.stdout
@@ -158,13 +159,29 @@ def test_lookup_profile_with_several_consumers_reports_server_cost_per_lookup() 
     import re
 
     res = subprocess.run([sys.executable, "-m", "bench.lookup_profile", "-n", "300", "--consumers", "2",
-                          "--pace-us", "500"], capture_output=True, text=True, timeout=180)
+                          "--pace-us", "500"], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     m = re.search(r"2 consumers x 100 timed lookups.*server CPU ([\d.]+) us and ([\d.]+) wake-ups per lookup "
                   r"\(engine's count ([\d.]+)", res.stdout)
     assert m, res.stdout
     cpu, wakes, engine_wakes = (float(v) for v in m.groups())
     assert 0 < cpu < 1e5 and 0 <= engine_wakes <= wakes, res.stdout
+
+
+def test_stream_cost_reports_cpu_per_message_thread_by_thread() -> None:
+    import re
+
+    res = subprocess.run([sys.executable, "-m", "bench.stream_cost", "--size", "65536", "-n", "400", "--tls", "sm"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for side in ("receiver", "sender"):
+        m = re.search(side + r": ([\d.]+) us CPU/message, (\d+) MB/s\n  " + side + r" threads: (.*)", res.stdout)
+        assert m and 0 < float(m.group(1)) < 1e5 and int(m.group(2)) > 0, res.stdout
+        threads = dict(re.findall(r"(\S+) ([\d.]+) us, [\d.]+\+[\d.]+ cs", m.group(3)))
+        assert float(threads["MainThread"]) > 0, m.group(3)  # the thread that sends or receives
+        # the same CPU counted two ways (schedstat vs getrusage's tick-scaled split): roughly equal
+        total = float(m.group(1))
+        assert 0.5 * total - 5 <= sum(map(float, threads.values())) <= 1.5 * total + 5, (threads, total)
 
 
 def test_kv_mode_stage_and_auto_resolve_like_the_connector(monkeypatch, capsys) -> None:

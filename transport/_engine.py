@@ -31,6 +31,7 @@ instead of hanging.
 from __future__ import annotations
 
 import atexit
+import collections
 import ctypes
 import logging
 import os
@@ -38,7 +39,7 @@ import select
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import _ucp_tag
 from .errors import LocalUsageError, PeerDeadError, PeerTimeoutError, RemoteProtocolError, TransportError
@@ -95,6 +96,10 @@ def check_worker_address(address: object, peer: str) -> bytes:
         raise RemoteProtocolError(f"{peer} sent a UCX worker address of unknown format version {version} "
                                   f"(this UCX reads {list(_UCX_ADDRESS_VERSIONS)})")
     return address
+
+
+#: Requests the compiled helper left in flight: a wait on an op of these alone spins on them in C.
+_NATIVE = (_ucp_tag.NativeRequest, _ucp_tag.NativeRequests)
 
 
 class Op:
@@ -213,6 +218,50 @@ class Failed:
         raise self.error
 
 
+#: :class:`_SendsInFlight` frees only at its head, in posting order, until it holds more than this many.
+_SENDS_BOUND = 64
+
+
+class _SendsInFlight:
+    """The compiled path's background sends in flight (:class:`_ucp_tag.NativeRequests`, in posting order),
+    in the engine's tracked ops as one op while any is: the progress thread progresses the worker for them
+    as for any tracked op (it leads when nobody waits), and each of its polls frees those finished at the
+    head. A send that joins while it is tracked costs an append: no poll, no lead check (an earlier
+    send already guarantees progress). Each send's own waiter frees it too, in whatever order. A head
+    that does not complete (a stalled peer) holds nothing else back: past ``bound`` sends, a poll frees
+    every finished one.
+    """
+
+    __slots__ = ("queue", "tracked", "bound")
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[Any] = collections.deque()
+        self.tracked = False
+        self.bound = _SENDS_BOUND
+
+    def add(self, reqs: Any, engine: "Engine") -> None:
+        """Queue ``reqs`` (engine lock held); the first of a stream tracks the queue (see ``Engine.track``)."""
+        self.queue.append(reqs)
+        if self.tracked:
+            return
+        self.tracked = True
+        engine._pending.add(self)
+        engine._progress_thread_duty()
+
+    def poll(self) -> bool:
+        """True (and untracked) once nothing is in flight; never raises: a failure is its send's waiter's."""
+        q = self.queue
+        while q and q[0].completed:
+            q.popleft()
+        if len(q) > self.bound:  # a head that does not complete (a stalled peer): others must not pile up
+            self.queue = q = collections.deque(r for r in q if not r.completed)
+            self.bound = max(_SENDS_BOUND, 2 * len(q))  # (amortized: a full pass only after the queue doubled)
+        if q:
+            return False
+        self.tracked = False
+        return True
+
+
 class _Sleeper:
     """A thread's way to sleep: its own epoll set, holding its kick eventfd and, while this thread
     is the engine's leader, the worker's event fd (moved in and out by :meth:`Engine._lead`).
@@ -289,6 +338,7 @@ class Engine:
         # asking on shared memory alone makes UCX log an ERROR before the fallback works.
         self._peer_error_handling = _has_error_handling(self.context.config.get("TLS", ""))
         self._pending: set[Op] = set()
+        self._sends = _SendsInFlight()  # background sends of the compiled path, tracked as one op
         self._draining: list[tuple[Any, Any]] = []
         #: tag ranges of live pipes: mask bits -> {tag >> bits: number of owners}
         self._owned: dict[int, dict[int, int]] = {}
@@ -313,7 +363,6 @@ class Engine:
             self._c_req, self._c_len, self._c_prog = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_uint()
             self._c_out = (ctypes.byref(self._c_req), ctypes.byref(self._c_prog))
             self._c_lenp = ctypes.byref(self._c_len)
-            self._c_reqs = (ctypes.c_void_p * 2)()
             self._c_changed = ctypes.c_int()
             self._c_changedp = ctypes.byref(self._c_changed)
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
@@ -501,51 +550,114 @@ class Engine:
                 self._local.spun_at = now  # the ordinary wait that follows sleeps at once (see wait)
                 return None
 
-    def send_tensor(self, ep: Any, tag: int, header: bytes, pay_tag: int, addr: int, nbytes: int, keep: Any,
-                    what: str, is_open: Callable[[], bool]) -> "list[_ucp_tag.NativeRequest]":
-        """Send the header frame ``u32 len(header) | header`` on ``tag`` (from a copy) and ``nbytes`` at
-        ``addr`` on ``pay_tag`` (in place: ``keep``, the memory's owner, is held until UCX is done
-        with it), in one C call that progresses the worker once; needs :attr:`tag_fast`.
+    def send_tensors(self, ep: Any, sends: "Sequence[tuple[int, bytes, int, int, int]]", keep: Any, what: str,
+                     is_open: Callable[[], bool], background: bool) -> "_ucp_tag.NativeRequests | None":
+        """Send each ``(tag, header, pay_tag, addr, nbytes)`` of ``sends``: the header frame ``u32 len(header) |
+        header`` on ``tag`` (from a copy), then ``nbytes`` at ``addr`` on ``pay_tag`` (in place: ``keep``, the
+        memory's owner, is held until UCX is done with it); one C call each, under one hold of the lock, that
+        progresses the worker once; needs :attr:`tag_fast`.
 
-        Returns the requests still in flight (wait on them with an :class:`Op`). Raises
-        :class:`PeerDeadError` naming ``what`` if the endpoint is closed or UCX refuses a send.
+        Returns None when every send completed at posting, else their requests still in flight (one C
+        array: wait with :meth:`wait_sends`). With ``background`` they progress with nobody waiting,
+        tracked together with the other background sends (:class:`_SendsInFlight`): only the first send
+        of a stream costs a lead check, none costs a poll. Without it, they are freed once done even
+        if their waiter gives up. Raises :class:`PeerDeadError` naming ``what`` if the endpoint is closed
+        or a send fails at posting (what was posted before it stays in flight, tracked alike).
         """
         lib = self.tag_fast
         assert lib is not None
         self._check_pid()
-        reqs = self._c_reqs
+        reqs = _ucp_tag.NativeRequests(2 * len(sends), what, self._lock, keep)
+        ptrs, rc = reqs.ptrs, 0
         with self._lock:
-            h = ep.handle if is_open() else 0
+            h = ep.handle if is_open() else 0  # ucxx drops the handle of an endpoint that failed
             if not h:
                 raise PeerDeadError(f"{what}: the endpoint is closed")
-            rc = lib.ukv_send_tensor(self._worker_h, h, tag, header, len(header), pay_tag, addr, nbytes, 0,
-                                     reqs, self._c_out[1])
-            r0, r1, progressed = reqs[0], reqs[1], self._c_prog.value
+            worker, progressedp, progressed = self._worker_h, self._c_out[1], 0
+            at = ctypes.addressof(ptrs)
+            for tag, header, pay_tag, addr, nbytes in sends:
+                rc = lib.ukv_send_tensor(worker, h, tag, header, len(header), pay_tag, addr, nbytes, 0, at,
+                                         progressedp)
+                at += 2 * ctypes.sizeof(ctypes.c_void_p)
+                progressed += self._c_prog.value
+                if rc < 0:
+                    reqs.fail(rc)
+                    break
             if progressed:
                 self._progressed()
-            out = []
-            for r, k in ((r0, None), (r1, keep)):
-                if r:
-                    req = _ucp_tag.NativeRequest(r, what, self._lock, keep=k)
-                    self._draining.append((req, k))  # freed once done, also if its waiter gives up
-                    out.append(req)
+            inflight = any(ptrs)
+            if inflight and background:
+                self._sends.add(reqs, self)
+            elif inflight:
+                self._draining.append((reqs, None))  # freed once done, also if its waiter gives up
         if rc < 0:
             raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
-        return out
+        return reqs if inflight else None
+
+    def wait_sends(self, reqs: "_ucp_tag.NativeRequests", deadline: float, what: str,
+                   alive: Callable[[], str | None] | None = None) -> None:
+        """Wait for sends :meth:`send_tensors` left in flight, with :meth:`wait`'s promises (deadline,
+        ``alive``, errors naming ``what``): one C call when they are done already (the usual case for
+        the older sends of a window); else ``ukv_wait_requests`` on their C array in slices of the lock
+        for ``UCXKV_SPIN_US``, the deadline and liveness checked between slices; then :meth:`wait`
+        itself, which sleeps at once. The spin neither counts as a waiter nor wakes the progress thread
+        on leaving: background sends were tracked when posted (:class:`_SendsInFlight`), and a stream's
+        wait that completes in the spin costs no wake-up. A failed send is a :class:`PeerDeadError`."""
+        self._check_pid()
+        if reqs.completed:
+            reqs.check_error()
+            return
+        lib = self.tag_fast
+        assert lib is not None
+        slice_ns = min(_FAST_SLICE_NS, int(self._spin_s * 1e9))  # UCXKV_SPIN_US=0: no spin
+        if slice_ns > 0:
+            lock, progressedp = self._lock, self._c_out[1]
+            now = start = time.monotonic()
+            spin_until = start + self._spin_s
+            while now < spin_until:
+                with lock:
+                    lib.ukv_wait_requests(self._worker_h, reqs.ptrs, reqs.n, slice_ns, progressedp)
+                    if self._c_prog.value:
+                        self._progressed()
+                if reqs.completed:
+                    reqs.check_error()
+                    return
+                now = time.monotonic()
+                self._check(start, now, deadline, what, alive)
+            self._local.spun_at = now  # the wait below sleeps at once
+        self.wait(Op([reqs], []), deadline, what, alive)
 
     def recv_tensors(self, slots: Any, k: int, spin_ns: int) -> tuple[int, bool]:
         """One slice of ``ukv_recv_tensors`` on ``slots[:k]`` (a :class:`_ucp_tag.RecvSlot` array), engine
         lock held; returns (slots still waiting or in flight, whether anything moved: a slot, or data
-        of one still arriving). Needs :attr:`tag_fast`."""
+        of one still arriving). Needs :attr:`tag_fast`.
+
+        The compiled receive probes only the worker, not the stash where a sweep parks what it took
+        out of the worker: when a message a slot waits for is parked there, nothing is done and
+        (0, False) comes back, so the caller hands the slots over to the ordinary receive (which
+        takes parked messages, see :class:`ProbedRecv`).
+        """
         lib = self.tag_fast
         assert lib is not None
         self._check_pid()
         with self._lock:
+            if self._stash and self._parked_for(slots, k):
+                return 0, False
             open_ = lib.ukv_recv_tensors(self._worker_h, slots, k, spin_ns, self._c_out[1], self._c_changedp)
             moved = bool(self._c_changed.value)
             if self._c_prog.value:
                 self._progressed()
         return open_, moved
+
+    def _parked_for(self, slots: Any, k: int) -> bool:
+        """Whether the stash holds a message one of ``slots[:k]`` waits for (engine lock held)."""
+        stash = self._stash
+        for i in range(k):
+            c = slots[i]
+            if (c.state == _ucp_tag.ST_WAIT_HDR and c.hdr_tag in stash) or (
+                    c.state == _ucp_tag.ST_WAIT_PAY and c.pay_tag in stash):
+                return True
+        return False
 
     def own(self, tag_base: int, mask_bits: int) -> None:
         """Declare the tags sharing ``tag_base``'s top bits live: a sweep keeps messages on them.
@@ -725,17 +837,20 @@ class Engine:
         """Progress the worker (engine lock held); True if it did anything. Then :meth:`_progressed`,
         also when it did nothing if ``check`` (the caller woke on a worker event someone else consumed).
 
-        ``native``: the requests, all :class:`_ucp_tag.NativeRequest`, of the caller's op: one C call
+        ``native``: the requests, all the helper's (``_NATIVE``), of the caller's op: one C call
         progresses the worker until they complete or a slice (``_FAST_SLICE_NS``) ends. Otherwise the
         worker is progressed until it has nothing more to do.
         """
         if native is not None:
-            ptrs = [r._req for r in native if r._req is not None]
             did = 0
-            if ptrs:
+            if len(native) == 1 and type(native[0]) is _ucp_tag.NativeRequests:  # sends: their own C array
+                arr, n = native[0].ptrs, native[0].n
+            else:
+                ptrs = [p for r in native for p in (r.ptrs if type(r) is _ucp_tag.NativeRequests else (r._req,)) if p]
+                arr, n = (ctypes.c_void_p * len(ptrs))(*ptrs), len(ptrs)
+            if n:
                 assert self.tag_fast is not None
-                self.tag_fast.ukv_wait_requests(self._worker_h, (ctypes.c_void_p * len(ptrs))(*ptrs), len(ptrs),
-                                                _FAST_SLICE_NS, self._c_out[1])
+                self.tag_fast.ukv_wait_requests(self._worker_h, arr, n, _FAST_SLICE_NS, self._c_out[1])
                 did = self._c_prog.value
         else:
             progress_once = self.worker.progress_once
@@ -811,8 +926,7 @@ class Engine:
         armed = False
         n = 0
         # an op of compiled-path requests is spun on in C, a slice per iteration (see _progress)
-        native = op.requests if self.tag_fast is not None and all(
-            type(r) is _ucp_tag.NativeRequest for r in op.requests) else None
+        native = op.requests if self.tag_fast is not None and all(type(r) in _NATIVE for r in op.requests) else None
         with lock:
             self._waiting.append(me)
             self._lead(me)  # the newest waiter leads: its events are the likeliest next
@@ -904,10 +1018,16 @@ class Engine:
                     armed = self.worker.arm()  # False: events are pending, progress again
                     if armed:
                         self._watch(me)
-            if armed:
-                # the tick: pending ops are re-polled in case one completes without an event, and
-                # an idle worker is progressed (peers' connection handshakes, see the docstring)
-                me.sleep(_TICK_S)
+            if not armed:
+                # events pending (a stream's fragments keep arriving): yield the core and the GIL first, or
+                # this loop starves the thread it was kicked for (the sender between two waits, which needs
+                # the lock and the GIL to become a waiter again): measured 26-29 passes and 185-200 us of
+                # this thread's CPU per 1 MiB message over sm; 0.5 passes and 40-59 us with it (docs/bench.md)
+                os.sched_yield()
+                continue
+            # the tick: pending ops are re-polled in case one completes without an event, and
+            # an idle worker is progressed (peers' connection handshakes, see the docstring)
+            me.sleep(_TICK_S)
 
     def shutdown(self) -> None:
         """Stop the progress thread (idempotent)."""

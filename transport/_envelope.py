@@ -103,7 +103,8 @@ class MessageCodec:
 
     def decode(self, data: bytes | memoryview, peer: str) -> Any:
         """Check the preamble, then decode the body of ``data`` received from ``peer``."""
-        self.check_preamble(data, peer)
+        if not (type(data) is bytes and data.startswith(self.preamble)):  # (the common case in one C call)
+            self.check_preamble(data, peer)
         return self.decode_body(memoryview(data)[PREAMBLE_SIZE:], peer)
 
 
@@ -114,6 +115,16 @@ _LEN = struct.Struct("<I")
 MAX_NDIM = 64
 #: Room kept for the header itself when deciding what rides inline.
 INLINE_LIMIT = HEADER_FRAME_SIZE - _LEN.size - 512
+
+
+def rides_inline(nbytes: int, header_len: int) -> bool:
+    """The inline rule, the one place it is written: tensor bytes ride inside the header frame (after
+    a header of ``header_len`` bytes) iff ``nbytes`` fits what the header leaves of ``INLINE_LIMIT``.
+
+    For a send of several tensors, ``nbytes`` is the running sum of the ones before in order plus
+    this one: tensors take what the header leaves, in order (so all ride inline iff their sum does).
+    """
+    return nbytes <= INLINE_LIMIT - header_len
 
 
 class TensorSpec(msgspec.Struct, frozen=True, array_like=True):
@@ -234,28 +245,6 @@ def header_size(header: Header) -> int:
 def encode_header_bytes(header: Header) -> bytes:
     """``header`` as msgpack: what follows the frame's 4-byte length prefix."""
     return _encoder.encode(header)
-
-
-def _msgpack_uint(v: int) -> bytes:
-    """A non-negative int below 2**32 as msgpack writes it (the shortest form, as msgspec does)."""
-    if v < 0x80:
-        return bytes((v,))
-    if v < 0x100:
-        return bytes((0xCC, v))
-    if v < 0x10000:
-        return b"\xcd" + v.to_bytes(2, "big")
-    return b"\xce" + v.to_bytes(4, "big")
-
-
-def one_tensor_header(seq: int, spec_bytes: bytes) -> bytes:
-    """``encode_header_bytes(Header(seq, [spec], None))`` from ``spec_bytes = encode_spec(spec)``, without
-    building the header (a stream of same-shaped tensors differs only in ``seq``, 0 <= seq < 2**32)."""
-    return b"\x93" + _msgpack_uint(seq) + b"\x91" + spec_bytes + b"\xc0"
-
-
-def encode_spec(spec: TensorSpec) -> bytes:
-    """``spec`` as msgpack (as it appears inside an encoded header)."""
-    return _encoder.encode(spec)
 
 
 def encode_header(frame: memoryview, header: Header, inline: Sequence[bytes | memoryview] = ()) -> int:

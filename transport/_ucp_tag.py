@@ -139,11 +139,15 @@ int ukv_recv_frame(ucp_worker_h w, uint64_t tag, void *buf, size_t cap, int64_t 
     }
 }
 
+int ukv_wait_requests(ucp_worker_h w, void **r, int n, int64_t spin_ns, unsigned *progressed);
+int ukv_reap_requests(void **r, int n, int *status);
+
 /* Send a tensor: its header frame on tag_hdr from a copy (as ukv_send_frame) and its payload on tag_pay
    from the caller's memory, in place (it must stay alive until reqs[1] completes), then progress up to
-   spin_ns (one progress at least). reqs[0], reqs[1]: the requests still in flight (NULL: done; the caller
-   frees them with ukv_tag_request_free once complete). 0: both posted; < 0: UCS error of the header
-   (nothing posted) or of the payload (reqs[0] may be in flight). */
+   spin_ns (one progress at least). reqs[0], reqs[1]: the requests still in flight (NULL: done and freed;
+   the caller frees the others with ukv_reap_requests once complete). 0: both posted; < 0: UCS error of the
+   header (nothing posted), of posting the payload (reqs[0] may be in flight), or of a request that failed
+   (freed). */
 int ukv_send_tensor(ucp_worker_h w, ucp_ep_h ep, uint64_t tag_hdr, const char *hdr, uint32_t hdrlen,
                     uint64_t tag_pay, const void *pay, size_t paylen, int64_t spin_ns, void **reqs,
                     unsigned *progressed) {
@@ -173,20 +177,10 @@ int ukv_send_tensor(ucp_worker_h w, ucp_ep_h ep, uint64_t tag_hdr, const char *h
     r = ucp_tag_send_nbx(ep, pay, paylen, tag_pay, &q);
     if (UCS_PTR_IS_ERR(r)) return UCS_PTR_STATUS(r);
     reqs[1] = r;
-    uint64_t end = now_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
-    int idle = 0;
-    for (;;) {
-        *progressed += progress(w, &idle);
-        for (int i = 0; i < 2; i++) {
-            if (reqs[i] != NULL && ucp_request_check_status(reqs[i]) != UCS_INPROGRESS) {
-                ucs_status_t s = ucp_request_check_status(reqs[i]);
-                if (s != UCS_OK) return 0;  /* left for the caller, which reads its status */
-                ucp_request_free(reqs[i]);
-                reqs[i] = NULL;
-            }
-        }
-        if ((reqs[0] == NULL && reqs[1] == NULL) || now_ns() >= end) return 0;
-    }
+    int status = 0;
+    ukv_wait_requests(w, reqs, 2, spin_ns, progressed);
+    ukv_reap_requests(reqs, 2, &status);
+    return status;
 }
 
 /* One receive of a tensor with a payload straight into the caller's memory (see ukv_recv_tensors). */
@@ -321,6 +315,24 @@ int ukv_wait_requests(ucp_worker_h w, void **r, int n, int64_t spin_ns, unsigned
     }
 }
 
+/* Free every request of r[0..n) that finished and set its entry to NULL (NULL entries are skipped).
+   *status: the first failure's UCS status, if it is still 0. Returns how many are still in progress. */
+int ukv_reap_requests(void **r, int n, int *status) {
+    int open = 0;
+    for (int i = 0; i < n; i++) {
+        if (r[i] == NULL) continue;
+        ucs_status_t s = ucp_request_check_status(r[i]);
+        if (s == UCS_INPROGRESS) {
+            open++;
+            continue;
+        }
+        if (s != UCS_OK && *status == 0) *status = s;
+        ucp_request_free(r[i]);
+        r[i] = NULL;
+    }
+    return open;
+}
+
 /* 1 while in progress, else the final status (0 or < 0). */
 int ukv_tag_request_status(void *req) {
     ucs_status_t s = ucp_request_check_status(req);
@@ -378,9 +390,10 @@ def lib() -> ctypes.CDLL | None:
             "ukv_send_frame": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, P, sz, i64, pp, up]),
             "ukv_recv_frame": (c_int, [P, ctypes.c_uint64, P, sz, i64, szp, pp, up]),
             "ukv_send_tensor": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, ctypes.c_uint64, P, sz, i64,
-                                        pp, up]),
+                                        P, up]),  # (reqs: an address inside a NativeRequests' array)
             "ukv_recv_tensors": (c_int, [P, ctypes.POINTER(RecvSlot), c_int, i64, up, ctypes.POINTER(c_int)]),
             "ukv_wait_requests": (c_int, [P, pp, c_int, i64, up]),
+            "ukv_reap_requests": (c_int, [pp, c_int, ctypes.POINTER(c_int)]),
             "ukv_tag_request_status": (c_int, [P]),
             "ukv_tag_request_free": (None, [P]),
             "ukv_tag_status_string": (ctypes.c_char_p, [c_int]),
@@ -434,3 +447,45 @@ class NativeRequest:
     def check_error(self) -> None:
         if self._status < 0:
             raise PeerDeadError(f"{self._what}: {status_string(self._status)}")
+
+
+class NativeRequests:
+    """Requests the helper left in flight, held in one C array and reaped by one C call; shaped like a
+    ucxx request for :class:`transport._engine.Op` (``completed`` once every one of them is).
+
+    ``ptrs`` is what :func:`ukv_send_tensor` fills (two entries a tensor; NULL: done and freed).
+    They are polled and freed under the engine's lock (``lock``); ``keep`` holds the memory UCX
+    may still read until every request completed. The first failure is kept for :meth:`check_error`.
+    """
+
+    __slots__ = ("ptrs", "n", "keep", "_what", "_lock", "_status", "_open")
+
+    def __init__(self, n: int, what: str, lock: Any, keep: Any = None):
+        self.ptrs = (P * n)()
+        self.n, self.keep, self._what, self._lock = n, keep, what, lock
+        self._status = ctypes.c_int(0)
+        self._open = True
+
+    @property
+    def completed(self) -> bool:
+        if not self._open:
+            return True
+        with self._lock:
+            if not self._open:
+                return True
+            h = lib()
+            assert h is not None
+            if h.ukv_reap_requests(self.ptrs, self.n, ctypes.byref(self._status)):
+                return False
+            self._open = False
+            self.keep = None
+        return True
+
+    def fail(self, status: int) -> None:
+        """Record a failure the helper returned while posting (kept only if none was before)."""
+        if not self._status.value:
+            self._status.value = status
+
+    def check_error(self) -> None:
+        if self._status.value < 0:
+            raise PeerDeadError(f"{self._what}: {status_string(self._status.value)}")

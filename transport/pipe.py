@@ -120,6 +120,16 @@ def _copy_inline(t: torch.Tensor, data: memoryview) -> None:
         codec.byte_view(t).copy_(torch.frombuffer(data, dtype=torch.uint8))
 
 
+def _compiled_sendable(obj: TensorLike) -> torch.Tensor | None:
+    """``obj`` as a torch tensor if the compiled path may send its memory as it is: a contiguous CPU
+    tensor that is not a lazy conj/neg view (such a view's memory is not its values: the ordinary path
+    resolves it); else None."""
+    t = obj if type(obj) is torch.Tensor else codec.as_torch(obj)
+    if t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+        return t
+    return None
+
+
 def _done_ok(req: Any) -> bool:
     """Whether a header receive completed without error (an error is raised later, by the ordinary path)."""
     try:
@@ -154,6 +164,31 @@ class Handle:
         self._pipe._wait_ops(self._ops, deadline, self._what)
         self._waited = True
         return self._result
+
+
+class _SendHandle(Handle):
+    """Sends posted through the compiled path in one engine call (see :meth:`Pipe._send_async`): their
+    requests in one C array, so ``done()`` is one C call, and so is ``wait()`` once they completed."""
+
+    def __init__(self, pipe: "Pipe", reqs: "_ucp_tag.NativeRequests | None", what: str):
+        self._pipe, self._reqs, self._what = pipe, reqs, what
+        self._result = None
+        self._waited = reqs is None  # everything completed at posting
+
+    def done(self) -> bool:
+        return self._reqs is None or self._reqs.completed
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if not self._waited:
+            pipe, reqs = self._pipe, self._reqs
+            assert reqs is not None
+            deadline = time.monotonic() + (pipe.timeout_s if timeout is None else timeout)
+            try:
+                pipe._engine.wait_sends(reqs, deadline, self._what, pipe._alive)
+            except (PeerError, RemoteProtocolError) as exc:
+                pipe._fail(exc, self._what)
+            self._waited = True
+        return None
 
 
 class _RecvHandle(Handle):
@@ -256,8 +291,9 @@ class Pipe:
         self._slots: list[_RecvSlot] = []
         self._broken: str | None = None
         self._recv_refused: str | None = None  # recv_message refused an envelope unreceived: out of step
-        self._rx_frame: np.ndarray | None = None  # the fast path's header frame, reused (see _recv_small)
-        self._specs: dict[tuple[torch.dtype, torch.Size], tuple[codec.TensorSpec, bytes]] = {}  # see _spec_bytes
+        #: the compiled receives' header frames (a row each), reused from receive to receive (see _frames)
+        self._rx_frames: np.ndarray | None = None
+        self._specs: dict[tuple[torch.dtype, torch.Size], codec.TensorSpec] = {}  # see _payload_header_bytes
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
@@ -417,17 +453,17 @@ class Pipe:
         seq = self._send_seq
         # what is left of the frame once the header is written goes to small tensors, in order
         wire_seq = seq & _SEQ_MASK  # what the receiver checks (it compares its own seq masked alike)
-        room = codec.INLINE_LIMIT - codec.header_size(codec.Header(wire_seq, specs, body))
+        header_len = codec.header_size(codec.Header(wire_seq, specs, body))
         inline: list[memoryview] = []
         payloads: list[Any] = []
         keep: list[Any] = []
-        nbytes = 0
+        nbytes = inlined = 0
         for i, (t, sp) in enumerate(zip(tensors, specs)):
             if t is None or sp is None:
                 continue
             nbytes += sp.nbytes
-            if sp.nbytes <= room:
-                room -= sp.nbytes
+            if codec.rides_inline(inlined + sp.nbytes, header_len):
+                inlined += sp.nbytes
                 specs[i] = codec.TensorSpec(sp.dtype, sp.shape, sp.nbytes, sp.device, True)
                 if sp.nbytes:
                     inline.append(_host_bytes(t))
@@ -445,50 +481,64 @@ class Pipe:
             out.append(self._engine.tag_send(self._ep, buf, self._tag(self._send_tag, seq + j, True)))
         return out, keep, nbytes
 
-    def _send_payload_fast(self, objs: Sequence[TensorLike | None], body: bytes | None
-                           ) -> tuple[list[Any], list[Any], int] | None:
-        """Send one bare tensor that travels as header + payload through one C call (``_send_lock`` held).
-
-        The bytes on the wire are :meth:`_post_send`'s: the header frame (its one spec, not inline)
-        on tag ``seq``, then the tensor's memory, in place, on ``seq`` with the payload bit. Returns
-        what :meth:`_post_send` returns, or None, having sent nothing, where the path does not apply
-        (a message, several tensors, None, a CUDA, strided or lazily conjugated tensor, or one
-        small enough to ride inline).
-        """
+    def _compiled_send(self, objs: Sequence[TensorLike | None], body: bytes | None, seq: int
+                       ) -> tuple[bytes, torch.Tensor, int] | None:
+        """What send #``seq`` of ``objs`` puts on the wire through the compiled path, as :meth:`_post_send`
+        would: its header (the one spec, not inline), the tensor and its byte count; None where the path
+        does not apply (a message, several tensors, None, a tensor :func:`_compiled_sendable` refuses,
+        or one small enough to ride inline)."""
         if body is not None or len(objs) != 1 or objs[0] is None:
             return None
-        obj = objs[0]
-        t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
-        if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+        t = _compiled_sendable(objs[0])
+        if t is None:
             return None
-        nbytes = t.numel() * t.element_size()
-        seq = self._send_seq
-        header = codec.one_tensor_header(seq & _SEQ_MASK, self._spec_bytes(t.dtype, t.shape, nbytes)[1])
-        if nbytes <= codec.INLINE_LIMIT - len(header):  # _post_send's rule: it rides inline
-            return None
-        self._send_seq = seq + 1
-        what = f"sending tensor #{seq} to {self.peer}"
-        reqs = self._engine.send_tensor(self._ep, self._tag(self._send_tag, seq, False), header,
-                                        self._tag(self._send_tag, seq, True), t.data_ptr(), nbytes, t, what,
-                                        self._ep_open)
-        return reqs, [t], nbytes
+        nbytes = t.nbytes
+        got = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq)
+        return None if got is None else (got[1], t, nbytes)
+
+    def _post_compiled(self, sends: list[tuple[bytes, torch.Tensor, int]], background: bool, what: str
+                       ) -> "_ucp_tag.NativeRequests | None":
+        """Post :meth:`_compiled_send`'s ``sends`` (built for the next sequence numbers) in one engine call
+        (``_send_lock`` held): each header frame on its ``seq``, the tensor's memory, in place, on ``seq``
+        with the payload bit. Returns the requests still in flight, or None."""
+        seq, base = self._send_seq, self._send_tag
+        posts = [(self._tag(base, seq + k, False), header, self._tag(base, seq + k, True), t.data_ptr(), nbytes)
+                 for k, (header, t, nbytes) in enumerate(sends)]
+        self._send_seq = seq + len(sends)
+        self.bytes_sent += sum(n for _, _, n in sends)
+        keep = sends[0][1] if len(sends) == 1 else [t for _, t, _ in sends]
+        return self._engine.send_tensors(self._ep, posts, keep, what, self._ep_open, background)
 
     def _send_async(self, sends: Sequence[tuple[Sequence[TensorLike | None], bytes | None]], background: bool,
                     what: str) -> Handle:
         self._ready()
         requests: list[Any] = []
         keep: list[Any] = []
-        total = 0
+        total = streamed = 0
         fast = self._engine.tag_fast is not None
         with self._send_lock:
-            for objs, body in sends:
-                sent = self._send_payload_fast(objs, body) if fast else None
-                r, k, n = sent if sent is not None else self._post_send(objs, body)
+            if fast:  # every send a bare payload tensor: one engine call, one C array of requests
+                seq, compiled = self._send_seq, []
+                for k, (objs, body) in enumerate(sends):
+                    c = self._compiled_send(objs, body, seq + k)
+                    if c is None:
+                        break
+                    compiled.append(c)
+                else:
+                    return _SendHandle(self, self._post_compiled(compiled, background, what), what)
+            for objs, body in sends:  # the others in order; a bare payload tensor still through the helper
+                c = self._compiled_send(objs, body, self._send_seq) if fast else None
+                if c is not None:
+                    reqs = self._post_compiled([c], False, what)
+                    requests += [] if reqs is None else [reqs]
+                    streamed += c[2]
+                    continue
+                r, k, n = self._post_send(objs, body)
                 requests += r
                 keep += k
                 total += n
         self.bytes_sent += total
-        op = Op(requests, keep, stream=total >= _STREAM_BYTES)
+        op = Op(requests, keep, stream=total + streamed >= _STREAM_BYTES)
         if background:  # a caller that waits at once progresses it itself (no lock/GIL contention)
             self._engine.track(op)
         return Handle(self, [op], what)
@@ -560,12 +610,12 @@ class Pipe:
                 if obj is None:
                     specs.append(None)
                     continue
-                t = obj if isinstance(obj, torch.Tensor) else codec.as_torch(obj)
-                if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
-                    return False  # (a lazy conj/neg view's memory is not its values: the ordinary path resolves it)
-                nb = t.numel() * t.element_size()
+                t = _compiled_sendable(obj)
+                if t is None:
+                    return False
+                nb = t.nbytes
                 nbytes += nb
-                if nbytes > codec.INLINE_LIMIT:
+                if not codec.rides_inline(nbytes, 0):  # (already too much for any header)
                     return False
                 specs.append(codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), nb, "cpu", True))
                 if nb:
@@ -586,8 +636,7 @@ class Pipe:
             headers = []
             for k, (specs, body, nbytes, _) in enumerate(checked):
                 header = codec.encode_header_bytes(codec.Header((seq + k) & _SEQ_MASK, specs, body))
-                # _post_send's rule: tensors take what the header leaves, in order; all fit iff their sum does
-                if nbytes > codec.INLINE_LIMIT - len(header):
+                if not codec.rides_inline(nbytes, len(header)):  # all ride inline iff their sum does
                     return False
                 headers.append(header)
             for k, (header, (_, _, nbytes, addr)) in enumerate(zip(headers, checked)):
@@ -607,10 +656,12 @@ class Pipe:
     # -- receiving -------------------------------------------------------
     def _post_recv(self, device: torch.device, out: torch.Tensor | None = None, background: bool = True,
                    message: bool = False, max_tensors: int | None = None,
-                   received: tuple[np.ndarray, Any] | None = None, seq: int | None = None) -> _RecvSlot:
+                   received: tuple[np.ndarray, Any] | None = None, seq: int | None = None,
+                   decoded: tuple[codec.Header, list[memoryview | None]] | None = None) -> _RecvSlot:
         """Post the receive of the next header; once it arrived, allocate its tensors and post their payloads.
 
-        ``received``: the header already arrived (the fast path's frame and request). ``seq``: the
+        ``received``: the header already arrived (the fast path's frame and request); ``decoded``:
+        that header, already decoded from its frame (it is checked here as any other). ``seq``: the
         sequence number a :class:`_FastRecv` slot already took (None: the next one).
         """
         if seq is None:
@@ -622,8 +673,11 @@ class Pipe:
 
         def on_header() -> None:
             slot = slot_box.pop()  # the op drops this callback once run: no cycle keeps the slot alive
-            got = header_req.length  # only the bytes that arrived are parsed (inline bytes included)
-            h, inline = codec.decode_header(memoryview(frame)[:got], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
+            if decoded is not None:
+                h, inline = decoded
+            else:  # only the bytes that arrived are parsed (inline bytes included)
+                h, inline = codec.decode_header(memoryview(frame)[:header_req.length], self.peer, seq & _SEQ_MASK,
+                                                self.max_tensor_bytes)
             if message and h.body is None:
                 raise RemoteProtocolError(f"{self.peer} sent a bare tensor where {what} was expected")
             if not message and (h.body is not None or len(h.tensors) != 1):
@@ -764,25 +818,28 @@ class Pipe:
         if nbytes > self.max_tensor_bytes:
             return None
         try:
-            spec, spec_bytes = self._spec_bytes(out.dtype, out.shape, nbytes)
+            got = self._payload_header_bytes(out.dtype, out.shape, nbytes, seq)
         except LocalUsageError:  # a dtype the transport does not carry
             return None
-        body = codec.one_tensor_header(seq & _SEQ_MASK, spec_bytes)
-        if nbytes <= codec.INLINE_LIMIT - len(body):
+        if got is None:
             return None
+        spec, body = got
         return codec.Header(seq & _SEQ_MASK, [spec], None), len(body).to_bytes(4, "little") + body
 
-    def _spec_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int) -> tuple[codec.TensorSpec, bytes]:
-        """The spec of a CPU tensor of ``dtype`` and ``shape`` sent as a payload, and its msgpack bytes
-        (cached: a stream repeats a few shapes). Raises :class:`LocalUsageError` for an unsupported dtype."""
+    def _payload_header_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, seq: int
+                              ) -> tuple[codec.TensorSpec, bytes] | None:
+        """The spec of a CPU tensor of ``dtype`` and ``shape`` sent as a payload (cached: a stream repeats a
+        few shapes) and the header of send #``seq`` of it, as msgspec encodes it; None if such a tensor
+        rides inline instead. Raises :class:`LocalUsageError` for an unsupported dtype."""
         key = (dtype, shape)
-        got = self._specs.get(key)
-        if got is None:
+        spec = self._specs.get(key)
+        if spec is None:
             spec = codec.TensorSpec(codec.dtype_name(dtype), list(shape), nbytes, "cpu", False)
             if len(self._specs) >= 64:
                 self._specs.clear()
-            got = self._specs[key] = (spec, codec.encode_spec(spec))
-        return got
+            self._specs[key] = spec
+        header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
+        return None if codec.rides_inline(nbytes, len(header)) else (spec, header)
 
     def _defer_fast(self, outs: list[torch.Tensor], device: torch.device, background: bool
                     ) -> tuple[list[_RecvSlot], _FastRecv] | None:
@@ -796,10 +853,9 @@ class Pipe:
                 return None
             got.append(hb)
         k = len(outs)
-        frames = np.empty((k, codec.HEADER_FRAME_SIZE), dtype=np.uint8)
+        frames, base = self._frames(k)
         expect = [b for _, b in got]
-        fb = _FastRecv(k, outs, [h for h, _ in got], list(frames), expect, device, background)
-        base = frames.ctypes.data
+        fb = _FastRecv(k, outs, [h for h, _ in got], list(frames[:k]), expect, device, background)
         for i, (o, b) in enumerate(zip(outs, expect)):
             c = fb.arr[i]
             c.hdr_tag = self._tag(self._recv_tag, seq0 + i, False)
@@ -809,6 +865,21 @@ class Pipe:
             c.out, c.out_len = o.data_ptr(), o.numel() * o.element_size()
         self._recv_seq = seq0 + k
         return [_RecvSlot(seq0 + i, fb.frames[i], None) for i in range(k)], fb
+
+    def _frames(self, k: int) -> tuple[np.ndarray, int]:
+        """At least ``k`` header frames (rows) for a compiled receive, and their address (``_recv_lock`` held).
+
+        The same frames serve every compiled receive of this pipe, one at a time: each runs only
+        while no other receive is posted here (``_recv_small``, ``_defer_fast``), holding ``_recv_lock``
+        until it is done or handed over, and a hand-over that gives one of them to the ordinary path
+        (a header to check, or one still arriving) drops them (the next receive takes new ones), so a frame that
+        a posted receive still holds is never written by the next one.
+        """
+        frames = self._rx_frames
+        if frames is None or len(frames) < k:
+            frames = self._rx_frames = np.empty((k, codec.HEADER_FRAME_SIZE), dtype=np.uint8)
+            self._rx_addr = frames.ctypes.data
+        return frames, self._rx_addr
 
     def _drive_fast(self, fb: _FastRecv, slots: list[_RecvSlot], deadline: float) -> None:
         """Receive ``fb``'s slots through ``ukv_recv_tensors`` (``_recv_lock`` held), in slices of the engine's
@@ -821,9 +892,9 @@ class Pipe:
         quiet_at = time.monotonic() + spin
         n = 0
         try:
-            while not self._ep_closed and not (eng._stash and self._stashed(fb)):
+            while not self._ep_closed:
                 open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
-                if not open_:
+                if not open_:  # every slot past the compiled path, or a message it waits for parked by a sweep
                     break
                 now = time.monotonic()
                 if moved:
@@ -837,15 +908,6 @@ class Pipe:
                     break  # the ordinary wait raises it
         finally:
             self._hand_over(fb, slots)
-
-    def _stashed(self, fb: _FastRecv) -> bool:
-        """Whether a sweep parked a message the compiled receive of ``fb`` looks for (it only probes the worker)."""
-        stash = self._engine._stash
-        for c in fb.arr:
-            if (c.state == _ucp_tag.ST_WAIT_HDR and c.hdr_tag in stash) or (
-                    c.state == _ucp_tag.ST_WAIT_PAY and c.pay_tag in stash):
-                return True
-        return False
 
     def _hand_over(self, fb: _FastRecv, slots: list[_RecvSlot]) -> None:
         """Turn each slot of ``fb`` into the ordinary path's state for what the compiled path did
@@ -886,6 +948,8 @@ class Pipe:
                     f"header of {what}: {c.len} bytes arrived, expected at most {c.cap} bytes")))
             else:  # another header than expected, or the expected one whose payload has not come (or differs)
                 received = (frame, Arrived(c.len))
+            if received is not None:  # its frame goes with it: the next compiled receive takes new ones
+                self._rx_frames = None
             new = self._post_recv(fb.device, out, fb.background, received=received, seq=slot.seq)
             new.batch = True
             slots[i] = new
@@ -1029,54 +1093,65 @@ class Pipe:
         self._ready(timeout)
         if self._recv_refused is not None:
             raise RemoteProtocolError(f"pipe {self.name} receives nothing more from {self.peer}: {self._recv_refused}")
-        dev = self.device if device is None else torch.device(device)  # a bad argument fails before anything is taken
+        # a bad argument fails before anything is taken (a torch.device as is: converting one again costs ~0.2 µs)
+        dev = self.device if device is None else device if type(device) is torch.device else torch.device(device)
         with self._recv_lock:
             if self._slots:
                 return None
-            frame = self._rx_frame
-            if frame is None:
-                frame = self._rx_frame = np.empty(codec.HEADER_FRAME_SIZE, dtype=np.uint8)
-                self._rx_addr = frame.ctypes.data
+            frames, addr = self._frames(1)
+            frame = frames[0]
             seq = self._recv_seq
             kind = "message" if message else "tensor"
             try:
-                req = self._engine.recv_frame(self._ep, self._tag(self._recv_tag, seq, False), frame, self._rx_addr,
+                req = self._engine.recv_frame(self._ep, self._tag(self._recv_tag, seq, False), frame, addr,
                                               self._ep_open, lambda: f"header of {kind} #{seq} from {self.peer}")
             except (PeerError, RemoteProtocolError) as exc:
                 self._recv_seq = seq + 1  # consumed or failed: the pipe breaks
                 self._fail(exc, "receiving")
             if req is None:
                 return None
-            deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
-            if isinstance(req, Arrived) or _done_ok(req):
-                got = self._decode_small(frame, req.length, seq, message, max_tensors)
-                if got is not None:
+            got = None
+            if type(req) is Arrived or _done_ok(req):
+                got = self._decode_small(frame, req.length, seq)
+                if got is not None and self._complete_small(got, message, max_tensors):
                     return got[0].body, self._land_inline(seq, kind, got, dev, out)
-            # the ordinary path finishes it; the frame goes with it (a fresh one for the next)
-            self._rx_frame = None
+            deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
+            # the ordinary path finishes it (with the header decoded here, if it was); the frame goes with it
+            # (a fresh one for the next)
+            self._rx_frames = None
             self._slots.append(self._post_recv(dev, out, background=False, message=message, max_tensors=max_tensors,
-                                               received=(frame, req)))
+                                               received=(frame, req), decoded=got))
             slot = self._take_slot(deadline)
         if slot.refused is not None:
             self._recv_refused = slot.refused
             raise RemoteProtocolError(slot.refused)
         return (slot.header.body if slot.header is not None else None), slot.tensors
 
-    def _decode_small(self, frame: np.ndarray, n: int, seq: int, message: bool,
-                      max_tensors: int | None) -> tuple[codec.Header, list[memoryview | None]] | None:
-        """The header in ``frame[:n]`` and its inline bytes if it is complete in itself and what the
-        receive expects, else None."""
+    def _decode_small(self, frame: np.ndarray, n: int, seq: int
+                      ) -> tuple[codec.Header, list[memoryview | None]] | None:
+        """The header in ``frame[:n]`` and its inline bytes (views of ``frame``), or None if it does not
+        decode (the ordinary path decodes it again and raises, breaking the pipe)."""
         try:
-            h, inline = codec.decode_header(memoryview(frame)[:n], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
+            return codec.decode_header(memoryview(frame)[:n], self.peer, seq & _SEQ_MASK, self.max_tensor_bytes)
         except RemoteProtocolError:
-            return None  # the ordinary path decodes it again and raises, breaking the pipe
-        if (h.body is not None) != message or h.payloads:
             return None
-        if message and max_tensors is not None and len(h.tensors) > max_tensors:
-            return None
-        if not message and len(h.tensors) != 1:
-            return None
-        return h, inline
+
+    @staticmethod
+    def _complete_small(got: tuple[codec.Header, list[memoryview | None]], message: bool,
+                        max_tensors: int | None) -> bool:
+        """Whether the decoded header ``got`` is complete in itself (no payloads) and what the receive expects."""
+        h, inline = got
+        if (h.body is not None) != message:
+            return False
+        if message:
+            if max_tensors is not None and len(h.tensors) > max_tensors:
+                return False
+        elif len(h.tensors) != 1:
+            return False
+        for spec, data in zip(h.tensors, inline):  # (h.payloads, without its generator)
+            if data is None and spec is not None and spec.nbytes:
+                return False  # a payload follows
+        return True
 
     def _land_inline(self, seq: int, kind: str, got: tuple[codec.Header, list[memoryview | None]],
                      dev: torch.device, out: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -1096,8 +1171,8 @@ class Pipe:
                     tensors.append(None)
                     continue
                 nd = np_dtypes.get(spec.dtype)
-                if nd is not None and data is not None:
-                    t = torch.from_numpy(np.frombuffer(data, nd).copy().reshape(spec.shape))
+                if nd is not None and data is not None:  # (the spec was checked: data holds shape's bytes exactly)
+                    t = torch.from_numpy(np.ndarray(spec.shape, nd, data).copy())
                 else:
                     t = self._landing(spec, i, f"{kind} #{seq} from {self.peer}", dev, out)
                     if data is not None and spec.nbytes:
