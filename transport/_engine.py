@@ -598,46 +598,13 @@ class Engine:
                    alive: Callable[[], str | None] | None = None) -> None:
         """Wait for sends :meth:`send_tensors` left in flight, with :meth:`wait`'s promises (deadline,
         ``alive``, errors naming ``what``): one C call when they are done already (the usual case for
-        the older sends of a window); else ``ukv_wait_requests`` on their C array in slices of the lock
-        for ``UCXKV_SPIN_US``, the deadline and liveness checked between slices, holding the lead (a
-        thread asleep on the worker's fd would only wake for the events this spin handles); then
-        :meth:`wait` itself, which sleeps at once. The spin does not count as a waiter: background sends
-        were tracked when posted (:class:`_SendsInFlight`), and a stream's wait that completes in the
-        spin costs no wake-up. A failed send is a :class:`PeerDeadError`."""
+        the older sends of a window), else :meth:`wait` on their C array (which spins on it in C
+        slices, then sleeps). A failed send is a :class:`PeerDeadError`."""
         self._check_pid()
         if reqs.completed:
             reqs.check_error()
             return
-        slice_ns = min(_FAST_SLICE_NS, int(self._spin_s * 1e9))  # UCXKV_SPIN_US=0: no spin
-        if slice_ns > 0:
-            me = self._hold_lead()  # this spin progresses the worker: no one need sleep on it meanwhile
-            try:
-                if self._spin_sends(reqs, slice_ns, deadline, what, alive):
-                    return
-            finally:
-                if me is not None:
-                    self._drop_lead(me)
         self.wait(Op([reqs], []), deadline, what, alive)
-
-    def _spin_sends(self, reqs: "_ucp_tag.NativeRequests", slice_ns: int, deadline: float, what: str,
-                    alive: Callable[[], str | None] | None) -> bool:
-        """:meth:`wait_sends`'s spin: True once ``reqs`` completed, False when ``UCXKV_SPIN_US`` is over."""
-        lib, lock, progressedp = self.tag_fast, self._lock, self._c_out[1]
-        assert lib is not None
-        now = start = time.monotonic()
-        spin_until = start + self._spin_s
-        while now < spin_until:
-            with lock:
-                lib.ukv_wait_requests(self._worker_h, reqs.ptrs, reqs.n, slice_ns, progressedp)
-                if self._c_prog.value:
-                    self._progressed()
-            if reqs.completed:
-                reqs.check_error()
-                return True
-            now = time.monotonic()
-            self._check(start, now, deadline, what, alive)
-        self._local.spun_at = now  # the wait that follows sleeps at once
-        return False
 
     def recv_tensors(self, slots: Any, k: int, spin_ns: int) -> tuple[int, bool]:
         """One slice of ``ukv_recv_tensors`` on ``slots[:k]`` (a :class:`_ucp_tag.RecvSlot` array), engine
