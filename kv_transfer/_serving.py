@@ -39,6 +39,9 @@ def accept_loop(listener: PipeListener, stop: threading.Event, lock: Any, pipes:
             threads[:] = [x for x in threads if x.is_alive()]
             threads.append(t)
         t.start()
+        # this frame must not hold the last peer's pipe (and through an error's traceback, the
+        # buffers, endpoint and fds of a consumer long gone) until the next peer connects
+        del pipe, t
 
 
 def stop_serving(listener: PipeListener, stop: threading.Event, lock: Any, pipes: List[Pipe],

@@ -293,3 +293,18 @@ def wake_peer(q: Any, back: Any, tls: str, addresses: list[str], echoes: int, pl
         return {}
 
     _report(q, run)
+
+
+def closing_peer(q: Any, tls: str, address: str, after_s: float) -> None:
+    """Connect to ``address``, stay idle ``after_s`` seconds, close the pipe; report when it closed."""
+    _set_tls(tls)
+    from transport import Pipe
+
+    def body() -> Any:
+        p = Pipe.connect(address, timeout_s=30)
+        time.sleep(after_s)
+        t = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+        p.close()
+        return t
+
+    _report(q, body)

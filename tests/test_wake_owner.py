@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 import torch
 
 from tests.peers import wake_peer
@@ -114,3 +115,94 @@ def test_a_leader_that_leaves_hands_over_at_once():
     print(f"latency of each message (ms): {[round(s * 1e3, 1) for s in late]}")
     assert len(late) == len(plan)
     assert max(late) < 0.025, f"latency of each message (ms): {[round(s * 1e3, 1) for s in late]}"
+
+
+class _NeverDone:
+    """A request that never completes (shaped like a ucxx request for Op)."""
+
+    completed = False
+
+    def check_error(self) -> None:
+        """Nothing to raise."""
+
+
+def test_a_thread_whose_wait_failed_closes_its_fds_when_it_ends():
+    # The error's traceback holds Engine.wait's frame and the thread's sleeper in it (an epoll set and
+    # an eventfd): a lookup server kept them per dropped consumer until the cyclic collector ran.
+    from transport._engine import Op
+    from transport.errors import PeerTimeoutError
+
+    eng = get_engine()
+    kept: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            eng.wait(Op([_NeverDone()], []), time.monotonic() + 0.05, "a wait on a peer that never answers")
+        except PeerTimeoutError as exc:
+            kept.append(exc)
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    t = threading.Thread(target=waiter)  # the first: what the engine opens once
+    t.start()
+    t.join()
+    before = fds()
+    for _ in range(5):
+        t = threading.Thread(target=waiter)
+        t.start()
+        t.join()
+    assert len(kept) == 6 and all(e.__traceback__ is not None for e in kept)
+    assert fds() <= before, f"{fds() - before} fds left behind by 5 threads that ended"
+    assert eng._leader is None or eng._leader.kick_fd >= 0  # the lead never stays with a closed sleeper
+
+
+@pytest.mark.parametrize("role", ["listener", "dialler"])
+def test_a_goodbye_ends_an_idle_wait_at_once_not_at_its_tick(role):
+    # An idle wait ticks every 2 s (_IDLE_TICK_S) to spare CPU: a peer's Goodbye must still end it at
+    # once, through the control thread (Link.on_problem -> Engine.wake_waiters). Both ends of the
+    # control plane deliver it: the listener's server thread and the dialler's link thread.
+    from tests.peers import closing_peer
+    from transport import PeerError
+    from transport._engine import _IDLE_TICK_S
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    tls = os.environ.get("UCX_TLS", "default")
+    if role == "listener":  # this side listens, the peer dials and closes
+        me = Pipe.listen()
+        proc = ctx.Process(target=closing_peer, args=(q, tls, me.address, 3.0), daemon=True)
+        proc.start()
+        me.wait_connected(30)
+    else:
+        proc = ctx.Process(target=_closing_listener, args=(q, tls, 3.0), daemon=True)
+        proc.start()
+        me = Pipe.connect(q.get(timeout=60), timeout_s=30)
+    try:
+        with pytest.raises(PeerError):
+            me.recv_tensor(timeout=30)
+        ended = time.monotonic()
+        status = q.get(timeout=30)
+        assert status[0] == "ok", status
+        late = ended - status[1]
+        assert late < _IDLE_TICK_S / 2, f"the wait ended {late:.2f}s after the peer closed"
+    finally:
+        proc.join(30)
+        me.close()
+
+
+def _closing_listener(q: Any, tls: str, after_s: float) -> None:
+    from tests.peers import _report, _set_tls
+
+    _set_tls(tls)
+
+    def body() -> float:
+        p = Pipe.listen()
+        q.put(p.address)
+        p.wait_connected(30)
+        time.sleep(after_s)
+        t = time.monotonic()
+        p.close()
+        return t
+
+    _report(q, body)

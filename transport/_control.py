@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import secrets
 import threading
 import time
@@ -115,8 +116,32 @@ class Link:
         self.peer_timeout_s = peer_timeout_s
         self.last_heard = time.monotonic()
         self.closed_reason: str | None = None  # set when the peer said goodbye
+        self.closed_at = 0.0  # when (time.monotonic)
         self.peer_sent = -1  # what the Goodbye said the peer had sent
         self.local_closed = False
+        #: called once (from the control thread) when :meth:`problem` first has something to say (a
+        #: Goodbye, a Reject, or silence past the peer timeout): whoever waits on this peer looks now,
+        #: not at its next tick
+        self.on_problem: Callable[[], None] | None = None
+        self._told = False
+
+    def peer_closed(self, reason: str, sent: int | None = None) -> None:
+        """Record that the peer closed its end (a Goodbye, or a Reject of the link) and tell ``on_problem``."""
+        if sent is not None:
+            self.peer_sent = sent
+        self.closed_at = time.monotonic()
+        self.closed_reason = reason
+        self.tell()
+
+    def tell(self) -> None:
+        """Call ``on_problem`` if the peer has a problem and it was not called yet (control thread)."""
+        if self.on_problem is None or self._told or self.problem() is None:
+            return
+        self._told = True
+        try:
+            self.on_problem()
+        except Exception:  # noqa: BLE001 - the control thread must go on
+            log.exception("link to %s: on_problem failed", self.peer)
 
     def heard(self) -> None:
         self.last_heard = time.monotonic()
@@ -132,6 +157,39 @@ class Link:
 
 
 HelloHandler = Callable[[Hello, Link], Welcome | Reject]
+
+
+class _Wakeup:
+    """An eventfd a control thread polls beside its sockets, so that it sleeps until its next
+    heartbeat is due instead of waking every 100 ms to look for work (each wake-up cost about
+    1 ms of CPU on a 2-core VM: docs/bench.md, idle CPU). Owned by that thread's object."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()  # set() never writes to a closed (maybe reused) fd number
+
+    def set(self) -> None:
+        """Wake the thread (from any thread; nothing once closed)."""
+        with self._lock:
+            if self.fd >= 0:
+                os.eventfd_write(self.fd, 1)
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                fd, self.fd = self.fd, -1
+                os.close(fd)
+
+
+def _poll_ms(next_due: float) -> int:
+    """Milliseconds from now to ``next_due`` (a ``time.monotonic`` value), at least 1."""
+    return max(1, int((next_due - time.monotonic()) * 1000) + 1)
 
 
 class _Sock:
@@ -210,6 +268,7 @@ class ControlServer:
         self._outbox: list[tuple[bytes, list[bytes]]] = []
         self._outbox_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wakeup = _Wakeup()  # say_goodbye and close wake the thread at once
         self._ready = threading.Event()
         self.rejected = 0
         self.auth_failures = 0
@@ -224,6 +283,7 @@ class ControlServer:
                 link.local_closed = True
                 with self._outbox_lock:
                     self._outbox.append((ident, _wire.encode(Goodbye(reason, sent))))
+                self._wakeup.set()
 
     def _send(self, ident: bytes, frames: list[bytes]) -> None:
         try:
@@ -238,11 +298,14 @@ class ControlServer:
             poller.register(self._zap, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         self._ready.set()
         next_hb = time.monotonic()
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(int(min(self._hb, 0.1) * 1000)))
+                events = dict(poller.poll(_poll_ms(next_hb)))
+                if self._wakeup.fd in events:
+                    self._wakeup.clear()
                 if self._zap is not None and self._zap in events:
                     self._answer_zap()
                 if self._monitor is not None and self._monitor in events:
@@ -271,6 +334,7 @@ class ControlServer:
                             del self._links[ident]
                         elif link.closed_reason is None:
                             self._send(ident, _wire.encode(Heartbeat()))
+                            link.tell()  # silent past its timeout
         except Exception:  # noqa: BLE001 - never die silently
             log.exception("control server %s crashed", self.address)
         finally:
@@ -401,9 +465,8 @@ class ControlServer:
             self._send(ident, _wire.encode(answer))
         elif isinstance(msg, Goodbye):
             if link is not None:
-                link.peer_sent = msg.sent
-                link.closed_reason = msg.reason
                 del self._links[ident]
+                link.peer_closed(msg.reason, msg.sent)
         elif isinstance(msg, Heartbeat):
             if link is None:
                 self._send(ident, _wire.encode(Reject("protocol", "heartbeat before Hello")))
@@ -415,10 +478,12 @@ class ControlServer:
         """Stop the thread and close the socket (idempotent, bounded)."""
         if not self._stop.is_set():
             self._stop.set()
+            self._wakeup.set()
             self._thread.join(timeout=5.0)
             if self._thread.is_alive():
                 log.warning("control server %s thread did not stop within 5s", self.address)
                 return  # its sockets are still open; term() would block
+            self._wakeup.close()
             self._ctx.term()
 
 
@@ -429,16 +494,27 @@ class ClientLink(Link):
         super().__init__(peer, heartbeat_s, peer_timeout_s)
         self._ctx, self._sock = ctx, sock
         self._stop = threading.Event()
+        self._wakeup = _Wakeup()  # close wakes the thread at once
         self._goodbye: str | None = None
         self._goodbye_sent = -1
         self._thread = threading.Thread(target=self._run, name=f"ucxkv-link:{peer}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        next_hb = 0.0
+        # The listener beats every heartbeat_s and this side answers each beat, so this thread wakes
+        # once per beat (about 1-3 ms of CPU on a 2-core VM, docs/bench.md), not twice; it beats on
+        # its own only when the listener fell silent for two beats (the listener must still hear us).
+        last_sent = 0.0
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if self._sock.poll(int(min(self.heartbeat_s, 0.1) * 1000)):
+                events = dict(poller.poll(_poll_ms(last_sent + 2 * self.heartbeat_s)))
+                if self._wakeup.fd in events:
+                    self._wakeup.clear()
+                beat = False
+                if self._sock in events:
                     try:
                         frames = self._sock.recv_multipart(flags=zmq.NOBLOCK)
                         msg = _wire.decode(frames, self.peer)
@@ -448,19 +524,22 @@ class ClientLink(Link):
                         log.warning("ignoring bad control message: %s", _wire.clip(str(exc)))
                         continue
                     if isinstance(msg, Reject):  # a listener that no longer knows this link (restarted)
-                        self.closed_reason = f"listener rejected the link ({msg.code}: {_wire.clip(msg.reason)})"
+                        self.peer_closed(f"listener rejected the link ({msg.code}: {_wire.clip(msg.reason)})")
                         continue
                     self.heard()
                     if isinstance(msg, Goodbye):
-                        self.peer_sent = msg.sent
-                        self.closed_reason = msg.reason
+                        self.peer_closed(msg.reason, msg.sent)
+                    beat = isinstance(msg, Heartbeat)
+                self.tell()  # the listener silent past its timeout
                 now = time.monotonic()
-                if now >= next_hb and self.closed_reason is None:
-                    next_hb = now + self.heartbeat_s
-                    try:
-                        self._sock.send_multipart(_wire.encode(Heartbeat()), flags=zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+                if (now - last_sent >= 2 * self.heartbeat_s
+                        or (beat and now - last_sent >= self.heartbeat_s / 2)):
+                    last_sent = now  # (also once closed: the poll then sleeps two beats)
+                    if self.closed_reason is None:
+                        try:
+                            self._sock.send_multipart(_wire.encode(Heartbeat()), flags=zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass
         finally:
             if self._goodbye is not None and self.closed_reason is None:
                 try:
@@ -477,7 +556,10 @@ class ClientLink(Link):
             self._goodbye = reason
             self._goodbye_sent = sent
             self._stop.set()
+            self._wakeup.set()
             self._thread.join(timeout=5.0)
+            if not self._thread.is_alive():
+                self._wakeup.close()
             self._ctx.term()
 
 

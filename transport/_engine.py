@@ -57,8 +57,18 @@ os.environ.setdefault("UCX_TCP_TX_SEG_SIZE", TCP_TX_SEG_SIZE)
 #: A waiting thread progresses the worker itself this long (µs) before it sleeps until
 #: its operation completes (see Engine.wait); ``UCXKV_SPIN_US`` overrides (0: sleep at once).
 DEFAULT_SPIN_US = 200
-#: A sleeping waiter checks its peer's liveness and its deadline this often.
+#: A sleeping waiter checks its peer's liveness and its deadline this often, and the progress
+#: thread re-progresses the worker this often, while anything happened in the last ``_QUIET_S``...
 _TICK_S = 0.05
+#: ... and this often once that long passed without anything happening. A wake-up after a long
+#: sleep costs 0.3-5 ms of CPU on a 2-core VM (cold caches: the same calls take 20-1000x their warm
+#: time): twenty a second per thread put an idle pipe at 2-4 % of a core (bench.idle_cpu,
+#: docs/bench.md). Liveness does not wait for the tick: the control plane wakes a pipe's waiters as
+#: soon as its peer says Goodbye or falls silent (:meth:`Engine.wake_waiters`).
+_IDLE_TICK_S = 2.0
+_QUIET_S = 1.0
+#: The progress thread's tick in a quiet process (it leads then: events wake it).
+_QUIET_TICK_S = 5.0
 # Endpoint close: UCX gets this many attempts of this long each to disconnect.
 _CLOSE_PERIOD_NS = 100_000
 _CLOSE_ATTEMPTS = 100
@@ -270,10 +280,11 @@ class _Sleeper:
     the thread waits on, ``asleep`` whether it is past its spin (so others' progress may complete
     ``op`` and must kick it), ``kicked`` whether a kick is on its way. ``wakes`` counts sleeps
     that ended before their timeout (a kick or a worker event), for tests and benches. The fds
-    close when the object is freed.
+    close with :meth:`close`: at the exit of the thread it belongs to (see :class:`_ThreadExit`),
+    or when the object is freed.
     """
 
-    __slots__ = ("ep", "kick_fd", "op", "asleep", "kicked", "has_fd", "wakes", "name", "__weakref__")
+    __slots__ = ("ep", "kick_fd", "op", "asleep", "kicked", "has_fd", "wakes", "name", "busy_at", "__weakref__")
 
     def __init__(self, name: str):
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -284,7 +295,16 @@ class _Sleeper:
         self.has_fd = False  # the worker's fd is in ep (only ever the leader's)
         self.wakes = 0
         self.name = name
-        weakref.finalize(self, os.close, self.kick_fd)
+        self.busy_at = time.monotonic()  # when this thread's last wait woke or ended in success (see _QUIET_S)
+
+    def close(self) -> None:
+        """Close the epoll set and the kick fd (idempotent); only once the thread is done with them."""
+        if self.kick_fd >= 0:
+            fd, self.kick_fd = self.kick_fd, -1
+            self.ep.close()
+            os.close(fd)
+
+    __del__ = close
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
@@ -299,6 +319,23 @@ class _Sleeper:
         except BlockingIOError:
             pass
         return True
+
+
+class _ThreadExit:
+    """Closes a waiting thread's :class:`_Sleeper` when that thread ends.
+
+    Held only by the thread's ``threading.local`` (freed as the thread exits), whereas the sleeper
+    itself may outlive the thread: an error raised through :meth:`Engine.wait` keeps that frame,
+    and the sleeper in it, in its traceback, until the cyclic collector runs (measured: a lookup
+    server kept two fds per dropped consumer that way)."""
+
+    __slots__ = ("sleeper",)
+
+    def __init__(self, sleeper: _Sleeper):
+        self.sleeper = sleeper
+
+    def __del__(self) -> None:
+        self.sleeper.close()
 
 
 def _finished(op: Op) -> bool:
@@ -347,6 +384,9 @@ class Engine:
         self._next_sweep = 0.0
         self._spin_s = _spin_seconds()
         self._serving = 0  # users of unattended progress (see serve())
+        #: the progress thread saw nothing happen for _QUIET_S: it watches the worker's fd itself
+        #: while nobody waits, instead of ticking (see _progress_loop)
+        self._quiet = False
         self._local = threading.local()
         self._worker_fd = self.worker.epoll_file_descriptor
         #: the threads in wait(), oldest first (see _lead)
@@ -383,6 +423,7 @@ class Engine:
         """
         api = self._api
         addr = api.UCXAddress.create_from_buffer(check_worker_address(worker_address, peer))
+        self._pt.kick()  # the progress thread ticks fast again: the new connection's handshake needs progress
         with self._lock:
             if self._peer_error_handling:
                 try:
@@ -729,6 +770,7 @@ class Engine:
         s = getattr(self._local, "sleeper", None)
         if s is None:
             s = self._local.sleeper = self._new_sleeper(threading.current_thread().name)
+            self._local.exit = _ThreadExit(s)
         return s
 
     def wake_counts(self) -> dict[str, int]:
@@ -791,9 +833,9 @@ class Engine:
                 self._pass_lead()
 
     def _progress_thread_duty(self) -> None:
-        """Give the progress thread the lead when work needs watching and no thread is in
-        :meth:`wait`, take it back when none does (engine lock held)."""
-        if self._serving or self._pending:
+        """Give the progress thread the lead when work needs watching (or the process is quiet) and
+        no thread is in :meth:`wait`, take it back when neither holds (engine lock held)."""
+        if self._serving or self._pending or self._quiet:
             if self._leader is None and not self._waiting:
                 self._lead(self._pt, arm=True)
         elif self._leader is self._pt:
@@ -886,7 +928,8 @@ class Engine:
         op, and wake for nothing else. A leader that leaves hands the fd over at
         once (:meth:`_pass_lead`). Raises :class:`PeerTimeoutError` at ``deadline`` (a
         ``time.monotonic`` value) and :class:`PeerDeadError` as soon as
-        ``alive()`` returns a reason (checked at least every ``_TICK_S``).
+        ``alive()`` returns a reason (checked every ``_TICK_S``, every ``_IDLE_TICK_S`` once the
+        wait has been quiet for ``_QUIET_S``, and at once on :meth:`wake_waiters`).
         ``what`` names the wait in those errors (it should name the peer).
         """
         self._check_pid()
@@ -914,6 +957,7 @@ class Engine:
                 with lock:
                     self._progress(me, native if spinning else None, woken)
                     if self._poll(op, what):
+                        me.busy_at = time.monotonic()
                         return
                     if not spinning:
                         me.asleep, me.kicked = True, False
@@ -934,9 +978,13 @@ class Engine:
                         os.sched_yield()  # more runnable threads than cores: the peer may need this one
                     woken = False
                 elif armed:
-                    woken = me.sleep(min(_TICK_S, max(deadline - now, 0.0)))
-                    if woken and op.stream:
-                        spinning, spin_until = self._spin_s > 0, time.monotonic() + self._spin_s
+                    # a thread with nothing happening for _QUIET_S (over all its waits) ticks slowly
+                    tick = _TICK_S if now - me.busy_at < _QUIET_S else _IDLE_TICK_S
+                    woken = me.sleep(min(tick, max(deadline - now, 0.0)))
+                    if woken:
+                        me.busy_at = time.monotonic()
+                        if op.stream:
+                            spinning, spin_until = self._spin_s > 0, me.busy_at + self._spin_s
         finally:
             with lock:
                 me.op, me.asleep = None, False
@@ -945,6 +993,15 @@ class Engine:
                     self._pass_lead()
                 elif not self._waiting:
                     self._progress_thread_duty()
+
+    def wake_waiters(self) -> None:
+        """Wake every thread asleep in :meth:`wait`, to check its peer's liveness now (a peer said
+        Goodbye or was found dead) instead of at its next tick."""
+        with self._lock:
+            for s in self._waiting:
+                if s.asleep and not s.kicked:
+                    s.kicked = True
+                    s.kick()
 
     def _check(self, start: float, now: float, deadline: float, what: str,
                alive: Callable[[], str | None] | None) -> None:
@@ -984,13 +1041,24 @@ class Engine:
         endpoint waits for our connection ack with write interest armed on its
         socket, and until we progress, that peer's worker fd stays readable and its
         waiter spins (measured at 48-99 % of a core before this tick; see
-        docs/bench.md). Twenty wake-ups a second cost well under 0.1 % of a core.
+        docs/bench.md). After ``_QUIET_S`` without progress, a kick, tracked work or a
+        new endpoint (:meth:`connect` kicks this thread), the process is *quiet*: this
+        thread stops ticking and leads instead while nobody waits, so the next event
+        (a peer's handshake, a message) wakes it at once, and it wakes every
+        ``_QUIET_TICK_S`` otherwise. Twenty wake-ups a second were 1-2 % of a core on a
+        2-core VM, where a wake-up after a long sleep costs 0.5-3 ms of CPU (docs/bench.md).
+        Once something happens it gives the lead back and ticks again (a busy process's
+        events are its waiters', see above).
         """
         me, lock = self._pt, self._lock
+        eventful = time.monotonic()
         while not self._stop.is_set():
             with lock:
-                if not self._progress(me):
+                if self._progress(me):
+                    eventful = time.monotonic()
+                else:
                     self._poll_pending()  # e.g. sends that completed at posting
+                self._quiet = not (self._pending or self._serving) and time.monotonic() - eventful >= _QUIET_S
                 self._progress_thread_duty()
                 armed = True
                 if self._leader is me:
@@ -1006,7 +1074,8 @@ class Engine:
                 continue
             # the tick: pending ops are re-polled in case one completes without an event, and
             # an idle worker is progressed (peers' connection handshakes, see the docstring)
-            me.sleep(_TICK_S)
+            if me.sleep(_QUIET_TICK_S if self._quiet else _TICK_S):
+                eventful = time.monotonic()
 
     def shutdown(self) -> None:
         """Stop the progress thread (idempotent)."""

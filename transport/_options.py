@@ -21,7 +21,7 @@ from .errors import LocalUsageError
 __all__ = ["PipeOptions", "PipeKeywords", "HEARTBEAT_S", "PEER_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "DEFAULT_MAX_TENSOR_BYTES"]
 
 #: Seconds between liveness beacons on a control link.
-HEARTBEAT_S = 0.5
+HEARTBEAT_S = 1.0
 #: Seconds of silence after which a peer counts as dead.
 PEER_TIMEOUT_S = 10.0
 #: Default bound on one blocking pipe call (connect, send, receive).

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: A transfer at least this large is waited for as a stream (see transport._engine.Op).
 _STREAM_BYTES = 64 * 1024
+#: After the peer's Goodbye, a send still waits this long (s) for the peer's close to drain it.
+_GOODBYE_DRAIN_S = 1.0
 
 __all__ = ["Pipe", "Handle", "TensorLike"]
 
@@ -373,6 +375,7 @@ class Pipe:
         self.peer = link.peer
         self._ep = self._engine.connect(worker_address, link.peer)
         self._link, self._send_tag = link, send_tag
+        link.on_problem = self._engine.wake_waiters  # a Goodbye or a silent peer ends this pipe's waits at once
         self._connected.set()
         log.info("pipe %s connected to %s", self.name, self.peer)
 
@@ -402,8 +405,13 @@ class Pipe:
         if self._link is None:
             return None
         link = self._link
-        if link.closed_reason is not None and seq is not None and seq < link.peer_sent:
-            return None  # the peer sent this one before saying goodbye: it is on its way
+        if link.closed_reason is not None:
+            if seq is not None and seq < link.peer_sent:
+                return None  # the peer sent this one before saying goodbye: it is on its way
+            if seq is None and time.monotonic() - link.closed_at < _GOODBYE_DRAIN_S:
+                # a send (or RMA): the closing peer drains what arrived right after its Goodbye,
+                # which completes this op, or its endpoint's close fails it; give that a moment
+                return None
         return link.problem()
 
     def _tag(self, base: int, seq: int, payload: bool) -> int:
