@@ -295,7 +295,7 @@ class _Sleeper:
         self.has_fd = False  # the worker's fd is in ep (only ever the leader's)
         self.wakes = 0
         self.name = name
-        self.busy_at = time.monotonic()  # when this thread's last wait woke or ended in success (see _QUIET_S)
+        self.busy_at = 0.0  # when this thread's last wait woke or ended in success (see _QUIET_S)
 
     def close(self) -> None:
         """Close the epoll set and the kick fd (idempotent); only once the thread is done with them."""
@@ -387,6 +387,7 @@ class Engine:
         #: the progress thread saw nothing happen for _QUIET_S: it watches the worker's fd itself
         #: while nobody waits, instead of ticking (see _progress_loop)
         self._quiet = False
+        self._active_at = 0.0  # when a thread last took the lead from the quiet progress thread
         self._local = threading.local()
         self._worker_fd = self.worker.epoll_file_descriptor
         #: the threads in wait(), oldest first (see _lead)
@@ -423,7 +424,10 @@ class Engine:
         """
         api = self._api
         addr = api.UCXAddress.create_from_buffer(check_worker_address(worker_address, peer))
-        self._pt.kick()  # the progress thread ticks fast again: the new connection's handshake needs progress
+        # the progress thread ticks again (it leaves the quiet state): over tcp, the peer's side of
+        # this connection waits for our worker to ack it, and that raises no event here to wake
+        # a quiet leader; its waiter spins until we progress (docs/bench.md, idle CPU)
+        self._pt.kick()
         with self._lock:
             if self._peer_error_handling:
                 try:
@@ -434,6 +438,34 @@ class Engine:
                 return self.worker.create_endpoint_from_worker_address(addr, False)
             except Exception as exc:  # noqa: BLE001
                 raise PeerDeadError(f"cannot create a UCX endpoint to {peer}: {exc}") from exc
+
+    def settle(self, ep: Any, peer: str, wait_s: float | None = None) -> None:
+        """Post a flush of the new endpoint ``ep``, which completes the endpoint's wireup now instead
+        of at its first message: wait up to ``wait_s`` for it, or (None) track it in the background.
+
+        Over tcp, an endpoint nobody has sent on yet kept one of its sockets armed for writing
+        until the first message: the worker's fd stayed readable and an idle waiter woke
+        8,000-9,000 times a second (3 % of a core in 10 of 10 connections measured, none after
+        this flush; docs/bench.md, idle CPU). Without the compiled RMA helper it does nothing.
+        """
+        try:
+            from . import _ucp_rma
+            from ._rma import _Flush
+
+            lib = _ucp_rma.lib()
+        except Exception as exc:  # noqa: BLE001 - no compiler: the endpoint settles at its first message
+            log.debug("endpoint to %s not flushed at connect: %s", peer, exc)
+            return
+        req = ctypes.c_void_p()
+        with self._lock:
+            rc = lib.ukv_flush(ep.handle, ctypes.byref(req))
+            flush = _Flush(req.value if rc == 1 else None, rc if rc < 0 else 0, f"settling the endpoint to {peer}")
+        if rc != 1:
+            return
+        if wait_s is None:
+            self.track(Op([flush], []))
+        else:
+            self.wait(Op([flush], []), time.monotonic() + wait_s, f"settling the endpoint to {peer}")
 
     def close_endpoint(self, ep: Any, orderly: bool = False) -> None:
         """Close an endpoint, cancelling its in-flight requests.
@@ -794,6 +826,12 @@ class Engine:
         if old is not None and old.has_fd:
             old.ep.unregister(self._worker_fd)
             old.has_fd = False
+        if old is self._pt and new is not None:
+            # a thread waits or spins: the process is not quiet, and when that thread is done the
+            # lead is not handed back to the progress thread (which would cost a worker arm and two
+            # epoll_ctl per message of a ping-pong); that thread sees for itself once it is quiet again
+            self._quiet = False
+            self._active_at = time.monotonic()
         self._leader = new
         if new is not None and arm:
             if not self._arm():
@@ -1042,10 +1080,11 @@ class Engine:
         socket, and until we progress, that peer's worker fd stays readable and its
         waiter spins (measured at 48-99 % of a core before this tick; see
         docs/bench.md). After ``_QUIET_S`` without progress, a kick, tracked work or a
-        new endpoint (:meth:`connect` kicks this thread), the process is *quiet*: this
-        thread stops ticking and leads instead while nobody waits, so the next event
-        (a peer's handshake, a message) wakes it at once, and it wakes every
-        ``_QUIET_TICK_S`` otherwise. Twenty wake-ups a second were 1-2 % of a core on a
+        thread taking the lead, the process is *quiet*: this thread stops ticking and
+        leads instead while nobody waits, so the next event (a message) wakes it at
+        once, and it wakes every ``_QUIET_TICK_S`` otherwise. A new endpoint
+        (:meth:`connect`) kicks it out of the quiet state: the connection's handshake
+        needs progress without an event to announce it. Twenty wake-ups a second were 1-2 % of a core on a
         2-core VM, where a wake-up after a long sleep costs 0.5-3 ms of CPU (docs/bench.md).
         Once something happens it gives the lead back and ticks again (a busy process's
         events are its waiters', see above).
@@ -1058,7 +1097,8 @@ class Engine:
                     eventful = time.monotonic()
                 else:
                     self._poll_pending()  # e.g. sends that completed at posting
-                self._quiet = not (self._pending or self._serving) and time.monotonic() - eventful >= _QUIET_S
+                self._quiet = (not (self._pending or self._serving)
+                               and time.monotonic() - max(eventful, self._active_at) >= _QUIET_S)
                 self._progress_thread_duty()
                 armed = True
                 if self._leader is me:

@@ -354,7 +354,7 @@ class Pipe:
         try:
             if not 0 < welcome.recv_tag < (1 << _TAG_BASE_BITS):
                 raise RemoteProtocolError(f"{address} sent recv_tag {welcome.recv_tag} out of range")
-            self._attach(link, welcome.worker_address, welcome.recv_tag)
+            self._attach(link, welcome.worker_address, welcome.recv_tag, dialled=True)
         except BaseException:
             link.close("endpoint creation failed")
             raise
@@ -371,9 +371,12 @@ class Pipe:
         return Welcome(role="pipe", name=self.name, worker_address=self._engine.address,
                        recv_tag=self._recv_tag, capabilities=_capabilities())
 
-    def _attach(self, link: Link, worker_address: bytes, send_tag: int) -> None:
+    def _attach(self, link: Link, worker_address: bytes, send_tag: int, dialled: bool = False) -> None:
         self.peer = link.peer
         self._ep = self._engine.connect(worker_address, link.peer)
+        # the dialler waits for its endpoint's wireup (a tracked flush on both sides left 5 of 10 idle
+        # connections with a socket armed for writing, a tracked flush on the dialler's side 10 of 10)
+        self._engine.settle(self._ep, link.peer, wait_s=self.options.timeout_s if dialled else None)
         self._link, self._send_tag = link, send_tag
         link.on_problem = self._engine.wake_waiters  # a Goodbye or a silent peer ends this pipe's waits at once
         self._connected.set()
