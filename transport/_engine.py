@@ -439,9 +439,11 @@ class Engine:
             except Exception as exc:  # noqa: BLE001
                 raise PeerDeadError(f"cannot create a UCX endpoint to {peer}: {exc}") from exc
 
-    def settle(self, ep: Any, peer: str, wait_s: float | None = None) -> None:
+    def settle(self, ep: Any, peer: str, wait_s: float | None = None,
+               alive: Callable[[], str | None] | None = None) -> None:
         """Post a flush of the new endpoint ``ep``, which completes the endpoint's wireup now instead
-        of at its first message: wait up to ``wait_s`` for it, or (None) track it in the background.
+        of at its first message: wait up to ``wait_s`` for it (``alive`` as in :meth:`wait`), or
+        (None) track it in the background.
 
         Over tcp, an endpoint nobody has sent on yet kept one of its sockets armed for writing
         until the first message: the worker's fd stayed readable and an idle waiter woke
@@ -465,7 +467,7 @@ class Engine:
         if wait_s is None:
             self.track(Op([flush], []))
         else:
-            self.wait(Op([flush], []), time.monotonic() + wait_s, f"settling the endpoint to {peer}")
+            self.wait(Op([flush], []), time.monotonic() + wait_s, f"settling the endpoint to {peer}", alive)
 
     def close_endpoint(self, ep: Any, orderly: bool = False) -> None:
         """Close an endpoint, cancelling its in-flight requests.

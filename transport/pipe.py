@@ -376,7 +376,8 @@ class Pipe:
         self._ep = self._engine.connect(worker_address, link.peer)
         # the dialler waits for its endpoint's wireup (a tracked flush on both sides left 5 of 10 idle
         # connections with a socket armed for writing, a tracked flush on the dialler's side 10 of 10)
-        self._engine.settle(self._ep, link.peer, wait_s=self.options.timeout_s if dialled else None)
+        self._engine.settle(self._ep, link.peer, wait_s=self.options.timeout_s if dialled else None,
+                            alive=link.problem)
         self._link, self._send_tag = link, send_tag
         link.on_problem = self._engine.wake_waiters  # a Goodbye or a silent peer ends this pipe's waits at once
         self._connected.set()
