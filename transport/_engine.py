@@ -309,6 +309,12 @@ class _Sleeper:
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
 
+    def wake(self) -> None:
+        """Kick this waiter if it is asleep and no kick is on its way already (engine lock held)."""
+        if self.asleep and not self.kicked:
+            self.kicked = True
+            self.kick()
+
     def sleep(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` s; True if woken (a kick, consumed here, or a worker event)."""
         if not self.ep.poll(timeout):
@@ -450,24 +456,21 @@ class Engine:
         8,000-9,000 times a second (3 % of a core in 10 of 10 connections measured, none after
         this flush; docs/bench.md, idle CPU). Without the compiled RMA helper it does nothing.
         """
+        what = f"settling the endpoint to {peer}"
         try:
-            from . import _ucp_rma
-            from ._rma import _Flush
+            from ._rma import _Flush  # (imports this module: not at the top)
 
-            lib = _ucp_rma.lib()
+            with self._lock:
+                flush = _Flush.post(ep.handle, what)
         except Exception as exc:  # noqa: BLE001 - no compiler: the endpoint settles at its first message
             log.debug("endpoint to %s not flushed at connect: %s", peer, exc)
             return
-        req = ctypes.c_void_p()
-        with self._lock:
-            rc = lib.ukv_flush(ep.handle, ctypes.byref(req))
-            flush = _Flush(req.value if rc == 1 else None, rc if rc < 0 else 0, f"settling the endpoint to {peer}")
-        if rc != 1:
+        if not flush.pending:
             return
         if wait_s is None:
             self.track(Op([flush], []))
         else:
-            self.wait(Op([flush], []), time.monotonic() + wait_s, f"settling the endpoint to {peer}", alive)
+            self.wait(Op([flush], []), time.monotonic() + wait_s, what, alive)
 
     def close_endpoint(self, ep: Any, orderly: bool = False) -> None:
         """Close an endpoint, cancelling its in-flight requests.
@@ -936,10 +939,9 @@ class Engine:
         (a header's posts its payload receive), then kick each thread asleep in :meth:`wait` (but
         ``me``) whose op is now complete, and only those: the others sleep on."""
         self._poll_pending()
-        for s in self._waiting:
+        for s in self._waiting:  # (the cheap tests first: this runs after every progress that did something)
             if s.asleep and not s.kicked and s is not me and s.op is not None and _finished(s.op):
-                s.kicked = True
-                s.kick()
+                s.wake()
 
     def _poll_pending(self) -> None:
         """Poll the tracked ops and forget the finished ones (an error stays for its waiter)."""
@@ -1039,9 +1041,7 @@ class Engine:
         Goodbye or was found dead) instead of at its next tick."""
         with self._lock:
             for s in self._waiting:
-                if s.asleep and not s.kicked:
-                    s.kicked = True
-                    s.kick()
+                s.wake()
 
     def _check(self, start: float, now: float, deadline: float, what: str,
                alive: Callable[[], str | None] | None) -> None:

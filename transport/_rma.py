@@ -344,6 +344,19 @@ class _Flush:
     def __init__(self, req: int | None, status: int, what: str):
         self._req, self._status, self._what = req, status, what
 
+    @classmethod
+    def post(cls, ep_handle: int, what: str) -> "_Flush":
+        """Post a flush of the endpoint ``ep_handle`` (the engine's lock held): done at once if
+        nothing was in flight, failed if the endpoint has failed."""
+        req = ctypes.c_void_p()
+        rc = _ucp_rma.lib().ukv_flush(ep_handle, ctypes.byref(req))
+        return cls(req.value if rc == 1 else None, rc if rc < 0 else 0, what)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the flush was still in flight when last looked at (UCX owns a request for it)."""
+        return self._req is not None
+
     @property
     def completed(self) -> bool:
         if self._req is not None:
@@ -632,7 +645,6 @@ def _post(pipe: "Pipe", put: bool, plans: list[tuple], what: str,
     lib = _ucp_rma.lib()
     engine: Engine = pipe._engine
     posted = ctypes.c_size_t()
-    req = ctypes.c_void_p()
     rc = 0
     with engine._lock:
         pipe._check_usable()  # broken mid-transfer (peer death, timeout): the peer's error, not ours
@@ -650,8 +662,7 @@ def _post(pipe: "Pipe", put: bool, plans: list[tuple], what: str,
                               ro.ctypes.data_as(_I64P), ln.ctypes.data_as(_I64P), ctypes.byref(posted))
             if rc != 0:
                 break
-        frc = lib.ukv_flush(ep, ctypes.byref(req))
-        flush = _Flush(req.value if frc == 1 else None, frc if frc < 0 else 0, what)
+        flush = _Flush.post(ep, what)
     if rc != 0:
         with engine._lock:
             flush.release()
