@@ -69,6 +69,11 @@ _IDLE_TICK_S = 2.0
 _QUIET_S = 1.0
 #: The progress thread's tick in a quiet process (it leads then: events wake it).
 _QUIET_TICK_S = 5.0
+#: A thread that posted sends this recently (s) progresses the worker itself, one progress per send
+#: call: the progress thread does not lead for its background sends meanwhile, and wakes again this
+#: long after it stood aside. Leading then woke it for 0.7 of the events per 64 KiB message of a
+#: stream, on the sender's second core, and cost 20-45 % of the stream's rate (docs/bench.md).
+_STANDASIDE_S = 0.001
 # Endpoint close: UCX gets this many attempts of this long each to disconnect.
 _CLOSE_PERIOD_NS = 100_000
 _CLOSE_ATTEMPTS = 100
@@ -394,6 +399,8 @@ class Engine:
         #: while nobody waits, instead of ticking (see _progress_loop)
         self._quiet = False
         self._active_at = 0.0  # when a thread last took the lead from the quiet progress thread
+        self._posted_at = 0.0  # when a thread last posted sends (see _STANDASIDE_S)
+        self._aside_until = 0.0  # the progress thread does not lead before this (see _progress_loop)
         self._local = threading.local()
         self._worker_fd = self.worker.epoll_file_descriptor
         #: the threads in wait(), oldest first (see _lead)
@@ -663,6 +670,7 @@ class Engine:
                     break
             if progressed:
                 self._progressed()
+            self._posted_at = time.monotonic()
             inflight = any(ptrs)
             if inflight and background:
                 self._sends.add(reqs, self)
@@ -879,7 +887,7 @@ class Engine:
         """Give the progress thread the lead when work needs watching (or the process is quiet) and
         no thread is in :meth:`wait`, take it back when neither holds (engine lock held)."""
         if self._serving or self._pending or self._quiet:
-            if self._leader is None and not self._waiting:
+            if self._leader is None and not self._waiting and time.monotonic() >= self._aside_until:
                 self._lead(self._pt, arm=True)
         elif self._leader is self._pt:
             self._lead(None)
@@ -1099,9 +1107,17 @@ class Engine:
                     eventful = time.monotonic()
                 else:
                     self._poll_pending()  # e.g. sends that completed at posting
+                now = time.monotonic()
                 self._quiet = (not (self._pending or self._serving)
-                               and time.monotonic() - max(eventful, self._active_at) >= _QUIET_S)
+                               and now - max(eventful, self._active_at) >= _QUIET_S)
+                if self._leader is me and now - self._posted_at < _STANDASIDE_S:
+                    # a thread streams sends, progressing the worker at each: the events are its own
+                    self._aside_until = now + _STANDASIDE_S
+                    self._lead(None)
                 self._progress_thread_duty()
+                tick = _QUIET_TICK_S if self._quiet else _TICK_S
+                if self._leader is not me and self._aside_until > now:
+                    tick = min(tick, self._aside_until - now)
                 armed = True
                 if self._leader is me:
                     armed = self.worker.arm()  # False: events are pending, progress again
@@ -1116,7 +1132,7 @@ class Engine:
                 continue
             # the tick: pending ops are re-polled in case one completes without an event, and
             # an idle worker is progressed (peers' connection handshakes, see the docstring)
-            if me.sleep(_QUIET_TICK_S if self._quiet else _TICK_S):
+            if me.sleep(tick):
                 eventful = time.monotonic()
 
     def shutdown(self) -> None:
