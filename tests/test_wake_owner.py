@@ -157,6 +157,54 @@ def test_a_thread_whose_wait_failed_closes_its_fds_when_it_ends():
     assert eng._leader is None or eng._leader.kick_fd >= 0  # the lead never stays with a closed sleeper
 
 
+class _Done:
+    """A request that completed without error (shaped like a ucxx request for Op)."""
+
+    completed = True
+
+    def check_error(self) -> None:
+        """Nothing to raise."""
+
+
+@pytest.mark.parametrize("keeper", ["failed-request", "failing-callback"])
+def test_an_op_that_failed_is_freed_without_the_cyclic_collector(keeper):
+    # A kept error raised again and again gathered each raiser's frames in its traceback, and those
+    # frames held the op (or the failed request): a cycle only the collector frees, with everything
+    # the op and the frames hold (a lookup server's fds, session 7).
+    import gc
+
+    from transport._engine import Failed, Op
+    from transport.errors import PeerDeadError
+
+    def on_done() -> None:
+        raise PeerDeadError("the peer vanished while the payload was arriving")
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        if keeper == "failed-request":
+            op = Op([Failed(PeerDeadError("the peer vanished"))], [])
+        else:
+            op = Op([_Done()], [], on_done=on_done)
+        raised = []
+        for _ in range(3):  # every asker gets the error, each with its own traceback
+            try:
+                op.poll()
+            except PeerDeadError as exc:
+                raised.append(exc)
+        assert len(raised) == 3 and all(e.__traceback__ is not None for e in raised)
+        assert "vanished" in str(raised[-1])
+        del op, raised
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, (Op, Failed, PeerDeadError))]
+        assert not cyclic, f"freed only by the cyclic collector: {cyclic}"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
 @pytest.mark.parametrize("role", ["listener", "dialler"])
 def test_a_goodbye_ends_an_idle_wait_at_once_not_at_its_tick(role):
     # An idle wait ticks every 2 s (_IDLE_TICK_S) to spare CPU: a peer's Goodbye must still end it at

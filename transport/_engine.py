@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import copy
 import ctypes
 import logging
 import os
@@ -39,7 +40,7 @@ import select
 import threading
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from . import _ucp_tag
 from .errors import LocalUsageError, PeerDeadError, PeerTimeoutError, RemoteProtocolError, TransportError
@@ -117,6 +118,25 @@ def check_worker_address(address: object, peer: str) -> bytes:
 _NATIVE = (_ucp_tag.NativeRequest, _ucp_tag.NativeRequests)
 
 
+def _untraced(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` without its traceback (``exc`` itself for a type that copy cannot rebuild).
+
+    An object that keeps an error for whoever asks (an :class:`Op`, a failed request) keeps such
+    a copy and raises copies of it (:func:`_raise_kept`): a raised error's traceback holds the frames
+    it passed, and those frames hold the keeper, a cycle that only the collector frees, with every
+    buffer, endpoint and fd the frames refer to.
+    """
+    try:
+        return copy.copy(exc)
+    except Exception:  # noqa: BLE001
+        return exc
+
+
+def _raise_kept(exc: BaseException) -> NoReturn:
+    """Raise a copy of the kept error ``exc`` (see :func:`_untraced`)."""
+    raise _untraced(exc)
+
+
 class Op:
     """A group of UCX requests that complete together (one tensor, or several).
 
@@ -141,7 +161,7 @@ class Op:
         """True once every request completed; raises the first request's UCX error."""
         if self._done:
             if self.error is not None:
-                raise self.error
+                _raise_kept(self.error)
             return True
         for r in self.requests:
             if not r.completed:
@@ -157,7 +177,7 @@ class Op:
             if on_done is not None:
                 on_done()
         except BaseException as exc:
-            self.error = exc
+            self.error = _untraced(exc)
             raise
         return True
 
@@ -203,7 +223,7 @@ class ProbedRecv:
 
     def check_error(self) -> None:
         if self._error is not None:
-            raise self._error
+            _raise_kept(self._error)
         self._req.check_error()
 
 
@@ -230,7 +250,7 @@ class Failed:
         self.error, self.length = error, length
 
     def check_error(self) -> None:
-        raise self.error
+        _raise_kept(self.error)
 
 
 #: :class:`_SendsInFlight` frees only at its head, in posting order, until it holds more than this many.

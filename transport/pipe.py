@@ -903,6 +903,7 @@ class Pipe:
         slice_ns = min(_FAST_SLICE_NS, int(spin * 1e9))
         quiet_at = time.monotonic() + spin
         n = 0
+        me = eng._hold_lead()  # this spin progresses the worker: no one need sleep on it meanwhile
         try:
             while not self._ep_closed:
                 open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
@@ -919,6 +920,8 @@ class Pipe:
                 if not n & 15 and self._alive(slots[0].seq):
                     break  # the ordinary wait raises it
         finally:
+            if me is not None:
+                eng._drop_lead(me)
             self._hand_over(fb, slots)
 
     def _hand_over(self, fb: _FastRecv, slots: list[_RecvSlot]) -> None:
