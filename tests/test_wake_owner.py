@@ -154,7 +154,7 @@ def test_a_thread_whose_wait_failed_closes_its_fds_when_it_ends():
         t.join()
     assert len(kept) == 6 and all(e.__traceback__ is not None for e in kept)
     assert fds() <= before, f"{fds() - before} fds left behind by 5 threads that ended"
-    assert eng._leader is None or eng._leader.kick_fd >= 0  # the lead never stays with a closed sleeper
+    assert eng._leader is None or eng._leader.wakeup.fd >= 0  # the lead never stays with a closed sleeper
 
 
 class _Done:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import secrets
 import threading
 import time
@@ -39,6 +38,7 @@ import zmq.utils.z85
 
 from . import _wire
 from ._options import PipeOptions
+from ._wakeup import Wakeup
 from ._wire import Challenge, Goodbye, Heartbeat, Hello, Reject, Welcome
 from .auth import NONCE_BYTES, Auth
 from .errors import (LocalUsageError, PeerRejectedError, PeerTimeoutError, RemoteProtocolError, TransportError,
@@ -159,34 +159,6 @@ class Link:
 HelloHandler = Callable[[Hello, Link], Welcome | Reject]
 
 
-class _Wakeup:
-    """An eventfd a control thread polls beside its sockets, so that it sleeps until its next
-    heartbeat is due instead of waking every 100 ms to look for work (each wake-up cost about
-    1 ms of CPU on a 2-core VM: docs/bench.md, idle CPU). Owned by that thread's object."""
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._lock = threading.Lock()  # set() never writes to a closed (maybe reused) fd number
-
-    def set(self) -> None:
-        """Wake the thread (from any thread; nothing once closed)."""
-        with self._lock:
-            if self.fd >= 0:
-                os.eventfd_write(self.fd, 1)
-
-    def clear(self) -> None:
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        with self._lock:
-            if self.fd >= 0:
-                fd, self.fd = self.fd, -1
-                os.close(fd)
-
-
 def _poll_ms(next_due: float) -> int:
     """Milliseconds from now to ``next_due`` (a ``time.monotonic`` value), at least 1."""
     return max(1, int((next_due - time.monotonic()) * 1000) + 1)
@@ -268,7 +240,7 @@ class ControlServer:
         self._outbox: list[tuple[bytes, list[bytes]]] = []
         self._outbox_lock = threading.Lock()
         self._stop = threading.Event()
-        self._wakeup = _Wakeup()  # say_goodbye and close wake the thread at once
+        self._wakeup = Wakeup()  # say_goodbye and close wake the thread at once
         self._ready = threading.Event()
         self.rejected = 0
         self.auth_failures = 0
@@ -494,7 +466,7 @@ class ClientLink(Link):
         super().__init__(peer, heartbeat_s, peer_timeout_s)
         self._ctx, self._sock = ctx, sock
         self._stop = threading.Event()
-        self._wakeup = _Wakeup()  # close wakes the thread at once
+        self._wakeup = Wakeup()  # close wakes the thread at once
         self._goodbye: str | None = None
         self._goodbye_sent = -1
         self._thread = threading.Thread(target=self._run, name=f"ucxkv-link:{peer}", daemon=True)

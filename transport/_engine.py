@@ -43,6 +43,7 @@ import weakref
 from typing import Any, Callable, NoReturn, Sequence
 
 from . import _ucp_tag
+from ._wakeup import Wakeup
 from .errors import LocalUsageError, PeerDeadError, PeerTimeoutError, RemoteProtocolError, TransportError
 
 log = logging.getLogger(__name__)
@@ -309,12 +310,12 @@ class _Sleeper:
     or when the object is freed.
     """
 
-    __slots__ = ("ep", "kick_fd", "op", "asleep", "kicked", "has_fd", "wakes", "name", "busy_at", "__weakref__")
+    __slots__ = ("ep", "wakeup", "op", "asleep", "kicked", "has_fd", "wakes", "name", "busy_at", "__weakref__")
 
     def __init__(self, name: str):
-        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wakeup = Wakeup()
         self.ep = select.epoll()
-        self.ep.register(self.kick_fd, select.EPOLLIN)
+        self.ep.register(self.wakeup.fd, select.EPOLLIN)
         self.op: Op | None = None
         self.asleep = self.kicked = False
         self.has_fd = False  # the worker's fd is in ep (only ever the leader's)
@@ -324,15 +325,14 @@ class _Sleeper:
 
     def close(self) -> None:
         """Close the epoll set and the kick fd (idempotent); only once the thread is done with them."""
-        if self.kick_fd >= 0:
-            fd, self.kick_fd = self.kick_fd, -1
+        if not self.ep.closed:
             self.ep.close()
-            os.close(fd)
+            self.wakeup.close()
 
     __del__ = close
 
     def kick(self) -> None:
-        os.eventfd_write(self.kick_fd, 1)
+        self.wakeup.set()
 
     def wake(self) -> None:
         """Kick this waiter if it is asleep and no kick is on its way already (engine lock held)."""
@@ -345,10 +345,7 @@ class _Sleeper:
         if not self.ep.poll(timeout):
             return False
         self.wakes += 1
-        try:
-            os.eventfd_read(self.kick_fd)
-        except BlockingIOError:
-            pass
+        self.wakeup.clear()
         return True
 
 
@@ -379,12 +376,9 @@ def _finished(op: Op) -> bool:
         return True
 
 
-def _stop_engine(stop: threading.Event, wake_fd: int, thread: threading.Thread) -> None:
+def _stop_engine(stop: threading.Event, wakeup: Wakeup, thread: threading.Thread) -> None:
     stop.set()
-    try:
-        os.eventfd_write(wake_fd, 1)
-    except OSError:
-        pass
+    wakeup.set()
     thread.join(timeout=2.0)
 
 
@@ -441,7 +435,7 @@ class Engine:
             self._c_changedp = ctypes.byref(self._c_changed)
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
         self._thread.start()
-        self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._pt.kick_fd, self._thread)
+        self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._pt.wakeup, self._thread)
         cfg = self.context.config
         log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s spin=%.0fus fast path=%s", cfg.get("TLS"),
                  cfg.get("RNDV_THRESH"), self._spin_s * 1e6, self.tag_fast is not None)
