@@ -412,8 +412,9 @@ class Engine:
         #: the progress thread saw nothing happen for _QUIET_S: it watches the worker's fd itself
         #: while nobody waits, instead of ticking (see _progress_loop)
         self._quiet = False
-        self._active_at = 0.0  # when a thread last took the lead from the quiet progress thread
-        self._posted_at = 0.0  # when a thread last posted sends (see _STANDASIDE_S)
+        #: when another thread than the progress thread last drove the worker: took the lead from the
+        #: progress thread (the process is not quiet) or posted sends (see _STANDASIDE_S)
+        self._caller_at = 0.0
         self._aside_until = 0.0  # the progress thread does not lead before this (see _progress_loop)
         self._local = threading.local()
         self._worker_fd = self.worker.epoll_file_descriptor
@@ -684,7 +685,7 @@ class Engine:
                     break
             if progressed:
                 self._progressed()
-            self._posted_at = time.monotonic()
+            self._caller_at = time.monotonic()
             inflight = any(ptrs)
             if inflight and background:
                 self._sends.add(reqs, self)
@@ -858,7 +859,7 @@ class Engine:
             # lead is not handed back to the progress thread (which would cost a worker arm and two
             # epoll_ctl per message of a ping-pong); that thread sees for itself once it is quiet again
             self._quiet = False
-            self._active_at = time.monotonic()
+            self._caller_at = time.monotonic()
         self._leader = new
         if new is not None and arm:
             if not self._arm():
@@ -1112,6 +1113,12 @@ class Engine:
         2-core VM, where a wake-up after a long sleep costs 0.5-3 ms of CPU (docs/bench.md).
         Once something happens it gives the lead back and ticks again (a busy process's
         events are its waiters', see above).
+
+        While another thread streams sends (posted within ``_STANDASIDE_S``), the progress
+        thread does not lead for them: each send call progresses the worker, and the
+        stream's events are that thread's. It stands aside for ``_STANDASIDE_S`` at a time, then
+        leads again if the sends are still in flight, so a sender that stops posting (and never
+        waits) has its sends progressed within that delay.
         """
         me, lock = self._pt, self._lock
         eventful = time.monotonic()
@@ -1123,8 +1130,8 @@ class Engine:
                     self._poll_pending()  # e.g. sends that completed at posting
                 now = time.monotonic()
                 self._quiet = (not (self._pending or self._serving)
-                               and now - max(eventful, self._active_at) >= _QUIET_S)
-                if self._leader is me and now - self._posted_at < _STANDASIDE_S:
+                               and now - max(eventful, self._caller_at) >= _QUIET_S)
+                if self._leader is me and now - self._caller_at < _STANDASIDE_S:
                     # a thread streams sends, progressing the worker at each: the events are its own
                     self._aside_until = now + _STANDASIDE_S
                     self._lead(None)
