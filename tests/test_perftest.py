@@ -184,6 +184,18 @@ def test_stream_cost_reports_cpu_per_message_thread_by_thread() -> None:
         assert 0.5 * total - 5 <= sum(map(float, threads.values())) <= 1.5 * total + 5, (threads, total)
 
 
+def test_cold_code_times_the_same_python_warm_and_after_other_work() -> None:
+    import re
+
+    res = subprocess.run([sys.executable, "-m", "bench.cold_code", "-n", "100"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = dict(re.findall(r"^(\S.*?) +([\d.]+) us per call \(median of 100\)$", res.stdout, re.M))
+    assert set(rows) == {"back to back", "after a 50 us Python busy loop", "after usleep(50)",
+                         "after memset of 2 MiB", "after memset of 8 MiB"}, res.stdout
+    assert all(0 < float(v) < 1e5 for v in rows.values()), rows
+
+
 def test_kv_mode_stage_and_auto_resolve_like_the_connector(monkeypatch, capsys) -> None:
     import argparse
 

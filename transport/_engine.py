@@ -434,6 +434,7 @@ class Engine:
             self._c_lenp = ctypes.byref(self._c_len)
             self._c_changed = ctypes.c_int()
             self._c_changedp = ctypes.byref(self._c_changed)
+            self._c_one = (ctypes.c_void_p * 1)()  # a single request's array for ukv_wait_requests (lock held)
         self._thread = threading.Thread(target=self._progress_loop, name="ucxkv-progress", daemon=True)
         self._thread.start()
         self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._pt.wakeup, self._thread)
@@ -932,6 +933,10 @@ class Engine:
             did = 0
             if len(native) == 1 and type(native[0]) is _ucp_tag.NativeRequests:  # sends: their own C array
                 arr, n = native[0].ptrs, native[0].n
+            elif len(native) == 1:  # one request (a payload or a header still arriving): no array to build
+                arr = self._c_one
+                arr[0] = native[0]._req
+                n = 1 if arr[0] else 0
             else:
                 ptrs = [p for r in native for p in (r.ptrs if type(r) is _ucp_tag.NativeRequests else (r._req,)) if p]
                 arr, n = (ctypes.c_void_p * len(ptrs))(*ptrs), len(ptrs)
