@@ -71,11 +71,15 @@ _IDLE_TICK_S = 2.0
 _QUIET_S = 1.0
 #: The progress thread's tick in a quiet process (it leads then: events wake it).
 _QUIET_TICK_S = 5.0
-#: A thread that posted sends this recently (s) progresses the worker itself, one progress per send
-#: call: the progress thread does not lead for its background sends meanwhile, and wakes again this
-#: long after it stood aside. Leading then woke it for 0.7 of the events per 64 KiB message of a
-#: stream, on the sender's second core, and cost 20-45 % of the stream's rate (docs/bench.md).
+#: A thread that streams sends (posts at most ``_STREAM_GAP_S`` apart, the last one this recently, in
+#: s) progresses the worker itself, one progress per send call: the progress thread does not lead for
+#: its background sends meanwhile, and wakes again this long after it stood aside. Leading then woke
+#: it for 0.7 of the events per 64 KiB message of a stream, on the sender's second core, and cost
+#: 15-25 % of the stream's rate (docs/bench.md). A 64 KiB stream posts every 20-60 µs here, a 1 MiB
+#: one every 100-140 µs; a caller posting 16 MiB every millisecond or so is not streaming, and its
+#: sends need the progress thread between its posts (5-6 GB/s with it, ~12 % less without).
 _STANDASIDE_S = 0.001
+_STREAM_GAP_S = 0.0002
 # Endpoint close: UCX gets this many attempts of this long each to disconnect.
 _CLOSE_PERIOD_NS = 100_000
 _CLOSE_ATTEMPTS = 100
@@ -415,6 +419,7 @@ class Engine:
         #: when another thread than the progress thread last drove the worker: took the lead from the
         #: progress thread (the process is not quiet) or posted sends (see _STANDASIDE_S)
         self._caller_at = 0.0
+        self._post_gap = 1.0  # from the activity before the last post to that post (see _STANDASIDE_S)
         self._aside_until = 0.0  # the progress thread does not lead before this (see _progress_loop)
         self._local = threading.local()
         self._worker_fd = self.worker.epoll_file_descriptor
@@ -686,7 +691,8 @@ class Engine:
                     break
             if progressed:
                 self._progressed()
-            self._caller_at = time.monotonic()
+            now = time.monotonic()
+            self._post_gap, self._caller_at = now - self._caller_at, now
             inflight = any(ptrs)
             if inflight and background:
                 self._sends.add(reqs, self)
@@ -1119,7 +1125,7 @@ class Engine:
         Once something happens it gives the lead back and ticks again (a busy process's
         events are its waiters', see above).
 
-        While another thread streams sends (posted within ``_STANDASIDE_S``), the progress
+        While another thread streams sends (posts ``_STREAM_GAP_S`` apart), the progress
         thread does not lead for them: each send call progresses the worker, and the
         stream's events are that thread's. It stands aside for ``_STANDASIDE_S`` at a time, then
         leads again if the sends are still in flight, so a sender that stops posting (and never
@@ -1136,7 +1142,7 @@ class Engine:
                 now = time.monotonic()
                 self._quiet = (not (self._pending or self._serving)
                                and now - max(eventful, self._caller_at) >= _QUIET_S)
-                if self._leader is me and now - self._caller_at < _STANDASIDE_S:
+                if self._leader is me and now - self._caller_at < _STANDASIDE_S and self._post_gap < _STREAM_GAP_S:
                     # a thread streams sends, progressing the worker at each: the events are its own
                     self._aside_until = now + _STANDASIDE_S
                     self._lead(None)
