@@ -8,7 +8,8 @@ process waits on ``recv_tensors(out=[buf] * 8)`` batches while this process send
 ``getrusage``) per message, then per thread (CPU from ``/proc/self/task/*/schedstat``, voluntary and
 involuntary context switches), its MB/s and, with ``--profile``, its cProfile call count per message
 and top functions (``--split``: the sender thread's CPU in ``send_tensor_async`` apart from its CPU in
-``wait``, which includes spinning for a slower receiver); the receiver also prints where its compiled
+``wait``, which includes spinning for a slower receiver; ``--gap-us``: a caller that sleeps between
+posts and waits on none until the end, instead of a stream); the receiver also prints where its compiled
 receives stood when handed to the
 ordinary path (``_ucp_tag.ST_*`` counts). CPU per message and call counts survive a loaded
 machine far better than the MB/s (docs/bench.md, "Streaming through the compiled path").
@@ -139,6 +140,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile both sides (slower)")
     ap.add_argument("--split", action="store_true",
                     help="also the sender thread's CPU in send_tensor_async and in wait, apart (thread_time)")
+    ap.add_argument("--gap-us", type=float, default=0.0,
+                    help="a caller that is not streaming: sleep this long after each post and wait on none "
+                         "until all are posted (the progress thread moves them meanwhile)")
     args = ap.parse_args()
     os.environ["UCX_TLS"] = args.tls
     import torch
@@ -165,6 +169,15 @@ def main() -> None:
             inflight.popleft().wait(60)
         p.recv_tensor(timeout=60)  # the receiver has them all
 
+    def run_gaps() -> None:
+        posted = [p.send_tensor_async(t)]
+        for _ in range(args.n - 1):
+            time.sleep(args.gap_us * 1e-6)
+            posted.append(p.send_tensor_async(t))
+        for h in posted:
+            h.wait(60)
+        p.recv_tensor(timeout=60)
+
     def run_split() -> None:
         clock = time.thread_time
         inflight: collections.deque = collections.deque()
@@ -180,7 +193,8 @@ def main() -> None:
             inflight.popleft().wait(60)
         p.recv_tensor(timeout=60)
 
-    line = _measured("sender", args.n, args.size, args.profile, run_split if args.split else run)
+    body = run_gaps if args.gap_us > 0 else run_split if args.split else run
+    line = _measured("sender", args.n, args.size, args.profile, body)
     if args.split:
         line += (f"\nsender split: {1e6 * split[0] / args.n:.1f} us CPU/message in send_tensor_async, "
                  f"{1e6 * split[1] / args.n:.1f} in wait (spinning for the receiver included), the rest in "

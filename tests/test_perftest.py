@@ -184,6 +184,17 @@ def test_stream_cost_reports_cpu_per_message_thread_by_thread() -> None:
         assert 0.5 * total - 5 <= sum(map(float, threads.values())) <= 1.5 * total + 5, (threads, total)
 
 
+def test_stream_cost_with_gaps_sends_everything_without_a_waiter() -> None:
+    import re
+
+    res = subprocess.run([sys.executable, "-m", "bench.stream_cost", "--size", "1048576", "-n", "20", "--gap-us", "500",
+                          "--tls", "sm"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for side in ("receiver", "sender"):
+        m = re.search(side + r": ([\d.]+) us CPU/message, (\d+) MB/s", res.stdout)
+        assert m and int(m.group(2)) > 0, res.stdout
+
+
 def test_cold_code_times_the_same_python_warm_and_after_other_work() -> None:
     import re
 
