@@ -117,10 +117,12 @@ def test_a_leader_that_leaves_hands_over_at_once():
     assert max(late) < 0.025, f"latency of each message (ms): {[round(s * 1e3, 1) for s in late]}"
 
 
-class _NeverDone:
-    """A request that never completes (shaped like a ucxx request for Op)."""
+class _Request:
+    """A request that never completes, or one that completed without error (shaped like a ucxx
+    request for Op)."""
 
-    completed = False
+    def __init__(self, completed: bool):
+        self.completed = completed
 
     def check_error(self) -> None:
         """Nothing to raise."""
@@ -137,7 +139,8 @@ def test_a_thread_whose_wait_failed_closes_its_fds_when_it_ends():
 
     def waiter() -> None:
         try:
-            eng.wait(Op([_NeverDone()], []), time.monotonic() + 0.05, "a wait on a peer that never answers")
+            eng.wait(Op([_Request(completed=False)], []), time.monotonic() + 0.05,
+                     "a wait on a peer that never answers")
         except PeerTimeoutError as exc:
             kept.append(exc)
 
@@ -155,15 +158,6 @@ def test_a_thread_whose_wait_failed_closes_its_fds_when_it_ends():
     assert len(kept) == 6 and all(e.__traceback__ is not None for e in kept)
     assert fds() <= before, f"{fds() - before} fds left behind by 5 threads that ended"
     assert eng._leader is None or eng._leader.wakeup.fd >= 0  # the lead never stays with a closed sleeper
-
-
-class _Done:
-    """A request that completed without error (shaped like a ucxx request for Op)."""
-
-    completed = True
-
-    def check_error(self) -> None:
-        """Nothing to raise."""
 
 
 @pytest.mark.parametrize("keeper", ["failed-request", "failing-callback"])
@@ -186,7 +180,7 @@ def test_an_op_that_failed_is_freed_without_the_cyclic_collector(keeper):
         if keeper == "failed-request":
             op = Op([Failed(PeerDeadError("the peer vanished"))], [])
         else:
-            op = Op([_Done()], [], on_done=on_done)
+            op = Op([_Request(completed=True)], [], on_done=on_done)
         raised = []
         for _ in range(3):  # every asker gets the error, each with its own traceback
             try:

@@ -1135,11 +1135,12 @@ class Engine:
         eventful = time.monotonic()
         while not self._stop.is_set():
             with lock:
-                if self._progress(me):
-                    eventful = time.monotonic()
-                else:
+                did = self._progress(me)
+                if not did:
                     self._poll_pending()  # e.g. sends that completed at posting
                 now = time.monotonic()
+                if did:
+                    eventful = now
                 self._quiet = (not (self._pending or self._serving)
                                and now - max(eventful, self._caller_at) >= _QUIET_S)
                 if self._leader is me and now - self._caller_at < _STANDASIDE_S and self._post_gap < _STREAM_GAP_S:
