@@ -194,3 +194,83 @@ def test_inline_tensors_received_own_their_memory(pair: tuple[Pipe, Pipe]):
     assert len({g.data_ptr() for g in got + again}) == 6
     got[0] += 1  # writable, and nobody else's memory
     assert torch.equal(got[0], torch.arange(1, 5)) and torch.equal(again[0], torch.zeros(4, dtype=torch.int64))
+
+
+def _outs() -> list[Any]:
+    """Receive buffers of the inline sizes: dtypes numpy lacks, 0-d, empty, just under the inline limit."""
+    return [torch.empty(1), torch.empty(3, dtype=torch.int64), torch.empty(2, 3, dtype=torch.bfloat16),
+            torch.empty((), dtype=torch.bool), torch.empty(0, 4), torch.empty(1800, dtype=torch.int32),
+            torch.empty(2, dtype=torch.complex64)]
+
+
+@pytest.mark.parametrize("send_fast", [True, False])
+def test_a_small_receive_into_out_lands_without_a_decode(pair: tuple[Pipe, Pipe], monkeypatch: pytest.MonkeyPatch,
+                                                         send_fast: bool):
+    """The frame every sender writes for ``out``'s dtype and shape lands in ``out`` in C: nothing decoded."""
+    a, b = pair
+    eng = get_engine()
+    helper = eng.tag_fast
+
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise AssertionError("a frame that is exactly the expected one was decoded")
+
+    monkeypatch.setattr(a, "_decode_small", refuse)
+    try:
+        for round_ in range(3):
+            for out in _outs():
+                sent = torch.randn(out.shape).to(out.dtype) if out.numel() else torch.empty(out.shape, dtype=out.dtype)
+                out.zero_()
+                eng.tag_fast = helper if send_fast else None
+                b.send_tensor(sent)
+                eng.tag_fast = helper
+                assert a.recv_tensor(out=out, timeout=30) is out
+                assert torch.equal(out, sent), (round_, out.dtype, out.shape)
+    finally:
+        eng.tag_fast = helper
+    assert a.bytes_received == b.bytes_sent
+
+
+def _raw_frame(header: bytes, data: bytes) -> bytes:
+    return struct.pack("<I", len(header)) + header + data
+
+
+@pytest.mark.parametrize("case", ["dtype", "shape", "none", "message", "longer", "shorter", "payload"])
+def test_a_frame_other_than_the_expected_one_is_decoded_as_before(pair: tuple[Pipe, Pipe], case: str):
+    """Anything but the exact frame goes to the ordinary decode, which refuses what it refused (``out``
+    untouched) and takes what it took."""
+    from transport import _envelope as codec
+    from transport.errors import RemoteProtocolError
+
+    a, b = pair
+    eng = get_engine()
+    out = torch.full((4,), 9, dtype=torch.int32)
+    seq = b._send_seq
+    spec = codec.TensorSpec("int32", [4], 16, "cpu", True)
+    good = codec.encode_header_bytes(codec.Header(seq, [spec], None))
+    frame, keep = None, []
+    if case == "dtype":
+        b.send_tensor(torch.zeros(4, dtype=torch.float32))
+    elif case == "shape":
+        b.send_tensor(torch.zeros(2, 2, dtype=torch.int32))
+    elif case == "none":
+        b.send_tensor(None)
+    elif case == "message":
+        b.send_message(b"body", [torch.zeros(4, dtype=torch.int32)])
+    elif case == "payload":  # too big to ride inline: a payload follows its header
+        b.send_tensor_async(torch.zeros(1 << 16, dtype=torch.int32))
+    else:  # the expected header, with a byte too many or too few behind it
+        frame = _raw_frame(good, bytes(range(17 if case == "longer" else 15)))
+    if frame is not None:
+        keep = [frame, eng.tag_send(b._ep, frame, b._tag(b._send_tag, seq, False))]
+        b._send_seq += 1
+    if case == "none":
+        assert a.recv_tensor(out=out, timeout=30) is None  # what the ordinary path returns for a None
+    elif case == "longer":  # the ordinary path's rule: bytes past the tensors' are not looked at
+        assert a.recv_tensor(out=out, timeout=30) is out
+        assert out.numpy().tobytes() == bytes(range(16))
+        return
+    else:
+        with pytest.raises(RemoteProtocolError) as exc:
+            a.recv_tensor(out=out, timeout=30)
+        assert a.peer in str(exc.value)
+    assert torch.equal(out, torch.full((4,), 9, dtype=torch.int32))

@@ -245,6 +245,17 @@ class Arrived:
         """Nothing can fail any more."""
 
 
+class _Landed:
+    """What :meth:`Engine.recv_frame` returns for a message whose bytes it landed where the caller asked."""
+
+    __slots__ = ()
+
+
+#: The one :class:`_Landed`.
+LANDED = _Landed()
+_NOT_INTO: "tuple[None, None, int]" = (None, None, 0)
+
+
 class Failed:
     """A request that already failed with ``error``, shaped like a ucxx request for :class:`Op`."""
 
@@ -599,7 +610,8 @@ class Engine:
         return None
 
     def recv_frame(self, ep: Any, tag: int, buf: Any, addr: int, is_open: Callable[[], bool],
-                   what: Callable[[], str]) -> "Arrived | _ucp_tag.NativeRequest | ProbedRecv | None":
+                   what: Callable[[], str], into: "tuple[bytes, int, int] | None" = None
+                   ) -> "Arrived | _Landed | _ucp_tag.NativeRequest | ProbedRecv | None":
         """Receive the message on exactly ``tag`` into ``buf`` (at ``addr``) if it arrives while this
         thread spins (``UCXKV_SPIN_US``, in slices of the engine's lock); needs :attr:`tag_fast`.
 
@@ -607,19 +619,23 @@ class Engine:
         path, which waits with its timeout and liveness checks; also when the endpoint
         closed), else the received message (:class:`Arrived`, or a :class:`NativeRequest`
         still in flight that keeps ``buf`` until done, or for a message a sweep had parked
-        in the stash, the :class:`ProbedRecv` that takes it). A message longer than ``buf``
-        raises :class:`RemoteProtocolError` (it was consumed, truncated), a UCX error
+        in the stash, the :class:`ProbedRecv` that takes it). With ``into = (expect, dst,
+        n)``: a message received at once that is exactly ``expect`` followed by ``n`` bytes
+        has those copied to address ``dst`` and comes back as :data:`LANDED`; any other
+        comes back as above, ``dst`` untouched. A message longer than ``buf`` raises
+        :class:`RemoteProtocolError` (it was consumed, truncated), a UCX error
         :class:`PeerDeadError`, both naming ``what()``.
         """
         me = self._hold_lead()  # this spin progresses the worker: no one need sleep on it meanwhile
         try:
-            return self._recv_frame(ep, tag, buf, addr, is_open, what)
+            return self._recv_frame(ep, tag, buf, addr, is_open, what, into or _NOT_INTO)
         finally:
             if me is not None:
                 self._drop_lead(me)
 
     def _recv_frame(self, ep: Any, tag: int, buf: Any, addr: int, is_open: Callable[[], bool],
-                    what: Callable[[], str]) -> "Arrived | _ucp_tag.NativeRequest | ProbedRecv | None":
+                    what: Callable[[], str], into: "tuple[bytes | None, int | None, int]"
+                    ) -> "Arrived | _Landed | _ucp_tag.NativeRequest | ProbedRecv | None":
         """:meth:`recv_frame`'s spin."""
         lib = self.tag_fast
         assert lib is not None
@@ -634,7 +650,9 @@ class Engine:
                     return None
                 if tag in self._stash:
                     return ProbedRecv(self, ep, buf, tag, None, what(), is_open)
-                rc = lib.ukv_recv_frame(self._worker_h, tag, addr, cap, slice_ns, self._c_lenp, *self._c_out)
+                expect, dst, dst_len = into
+                rc = lib.ukv_recv_frame(self._worker_h, tag, addr, cap, slice_ns, self._c_lenp, *self._c_out,
+                                        expect, len(expect) if expect else 0, dst, dst_len)
                 n, c_req, progressed = self._c_len.value, self._c_req.value, self._c_prog.value
                 if progressed:
                     self._progressed()
@@ -643,6 +661,8 @@ class Engine:
                     self._draining.append((req, buf))  # buf outlives the request, whatever its waiter does
             if rc != 2 and n > cap:  # consumed (truncated): the peer broke the frame limit
                 raise RemoteProtocolError(f"{what()}: {n} bytes arrived, expected at most {cap} bytes")
+            if rc == 3:
+                return LANDED
             if rc == 0:
                 return Arrived(n)
             if rc == 1:

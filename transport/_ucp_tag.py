@@ -106,12 +106,25 @@ int ukv_send_frame(ucp_worker_h w, ucp_ep_h ep, uint64_t tag, const char *hdr, u
     return finish(w, r, spin_ns, req, progressed);
 }
 
+/* A frame received whole in buf[0..len): if it is exactly expect[0..expect_len) followed by dst_len bytes,
+   copy those into dst and return 3 (landed), else 0 (the caller decodes it). */
+static int land(const void *buf, size_t len, size_t cap, const void *expect, size_t expect_len, void *dst,
+                size_t dst_len) {
+    if (expect == NULL || len > cap || len != expect_len + dst_len || memcmp(buf, expect, expect_len) != 0)
+        return 0;
+    if (dst_len) memcpy(dst, (const char *)buf + expect_len, dst_len);
+    return 3;
+}
+
 /* Receive the message on exactly tag into buf[0..cap), progressing the worker for up to spin_ns
    while it has not arrived. *len: its full length once matched (above cap: truncated).
    0: received; 1: matched, still arriving, *req (buf must stay alive until it completes);
-   2: nothing arrived (nothing consumed); < 0: UCS error of the matched receive. */
+   2: nothing arrived (nothing consumed); 3: received, and it was expect[0..expect_len) (a header the
+   caller built for the frame it expects; NULL: none) followed by exactly dst_len bytes, which were
+   copied to dst; < 0: UCS error of the matched receive. */
 int ukv_recv_frame(ucp_worker_h w, uint64_t tag, void *buf, size_t cap, int64_t spin_ns, size_t *len,
-                   void **req, unsigned *progressed) {
+                   void **req, unsigned *progressed, const void *expect, size_t expect_len, void *dst,
+                   size_t dst_len) {
     ucp_tag_recv_info_t info;
     uint64_t end = 0;
     int started = 0, idle = 0;
@@ -125,9 +138,9 @@ int ukv_recv_frame(ucp_worker_h w, uint64_t tag, void *buf, size_t cap, int64_t 
             memset(&p, 0, sizeof(p));
             *len = info.length;
             ucs_status_ptr_t r = ucp_tag_msg_recv_nbx(w, buf, cap, m, &p);
-            if (r == NULL) return 0;
             if (UCS_PTR_IS_ERR(r)) return UCS_PTR_STATUS(r);
-            return finish(w, r, spin_ns, req, progressed);
+            int rc = r == NULL ? 0 : finish(w, r, spin_ns, req, progressed);
+            return rc == 0 ? land(buf, *len, cap, expect, expect_len, dst, dst_len) : rc;
         }
         if (!started) {
             end = now_ns() + (uint64_t)(spin_ns > 0 ? spin_ns : 0);
@@ -388,7 +401,7 @@ def lib() -> ctypes.CDLL | None:
         up, szp, pp = ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(sz), ctypes.POINTER(P)
         sig = {
             "ukv_send_frame": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, P, sz, i64, pp, up]),
-            "ukv_recv_frame": (c_int, [P, ctypes.c_uint64, P, sz, i64, szp, pp, up]),
+            "ukv_recv_frame": (c_int, [P, ctypes.c_uint64, P, sz, i64, szp, pp, up, ctypes.c_char_p, sz, P, sz]),
             "ukv_send_tensor": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, ctypes.c_uint64, P, sz, i64,
                                         P, up]),  # (reqs: an address inside a NativeRequests' array)
             "ukv_recv_tensors": (c_int, [P, ctypes.POINTER(RecvSlot), c_int, i64, up, ctypes.POINTER(c_int)]),

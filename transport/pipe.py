@@ -40,7 +40,7 @@ import torch
 from . import _envelope as codec
 from . import _ucp_tag, _wire
 from ._control import ClientLink, ControlServer, Link, dial
-from ._engine import _FAST_SLICE_NS, Arrived, Engine, Failed, Op, get_engine
+from ._engine import _FAST_SLICE_NS, LANDED, Arrived, Engine, Failed, Op, get_engine
 from ._options import PipeKeywords, PipeOptions
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
 
@@ -296,6 +296,7 @@ class Pipe:
         #: the compiled receives' header frames (a row each), reused from receive to receive (see _frames)
         self._rx_frames: np.ndarray | None = None
         self._specs: dict[tuple[torch.dtype, torch.Size], codec.TensorSpec] = {}  # see _payload_header_bytes
+        self._inline_specs: dict[tuple[torch.dtype, torch.Size], codec.TensorSpec] = {}  # see _inline_frame
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
@@ -838,6 +839,31 @@ class Pipe:
         spec, body = got
         return codec.Header(seq & _SEQ_MASK, [spec], None), len(body).to_bytes(4, "little") + body
 
+    def _inline_frame(self, out: torch.Tensor, seq: int) -> bytes | None:
+        """The frame of send #``seq`` of a CPU tensor of ``out``'s dtype and shape riding inline, up to its
+        bytes (``u32 len | header``, as every sender writes it), for a receive into ``out``; None where the
+        comparison does not apply: ``out`` is not a contiguous CPU tensor, such a tensor would travel as a
+        payload, or the ordinary path would refuse its header (it then raises its own error)."""
+        if not out.is_cpu or not out.is_contiguous() or out.is_conj() or out.is_neg():  # (lazy views: raw bytes
+            return None                                                                  # are not their values)
+        key = (out.dtype, out.shape)
+        spec = self._inline_specs.get(key)
+        if spec is None:
+            nbytes = out.nbytes
+            if nbytes > codec.INLINE_LIMIT or nbytes > self.max_tensor_bytes or out.dim() > codec.MAX_NDIM:
+                return None
+            try:
+                spec = codec.TensorSpec(codec.dtype_name(out.dtype), list(out.shape), nbytes, "cpu", True)
+            except LocalUsageError:  # a dtype the transport does not carry
+                return None
+            if len(self._inline_specs) >= 64:
+                self._inline_specs.clear()
+            self._inline_specs[key] = spec
+        header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
+        if not codec.rides_inline(spec.nbytes, len(header)):
+            return None
+        return len(header).to_bytes(4, "little") + header
+
     def _payload_header_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, seq: int
                               ) -> tuple[codec.TensorSpec, bytes] | None:
         """The spec of a CPU tensor of ``dtype`` and ``shape`` sent as a payload (cached: a stream repeats a
@@ -1010,8 +1036,17 @@ class Pipe:
         """
         fast = self._engine.tag_fast is not None
         try:
-            if fast and (out is None or (out.is_contiguous() and self._payload_header(out, self._recv_seq) is None)):
-                got = self._recv_small(device, timeout, False, None, out)
+            if fast:
+                got = None
+                if out is None:
+                    got = self._recv_small(device, timeout, False, None, None)
+                else:
+                    seq = self._recv_seq
+                    expect = self._inline_frame(out, seq)
+                    if expect is not None:  # lands in out in C if the frame is exactly the one expected
+                        got = self._recv_small(device, timeout, False, None, out, (expect, seq))
+                    elif out.is_contiguous() and self._payload_header(out, seq) is None:
+                        got = self._recv_small(device, timeout, False, None, out)
                 if got is not None:
                     return got[1][0]
             if out is not None:  # (with a payload, through the compiled path: see _FastRecv)
@@ -1095,7 +1130,7 @@ class Pipe:
         return slot
 
     def _recv_small(self, device: str | torch.device | None, timeout: float | None, message: bool,
-                    max_tensors: int | None, out: torch.Tensor | None
+                    max_tensors: int | None, out: torch.Tensor | None, expect: tuple[bytes, int] | None = None
                     ) -> tuple[bytes | None, list[torch.Tensor | None]] | None:
         """The next send, if it arrives while this thread spins, through the compiled path (transport._ucp_tag).
 
@@ -1103,7 +1138,10 @@ class Pipe:
         posted) or nothing arrived yet: nothing was consumed and the caller takes the
         ordinary path. A header alone (its tensors all inline) is decoded and copied here;
         anything else (payloads to follow, a refusal, a mismatch) becomes a posted receive
-        that the ordinary path finishes, with its checks and errors.
+        that the ordinary path finishes, with its checks and errors. ``expect`` is
+        :meth:`_inline_frame` of ``out`` and the sequence number it was built for: a frame
+        that is exactly it followed by ``out``'s bytes lands in ``out`` in C, decoded by
+        that comparison.
         """
         self._ready(timeout)
         if self._recv_refused is not None:
@@ -1117,12 +1155,21 @@ class Pipe:
             frame = frames[0]
             seq = self._recv_seq
             kind = "message" if message else "tensor"
+            into = None
+            if expect is not None and expect[1] == seq:  # (built for this receive, not one another thread took)
+                assert out is not None
+                into = (expect[0], out.data_ptr(), out.nbytes)
             try:
                 req = self._engine.recv_frame(self._ep, self._tag(self._recv_tag, seq, False), frame, addr,
-                                              self._ep_open, lambda: f"header of {kind} #{seq} from {self.peer}")
+                                              self._ep_open, lambda: f"header of {kind} #{seq} from {self.peer}", into)
             except (PeerError, RemoteProtocolError) as exc:
                 self._recv_seq = seq + 1  # consumed or failed: the pipe breaks
                 self._fail(exc, "receiving")
+            if req is LANDED:
+                assert out is not None
+                self._recv_seq = seq + 1
+                self.bytes_received += out.nbytes
+                return None, [out]
             if req is None:
                 return None
             got = None
