@@ -626,11 +626,12 @@ class Pipe:
                 t = _compiled_sendable(obj)
                 if t is None:
                     return False
-                nb = t.nbytes
+                spec = self._inline_spec(t)
+                nb = spec.nbytes
                 nbytes += nb
                 if not codec.rides_inline(nbytes, 0):  # (already too much for any header)
                     return False
-                specs.append(codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), nb, "cpu", True))
+                specs.append(spec)
                 if nb:
                     data.append(t)
             if len(data) == 1:
@@ -846,23 +847,28 @@ class Pipe:
         payload, or the ordinary path would refuse its header (it then raises its own error)."""
         if not out.is_cpu or not out.is_contiguous() or out.is_conj() or out.is_neg():  # (lazy views: raw bytes
             return None                                                                  # are not their values)
-        key = (out.dtype, out.shape)
-        spec = self._inline_specs.get(key)
-        if spec is None:
-            nbytes = out.nbytes
-            if nbytes > codec.INLINE_LIMIT or nbytes > self.max_tensor_bytes or out.dim() > codec.MAX_NDIM:
-                return None
-            try:
-                spec = codec.TensorSpec(codec.dtype_name(out.dtype), list(out.shape), nbytes, "cpu", True)
-            except LocalUsageError:  # a dtype the transport does not carry
-                return None
-            if len(self._inline_specs) >= 64:
-                self._inline_specs.clear()
-            self._inline_specs[key] = spec
+        if out.nbytes > codec.INLINE_LIMIT or out.nbytes > self.max_tensor_bytes or out.dim() > codec.MAX_NDIM:
+            return None
+        try:
+            spec = self._inline_spec(out)
+        except LocalUsageError:  # a dtype the transport does not carry
+            return None
         header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
         if not codec.rides_inline(spec.nbytes, len(header)):
             return None
         return len(header).to_bytes(4, "little") + header
+
+    def _inline_spec(self, t: torch.Tensor) -> codec.TensorSpec:
+        """The spec of CPU tensor ``t`` riding inline, as every sender writes it (cached: a pipe sees few
+        shapes). Raises :class:`LocalUsageError` for a dtype the transport does not carry."""
+        key = (t.dtype, t.shape)
+        spec = self._inline_specs.get(key)
+        if spec is None:
+            spec = codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), t.nbytes, "cpu", True)
+            if len(self._inline_specs) >= 64:
+                self._inline_specs.clear()
+            self._inline_specs[key] = spec
+        return spec
 
     def _payload_header_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, seq: int
                               ) -> tuple[codec.TensorSpec, bytes] | None:
