@@ -274,3 +274,41 @@ def test_a_frame_other_than_the_expected_one_is_decoded_as_before(pair: tuple[Pi
             a.recv_tensor(out=out, timeout=30)
         assert a.peer in str(exc.value)
     assert torch.equal(out, torch.full((4,), 9, dtype=torch.int32))
+
+
+def test_a_receive_without_out_lands_a_repeated_shape_without_a_decode(pair: tuple[Pipe, Pipe],
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """Without ``out``, the tensor of the last one's dtype and shape is guessed: a stream of one shape is
+    decoded once, and whatever else comes (another shape or dtype, None, a payload, a message) is decoded
+    and received as before."""
+    a, b = pair
+    decoded: list[int] = []
+    decode = a._decode_small
+
+    def counting(frame: Any, n: int, seq: int) -> Any:
+        decoded.append(seq)
+        return decode(frame, n, seq)
+
+    monkeypatch.setattr(a, "_decode_small", counting)
+    got = []
+    for i in range(20):
+        t = torch.full((2, 3), i, dtype=torch.int16)
+        b.send_tensor(t)
+        got.append(a.recv_tensor(timeout=30))
+        assert got[-1].dtype == torch.int16 and torch.equal(got[-1], t)
+    assert len(decoded) == 1, decoded  # the first only
+    assert len({g.data_ptr() for g in got}) == len(got)  # each its own memory
+    got[0].add_(1)
+    assert torch.equal(got[1], torch.full((2, 3), 1, dtype=torch.int16))
+    sends = [torch.arange(5, dtype=torch.float64), torch.arange(6, dtype=torch.int16).view(3, 2), None,
+             torch.ones(1 << 16, dtype=torch.uint8), torch.zeros(2, 3, dtype=torch.int16)]
+    for t in sends:
+        h = b.send_tensor_async(t)
+        g = a.recv_tensor(timeout=30)
+        h.wait(30)
+        assert (g is None and t is None) or (g.dtype == t.dtype and torch.equal(g, t))
+    b.send_message(b"m", [torch.zeros(2, 3, dtype=torch.int16)])
+    assert a.recv_message(timeout=30)[0] == b"m"
+    b.send_tensor(torch.ones(2, 3, dtype=torch.int16))
+    assert torch.equal(a.recv_tensor(device="cpu", timeout=30), torch.ones(2, 3, dtype=torch.int16))
+    assert a.bytes_received == b.bytes_sent

@@ -297,6 +297,8 @@ class Pipe:
         self._rx_frames: np.ndarray | None = None
         self._specs: dict[tuple[torch.dtype, torch.Size], codec.TensorSpec] = {}  # see _payload_header_bytes
         self._inline_specs: dict[tuple[torch.dtype, torch.Size], codec.TensorSpec] = {}  # see _inline_frame
+        #: dtype and shape of the last tensor recv_tensor decoded here without out, riding inline, for the host
+        self._guess: tuple[torch.dtype, torch.Size] | None = None
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
@@ -1028,10 +1030,11 @@ class Pipe:
         """Receive the next tensor (or None) onto ``device`` (the pipe's default if None).
 
         With ``out`` (contiguous, matching dtype and shape) the bytes land in it in place.
-        Without it, a CPU tensor small enough to ride inline in its header, of a dtype numpy
-        holds, comes back backed by a numpy array (one allocation and copy, the cheapest): it
-        owns its memory and shares it like any tensor, but its storage cannot be resized
-        (``resize_`` to a larger size raises).
+        Without it, a tensor small enough to ride inline in its header, received to the host,
+        of the dtype and shape of the one before, lands in a new tensor in the compiled
+        receive; one of another dtype numpy holds comes back backed by a numpy array (one
+        allocation and copy, the cheapest): it owns its memory and shares it like any tensor,
+        but its storage cannot be resized (``resize_`` to a larger size raises).
 
         Without ``out``, a timeout is not fatal: the receive stays posted and the next
         call picks it up, so nothing the peer sends is lost or reordered. With ``out``,
@@ -1044,13 +1047,23 @@ class Pipe:
         try:
             if fast:
                 got = None
+                seq = self._recv_seq
                 if out is None:
-                    got = self._recv_small(device, timeout, False, None, None)
+                    # most streams repeat a shape: a host tensor of the last small one's lands in C if the
+                    # frame is exactly that tensor's (else it is dropped and the frame decoded)
+                    guess = self._guess
+                    host = self.device if device is None else device
+                    if guess is not None and (host == "cpu" or type(host) is torch.device and host.type == "cpu"):
+                        dst = torch.empty(guess[1], dtype=guess[0])
+                        expect = self._inline_frame(dst, seq)
+                        got = self._recv_small(device, timeout, False, None, None,
+                                               None if expect is None else (expect, seq, dst))
+                    else:
+                        got = self._recv_small(device, timeout, False, None, None)
                 else:
-                    seq = self._recv_seq
                     expect = self._inline_frame(out, seq)
                     if expect is not None:  # lands in out in C if the frame is exactly the one expected
-                        got = self._recv_small(device, timeout, False, None, out, (expect, seq))
+                        got = self._recv_small(device, timeout, False, None, out, (expect, seq, out))
                     elif out.is_contiguous() and self._payload_header(out, seq) is None:
                         got = self._recv_small(device, timeout, False, None, out)
                 if got is not None:
@@ -1136,7 +1149,8 @@ class Pipe:
         return slot
 
     def _recv_small(self, device: str | torch.device | None, timeout: float | None, message: bool,
-                    max_tensors: int | None, out: torch.Tensor | None, expect: tuple[bytes, int] | None = None
+                    max_tensors: int | None, out: torch.Tensor | None,
+                    expect: tuple[bytes, int, torch.Tensor] | None = None
                     ) -> tuple[bytes | None, list[torch.Tensor | None]] | None:
         """The next send, if it arrives while this thread spins, through the compiled path (transport._ucp_tag).
 
@@ -1145,9 +1159,10 @@ class Pipe:
         ordinary path. A header alone (its tensors all inline) is decoded and copied here;
         anything else (payloads to follow, a refusal, a mismatch) becomes a posted receive
         that the ordinary path finishes, with its checks and errors. ``expect`` is
-        :meth:`_inline_frame` of ``out`` and the sequence number it was built for: a frame
-        that is exactly it followed by ``out``'s bytes lands in ``out`` in C, decoded by
-        that comparison.
+        :meth:`_inline_frame` of a host tensor (``out``, or a guess of the next tensor's shape
+        where ``out`` is None), the sequence number it was built for and that tensor: a frame
+        that is exactly it followed by the tensor's bytes lands in the tensor in C, decoded by
+        that comparison. A tensor alone decoded here (no ``out``) makes the next guess.
         """
         self._ready(timeout)
         if self._recv_refused is not None:
@@ -1161,10 +1176,10 @@ class Pipe:
             frame = frames[0]
             seq = self._recv_seq
             kind = "message" if message else "tensor"
-            into = None
+            into = dst = None
             if expect is not None and expect[1] == seq:  # (built for this receive, not one another thread took)
-                assert out is not None
-                into = (expect[0], out.data_ptr(), out.nbytes)
+                dst = expect[2]
+                into = (expect[0], dst.data_ptr(), dst.nbytes)
             try:
                 req = self._engine.recv_frame(self._ep, self._tag(self._recv_tag, seq, False), frame, addr,
                                               self._ep_open, lambda: f"header of {kind} #{seq} from {self.peer}", into)
@@ -1172,17 +1187,23 @@ class Pipe:
                 self._recv_seq = seq + 1  # consumed or failed: the pipe breaks
                 self._fail(exc, "receiving")
             if req is LANDED:
-                assert out is not None
+                assert dst is not None
                 self._recv_seq = seq + 1
-                self.bytes_received += out.nbytes
-                return None, [out]
+                self.bytes_received += dst.nbytes
+                return None, [dst]
             if req is None:
                 return None
             got = None
             if type(req) is Arrived or _done_ok(req):
                 got = self._decode_small(frame, req.length, seq)
-                if got is not None and self._complete_small(got, message, max_tensors):
+                complete = got is not None and self._complete_small(got, message, max_tensors)
+                if not message and out is None:  # the next guess: this tensor, if it rode inline to the host
+                    spec = got[0].tensors[0] if complete and dev.type == "cpu" else None
+                    self._guess = None if spec is None else (codec.DTYPES[spec.dtype], torch.Size(spec.shape))
+                if complete:
                     return got[0].body, self._land_inline(seq, kind, got, dev, out)
+            elif not message and out is None:
+                self._guess = None  # (a header with a payload still arriving)
             deadline = time.monotonic() + (self.timeout_s if timeout is None else timeout)
             # the ordinary path finishes it (with the header decoded here, if it was); the frame goes with it
             # (a fresh one for the next)
