@@ -3,6 +3,7 @@ events only, and a waiter that leaves hands the worker's fd to the others at onc
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import threading
@@ -165,7 +166,6 @@ def test_an_op_that_failed_is_freed_without_the_cyclic_collector(keeper):
     # A kept error raised again and again gathered each raiser's frames in its traceback, and those
     # frames held the op (or the failed request): a cycle only the collector frees, with everything
     # the op and the frames hold (a lookup server's fds, session 7).
-    import gc
 
     from transport._engine import Failed, Op
     from transport.errors import PeerDeadError
@@ -248,3 +248,27 @@ def _closing_listener(q: Any, tls: str, after_s: float) -> None:
         return t
 
     _report(q, body)
+
+
+def test_a_sleeper_that_fails_to_open_closes_what_it_opened(monkeypatch: pytest.MonkeyPatch):
+    """Out of fds half way through a sleeper's construction: the error reaches the caller, the kick fd
+    it opened is closed, and freeing the half-built sleeper raises nothing of its own."""
+    import errno
+    import select as select_mod
+    import sys
+
+    from transport import _engine
+
+    def no_fds() -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(_engine.select, "epoll", no_fds)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Too many open files"):
+        _engine._Sleeper("t")
+    gc.collect()
+    monkeypatch.setattr(_engine.select, "epoll", select_mod.epoll)
+    assert set(os.listdir("/proc/self/fd")) <= before
+    assert unraisable == []

@@ -339,10 +339,14 @@ class _Sleeper:
         self.busy_at = 0.0  # when this thread's last wait woke or ended in success (see _QUIET_S)
 
     def close(self) -> None:
-        """Close the epoll set and the kick fd (idempotent); only once the thread is done with them."""
-        if not self.ep.closed:
-            self.ep.close()
-            self.wakeup.close()
+        """Close the epoll set and the kick fd (idempotent); only once the thread is done with them.
+        Also on a sleeper whose ``__init__`` failed part way (out of fds): what it opened is closed."""
+        ep = getattr(self, "ep", None)
+        if ep is not None and not ep.closed:
+            ep.close()
+        wakeup = getattr(self, "wakeup", None)
+        if wakeup is not None:
+            wakeup.close()
 
     __del__ = close
 
