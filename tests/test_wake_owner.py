@@ -166,7 +166,6 @@ def test_an_op_that_failed_is_freed_without_the_cyclic_collector(keeper):
     # A kept error raised again and again gathered each raiser's frames in its traceback, and those
     # frames held the op (or the failed request): a cycle only the collector frees, with everything
     # the op and the frames hold (a lookup server's fds, session 7).
-
     from transport._engine import Failed, Op
     from transport.errors import PeerDeadError
 
