@@ -195,6 +195,19 @@ def test_stream_cost_with_gaps_sends_everything_without_a_waiter() -> None:
         assert m and int(m.group(2)) > 0, res.stdout
 
 
+@pytest.mark.parametrize("send,recv", [("c", "c"), ("pipe", "c"), ("c", "pipe")])
+def test_c_stream_moves_every_tensor_with_python_out_of_either_side(send: str, recv: str) -> None:
+    """The probe's C loops speak the pipe's wire: a C sender to a Pipe receiver and back, and C to C."""
+    import re
+
+    res = subprocess.run([sys.executable, "-m", "bench.c_stream", "--size", "65536", "-n", "200", "--send", send,
+                          "--recv", recv], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = re.search(rf"sender \({send}\): ([\d.]+) us CPU/message; stream (\d+) MB/s", res.stdout)
+    assert m and int(m.group(2)) > 0, res.stdout
+    assert re.search(rf"receiver \({recv}\): [\d.]+ us CPU/message", res.stdout), res.stdout
+
+
 def test_cold_code_times_the_same_python_warm_and_after_other_work() -> None:
     import re
 
