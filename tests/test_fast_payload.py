@@ -431,6 +431,38 @@ def test_payload_requests_complete_through_native_waits(pair: tuple[Pipe, Pipe])
     assert not left and not tracked
 
 
+def test_send_tensor_async_of_a_payload_tensor_skips_the_batch_layer(pair: tuple[Pipe, Pipe],
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """A stream's ``send_tensor_async`` of a CPU payload tensor is one engine call with no batch layer
+    (``_send_async``); every other kind of tensor still goes through it, and the bytes arrive alike."""
+    a, b = pair
+    batch = Pipe._send_async
+    batched: list[int] = []
+
+    def counting(self: Pipe, sends: Any, *rest: Any) -> Any:
+        batched.append(len(sends))
+        return batch(self, sends, *rest)
+
+    monkeypatch.setattr(Pipe, "_send_async", counting)
+    sent = _payloads()
+    hs = [b.send_tensor_async(t) for t in sent]
+    got = [a.recv_tensor(timeout=30) for _ in sent]
+    for h in hs:
+        h.wait(30)
+    assert batched == [] and all(_same(g, t) for g, t in zip(got, sent))
+    others = [torch.arange(5), None, torch.arange(40000, dtype=torch.int32)[::2],  # inline, None, strided
+              torch.arange(16384, dtype=torch.float32).numpy()]  # not a torch.Tensor
+    hs = [b.send_tensor_async(t) for t in others]
+    got = [a.recv_tensor(timeout=30) for _ in others]
+    for h in hs:
+        h.wait(30)
+    assert batched == [1, 1, 1, 1]
+    assert torch.equal(got[0], torch.arange(5)) and got[1] is None
+    assert torch.equal(got[2], torch.arange(40000, dtype=torch.int32)[::2])
+    assert torch.equal(got[3], torch.arange(16384, dtype=torch.float32))
+    assert a.bytes_received == b.bytes_sent
+
+
 def test_a_posted_batch_into_out_receives_in_the_background(pair: tuple[Pipe, Pipe]):
     """``recv_tensors_async(out=)`` keeps its promise: what it posted progresses with nobody waiting, so
     blocking sends of payload tensors to it complete before its handle is waited on (the compiled
