@@ -5,7 +5,11 @@ subprocess) accepts one peer and then does nothing; the consumer (this
 process) connects and waits ``--seconds`` in ``recv_tensor`` for a tensor that
 never comes. Each side's CPU time over the idle window is its process CPU time
 (user + system, all threads: the progress thread and the control plane's
-heartbeats included), printed as a percentage of one core.
+heartbeats included), printed as a percentage of one core, with its wake-ups
+per second (voluntary context switches, all threads: each is a sleep that
+ended). The CPU a wake-up costs after a long sleep varies several-fold on a
+small VM from day to day (0.3-5 ms in session 7, 0.7-8 ms in session 9), the
+number of wake-ups does not: it is what the design sets.
 """
 
 from __future__ import annotations
@@ -13,7 +17,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import resource
 import time
+
+
+def _wakeups() -> int:
+    """Voluntary context switches of this process so far, all threads."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
 def _listener(q: "mp.Queue[object]", seconds: float) -> None:
@@ -22,15 +32,17 @@ def _listener(q: "mp.Queue[object]", seconds: float) -> None:
     pipe = Pipe.listen()
     q.put(pipe.address)
     pipe.wait_connected(30)
-    t0, c0 = time.monotonic(), time.process_time()
+    t0, c0, w0 = time.monotonic(), time.process_time(), _wakeups()
     time.sleep(seconds)
-    q.put((time.process_time() - c0) / (time.monotonic() - t0))
+    elapsed = time.monotonic() - t0
+    q.put(((time.process_time() - c0) / elapsed, (_wakeups() - w0 - 1) / elapsed))  # (this thread's own sleep)
     time.sleep(2)  # let the consumer finish before the pipe closes
     pipe.close()
 
 
-def measure(seconds: float) -> tuple[float, float]:
-    """(listener, consumer) CPU time over ``seconds`` idle, as fractions of one core.
+def measure(seconds: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(listener, consumer), each (CPU time as a fraction of one core, wake-ups per second) over
+    ``seconds`` idle.
 
     Uses the ``UCX_TLS`` of the environment for both processes.
     """
@@ -45,14 +57,16 @@ def measure(seconds: float) -> tuple[float, float]:
         pipe = Pipe.connect(str(q.get(timeout=60)))
         try:
             pipe.wait_connected(30)
-            t0, c0 = time.monotonic(), time.process_time()
+            t0, c0, w0 = time.monotonic(), time.process_time(), _wakeups()
             try:
                 pipe.recv_tensor(timeout=seconds)
                 raise RuntimeError("a tensor arrived, but nobody sent one")
             except PeerTimeoutError:
                 pass
-            consumer = (time.process_time() - c0) / (time.monotonic() - t0)
-            listener = float(q.get(timeout=seconds + 60))  # type: ignore[arg-type]
+            elapsed = time.monotonic() - t0
+            consumer = ((time.process_time() - c0) / elapsed, (_wakeups() - w0) / elapsed)
+            got = q.get(timeout=seconds + 60)
+            listener = (float(got[0]), float(got[1]))  # type: ignore[index]
         finally:
             pipe.close()
     finally:
@@ -69,10 +83,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.tls:
         os.environ["UCX_TLS"] = args.tls
-    listener, consumer = measure(args.seconds)
+    (listener, l_wakes), (consumer, c_wakes) = measure(args.seconds)
     load = os.getloadavg()[0]
     print(f"idle {args.seconds:.0f}s UCX_TLS={os.environ.get('UCX_TLS', 'default')} load={load:.2f}: "
-          f"listener {listener * 100:.2f}% of a core, consumer (recv_tensor waiting) {consumer * 100:.2f}% of a core")
+          f"listener {listener * 100:.2f}% of a core, consumer (recv_tensor waiting) {consumer * 100:.2f}% of a core; "
+          f"wake-ups per second: listener {l_wakes:.1f}, consumer {c_wakes:.1f}")
     return 0
 
 
