@@ -312,3 +312,22 @@ def test_a_receive_without_out_lands_a_repeated_shape_without_a_decode(pair: tup
     b.send_tensor(torch.ones(2, 3, dtype=torch.int16))
     assert torch.equal(a.recv_tensor(device="cpu", timeout=30), torch.ones(2, 3, dtype=torch.int16))
     assert a.bytes_received == b.bytes_sent
+
+
+@pytest.mark.parametrize("size", [4, 8192])  # inline, payload
+def test_a_lazy_view_as_out_is_refused_before_anything_is_received(pair: tuple[Pipe, Pipe], size: int):
+    """A conjugate or negative view's memory is not its values: ``out`` such a view is a caller's error,
+    raised before the receive takes anything (the message waits for the next receive, the pipe works)."""
+    from transport.errors import LocalUsageError
+
+    a, b = pair
+    t = torch.randn(size, dtype=torch.complex64)
+    h = b.send_tensor_async(t)
+    for out in (torch.zeros(size, dtype=torch.complex64).conj(), torch.zeros(size)._neg_view()):
+        with pytest.raises(LocalUsageError, match="lazy conjugate or negative view"):
+            a.recv_tensor(out=out, timeout=5)
+        with pytest.raises(LocalUsageError, match="lazy conjugate or negative view"):
+            a.recv_tensors(out=[out], timeout=5)
+    into = torch.zeros(size, dtype=torch.complex64)
+    assert a.recv_tensor(out=into, timeout=30) is into and torch.equal(into, t)
+    h.wait(30)

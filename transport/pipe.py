@@ -819,6 +819,9 @@ class Pipe:
             for i, o in enumerate(out):
                 if not o.is_contiguous():
                     raise LocalUsageError(f"out[{i}] is not contiguous; receive into a contiguous tensor")
+                if o.is_conj() or o.is_neg():
+                    raise LocalUsageError(f"out[{i}] is a lazy conjugate or negative view; receive into a tensor "
+                                          "that owns its values (resolve_conj() / resolve_neg() first)")
             n = len(out)
         if n is None:
             raise LocalUsageError("recv_tensors_async needs n or out")
@@ -862,9 +865,10 @@ class Pipe:
         """The frame of send #``seq`` of a CPU tensor of ``out``'s dtype and shape riding inline, up to its
         bytes (``u32 len | header``, as every sender writes it), for a receive into ``out``; None where the
         comparison does not apply: ``out`` is not a contiguous CPU tensor, such a tensor would travel as a
-        payload, or the ordinary path would refuse its header (it then raises its own error)."""
-        if not out.is_cpu or not out.is_contiguous() or out.is_conj() or out.is_neg():  # (lazy views: raw bytes
-            return None                                                                  # are not their values)
+        payload, or the ordinary path would refuse its header (it then raises its own error). (A lazy
+        conjugate or negative view was refused before: :meth:`recv_tensor`.)"""
+        if not out.is_cpu or not out.is_contiguous():
+            return None
         if out.nbytes > codec.INLINE_LIMIT or out.nbytes > self.max_tensor_bytes or out.dim() > codec.MAX_NDIM:
             return None
         try:
@@ -1059,6 +1063,9 @@ class Pipe:
         bytes could still land in ``out`` after this call returned, and the caller
         cannot know when ``out`` is theirs again unless the receive is cancelled with the endpoint.
         """
+        if out is not None and (out.is_conj() or out.is_neg()):  # (its memory does not hold its values)
+            raise LocalUsageError("out is a lazy conjugate or negative view; receive into a tensor that owns "
+                                  "its values (resolve_conj() / resolve_neg() first) and conjugate after")
         fast = self._engine.tag_fast is not None
         try:
             if fast:
