@@ -847,10 +847,8 @@ class Pipe:
         payload, and its frame as on the wire; None where the compiled receive does not apply: such a
         tensor would ride inline, ``out`` is not a contiguous CPU tensor, or the header would be refused
         (a dtype, depth or size the ordinary path rejects with its own error)."""
-        if out.device.type != "cpu" or not out.is_contiguous() or out.dim() > codec.MAX_NDIM:
-            return None
-        nbytes = out.numel() * out.element_size()
-        if nbytes > self.max_tensor_bytes:
+        nbytes = self._in_place_bytes(out)
+        if nbytes is None:
             return None
         try:
             got = self._payload_header_bytes(out.dtype, out.shape, nbytes, seq)
@@ -867,9 +865,8 @@ class Pipe:
         comparison does not apply: ``out`` is not a contiguous CPU tensor, such a tensor would travel as a
         payload, or the ordinary path would refuse its header (it then raises its own error). (A lazy
         conjugate or negative view was refused before: :meth:`recv_tensor`.)"""
-        if not out.is_cpu or not out.is_contiguous():
-            return None
-        if out.nbytes > codec.INLINE_LIMIT or out.nbytes > self.max_tensor_bytes or out.dim() > codec.MAX_NDIM:
+        nbytes = self._in_place_bytes(out)
+        if nbytes is None or nbytes > codec.INLINE_LIMIT:
             return None
         try:
             spec = self._inline_spec(out)
@@ -879,6 +876,15 @@ class Pipe:
         if not codec.rides_inline(spec.nbytes, len(header)):
             return None
         return len(header).to_bytes(4, "little") + header
+
+    def _in_place_bytes(self, out: torch.Tensor) -> int | None:
+        """``out``'s byte count if a compiled receive may land bytes in its memory as they are: a contiguous
+        CPU tensor, of a depth and size the ordinary path accepts; else None (that path takes it, with its
+        checks and errors)."""
+        if not out.is_cpu or not out.is_contiguous() or out.dim() > codec.MAX_NDIM:
+            return None
+        nbytes = out.nbytes
+        return None if nbytes > self.max_tensor_bytes else nbytes
 
     def _inline_spec(self, t: torch.Tensor) -> codec.TensorSpec:
         """The spec of CPU tensor ``t`` riding inline, as every sender writes it (cached: a pipe sees few
