@@ -132,6 +132,14 @@ def _compiled_sendable(obj: TensorLike) -> torch.Tensor | None:
     return None
 
 
+def _refuse_lazy_view(out: torch.Tensor, name: str) -> None:
+    """Raise :class:`LocalUsageError` if ``out`` is a lazy conjugate or negative view: its memory does not
+    hold its values, so bytes received into it would not read back as sent."""
+    if out.is_conj() or out.is_neg():
+        raise LocalUsageError(f"{name} is a lazy conjugate or negative view; receive into a tensor that owns "
+                              "its values (resolve_conj() / resolve_neg() first)")
+
+
 def _done_ok(req: Any) -> bool:
     """Whether a header receive completed without error (an error is raised later, by the ordinary path)."""
     try:
@@ -295,8 +303,7 @@ class Pipe:
         self._recv_refused: str | None = None  # recv_message refused an envelope unreceived: out of step
         #: the compiled receives' header frames (a row each), reused from receive to receive (see _frames)
         self._rx_frames: np.ndarray | None = None
-        self._specs: dict[tuple[torch.dtype, torch.Size], codec.TensorSpec] = {}  # see _payload_header_bytes
-        self._inline_specs: dict[tuple[torch.dtype, torch.Size], codec.TensorSpec] = {}  # see _inline_frame
+        self._specs: dict[tuple[torch.dtype, torch.Size, bool], codec.TensorSpec] = {}  # see _host_spec
         #: dtype and shape of the last tensor recv_tensor decoded here without out, riding inline, for the host
         self._guess: tuple[torch.dtype, torch.Size] | None = None
         self._closed = False
@@ -597,15 +604,15 @@ class Pipe:
         payload (the tensor of a stream), without its batch layer: a stream's sender runs this once a
         message, and on this VM each Python call it makes costs several times its warm figure
         (docs/bench.md, "Streams at 1 MiB"). None, having sent nothing, for any other tensor."""
-        if self._engine.tag_fast is None or _compiled_sendable(t) is None:
+        if self._engine.tag_fast is None:
             return None
         self._ready()
         with self._send_lock:
-            got = self._payload_header_bytes(t.dtype, t.shape, t.nbytes, self._send_seq)
-            if got is None:  # small enough to ride inline
+            c = self._compiled_send((t,), None, self._send_seq)
+            if c is None:
                 return None
             what = f"sending a tensor to {self.peer}"
-            return _SendHandle(self, self._post_compiled([(got[1], t, t.nbytes)], True, what), what)
+            return _SendHandle(self, self._post_compiled([c], True, what), what)
 
     def send_tensors(self, tensors: Sequence[TensorLike | None], timeout: float | None = None) -> None:
         """Send ``tensors`` in order and return once the peer has received them all."""
@@ -644,7 +651,7 @@ class Pipe:
                 t = _compiled_sendable(obj)
                 if t is None:
                     return False
-                spec = self._inline_spec(t)
+                spec = self._host_spec(t.dtype, t.shape, t.nbytes, True)
                 nb = spec.nbytes
                 nbytes += nb
                 if not codec.rides_inline(nbytes, 0):  # (already too much for any header)
@@ -819,9 +826,7 @@ class Pipe:
             for i, o in enumerate(out):
                 if not o.is_contiguous():
                     raise LocalUsageError(f"out[{i}] is not contiguous; receive into a contiguous tensor")
-                if o.is_conj() or o.is_neg():
-                    raise LocalUsageError(f"out[{i}] is a lazy conjugate or negative view; receive into a tensor "
-                                          "that owns its values (resolve_conj() / resolve_neg() first)")
+                _refuse_lazy_view(o, f"out[{i}]")
             n = len(out)
         if n is None:
             raise LocalUsageError("recv_tensors_async needs n or out")
@@ -869,7 +874,7 @@ class Pipe:
         if nbytes is None or nbytes > codec.INLINE_LIMIT:
             return None
         try:
-            spec = self._inline_spec(out)
+            spec = self._host_spec(out.dtype, out.shape, nbytes, True)
         except LocalUsageError:  # a dtype the transport does not carry
             return None
         header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
@@ -886,16 +891,17 @@ class Pipe:
         nbytes = out.nbytes
         return None if nbytes > self.max_tensor_bytes else nbytes
 
-    def _inline_spec(self, t: torch.Tensor) -> codec.TensorSpec:
-        """The spec of CPU tensor ``t`` riding inline, as every sender writes it (cached: a pipe sees few
-        shapes). Raises :class:`LocalUsageError` for a dtype the transport does not carry."""
-        key = (t.dtype, t.shape)
-        spec = self._inline_specs.get(key)
+    def _host_spec(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, inline: bool) -> codec.TensorSpec:
+        """The spec of a CPU tensor of ``dtype`` and ``shape`` (``nbytes``) riding inline or sent as a payload,
+        as every sender writes it; cached, as a pipe sees few shapes. Raises :class:`LocalUsageError` for a
+        dtype the transport does not carry."""
+        key = (dtype, shape, inline)
+        spec = self._specs.get(key)
         if spec is None:
-            spec = codec.TensorSpec(codec.dtype_name(t.dtype), list(t.shape), t.nbytes, "cpu", True)
-            if len(self._inline_specs) >= 64:
-                self._inline_specs.clear()
-            self._inline_specs[key] = spec
+            spec = codec.TensorSpec(codec.dtype_name(dtype), list(shape), nbytes, "cpu", inline)
+            if len(self._specs) >= 64:
+                self._specs.clear()
+            self._specs[key] = spec
         return spec
 
     def _payload_header_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, seq: int
@@ -903,13 +909,7 @@ class Pipe:
         """The spec of a CPU tensor of ``dtype`` and ``shape`` sent as a payload (cached: a stream repeats a
         few shapes) and the header of send #``seq`` of it, as msgspec encodes it; None if such a tensor
         rides inline instead. Raises :class:`LocalUsageError` for an unsupported dtype."""
-        key = (dtype, shape)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = codec.TensorSpec(codec.dtype_name(dtype), list(shape), nbytes, "cpu", False)
-            if len(self._specs) >= 64:
-                self._specs.clear()
-            self._specs[key] = spec
+        spec = self._host_spec(dtype, shape, nbytes, False)
         header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
         return None if codec.rides_inline(nbytes, len(header)) else (spec, header)
 
@@ -1069,9 +1069,8 @@ class Pipe:
         bytes could still land in ``out`` after this call returned, and the caller
         cannot know when ``out`` is theirs again unless the receive is cancelled with the endpoint.
         """
-        if out is not None and (out.is_conj() or out.is_neg()):  # (its memory does not hold its values)
-            raise LocalUsageError("out is a lazy conjugate or negative view; receive into a tensor that owns "
-                                  "its values (resolve_conj() / resolve_neg() first) and conjugate after")
+        if out is not None:
+            _refuse_lazy_view(out, "out")
         fast = self._engine.tag_fast is not None
         try:
             if fast:
