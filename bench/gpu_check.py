@@ -19,7 +19,9 @@ On a CUDA machine it:
 4. ``copybw``: device-to-device ``torch`` copy bandwidth (the physical reference);
 5. ``perftest``: ``ucxkv-perftest --local -m cuda,cuda`` ``tensor_bw`` at 1 MiB and
    256 MiB and ``kv_bw`` (Llama-3-8B shape, flash-attn layout), each beside
-   ``ucx_perftest -m cuda,cuda`` with the same UCX settings; median of ``--runs``.
+   ``ucx_perftest -m cuda,cuda`` with the same UCX settings; median of ``--runs``;
+6. ``profile``: the sender of a 1 MiB ``tensor_bw`` under cProfile, the top of its own-time
+   listing in the report (where a device message's time goes).
 
 Every step runs in its own process group under its own time limit, all of them
 inside an overall budget (``--budget``, default 480 s). A step that fails or
@@ -67,9 +69,11 @@ MIB = 1 << 20
 #: Per-step time limits in seconds (each also capped by what is left of --budget).
 TIMEOUTS = {
     "install.venv": 60, "install.requirements": 300, "install.project": 90, "install.verify": 60,
-    "env": 60, "tests": 150, "proto": 60, "copybw": 45, "perftest": 100,
+    "env": 60, "tests": 150, "proto": 60, "copybw": 45, "perftest": 100, "profile": 60,
 }
-STEPS = ("env", "tests", "proto", "copybw", "perftest")
+STEPS = ("env", "tests", "proto", "copybw", "perftest", "profile")
+#: Lines of the sender's profile kept in the report (the listing is in the step's log).
+PROFILE_LINES = 30
 
 
 # --------------------------------------------------------------------------- detection
@@ -345,6 +349,15 @@ class Check:
                     runs.setdefault(f"{row['test']} {row['size']}", []).append(row)
         self.results["perftest"] = summarise_perftest(runs, (self.results.get("copy") or {}).get("MB/s"))
 
+    def run_profile(self) -> None:
+        """Where the sender's time goes in a 1 MiB device-to-device ``tensor_bw`` (cProfile, by own time)."""
+        mem = f"{self.mem},{self.mem}"
+        n = "200" if self.quick else "20000"  # the messages, not the imports, on top of the listing
+        rec = self.step("profile", [self.python, "-m", "cProfile", "-s", "tottime", "-m", "bench.perftest",
+                                    "-t", "tensor_bw", "-s", "1M", "-n", n, "--local", "-m", mem, "--no-progress"],
+                        parse=parse_profile)
+        self.results["profile"] = rec.get("details")
+
     # -- the whole run -----------------------------------------------------------
     def run(self) -> int:
         wanted = self.args.steps.split(",") if self.args.steps else list(STEPS)
@@ -398,6 +411,13 @@ def _last_error(out: str) -> str:
         if re.search(r"error|Error|ERROR|FAILED|assert|killed", ln):
             return ln[:300]
     return (lines[-1][:300] if lines else "no output")
+
+
+def parse_profile(out: str) -> dict[str, Any]:
+    """The header and first ``PROFILE_LINES`` rows of a ``cProfile -s tottime`` listing."""
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "function calls" in ln)
+    return {"top": [ln for ln in lines[start:start + 6 + PROFILE_LINES] if ln.strip()]}
 
 
 def _last_json(out: str) -> dict[str, Any]:
@@ -592,6 +612,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
                          f"{p['tls']} |")
             if p.get("verified") is not None:
                 lines.append(f"|   kv_bw bit-exact: {p['verified']} | | | | | | | | |")
+    prof = (r.get("profile") or {}).get("top")
+    if prof:
+        lines += ["", "The sender of a 1 MiB `tensor_bw`, by own time (cProfile):", "", "```", *prof, "```"]
     lines += ["", "## Output of each step", ""]
     for s in doc["steps"]:
         lines += [f"### {s['name']}: {s['status']} ({s['duration_s']:.1f} s)", ""]
