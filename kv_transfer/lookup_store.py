@@ -52,6 +52,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import numpy as np
 import torch
 
+from transport import _cuda_order
+
 from . import _lookup_wire as wire
 from .errors import BufferFullError, EntryTooLargeError, KVUsageError
 from .lookup_client import LookupClient
@@ -293,6 +295,10 @@ class LookupBuffer:
             raise EntryTooLargeError(
                 f"insert: entry of {nbytes} bytes (request {request_id}) can never fit a buffer of "
                 f"{self.capacity_bytes} bytes; raise kv_buffer_size")
+        # the entry is sent later, from the server's threads and streams: the kernels that wrote its
+        # device tensors, queued on this thread's stream, must have run by then
+        _cuda_order.settle(t.device for p in (key, value, hidden)
+                           for t in ((p,) if isinstance(p, torch.Tensor) else p or ()) if not t.is_cpu)
         lease = self.lease_s if lease_s is None else float(lease_s)
         end = time.monotonic() + timeout
         with self._mutex:

@@ -278,6 +278,7 @@ class Lease:
     holders: set[int] = field(default_factory=set)  # ids of pipes that claimed and are not done
     reads: int = 0  # reads completed (Done while the lease held)
     free_when_idle: bool = False  # acknowledged (or, not retained, a reader died) under another's read
+    written: Optional[Any] = None  # CUDA caches: an event recorded after the kernels that wrote the blocks
 
 
 class RmaKVServer:
@@ -324,6 +325,7 @@ class RmaKVServer:
         self._layers = [LayerInfo(r.descriptor().to_bytes(), list(c.shape), list(c.stride()), c.element_size(),
                                   str(c.dtype)) for r, c in zip(layer_regs, caches)]
         self._block_dim = layout.block_dim
+        self._device = caches[0].device if caches[0].is_cuda else None
         geos = [Geometry.of(c, layout.block_dim) for c in caches]
         self._group_block_bytes = [sum(g.block_nbytes() for g in grp) for grp in _split(geos, self._group_layers)]
         self._pipes: list[Pipe] = []
@@ -341,12 +343,19 @@ class RmaKVServer:
     def offer(self, request_id: str, token_ids: Sequence[int], block_ids: Sequence[int],
               more_groups: Sequence[Sequence[int]] = ()) -> None:
         """Keep ``block_ids`` (holding ``token_ids``' KV; ``more_groups``: the other KV cache groups'
-        blocks, in order) for readers under a lease of ``lease_s``."""
+        blocks, in order) for readers under a lease of ``lease_s``. On CUDA caches a reader's claim is
+        answered once the work queued so far on this thread's current stream (the forward that wrote
+        the blocks) has run."""
         if len(more_groups) != len(self._group_layers) - 1:
             raise KVUsageError(f"kvrma: request {request_id} offers {1 + len(more_groups)} KV cache groups' blocks, "
                                f"this server has {len(self._group_layers)} groups")
         lease = Lease(request_id, [int(b) for b in block_ids], [[int(b) for b in g] for g in more_groups],
                       tokens_digest(token_ids), len(token_ids), time.monotonic() + self.lease_s)
+        if self._device is not None:
+            # the engine may still be writing these blocks (its forward is queued, not finished): a
+            # reader is answered only once what this thread's stream holds so far has run
+            lease.written = torch.cuda.Event()
+            lease.written.record(torch.cuda.current_stream(self._device))
         with self._lock:
             old = self._leases.get(request_id)
             self._leases[request_id] = lease
@@ -465,7 +474,11 @@ class RmaKVServer:
                     ls.readers_left = max(1, int(msg.readers))
                 ls.holders.add(pid)
                 ls.expires = max(ls.expires, now + self.lease_s)
-                return Claimed(msg.seq, list(ls.block_ids), self.lease_s, [list(g) for g in ls.more_groups])
+                written, reply = ls.written, Claimed(msg.seq, list(ls.block_ids), self.lease_s,
+                                                     [list(g) for g in ls.more_groups])
+            if written is not None:  # the reader GETs the blocks as soon as it has this answer
+                written.synchronize()
+            return reply
         # Done
         freed = None
         with self._lock:

@@ -53,7 +53,7 @@ import msgspec
 import numpy as np
 import torch
 
-from . import _ucp_rma
+from . import _cuda_order, _ucp_rma
 from ._envelope import MessageCodec
 from ._engine import Engine, Op, get_engine
 from .errors import LocalUsageError, PeerDeadError, RemoteProtocolError, TransportError
@@ -276,6 +276,8 @@ class Registration:
         self._engine = get_engine()
         self.name = name or f"registration@{addr:#x}"
         self.address, self.nbytes, self.memory, self.writable = addr, nbytes, memory, writable
+        #: The CUDA device of the memory, None for host memory.
+        self.device: torch.device | None = keep.device if memory == "cuda" else None
         self._keep = keep
         self._mapped = _Mapped(self._engine, addr, nbytes, self.name)
         try:
@@ -562,6 +564,8 @@ def transfer_many(items: Sequence[tuple[RemoteMemory, Registration, Any, Any, An
             rm._check_usable()
         deadline = time.monotonic() + (pipe.timeout_s if timeout is None else timeout)
         _check_live(pipe, remotes, deadline, what, "before")
+        # a PUT reads, a GET writes our device memory off the caller's stream: what it queued runs first
+        _cuda_order.settle(p[1].device for p in plans)
         _post_windows(pipe, put, _windows(plans, window_bytes(pipe._engine)), deadline, what)
         _check_live(pipe, remotes, deadline, what, "during")
     finally:

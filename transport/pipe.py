@@ -18,6 +18,12 @@ per tensor too large to ride inside the header, sent straight from the
 tensor's memory and received straight into the tensor the receiver allocates
 on the device it asked for. ``None`` travels as a spec alone. A message with
 N tensors is one header and its payloads, never a header per tensor.
+
+CUDA memory is touched by UCX off the caller's streams, so a send of a CUDA
+tensor first waits for the work queued on the calling thread's current stream
+of its device (the kernels that wrote it), and a receive into CUDA memory
+waits likewise before UCX may write it (``transport._cuda_order``). A received
+CUDA tensor is complete in device memory when the receive returns.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import numpy as np
 import torch
 
 from . import _envelope as codec
-from . import _ucp_tag, _wire
+from . import _cuda_order, _ucp_tag, _wire
 from ._control import ClientLink, ControlServer, Link, dial
 from ._engine import _FAST_SLICE_NS, LANDED, Arrived, Engine, Failed, Op, get_engine
 from ._options import PipeKeywords, PipeOptions
@@ -471,6 +477,9 @@ class Pipe:
             if t is not None and not t.is_contiguous():
                 t = t.contiguous()  # the one copy a strided tensor needs
             tensors.append(t)
+        # UCX reads device memory off the caller's stream: the kernels that wrote it (and the copies
+        # just made) must have run first
+        _cuda_order.settle(t.device for t in tensors if t is not None and not t.is_cpu)
         specs = [None if t is None else codec.spec_of(t, False) for t in tensors]
         seq = self._send_seq
         # what is left of the frame once the header is written goes to small tensors, in order
@@ -703,6 +712,9 @@ class Pipe:
         that header, already decoded from its frame (it is checked here as any other). ``seq``: the
         sequence number a :class:`_FastRecv` slot already took (None: the next one).
         """
+        landing = device if out is None else out.device
+        if landing.type != "cpu":  # UCX writes device memory off the caller's stream: queued readers first
+            _cuda_order.settle((landing,))
         if seq is None:
             seq = self._recv_seq
             self._recv_seq += 1
