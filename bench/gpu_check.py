@@ -18,7 +18,7 @@ On a CUDA machine it:
    ``UCX_PROTO_INFO=y``; the protocol lines UCX printed go into the report;
 4. ``copybw``: device-to-device ``torch`` copy bandwidth (the physical reference);
 5. ``perftest``: ``ucxkv-perftest --local -m cuda,cuda`` ``tensor_bw`` at 1 MiB and
-   256 MiB and ``kv_bw`` (Llama-3-8B shape, flash-attn layout), each beside
+   256 MiB and ``kv_bw`` (Llama-3-8B shape, flash-attn layout; layers and rma modes), each beside
    ``ucx_perftest -m cuda,cuda`` with the same UCX settings; median of ``--runs``;
 6. ``profile``: the sender of a 1 MiB ``tensor_bw`` under cProfile, the top of its own-time
    listing in the report (where a device message's time goes).
@@ -333,11 +333,13 @@ class Check:
         common = ["--local", "-m", mem, "--json", "--no-progress", "--baseline", "ucx_perftest", "--timeout", "60"]
         tensor = ["-t", "tensor_bw", "-s", "1M,4M" if self.quick else "1M,256M"]
         kv = ["-t", "kv_bw", "--layout", "flash_attn"] + (["--layers", "4", "--tokens", "256"] if self.quick else [])
+        # rma: decode GETs the blocks in place from prefill's registered cache (cuda_ipc on one GPU)
+        kv_rma = kv + ["--kv-mode", "rma"]
         runs: dict[str, list[dict[str, Any]]] = {}
         n = 1 if self.quick else self.args.runs
         failed_first: set[str] = set()
         for i in range(n):
-            for label, extra in (("tensor_bw", tensor), ("kv_bw", kv)):
+            for label, extra in (("tensor_bw", tensor), ("kv_bw", kv), ("kv_bw_rma", kv_rma)):
                 name = f"perftest.{label}.{i + 1}"
                 if label in failed_first:  # the same failure again would only spend the budget
                     self.record(name, "skipped", why=f"perftest.{label}.1 failed")
@@ -346,7 +348,8 @@ class Check:
                 if i == 0 and rec["status"] != "ok":
                     failed_first.add(label)
                 for row in (rec.get("details") or {}).get("rows", []):
-                    runs.setdefault(f"{row['test']} {row['size']}", []).append(row)
+                    mode = f" {row['kv_mode']}" if row.get("kv_mode") else ""
+                    runs.setdefault(f"{row['test']} {row['size']}{mode}", []).append(row)
         self.results["perftest"] = summarise_perftest(runs, (self.results.get("copy") or {}).get("MB/s"))
 
     def run_profile(self) -> None:
@@ -510,7 +513,7 @@ def parse_perftest_json(out: str) -> dict[str, Any]:
         base = d.get("baselines", {}).get("ucx_perftest", {})
         rows.append({"test": d["test"], "size": d["size"], "ucxkv_MBps": d.get("overall_bw_mbs"),
                      "ucx_perftest_MBps": base.get("overall_bw_mbs"), "ucx_perftest_note": base.get("skipped"),
-                     "verified": d.get("verified"), "client_tls": d.get("client_tls"),
+                     "kv_mode": d.get("kv_mode"), "verified": d.get("verified"), "client_tls": d.get("client_tls"),
                      "server_tls": d.get("server_tls")})
     if not rows:
         raise ValueError("no JSON result line from ucxkv-perftest")
