@@ -477,7 +477,14 @@ class RmaKVServer:
                 written, reply = ls.written, Claimed(msg.seq, list(ls.block_ids), self.lease_s,
                                                      [list(g) for g in ls.more_groups])
             if written is not None:  # the reader GETs the blocks as soon as it has this answer
-                written.synchronize()
+                try:
+                    written.synchronize()
+                except RuntimeError as exc:  # the engine's GPU work failed: its blocks hold nothing to trust
+                    with self._lock:
+                        ls.holders.discard(pid)
+                    log.error("kvrma: the GPU work that wrote request %s's blocks failed: %s", msg.request_id, exc)
+                    return Error(msg.seq, "producer_gpu", f"request {msg.request_id!r}: the kernels that wrote its "
+                                 f"blocks failed on the producer's GPU: {exc}")
             return reply
         # Done
         freed = None

@@ -289,6 +289,31 @@ def test_retained_lease_renewed_while_answered_expires_without_and_never_frees_u
         server.close()
 
 
+def test_a_claim_whose_blocks_failed_on_the_gpu_is_a_load_error_and_nothing_is_read():
+    """On CUDA caches a claim is answered once the event the offer recorded has run. If the GPU work
+    failed, the reader's load fails naming it, reads nothing, and holds no claim. (The event is
+    stood in for here: a GPU failure cannot be provoked without a GPU; tests/test_cuda_order.py runs
+    the real event.)"""
+
+    class FailedGpuWork:
+        def synchronize(self) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    server = RmaKVServer(rma_kv_peers.caches(1), PagedLayout.vllm_cpu(), lease_s=60)
+    dst = rma_kv_peers.caches(3)
+    c = RmaKVClient(server.address, dst, [register(t) for t in dst], PagedLayout.vllm_cpu(), timeout_s=10)
+    try:
+        server.offer("p1", TOKENS, [5, 1, 2])
+        server._leases["p1"].written = FailedGpuWork()
+        res = c.load("p1", TOKENS, [0, 3, 4])
+        assert not res.ok and res.error.startswith("producer_gpu:") and "illegal memory access" in res.error
+        assert all(torch.equal(a, b) for a, b in zip(dst, rma_kv_peers.caches(3)))  # nothing landed
+        assert server._leases["p1"].holders == set()
+    finally:
+        c.close()
+        server.close()
+
+
 def test_retained_rma_kv_through_the_workers_failover_load_ack_and_leased_gauges(caplog):
     """retain_kv in kv_mode rma, UcxWorkers: a second decode load reads the same blocks; leased_bytes shows
     what is held; decode's acknowledgement (ack_loads) frees them (finished_sending); a renewal finding
