@@ -369,6 +369,14 @@ class RecvSlot(ctypes.Structure):
                 ("len", ctypes.c_uint64), ("state", ctypes.c_int64), ("status", ctypes.c_int64), ("req", P)]
 
 
+#: A :class:`RecvSlot` is this many 64-bit words, one per field in order (Pipe._defer_fast writes the first
+#: eight through a numpy view of a slot array).
+RECV_SLOT_WORDS = len(RecvSlot._fields_)
+if ctypes.sizeof(RecvSlot) != 8 * RECV_SLOT_WORDS or any(
+        getattr(RecvSlot, name).offset != 8 * i for i, (name, _) in enumerate(RecvSlot._fields_)):
+    raise ImportError("transport._ucp_tag: RecvSlot is not a row of 64-bit words on this platform")
+
+
 #: ``RecvSlot.state``: nothing taken yet; header in flight; header arrived but differs from the expected
 #: bytes; header matched, payload not arrived; payload in flight; done; payload of another length (not
 #: taken); header receive failed; payload receive failed.

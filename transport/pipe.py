@@ -864,17 +864,26 @@ class Pipe:
         payload, and its frame as on the wire; None where the compiled receive does not apply: such a
         tensor would ride inline, ``out`` is not a contiguous CPU tensor, or the header would be refused
         (a dtype, depth or size the ordinary path rejects with its own error)."""
+        spec = self._payload_spec(out)
+        if spec is None:
+            return None
+        header = codec.Header(seq & _SEQ_MASK, [spec], None)
+        body = codec.encode_header_bytes(header)
+        if codec.rides_inline(spec.nbytes, len(body)):
+            return None
+        return header, len(body).to_bytes(4, "little") + body
+
+    def _payload_spec(self, out: torch.Tensor) -> codec.TensorSpec | None:
+        """The spec a sender writes for a CPU tensor of ``out``'s dtype and shape sent as a payload, if a
+        compiled receive may land it in ``out`` (see :meth:`_in_place_bytes`; a dtype the transport does
+        not carry is None too: the ordinary path raises its own error)."""
         nbytes = self._in_place_bytes(out)
         if nbytes is None:
             return None
         try:
-            got = self._payload_header_bytes(out.dtype, out.shape, nbytes, seq)
-        except LocalUsageError:  # a dtype the transport does not carry
+            return self._host_spec(out.dtype, out.shape, nbytes, False)
+        except LocalUsageError:
             return None
-        if got is None:
-            return None
-        spec, body = got
-        return codec.Header(seq & _SEQ_MASK, [spec], None), len(body).to_bytes(4, "little") + body
 
     def _inline_frame(self, out: torch.Tensor, seq: int) -> bytes | None:
         """The frame of send #``seq`` of a CPU tensor of ``out``'s dtype and shape riding inline, up to its
@@ -930,23 +939,35 @@ class Pipe:
         """Take the next ``len(outs)`` sequence numbers for a :class:`_FastRecv` (``_recv_lock`` held), or
         None, having taken nothing, where the compiled receive does not apply to every ``out``."""
         seq0 = self._recv_seq
-        got = []
-        for i, o in enumerate(outs):
-            hb = self._payload_header(o, seq0 + i)
-            if hb is None:
-                return None
-            got.append(hb)
         k = len(outs)
+        specs: dict[int, codec.TensorSpec | None] = {}  # a window usually repeats one buffer
+        headers: list[codec.Header] = []
+        expect: list[bytes] = []
+        for i, o in enumerate(outs):
+            if id(o) not in specs:
+                specs[id(o)] = self._payload_spec(o)
+            spec = specs[id(o)]
+            if spec is None:
+                return None
+            header = codec.Header((seq0 + i) & _SEQ_MASK, [spec], None)
+            body = codec.encode_header_bytes(header)
+            if codec.rides_inline(spec.nbytes, len(body)):
+                return None
+            headers.append(header)
+            expect.append(len(body).to_bytes(4, "little") + body)
+        blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
+        at = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
         frames, base = self._frames(k)
-        expect = [b for _, b in got]
-        fb = _FastRecv(k, outs, [h for h, _ in got], list(frames[:k]), expect, device, background)
-        for i, (o, b) in enumerate(zip(outs, expect)):
-            c = fb.arr[i]
-            c.hdr_tag = self._tag(self._recv_tag, seq0 + i, False)
-            c.pay_tag = self._tag(self._recv_tag, seq0 + i, True)
-            c.frame, c.cap = base + i * codec.HEADER_FRAME_SIZE, codec.HEADER_FRAME_SIZE
-            c.expect, c.expect_len = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value, len(b)
-            c.out, c.out_len = o.data_ptr(), o.numel() * o.element_size()
+        fb = _FastRecv(k, outs, headers, list(frames[:k]), [blob], device, background)
+        tag0, fs = self._tag(self._recv_tag, 0, False), codec.HEADER_FRAME_SIZE
+        rows = []
+        for i, (o, e) in enumerate(zip(outs, expect)):
+            t = tag0 | (((seq0 + i) & _SEQ_MASK) << 1)
+            rows.append((t, t | 1, base + i * fs, fs, at, len(e), o.data_ptr(), o.nbytes))
+            at += len(e)
+        # one numpy store instead of eight ctypes field stores per slot (hdr_tag, pay_tag, frame, cap,
+        # expect, expect_len, out, out_len: RecvSlot's first eight 64-bit words)
+        np.frombuffer(fb.arr, dtype=np.uint64).reshape(k, _ucp_tag.RECV_SLOT_WORDS)[:, :8] = rows
         self._recv_seq = seq0 + k
         return [_RecvSlot(seq0 + i, fb.frames[i], None) for i in range(k)], fb
 
