@@ -865,8 +865,12 @@ class Pipe:
         tensor would ride inline, ``out`` is not a contiguous CPU tensor, or the header would be refused
         (a dtype, depth or size the ordinary path rejects with its own error)."""
         spec = self._payload_spec(out)
-        if spec is None:
-            return None
+        return None if spec is None else self._payload_frame(spec, seq)
+
+    @staticmethod
+    def _payload_frame(spec: codec.TensorSpec, seq: int) -> tuple[codec.Header, bytes] | None:
+        """The header of send #``seq`` of a tensor of ``spec`` sent as a payload, and its frame as on the wire
+        (``u32 len | header``); None if such a tensor rides inline instead."""
         header = codec.Header(seq & _SEQ_MASK, [spec], None)
         body = codec.encode_header_bytes(header)
         if codec.rides_inline(spec.nbytes, len(body)):
@@ -947,14 +951,11 @@ class Pipe:
             if id(o) not in specs:
                 specs[id(o)] = self._payload_spec(o)
             spec = specs[id(o)]
-            if spec is None:
+            hf = None if spec is None else self._payload_frame(spec, seq0 + i)
+            if hf is None:
                 return None
-            header = codec.Header((seq0 + i) & _SEQ_MASK, [spec], None)
-            body = codec.encode_header_bytes(header)
-            if codec.rides_inline(spec.nbytes, len(body)):
-                return None
-            headers.append(header)
-            expect.append(len(body).to_bytes(4, "little") + body)
+            headers.append(hf[0])
+            expect.append(hf[1])
         blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
         at = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
         frames, base = self._frames(k)
