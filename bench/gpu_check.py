@@ -69,7 +69,7 @@ MIB = 1 << 20
 #: Per-step time limits in seconds (each also capped by what is left of --budget).
 TIMEOUTS = {
     "install.venv": 60, "install.requirements": 300, "install.project": 90, "install.verify": 60,
-    "env": 60, "tests": 150, "proto": 60, "copybw": 45, "perftest": 100, "profile": 60,
+    "env": 60, "tests": 240, "proto": 60, "copybw": 45, "perftest": 100, "profile": 60,
 }
 STEPS = ("env", "tests", "proto", "copybw", "perftest", "profile")
 #: Lines of the sender's profile kept in the report (the listing is in the step's log).
