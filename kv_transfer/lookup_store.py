@@ -297,8 +297,7 @@ class LookupBuffer:
                 f"{self.capacity_bytes} bytes; raise kv_buffer_size")
         # the entry is sent later, from the server's threads and streams: the kernels that wrote its
         # device tensors, queued on this thread's stream, must have run by then
-        _cuda_order.settle(t.device for p in (key, value, hidden)
-                           for t in ((p,) if isinstance(p, torch.Tensor) else p or ()) if not t.is_cpu)
+        _cuda_order.settle(t.device for t in wire.flatten_parts([key, value, hidden])[1] if not t.is_cpu)
         lease = self.lease_s if lease_s is None else float(lease_s)
         end = time.monotonic() + timeout
         with self._mutex:

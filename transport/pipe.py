@@ -138,6 +138,11 @@ def _compiled_sendable(obj: TensorLike) -> torch.Tensor | None:
     return None
 
 
+def _u32_framed(header: bytes) -> bytes:
+    """``header`` behind its little-endian u32 length: a header frame as every sender writes it."""
+    return len(header).to_bytes(4, "little") + header
+
+
 def _refuse_lazy_view(out: torch.Tensor, name: str) -> None:
     """Raise :class:`LocalUsageError` if ``out`` is a lazy conjugate or negative view: its memory does not
     hold its values, so bytes received into it would not read back as sent."""
@@ -865,17 +870,17 @@ class Pipe:
         tensor would ride inline, ``out`` is not a contiguous CPU tensor, or the header would be refused
         (a dtype, depth or size the ordinary path rejects with its own error)."""
         spec = self._payload_spec(out)
-        return None if spec is None else self._payload_frame(spec, seq)
+        got = None if spec is None else self._payload_body(spec, seq)
+        return None if got is None else (got[0], _u32_framed(got[1]))
 
     @staticmethod
-    def _payload_frame(spec: codec.TensorSpec, seq: int) -> tuple[codec.Header, bytes] | None:
-        """The header of send #``seq`` of a tensor of ``spec`` sent as a payload, and its frame as on the wire
-        (``u32 len | header``); None if such a tensor rides inline instead."""
+    def _payload_body(spec: codec.TensorSpec, seq: int) -> tuple[codec.Header, bytes] | None:
+        """The header of send #``seq`` of a tensor of ``spec`` sent as a payload, and its bytes as msgspec
+        encodes them (the frame is ``u32 len | those bytes``); None if such a tensor rides inline instead.
+        The sender's header and the receiver's expected frame both come from here."""
         header = codec.Header(seq & _SEQ_MASK, [spec], None)
         body = codec.encode_header_bytes(header)
-        if codec.rides_inline(spec.nbytes, len(body)):
-            return None
-        return header, len(body).to_bytes(4, "little") + body
+        return None if codec.rides_inline(spec.nbytes, len(body)) else (header, body)
 
     def _payload_spec(self, out: torch.Tensor) -> codec.TensorSpec | None:
         """The spec a sender writes for a CPU tensor of ``out``'s dtype and shape sent as a payload, if a
@@ -905,7 +910,7 @@ class Pipe:
         header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
         if not codec.rides_inline(spec.nbytes, len(header)):
             return None
-        return len(header).to_bytes(4, "little") + header
+        return _u32_framed(header)
 
     def _in_place_bytes(self, out: torch.Tensor) -> int | None:
         """``out``'s byte count if a compiled receive may land bytes in its memory as they are: a contiguous
@@ -935,8 +940,8 @@ class Pipe:
         few shapes) and the header of send #``seq`` of it, as msgspec encodes it; None if such a tensor
         rides inline instead. Raises :class:`LocalUsageError` for an unsupported dtype."""
         spec = self._host_spec(dtype, shape, nbytes, False)
-        header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
-        return None if codec.rides_inline(nbytes, len(header)) else (spec, header)
+        got = self._payload_body(spec, seq)
+        return None if got is None else (spec, got[1])
 
     def _defer_fast(self, outs: list[torch.Tensor], device: torch.device, background: bool
                     ) -> tuple[list[_RecvSlot], _FastRecv] | None:
@@ -951,11 +956,11 @@ class Pipe:
             if id(o) not in specs:
                 specs[id(o)] = self._payload_spec(o)
             spec = specs[id(o)]
-            hf = None if spec is None else self._payload_frame(spec, seq0 + i)
-            if hf is None:
+            got = None if spec is None else self._payload_body(spec, seq0 + i)
+            if got is None:
                 return None
-            headers.append(hf[0])
-            expect.append(hf[1])
+            headers.append(got[0])
+            expect.append(_u32_framed(got[1]))
         blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
         at = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
         frames, base = self._frames(k)
@@ -1126,7 +1131,7 @@ class Pipe:
                     expect = self._inline_frame(out, seq)
                     if expect is not None:  # lands in out in C if the frame is exactly the one expected
                         got = self._recv_small(device, timeout, False, None, out, (expect, seq, out))
-                    elif out.is_contiguous() and self._payload_header(out, seq) is None:
+                    elif out.is_contiguous() and self._payload_spec(out) is None:  # else a payload, in a window
                         got = self._recv_small(device, timeout, False, None, out)
                 if got is not None:
                     return got[1][0]
