@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import select
 import signal
 import time
@@ -258,6 +259,20 @@ def test_no_compiler_falls_back_to_the_python_path(peers: Peers, tmp_path: Any):
     assert got == {"fast": False, "got": 3, "cached": []}, got
 
 
+def test_without_the_extension_the_compiled_path_is_off_whole(peers: Peers, tmp_path: Any):
+    """A compiler that builds the helper but not the CPython extension (as where this Python has no
+    headers): the engine comes up without the compiled path, not with half of it, and carries tensors."""
+    cc = tmp_path / "cc"
+    real = shutil.which("cc") or shutil.which("gcc")
+    assert real is not None
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *ukv_tag_ext*) exit 1;; esac\nexec {real} "$@"\n')
+    cc.chmod(0o755)
+    got = _run_with(peers, no_compiler_body, str(tmp_path / "cache"), str(cc))
+    assert got["fast"] is False and got["got"] == 3, got
+    names = [n.rsplit("_", 1)[0] for n in got["cached"]]
+    assert "ukv_tag" in names and "ukv_tag_ext" not in names, got  # the helper built, the extension not
+
+
 def test_parallel_first_builds_share_one_cache(tmp_path: Any):
     """Three processes build the helpers into the same empty cache at once: each loads a whole library."""
     import subprocess
@@ -269,7 +284,8 @@ def test_parallel_first_builds_share_one_cache(tmp_path: Any):
              for _ in range(3)]
     errors = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 3, errors
-    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".so", ".so"]  # no temporary left behind
+    # the two helpers and the extension, and no temporary left behind
+    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".so", ".so", ".so"]
 
 
 def oversized_header_case(nbytes: int) -> dict:

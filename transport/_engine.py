@@ -120,7 +120,6 @@ def check_worker_address(address: object, peer: str) -> bytes:
 
 
 #: Requests the compiled helper left in flight: a wait on an op of these alone spins on them in C.
-_NATIVE = (_ucp_tag.NativeRequest, _ucp_tag.NativeRequests)
 
 
 def _untraced(exc: BaseException) -> BaseException:
@@ -694,30 +693,18 @@ class Engine:
         if their waiter gives up. Raises :class:`PeerDeadError` naming ``what`` if the endpoint is closed
         or a send fails at posting (what was posted before it stays in flight, tracked alike).
         """
-        lib = self.tag_fast
-        assert lib is not None
+        assert self.tag_fast is not None
         self._check_pid()
         reqs = _ucp_tag.NativeRequests(2 * len(sends), what, self._lock, keep)
-        ptrs, rc = reqs.ptrs, 0
         with self._lock:
             h = ep.handle if is_open() else 0  # ucxx drops the handle of an endpoint that failed
             if not h:
                 raise PeerDeadError(f"{what}: the endpoint is closed")
-            worker, progressedp, progressed = self._worker_h, self._c_out[1], 0
-            at = ctypes.addressof(ptrs)
-            for tag, header, pay_tag, addr, nbytes in sends:
-                rc = lib.ukv_send_tensor(worker, h, tag, header, len(header), pay_tag, addr, nbytes, 0, at,
-                                         progressedp)
-                at += 2 * ctypes.sizeof(ctypes.c_void_p)
-                progressed += self._c_prog.value
-                if rc < 0:
-                    reqs.fail(rc)
-                    break
+            rc, progressed, inflight = _ucp_tag.EXT.post_tensors(self._worker_h, h, sends, reqs)
             if progressed:
                 self._progressed()
             now = time.monotonic()
             self._post_gap, self._caller_at = now - self._caller_at, now
-            inflight = any(ptrs)
             if inflight and background:
                 self._sends.add(reqs, self)
             elif inflight:
@@ -962,13 +949,13 @@ class Engine:
         if native is not None:
             did = 0
             if len(native) == 1 and type(native[0]) is _ucp_tag.NativeRequests:  # sends: their own C array
-                arr, n = native[0].ptrs, native[0].n
+                arr, n = native[0].address, native[0].n
             elif len(native) == 1:  # one request (a payload or a header still arriving): no array to build
                 arr = self._c_one
                 arr[0] = native[0]._req
                 n = 1 if arr[0] else 0
             else:
-                ptrs = [p for r in native for p in (r.ptrs if type(r) is _ucp_tag.NativeRequests else (r._req,)) if p]
+                ptrs = [p for r in native for p in (r.pending() if type(r) is _ucp_tag.NativeRequests else (r._req,)) if p]
                 arr, n = (ctypes.c_void_p * len(ptrs))(*ptrs), len(ptrs)
             if n:
                 assert self.tag_fast is not None
@@ -1048,7 +1035,8 @@ class Engine:
         armed = False
         n = 0
         # an op of compiled-path requests is spun on in C, a slice per iteration (see _progress)
-        native = op.requests if self.tag_fast is not None and all(type(r) in _NATIVE for r in op.requests) else None
+        native = op.requests if self.tag_fast is not None and all(type(r) is _ucp_tag.NativeRequest or type(r) is _ucp_tag.NativeRequests
+                                                            for r in op.requests) else None
         with lock:
             self._waiting.append(me)
             self._lead(me)  # the newest waiter leads: its events are the likeliest next

@@ -1,4 +1,5 @@
-"""Small C helpers on UCX's C API, compiled once and loaded with ctypes (shared by every helper).
+"""Small C helpers on UCX's C API, compiled once and loaded with ctypes, and the CPython extension of
+the hottest calls (shared by every helper).
 
 ucxx 0.52's Python layer lacks some UCX calls (RMA) and costs several Python
 calls per message; a helper's C source is compiled once with the system C
@@ -11,14 +12,19 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import shutil
 import shlex
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .errors import LocalUsageError
@@ -38,7 +44,7 @@ def _cache_dir() -> Path:
     return Path(base) / "ucxkv"
 
 
-def _build(so: Path, ucx_root: Path, source: str, what: str) -> None:
+def _build(so: Path, flags: list[str], source: str, what: str) -> None:
     cc = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not cc:
         raise LocalUsageError(f"the {what} needs a C compiler (cc or gcc, or $CC) to build once; none found")
@@ -47,8 +53,7 @@ def _build(so: Path, ucx_root: Path, source: str, what: str) -> None:
         src = Path(tmp) / (so.stem + ".c")
         src.write_text(source)
         out = Path(tmp) / so.name
-        cmd = [*cc, *_CFLAGS, f"-I{ucx_root / 'include'}", str(src), f"-L{ucx_root / 'lib'}",
-               "-lucp", "-lucs", f"-Wl,-rpath,{ucx_root / 'lib'}", "-o", str(out)]
+        cmd = [*cc, *_CFLAGS, str(src), *flags, "-o", str(out)]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -77,9 +82,35 @@ def load(name: str, source: str, signatures: dict[str, tuple[Any, list[Any]]], w
         key = hashlib.sha256((source + version + str(ucx_root) + " ".join(_CFLAGS)).encode()).hexdigest()[:16]
         so = _cache_dir() / f"{name}_{key}.so"
         if not so.exists():
-            _build(so, ucx_root, source, what)
+            _build(so, [f"-I{ucx_root / 'include'}", f"-L{ucx_root / 'lib'}", "-lucp", "-lucs",
+                        f"-Wl,-rpath,{ucx_root / 'lib'}"], source, what)
         h = ctypes.CDLL(str(so))
         for fname, (res, args) in signatures.items():
             fn = getattr(h, fname)
             fn.restype, fn.argtypes = res, args
         return h
+
+
+def load_extension(name: str, source: str, what: str) -> ModuleType:
+    """Build (first time only) and import the CPython extension module ``name`` from C ``source``, which
+    defines ``PyInit_<name>``; it is built against this Python's headers and links nothing else.
+
+    Raises :class:`LocalUsageError` naming ``what`` when there is no compiler, this Python has no
+    headers (``Python.h``), or the build fails.
+    """
+    with _lock:
+        include = sysconfig.get_paths()["include"]
+        if not os.path.exists(os.path.join(include, "Python.h")):
+            raise LocalUsageError(f"the {what} needs this Python's headers (Python.h, not in {include}; "
+                                  "on Debian: the python3-dev package)")
+        suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        key = hashlib.sha256((source + sys.version + include + " ".join(_CFLAGS)).encode()).hexdigest()[:16]
+        so = _cache_dir() / f"{name}_{key}{suffix}"
+        if not so.exists():
+            _build(so, [f"-I{include}"], source, what)
+        loader = importlib.machinery.ExtensionFileLoader(name, str(so))
+        spec = importlib.util.spec_from_file_location(name, str(so), loader=loader)
+        assert spec is not None
+        mod = importlib.util.module_from_spec(spec)
+        loader.exec_module(mod)
+        return mod

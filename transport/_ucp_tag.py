@@ -24,7 +24,7 @@ import os
 import threading
 from typing import Any
 
-from . import _native
+from . import _native, _tag_ext
 from .errors import LocalUsageError, PeerDeadError
 
 log = logging.getLogger(__name__)
@@ -385,6 +385,8 @@ if ctypes.sizeof(RecvSlot) != 8 * RECV_SLOT_WORDS or any(
 
 _lock = threading.Lock()
 _LIB: ctypes.CDLL | None = None
+#: The extension of the hottest calls (:mod:`transport._tag_ext`), loaded with :data:`_LIB`.
+EXT: Any = None
 _tried = False
 
 
@@ -397,8 +399,9 @@ def enabled() -> bool:
 
 
 def lib() -> ctypes.CDLL | None:
-    """The compiled helper (built on first use, cached), or None when it cannot be built (logged once)."""
-    global _LIB, _tried
+    """The compiled helper (built on first use, cached), or None when it or its extension (:data:`EXT`)
+    cannot be built (logged once)."""
+    global _LIB, _tried, EXT, NativeRequests
     if _LIB is not None:  # polled on every in-flight request: no lock once loaded
         return _LIB
     with _lock:
@@ -413,16 +416,22 @@ def lib() -> ctypes.CDLL | None:
             "ukv_send_tensor": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, ctypes.c_uint64, P, sz, i64,
                                         P, up]),  # (reqs: an address inside a NativeRequests' array)
             "ukv_recv_tensors": (c_int, [P, ctypes.POINTER(RecvSlot), c_int, i64, up, ctypes.POINTER(c_int)]),
-            "ukv_wait_requests": (c_int, [P, pp, c_int, i64, up]),
+            "ukv_wait_requests": (c_int, [P, P, c_int, i64, up]),  # (an array, or the address of one)
             "ukv_reap_requests": (c_int, [pp, c_int, ctypes.POINTER(c_int)]),
             "ukv_tag_request_status": (c_int, [P]),
             "ukv_tag_request_free": (None, [P]),
             "ukv_tag_status_string": (ctypes.c_char_p, [c_int]),
         }
         try:
-            _LIB = _native.load("ukv_tag", _C_SOURCE, sig, "UCX tag fast-path helper")
+            helper = _native.load("ukv_tag", _C_SOURCE, sig, "UCX tag fast-path helper")
         except Exception as exc:  # noqa: BLE001 - any failure to build or load falls back, logged
             log.warning("small messages take the Python path (slower): %s", exc)
+            return None
+        ext = _tag_ext.load(helper)
+        if ext is None:
+            return None
+        EXT, NativeRequests = ext, _requests_class(ext.Requests)
+        _LIB = helper
         return _LIB
 
 
@@ -470,43 +479,32 @@ class NativeRequest:
             raise PeerDeadError(f"{self._what}: {status_string(self._status)}")
 
 
-class NativeRequests:
-    """Requests the helper left in flight, held in one C array and reaped by one C call; shaped like a
-    ucxx request for :class:`transport._engine.Op` (``completed`` once every one of them is).
+def _requests_class(base: type) -> type:
+    """:class:`NativeRequests` on the extension's C type ``base`` (see :func:`lib`)."""
 
-    ``ptrs`` is what :func:`ukv_send_tensor` fills (two entries a tensor; NULL: done and freed).
-    They are polled and freed under the engine's lock (``lock``); ``keep`` holds the memory UCX
-    may still read until every request completed. The first failure is kept for :meth:`check_error`.
-    """
+    class NativeRequests(base):  # type: ignore[misc, valid-type]
+        """Requests the helper left in flight, held in one C array and reaped by one C call; shaped like a
+        ucxx request for :class:`transport._engine.Op` (``completed`` once every one of them is).
 
-    __slots__ = ("ptrs", "n", "keep", "_what", "_lock", "_status", "_open")
+        Created as ``NativeRequests(n, what, lock, keep)``. ``address`` is the array :func:`ukv_send_tensor`
+        fills (two entries a tensor; NULL: done and freed); ``pending()`` lists those not yet freed. They are
+        polled and freed under the engine's lock (``lock``); ``keep`` holds the memory UCX may still read
+        until every request completed. The first failure (``status``) is kept for :meth:`check_error`.
+        """
 
-    def __init__(self, n: int, what: str, lock: Any, keep: Any = None):
-        self.ptrs = (P * n)()
-        self.n, self.keep, self._what, self._lock = n, keep, what, lock
-        self._status = ctypes.c_int(0)
-        self._open = True
+        __slots__ = ()
 
-    @property
-    def completed(self) -> bool:
-        if not self._open:
-            return True
-        with self._lock:
-            if not self._open:
-                return True
-            h = lib()
-            assert h is not None
-            if h.ukv_reap_requests(self.ptrs, self.n, ctypes.byref(self._status)):
-                return False
-            self._open = False
-            self.keep = None
-        return True
+        def fail(self, status: int) -> None:
+            """Record a failure the helper returned while posting (kept only if none was before)."""
+            if not self.status:
+                self.status = status
 
-    def fail(self, status: int) -> None:
-        """Record a failure the helper returned while posting (kept only if none was before)."""
-        if not self._status.value:
-            self._status.value = status
+        def check_error(self) -> None:
+            if self.status < 0:
+                raise PeerDeadError(f"{self.what}: {status_string(self.status)}")
 
-    def check_error(self) -> None:
-        if self._status.value < 0:
-            raise PeerDeadError(f"{self._what}: {status_string(self._status.value)}")
+    return NativeRequests
+
+
+#: The compiled path's batch of send requests (a class on the extension's C type), once :func:`lib` loaded it.
+NativeRequests: Any = None

@@ -1,0 +1,259 @@
+"""The compiled fast path's hottest calls as a CPython extension instead of ctypes calls.
+
+A ctypes call of :mod:`transport._ucp_tag`'s send costs about 0.9 µs of argument
+conversion on top of the C it runs, and a stream's sender makes one a message, plus
+one more to reap its requests; in a stream, with the payload's copies evicting the
+caches, each costs several times that (docs/bench.md). This extension does the same
+calls from C: :class:`Requests` holds a batch of send requests in its own C array,
+is created, polled and reaped without ctypes, and :func:`post_tensors` posts a batch
+of sends through the helper's ``ukv_send_tensor``, reached by its address.
+
+It needs the C compiler the helper needs and this Python's headers (``Python.h``, as
+Triton's launchers do); it is built and cached like the helper (:mod:`transport._native`).
+Where it cannot be built, :func:`load` returns None and the compiled path is off (the
+engine logs why), so there is one compiled path, never a half of one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from types import ModuleType
+
+from . import _native
+
+log = logging.getLogger(__name__)
+
+_C_SOURCE = r"""
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*send_tensor_fn)(void *, void *, uint64_t, const char *, uint32_t, uint64_t, const void *, size_t,
+                              int64_t, void **, unsigned *);
+typedef int (*reap_fn)(void **, int, int *);
+
+static send_tensor_fn send_tensor_c;  /* the helper's ukv_send_tensor */
+static reap_fn reap_c;                /* the helper's ukv_reap_requests */
+static PyObject *s_acquire, *s_release;
+
+/* Requests: n UCX requests in one C array (NULL: none, or done and freed), polled and freed under
+   `lock` (the engine's); `keep` is the memory UCX may still read, held until every one completed;
+   `status` the first failure's UCS status. */
+typedef struct {
+    PyObject_VAR_HEAD
+    PyObject *what, *lock, *keep;
+    int n, status, open;
+    void *ptrs[1];
+} Requests;
+
+static PyObject *req_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *names[] = {"n", "what", "lock", "keep", NULL};
+    int n;
+    PyObject *what, *lock, *keep = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOO|O", names, &n, &what, &lock, &keep)) return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "a negative number of requests");
+        return NULL;
+    }
+    Requests *self = (Requests *)type->tp_alloc(type, n);
+    if (self == NULL) return NULL;
+    memset(self->ptrs, 0, sizeof(void *) * (size_t)(n > 0 ? n : 1));
+    self->n = n;
+    self->open = 1;
+    Py_INCREF(what); self->what = what;
+    Py_INCREF(lock); self->lock = lock;
+    Py_INCREF(keep); self->keep = keep;
+    return (PyObject *)self;
+}
+
+static void req_dealloc(Requests *self) {
+    Py_XDECREF(self->what);
+    Py_XDECREF(self->lock);
+    Py_XDECREF(self->keep);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int call_lock(PyObject *lock, PyObject *name) {
+    PyObject *r = PyObject_CallMethodNoArgs(lock, name);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* True once every request completed (each freed as it is found done), else False. */
+static PyObject *req_completed(Requests *self, void *closure) {
+    (void)closure;
+    if (!self->open) Py_RETURN_TRUE;
+    if (call_lock(self->lock, s_acquire) < 0) return NULL;
+    PyObject *keep = NULL;
+    if (self->open && reap_c(self->ptrs, self->n, &self->status) == 0) {
+        self->open = 0;
+        keep = self->keep;  /* released once the lock is */
+        Py_INCREF(Py_None);
+        self->keep = Py_None;
+    }
+    int open = self->open;
+    int rc = call_lock(self->lock, s_release);
+    Py_XDECREF(keep);
+    if (rc < 0) return NULL;
+    return PyBool_FromLong(!open);
+}
+
+static PyObject *req_address(Requests *self, void *closure) {
+    (void)closure;
+    return PyLong_FromVoidPtr((void *)self->ptrs);
+}
+
+static PyObject *req_pending(Requests *self, PyObject *unused) {
+    (void)unused;
+    PyObject *out = PyList_New(0);
+    for (int i = 0; out != NULL && i < self->n; i++) {
+        if (self->ptrs[i] == NULL) continue;
+        PyObject *p = PyLong_FromVoidPtr(self->ptrs[i]);
+        if (p == NULL || PyList_Append(out, p) < 0) Py_CLEAR(out);
+        Py_XDECREF(p);
+    }
+    return out;
+}
+
+static PyGetSetDef req_getset[] = {
+    {"completed", (getter)req_completed, NULL, "True once every request completed (the done ones freed).", NULL},
+    {"address", (getter)req_address, NULL, "The address of the C array of requests.", NULL},
+    {NULL},
+};
+
+static PyMemberDef req_members[] = {
+    {"n", T_INT, offsetof(Requests, n), READONLY, "How many requests the array holds."},
+    {"status", T_INT, offsetof(Requests, status), 0, "The first failure's UCS status (0: none)."},
+    {"what", T_OBJECT, offsetof(Requests, what), READONLY, "What the requests do, for errors."},
+    {"keep", T_OBJECT, offsetof(Requests, keep), 0, "The memory UCX may still read."},
+    {NULL},
+};
+
+static PyMethodDef req_methods[] = {
+    {"pending", (PyCFunction)req_pending, METH_NOARGS, "The addresses of the requests not yet freed."},
+    {NULL},
+};
+
+static PyTypeObject RequestsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ukv_tag_ext.Requests",
+    .tp_basicsize = sizeof(Requests) - sizeof(void *),
+    .tp_itemsize = sizeof(void *),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "UCX requests in one C array, reaped under a lock.",
+    .tp_new = req_new,
+    .tp_dealloc = (destructor)req_dealloc,
+    .tp_getset = req_getset,
+    .tp_members = req_members,
+    .tp_methods = req_methods,
+};
+
+/* post_tensors(worker, ep, posts, reqs) -> (rc, progressed, inflight): each (tag, header, pay_tag, addr,
+   nbytes) of the list posts through ukv_send_tensor, its two requests in reqs' entries 2i, 2i+1; stops at
+   the first failure (rc < 0, kept in reqs.status if none was). The caller holds the engine's lock. */
+static PyObject *post_tensors(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs != 4 || !PyList_Check(args[2]) || !PyObject_TypeCheck(args[3], &RequestsType)) {
+        PyErr_SetString(PyExc_TypeError, "post_tensors(worker, ep, posts: list, reqs: Requests)");
+        return NULL;
+    }
+    void *w = PyLong_AsVoidPtr(args[0]), *ep = PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *posts = args[2];
+    Requests *reqs = (Requests *)args[3];
+    Py_ssize_t k = PyList_GET_SIZE(posts);
+    if (2 * k > reqs->n) {
+        PyErr_SetString(PyExc_ValueError, "more sends than the requests' array holds");
+        return NULL;
+    }
+    unsigned total = 0;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *t = PyList_GET_ITEM(posts, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 5 || !PyBytes_Check(PyTuple_GET_ITEM(t, 1))) {
+            PyErr_SetString(PyExc_TypeError, "a send is (tag, header: bytes, pay_tag, addr, nbytes)");
+            return NULL;
+        }
+        uint64_t tag = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 0));
+        PyObject *hdr = PyTuple_GET_ITEM(t, 1);
+        uint64_t pay_tag = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 2));
+        void *addr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 3));
+        size_t nbytes = PyLong_AsSize_t(PyTuple_GET_ITEM(t, 4));
+        if (PyErr_Occurred()) return NULL;
+        if (PyBytes_GET_SIZE(hdr) > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "a header above 4 GiB");
+            return NULL;
+        }
+        unsigned progressed = 0;
+        rc = send_tensor_c(w, ep, tag, PyBytes_AS_STRING(hdr), (uint32_t)PyBytes_GET_SIZE(hdr), pay_tag, addr,
+                           nbytes, 0, reqs->ptrs + 2 * i, &progressed);
+        total += progressed;
+        if (rc < 0) {
+            if (reqs->status == 0) reqs->status = rc;
+            break;
+        }
+    }
+    int inflight = 0;
+    for (int i = 0; i < reqs->n && !inflight; i++) inflight = reqs->ptrs[i] != NULL;
+    return Py_BuildValue("(iIi)", rc, total, inflight);
+}
+
+/* init(send_tensor_addr, reap_addr): the helper's functions this module calls. */
+static PyObject *init(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *a, *b;
+    if (!PyArg_ParseTuple(args, "OO", &a, &b)) return NULL;
+    void *pa = PyLong_AsVoidPtr(a), *pb = PyLong_AsVoidPtr(b);
+    if (PyErr_Occurred()) return NULL;
+    if (pa == NULL || pb == NULL) {
+        PyErr_SetString(PyExc_ValueError, "a NULL function address");
+        return NULL;
+    }
+    send_tensor_c = (send_tensor_fn)pa;
+    reap_c = (reap_fn)pb;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"init", init, METH_VARARGS, "Set the helper's functions (addresses) this module calls."},
+    {"post_tensors", (PyCFunction)(void (*)(void))post_tensors, METH_FASTCALL, "Post a batch of tensor sends."},
+    {NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "ukv_tag_ext", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_ukv_tag_ext(void) {
+    if (PyType_Ready(&RequestsType) < 0) return NULL;
+    s_acquire = PyUnicode_InternFromString("acquire");
+    s_release = PyUnicode_InternFromString("release");
+    if (s_acquire == NULL || s_release == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&RequestsType);
+    if (PyModule_AddObject(m, "Requests", (PyObject *)&RequestsType) < 0) {
+        Py_DECREF(&RequestsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
+"""
+
+
+def load(helper: ctypes.CDLL) -> ModuleType | None:
+    """The extension, built on first use (cached) and pointed at ``helper``'s functions; None (logged)
+    when it cannot be built or loaded."""
+    try:
+        mod = _native.load_extension("ukv_tag_ext", _C_SOURCE, "UCX tag fast-path extension")
+        addr = ctypes.cast
+        mod.init(addr(helper.ukv_send_tensor, ctypes.c_void_p).value,
+                 addr(helper.ukv_reap_requests, ctypes.c_void_p).value)
+        return mod
+    except Exception as exc:  # noqa: BLE001 - any failure to build or load turns the compiled path off, logged
+        log.warning("the compiled path is off: %s", exc)
+        return None
+
