@@ -119,7 +119,17 @@ def check_worker_address(address: object, peer: str) -> bytes:
     return address
 
 
-#: Requests the compiled helper left in flight: a wait on an op of these alone spins on them in C.
+#: Forks this process has gone through in Python (``os.fork``, multiprocessing's fork): an engine
+#: made before the last one belongs to the parent (see :meth:`Engine._check_pid`).
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 def _untraced(exc: BaseException) -> BaseException:
@@ -407,7 +417,7 @@ class Engine:
         import ucxx._lib.libucxx as ucx_api  # imported late: CUDA must initialise after fork
 
         self._api = ucx_api
-        self._pid = os.getpid()
+        self._pid, self._forks = os.getpid(), _forks
         self._lock = threading.RLock()
         config = _safe_tls_config()
         self.context = ucx_api.UCXContext(config, feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP, ucx_api.Feature.RMA))
@@ -448,9 +458,8 @@ class Engine:
         self.tag_fast = _ucp_tag.lib() if _ucp_tag.enabled() else None
         if self.tag_fast is not None:
             self._worker_h = self.worker.handle
-            self._c_req, self._c_len, self._c_prog = ctypes.c_void_p(), ctypes.c_size_t(), ctypes.c_uint()
-            self._c_out = (ctypes.byref(self._c_req), ctypes.byref(self._c_prog))
-            self._c_lenp = ctypes.byref(self._c_len)
+            self._c_prog = ctypes.c_uint()
+            self._c_progp = ctypes.byref(self._c_prog)
             self._c_changed = ctypes.c_int()
             self._c_changedp = ctypes.byref(self._c_changed)
             self._c_one = (ctypes.c_void_p * 1)()  # a single request's array for ukv_wait_requests (lock held)
@@ -578,8 +587,10 @@ class Engine:
         return dropped
 
     def _check_pid(self) -> None:
-        """Refuse use from a forked child: the worker and its queues are the parent's."""
-        if os.getpid() != self._pid:
+        """Refuse use from a forked child: the worker and its queues are the parent's. (A count of forks
+        comes first: ``getpid`` is a system call, and a stream's send checks twice. Every fork after which
+        Python runs in the child counts: ``PyOS_AfterFork_Child`` runs the hook.)"""
+        if _forks != self._forks and os.getpid() != self._pid:
             raise LocalUsageError("the UCX engine was created before fork; create pipes after forking")
 
     # -- the one-message fast path (transport._ucp_tag) -----------------------
@@ -592,16 +603,14 @@ class Engine:
         one slice (wait on it with an :class:`Op`). Raises :class:`PeerDeadError` naming
         ``what`` if the endpoint is closed or failed, or UCX refuses the send.
         """
-        lib = self.tag_fast
-        assert lib is not None
+        assert self.tag_fast is not None
         self._check_pid()
         with self._lock:
             h = ep.handle if is_open() else 0  # ucxx drops the handle of an endpoint that failed
             if not h:
                 raise PeerDeadError(f"{what}: the endpoint is closed")
-            rc = lib.ukv_send_frame(self._worker_h, h, tag, header, len(header), data, nbytes, _FAST_SLICE_NS,
-                                    *self._c_out)
-            c_req, progressed = self._c_req.value, self._c_prog.value  # read before callbacks run
+            rc, c_req, progressed = _ucp_tag.EXT.send_frame(self._worker_h, h, tag, header, data, nbytes,
+                                                            _FAST_SLICE_NS)
             if progressed:
                 self._progressed()
             if rc == 1:
@@ -640,8 +649,8 @@ class Engine:
                     what: Callable[[], str], into: "tuple[bytes | None, int | None, int]"
                     ) -> "Arrived | _Landed | _ucp_tag.NativeRequest | ProbedRecv | None":
         """:meth:`recv_frame`'s spin."""
-        lib = self.tag_fast
-        assert lib is not None
+        assert self.tag_fast is not None
+        ext = _ucp_tag.EXT
         self._check_pid()
         lock, cap = self._lock, len(buf)
         # UCXKV_SPIN_US=0 promises no spinning: one probe, no progress slice
@@ -654,9 +663,8 @@ class Engine:
                 if tag in self._stash:
                     return ProbedRecv(self, ep, buf, tag, None, what(), is_open)
                 expect, dst, dst_len = into
-                rc = lib.ukv_recv_frame(self._worker_h, tag, addr, cap, slice_ns, self._c_lenp, *self._c_out,
-                                        expect, len(expect) if expect else 0, dst, dst_len)
-                n, c_req, progressed = self._c_len.value, self._c_req.value, self._c_prog.value
+                rc, n, c_req, progressed = ext.recv_frame(self._worker_h, tag, addr, cap, slice_ns, expect, dst,
+                                                          dst_len)
                 if progressed:
                     self._progressed()
                 if rc == 1:
@@ -741,7 +749,7 @@ class Engine:
         with self._lock:
             if self._stash and self._parked_for(slots, k):
                 return 0, False
-            open_ = lib.ukv_recv_tensors(self._worker_h, slots, k, spin_ns, self._c_out[1], self._c_changedp)
+            open_ = lib.ukv_recv_tensors(self._worker_h, slots, k, spin_ns, self._c_progp, self._c_changedp)
             moved = bool(self._c_changed.value)
             if self._c_prog.value:
                 self._progressed()
@@ -959,7 +967,7 @@ class Engine:
                 arr, n = (ctypes.c_void_p * len(ptrs))(*ptrs), len(ptrs)
             if n:
                 assert self.tag_fast is not None
-                self.tag_fast.ukv_wait_requests(self._worker_h, arr, n, _FAST_SLICE_NS, self._c_out[1])
+                self.tag_fast.ukv_wait_requests(self._worker_h, arr, n, _FAST_SLICE_NS, self._c_progp)
                 did = self._c_prog.value
         else:
             progress_once = self.worker.progress_once

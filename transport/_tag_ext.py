@@ -5,8 +5,10 @@ conversion on top of the C it runs, and a stream's sender makes one a message, p
 one more to reap its requests; in a stream, with the payload's copies evicting the
 caches, each costs several times that (docs/bench.md). This extension does the same
 calls from C: :class:`Requests` holds a batch of send requests in its own C array,
-is created, polled and reaped without ctypes, and :func:`post_tensors` posts a batch
-of sends through the helper's ``ukv_send_tensor``, reached by its address.
+is created, polled and reaped without ctypes; :func:`post_tensors` posts a batch of
+sends through the helper's ``ukv_send_tensor``, and :func:`send_frame` and
+:func:`recv_frame` are the one-message path's ``ukv_send_frame`` and ``ukv_recv_frame``
+(the helper's functions, reached by their addresses).
 
 It needs the C compiler the helper needs and this Python's headers (``Python.h``, as
 Triton's launchers do); it is built and cached like the helper (:mod:`transport._native`).
@@ -34,9 +36,15 @@ _C_SOURCE = r"""
 typedef int (*send_tensor_fn)(void *, void *, uint64_t, const char *, uint32_t, uint64_t, const void *, size_t,
                               int64_t, void **, unsigned *);
 typedef int (*reap_fn)(void **, int, int *);
+typedef int (*send_frame_fn)(void *, void *, uint64_t, const char *, uint32_t, const void *, size_t, int64_t,
+                             void **, unsigned *);
+typedef int (*recv_frame_fn)(void *, uint64_t, void *, size_t, int64_t, size_t *, void **, unsigned *,
+                             const void *, size_t, void *, size_t);
 
 static send_tensor_fn send_tensor_c;  /* the helper's ukv_send_tensor */
 static reap_fn reap_c;                /* the helper's ukv_reap_requests */
+static send_frame_fn send_frame_c;    /* the helper's ukv_send_frame */
+static recv_frame_fn recv_frame_c;    /* the helper's ukv_recv_frame */
 static PyObject *s_acquire, *s_release;
 
 /* Requests: n UCX requests in one C array (NULL: none, or done and freed), polled and freed under
@@ -170,57 +178,157 @@ static PyObject *post_tensors(PyObject *mod, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_ValueError, "more sends than the requests' array holds");
         return NULL;
     }
-    unsigned total = 0;
-    int rc = 0;
+    typedef struct { uint64_t tag, pay_tag; const char *hdr; uint32_t hdrlen; void *addr; size_t nbytes; } post_t;
+    post_t few[8], *ps = k <= 8 ? few : PyMem_Malloc(sizeof(post_t) * (size_t)k);
+    if (ps == NULL) return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < k; i++) {
         PyObject *t = PyList_GET_ITEM(posts, i);
         if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 5 || !PyBytes_Check(PyTuple_GET_ITEM(t, 1))) {
             PyErr_SetString(PyExc_TypeError, "a send is (tag, header: bytes, pay_tag, addr, nbytes)");
-            return NULL;
+            goto fail;
         }
-        uint64_t tag = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 0));
         PyObject *hdr = PyTuple_GET_ITEM(t, 1);
-        uint64_t pay_tag = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 2));
-        void *addr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 3));
-        size_t nbytes = PyLong_AsSize_t(PyTuple_GET_ITEM(t, 4));
-        if (PyErr_Occurred()) return NULL;
+        ps[i].tag = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 0));
+        ps[i].pay_tag = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 2));
+        ps[i].addr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(t, 3));
+        ps[i].nbytes = PyLong_AsSize_t(PyTuple_GET_ITEM(t, 4));
+        if (PyErr_Occurred()) goto fail;
         if (PyBytes_GET_SIZE(hdr) > UINT32_MAX) {
             PyErr_SetString(PyExc_ValueError, "a header above 4 GiB");
-            return NULL;
+            goto fail;
         }
-        unsigned progressed = 0;
-        rc = send_tensor_c(w, ep, tag, PyBytes_AS_STRING(hdr), (uint32_t)PyBytes_GET_SIZE(hdr), pay_tag, addr,
-                           nbytes, 0, reqs->ptrs + 2 * i, &progressed);
-        total += progressed;
-        if (rc < 0) {
-            if (reqs->status == 0) reqs->status = rc;
-            break;
-        }
+        ps[i].hdr = PyBytes_AS_STRING(hdr);  /* (alive: the caller's list holds it) */
+        ps[i].hdrlen = (uint32_t)PyBytes_GET_SIZE(hdr);
     }
+    unsigned total = 0;
+    int rc = 0;
+    PyThreadState *ts = PyEval_SaveThread();  /* as under ctypes: other threads run while UCX posts and progresses */
+    for (Py_ssize_t i = 0; i < k; i++) {
+        unsigned progressed = 0;
+        rc = send_tensor_c(w, ep, ps[i].tag, ps[i].hdr, ps[i].hdrlen, ps[i].pay_tag, ps[i].addr, ps[i].nbytes, 0,
+                           reqs->ptrs + 2 * i, &progressed);
+        total += progressed;
+        if (rc < 0) break;
+    }
+    PyEval_RestoreThread(ts);
+    if (ps != few) PyMem_Free(ps);
+    if (rc < 0 && reqs->status == 0) reqs->status = rc;
     int inflight = 0;
     for (int i = 0; i < reqs->n && !inflight; i++) inflight = reqs->ptrs[i] != NULL;
     return Py_BuildValue("(iIi)", rc, total, inflight);
+fail:
+    if (ps != few) PyMem_Free(ps);
+    return NULL;
 }
 
-/* init(send_tensor_addr, reap_addr): the helper's functions this module calls. */
-static PyObject *init(PyObject *mod, PyObject *args) {
+/* An address argument: an int, or None for NULL. */
+static int as_address(PyObject *o, void **out) {
+    *out = o == Py_None ? NULL : PyLong_AsVoidPtr(o);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* send_frame(worker, ep, tag, header: bytes, data: int | bytes | None, nbytes, spin_ns) -> (rc, req, progressed):
+   ukv_send_frame (the frame u32 len | header | data[:nbytes], from a copy); req: the request still in flight
+   (rc 1), else 0. The caller holds the engine's lock. */
+static PyObject *send_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
-    PyObject *a, *b;
-    if (!PyArg_ParseTuple(args, "OO", &a, &b)) return NULL;
-    void *pa = PyLong_AsVoidPtr(a), *pb = PyLong_AsVoidPtr(b);
-    if (PyErr_Occurred()) return NULL;
-    if (pa == NULL || pb == NULL) {
-        PyErr_SetString(PyExc_ValueError, "a NULL function address");
+    if (nargs != 7 || !PyBytes_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "send_frame(worker, ep, tag, header: bytes, data, nbytes, spin_ns)");
         return NULL;
     }
-    send_tensor_c = (send_tensor_fn)pa;
-    reap_c = (reap_fn)pb;
+    void *w, *ep, *data = NULL;
+    if (as_address(args[0], &w) < 0 || as_address(args[1], &ep) < 0) return NULL;
+    uint64_t tag = PyLong_AsUnsignedLongLong(args[2]);
+    size_t nbytes = PyLong_AsSize_t(args[5]);
+    int64_t spin_ns = PyLong_AsLongLong(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (PyBytes_Check(args[4])) {
+        if ((size_t)PyBytes_GET_SIZE(args[4]) < nbytes) {
+            PyErr_SetString(PyExc_ValueError, "data holds fewer than nbytes bytes");
+            return NULL;
+        }
+        data = PyBytes_AS_STRING(args[4]);
+    } else if (as_address(args[4], &data) < 0) {
+        return NULL;
+    }
+    if (data == NULL && nbytes) {
+        PyErr_SetString(PyExc_ValueError, "nbytes without data");
+        return NULL;
+    }
+    if (PyBytes_GET_SIZE(args[3]) > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a header above 4 GiB");
+        return NULL;
+    }
+    void *req = NULL;
+    unsigned progressed = 0;
+    const char *hdr = PyBytes_AS_STRING(args[3]);
+    uint32_t hdrlen = (uint32_t)PyBytes_GET_SIZE(args[3]);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS  /* it spins up to spin_ns: other threads run meanwhile, as under ctypes */
+    rc = send_frame_c(w, ep, tag, hdr, hdrlen, data, nbytes, spin_ns, &req, &progressed);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(iNI)", rc, PyLong_FromVoidPtr(req), progressed);
+}
+
+/* recv_frame(worker, tag, addr, cap, spin_ns, expect: bytes | None, dst, dst_len) -> (rc, len, req, progressed):
+   ukv_recv_frame into addr[0..cap); req: the request still in flight (rc 1), else 0. The caller holds the
+   engine's lock, and the memory at addr and dst alive. */
+static PyObject *recv_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs != 8 || (args[5] != Py_None && !PyBytes_Check(args[5]))) {
+        PyErr_SetString(PyExc_TypeError, "recv_frame(worker, tag, addr, cap, spin_ns, expect, dst, dst_len)");
+        return NULL;
+    }
+    void *w, *addr, *dst;
+    if (as_address(args[0], &w) < 0 || as_address(args[2], &addr) < 0 || as_address(args[6], &dst) < 0)
+        return NULL;
+    uint64_t tag = PyLong_AsUnsignedLongLong(args[1]);
+    size_t cap = PyLong_AsSize_t(args[3]);
+    int64_t spin_ns = PyLong_AsLongLong(args[4]);
+    size_t dst_len = PyLong_AsSize_t(args[7]);
+    if (PyErr_Occurred()) return NULL;
+    const char *expect = args[5] == Py_None ? NULL : PyBytes_AS_STRING(args[5]);
+    size_t expect_len = args[5] == Py_None ? 0 : (size_t)PyBytes_GET_SIZE(args[5]);
+    if (addr == NULL || (expect != NULL && dst_len && dst == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "a NULL buffer");
+        return NULL;
+    }
+    size_t len = 0;
+    void *req = NULL;
+    unsigned progressed = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS  /* it spins up to spin_ns: other threads run meanwhile, as under ctypes */
+    rc = recv_frame_c(w, tag, addr, cap, spin_ns, &len, &req, &progressed, expect, expect_len, dst, dst_len);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(inNI)", rc, (Py_ssize_t)len, PyLong_FromVoidPtr(req), progressed);
+}
+
+/* init(send_tensor, reap_requests, send_frame, recv_frame): the addresses of the helper's functions this
+   module calls. */
+static PyObject *init(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *a[4];
+    void *p[4];
+    if (!PyArg_ParseTuple(args, "OOOO", &a[0], &a[1], &a[2], &a[3])) return NULL;
+    for (int i = 0; i < 4; i++) {
+        if (as_address(a[i], &p[i]) < 0) return NULL;
+        if (p[i] == NULL) {
+            PyErr_SetString(PyExc_ValueError, "a NULL function address");
+            return NULL;
+        }
+    }
+    send_tensor_c = (send_tensor_fn)p[0];
+    reap_c = (reap_fn)p[1];
+    send_frame_c = (send_frame_fn)p[2];
+    recv_frame_c = (recv_frame_fn)p[3];
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"init", init, METH_VARARGS, "Set the helper's functions (addresses) this module calls."},
     {"post_tensors", (PyCFunction)(void (*)(void))post_tensors, METH_FASTCALL, "Post a batch of tensor sends."},
+    {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL, "Send one frame (ukv_send_frame)."},
+    {"recv_frame", (PyCFunction)(void (*)(void))recv_frame, METH_FASTCALL, "Receive one frame (ukv_recv_frame)."},
     {NULL},
 };
 
@@ -250,8 +358,8 @@ def load(helper: ctypes.CDLL) -> ModuleType | None:
     try:
         mod = _native.load_extension("ukv_tag_ext", _C_SOURCE, "UCX tag fast-path extension")
         addr = ctypes.cast
-        mod.init(addr(helper.ukv_send_tensor, ctypes.c_void_p).value,
-                 addr(helper.ukv_reap_requests, ctypes.c_void_p).value)
+        mod.init(*(addr(getattr(helper, name), ctypes.c_void_p).value
+                   for name in ("ukv_send_tensor", "ukv_reap_requests", "ukv_send_frame", "ukv_recv_frame")))
         return mod
     except Exception as exc:  # noqa: BLE001 - any failure to build or load turns the compiled path off, logged
         log.warning("the compiled path is off: %s", exc)

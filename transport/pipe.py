@@ -203,6 +203,10 @@ class _SendHandle(Handle):
         if not self._waited:
             pipe, reqs = self._pipe, self._reqs
             assert reqs is not None
+            pipe._engine._check_pid()
+            if reqs.completed and not reqs.status:  # (the usual case of a window's oldest send: one C call)
+                self._waited = True
+                return None
             deadline = time.monotonic() + (pipe.timeout_s if timeout is None else timeout)
             try:
                 pipe._engine.wait_sends(reqs, deadline, self._what, pipe._alive)
@@ -216,7 +220,7 @@ class _RecvHandle(Handle):
     """Receives posted by :meth:`Pipe.recv_tensors_async`; ``wait()`` returns the tensors in order."""
 
     def __init__(self, pipe: "Pipe", slots: list["_RecvSlot"], single: bool, fast: "_FastRecv | None" = None):
-        super().__init__(pipe, [], f"receiving {len(slots)} tensor(s) from {pipe.peer}")
+        super().__init__(pipe, [], "")  # (no words of its own: its waits name each slot, see Pipe._finish_slot)
         self._slots, self._single, self._fast = slots, single, fast
 
     def done(self) -> bool:
@@ -232,6 +236,9 @@ class _RecvHandle(Handle):
             self._waited = True
         return self._result[0] if self._single else self._result
 
+
+#: The word of a :class:`_ucp_tag.RecvSlot` that holds its ``state``.
+_STATE_WORD = [name for name, _ in _ucp_tag.RecvSlot._fields_].index("state")
 
 #: The header op of a slot whose header the compiled path received and found as expected.
 _RECEIVED = Op([], [])
@@ -320,6 +327,7 @@ class Pipe:
         self._closed = False
         self.address = ""
         self.peer = "(not connected)"
+        self._what_send: str | None = None  # a send's words for errors, per peer (see _send_payload_async)
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -394,6 +402,7 @@ class Pipe:
 
     def _attach(self, link: Link, worker_address: bytes, send_tag: int, dialled: bool = False) -> None:
         self.peer = link.peer
+        self._what_send = None  # (built on the first send)
         self._ep = self._engine.connect(worker_address, link.peer)
         # the dialler waits for its endpoint's wireup (a tracked flush on both sides left 5 of 10 idle
         # connections with a socket armed for writing, a tracked flush on the dialler's side 10 of 10)
@@ -419,6 +428,7 @@ class Pipe:
             self._check_usable()
 
     def _check_usable(self) -> None:
+        self._engine._check_pid()  # a forked child fails here, before it waits on a lock its parent held at the fork
         if self._closed:
             raise LocalUsageError(f"pipe {self.name} is closed")
         if self._broken is not None:
@@ -617,16 +627,25 @@ class Pipe:
         """:meth:`send_tensors_async` of ``[t]`` where ``t`` is a CPU tensor the compiled path sends as a
         payload (the tensor of a stream), without its batch layer: a stream's sender runs this once a
         message, and on this VM each Python call it makes costs several times its warm figure
-        (docs/bench.md, "Streams at 1 MiB"). None, having sent nothing, for any other tensor."""
-        if self._engine.tag_fast is None:
+        (docs/bench.md, "Streams at 1 MiB"), so it makes the few calls of :meth:`_compiled_send` and
+        :meth:`_post_compiled` itself. None, having sent nothing, for any other tensor."""
+        eng = self._engine
+        if eng.tag_fast is None or not (t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()):
             return None
         self._ready()
         with self._send_lock:
-            c = self._compiled_send((t,), None, self._send_seq)
-            if c is None:
+            seq, nbytes = self._send_seq, t.nbytes
+            got = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq)
+            if got is None:
                 return None
-            what = f"sending a tensor to {self.peer}"
-            return _SendHandle(self, self._post_compiled([c], True, what), what)
+            what = self._what_send
+            if what is None:
+                what = self._what_send = f"sending a tensor to {self.peer}"
+            tag = self._tag(self._send_tag, seq, False)
+            self._send_seq = seq + 1
+            self.bytes_sent += nbytes
+            return _SendHandle(self, eng.send_tensors(self._ep, [(tag, got[1], tag | 1, t.data_ptr(), nbytes)], t,
+                                                      what, self._ep_open, True), what)
 
     def send_tensors(self, tensors: Sequence[TensorLike | None], timeout: float | None = None) -> None:
         """Send ``tensors`` in order and return once the peer has received them all."""
@@ -840,7 +859,11 @@ class Pipe:
         :meth:`recv_tensors`, which takes CPU ``out`` tensors through the compiled path.
         """
         if out is not None:
+            seen = set()  # (a window often repeats one buffer: each is checked once)
             for i, o in enumerate(out):
+                if id(o) in seen:
+                    continue
+                seen.add(id(o))
                 if not o.is_contiguous():
                     raise LocalUsageError(f"out[{i}] is not contiguous; receive into a contiguous tensor")
                 _refuse_lazy_view(o, f"out[{i}]")
@@ -1030,10 +1053,16 @@ class Pipe:
         fb.handed_over = True
         eng = self._engine
         lock = eng._lock
-        for i in range(fb.k):
-            c, slot, out, frame = fb.arr[i], slots[i], fb.outs[i], fb.frames[i]
-            st, what = c.state, f"tensor #{slot.seq} from {self.peer}"
-            if st in (_ucp_tag.ST_DONE, _ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_FAILED_PAY):
+        words = np.frombuffer(fb.arr, dtype=np.int64).reshape(fb.k, _ucp_tag.RECV_SLOT_WORDS)
+        for i, st in enumerate(words[:, _STATE_WORD].tolist()):
+            slot = slots[i]
+            if st == _ucp_tag.ST_DONE:  # (the usual case, without the ctypes view of the other cases)
+                slot.header, slot.tensors, slot.header_op = fb.headers[i], [fb.outs[i]], _RECEIVED
+                self.bytes_received += fb.outs[i].nbytes
+                continue
+            c, out, frame = fb.arr[i], fb.outs[i], fb.frames[i]
+            what = f"tensor #{slot.seq} from {self.peer}"
+            if st in (_ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_FAILED_PAY):
                 # its header was the one expected: nothing of it is left to check
                 slot.header, slot.tensors, slot.header_op = fb.headers[i], [out], _RECEIVED
                 self.bytes_received += c.out_len
