@@ -138,6 +138,21 @@ def _compiled_sendable(obj: TensorLike) -> torch.Tensor | None:
     return None
 
 
+#: msgpack's bytes of each int below 128 (a positive fixint: the byte itself).
+_MSGPACK_SMALL = [bytes([i]) for i in range(128)]
+
+
+def _msgpack_uint(n: int) -> bytes:
+    """A non-negative int below 2**32 in msgpack's shortest form, as msgspec writes it."""
+    if n < 128:
+        return bytes([n])
+    if n < 256:
+        return b"\xcc" + bytes([n])
+    if n < 65536:
+        return b"\xcd" + n.to_bytes(2, "big")
+    return b"\xce" + n.to_bytes(4, "big")
+
+
 def _u32_framed(header: bytes) -> bytes:
     """``header`` behind its little-endian u32 length: a header frame as every sender writes it."""
     return len(header).to_bytes(4, "little") + header
@@ -322,6 +337,7 @@ class Pipe:
         #: the compiled receives' header frames (a row each), reused from receive to receive (see _frames)
         self._rx_frames: np.ndarray | None = None
         self._specs: dict[tuple[torch.dtype, torch.Size, bool], codec.TensorSpec] = {}  # see _host_spec
+        self._tails: dict[int, tuple[codec.TensorSpec, bytes]] = {}  # see _payload_bytes
         #: dtype and shape of the last tensor recv_tensor decoded here without out, riding inline, for the host
         self._guess: tuple[torch.dtype, torch.Size] | None = None
         self._closed = False
@@ -896,14 +912,28 @@ class Pipe:
         got = None if spec is None else self._payload_body(spec, seq)
         return None if got is None else (got[0], _u32_framed(got[1]))
 
-    @staticmethod
-    def _payload_body(spec: codec.TensorSpec, seq: int) -> tuple[codec.Header, bytes] | None:
+    def _payload_body(self, spec: codec.TensorSpec, seq: int) -> tuple[codec.Header, bytes] | None:
         """The header of send #``seq`` of a tensor of ``spec`` sent as a payload, and its bytes as msgspec
         encodes them (the frame is ``u32 len | those bytes``); None if such a tensor rides inline instead.
-        The sender's header and the receiver's expected frame both come from here."""
-        header = codec.Header(seq & _SEQ_MASK, [spec], None)
-        body = codec.encode_header_bytes(header)
-        return None if codec.rides_inline(spec.nbytes, len(body)) else (header, body)
+        The receiver's expected frame comes from here, the sender's header from :meth:`_payload_bytes`."""
+        body = self._payload_bytes(spec, seq)
+        return None if body is None else (codec.Header(seq & _SEQ_MASK, [spec], None), body)
+
+    def _payload_bytes(self, spec: codec.TensorSpec, seq: int) -> bytes | None:
+        """:meth:`_payload_body`'s bytes alone, from the spec's encoding cached without its sequence number:
+        msgpack writes a :class:`codec.Header` as an array whose first item is ``seq``, so its bytes are the
+        array's marker, ``seq`` as msgpack writes an int, then the same bytes for every ``seq``."""
+        got = self._tails.get(id(spec))
+        if got is None or got[0] is not spec:
+            zero = codec.encode_header_bytes(codec.Header(0, [spec], None))
+            if zero[:2] != b"\x93\x00":
+                raise AssertionError(f"msgspec encoded a header as {zero[:2]!r}..., not an array of three items")
+            if len(self._tails) >= 64:
+                self._tails.clear()
+            got = self._tails[id(spec)] = (spec, zero[2:])  # (the spec held: its id is not reused meanwhile)
+        seq &= _SEQ_MASK
+        body = b"\x93" + (_MSGPACK_SMALL[seq] if seq < 128 else _msgpack_uint(seq)) + got[1]
+        return None if codec.rides_inline(spec.nbytes, len(body)) else body
 
     def _payload_spec(self, out: torch.Tensor) -> codec.TensorSpec | None:
         """The spec a sender writes for a CPU tensor of ``out``'s dtype and shape sent as a payload, if a
@@ -963,8 +993,8 @@ class Pipe:
         few shapes) and the header of send #``seq`` of it, as msgspec encodes it; None if such a tensor
         rides inline instead. Raises :class:`LocalUsageError` for an unsupported dtype."""
         spec = self._host_spec(dtype, shape, nbytes, False)
-        got = self._payload_body(spec, seq)
-        return None if got is None else (spec, got[1])
+        body = self._payload_bytes(spec, seq)
+        return None if body is None else (spec, body)
 
     def _defer_fast(self, outs: list[torch.Tensor], device: torch.device, background: bool
                     ) -> tuple[list[_RecvSlot], _FastRecv] | None:
