@@ -8,7 +8,8 @@ calls from C: :class:`Requests` holds a batch of send requests in its own C arra
 is created, polled and reaped without ctypes; :func:`post_tensors` posts a batch of
 sends through the helper's ``ukv_send_tensor``, and :func:`send_frame` and
 :func:`recv_frame` are the one-message path's ``ukv_send_frame`` and ``ukv_recv_frame``
-(the helper's functions, reached by their addresses).
+(the helper's functions, reached by their addresses); :func:`fill_window` writes a window of
+``ukv_recv_tensors``' slots.
 
 It needs the C compiler the helper needs and this Python's headers (``Python.h``, as
 Triton's launchers do); it is built and cached like the helper (:mod:`transport._native`).
@@ -303,6 +304,58 @@ static PyObject *recv_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     return Py_BuildValue("(inNI)", rc, (Py_ssize_t)len, PyLong_FromVoidPtr(req), progressed);
 }
 
+/* fill_window(slots, words, tag0, seq0, seq_mask, frames, frame_size, expect: bytes, expect_lens, out_addrs,
+   out_lens): the first eight 64-bit words of each of len(expect_lens) receive slots (ukv_rslot, `words` words
+   each, at address `slots`) for ukv_recv_tensors: slot i waits for send #seq0 + i (its header on
+   tag0 | ((seq0 + i) & seq_mask) << 1, its payload on that | 1), its header into frames + i * frame_size
+   (frame_size bytes), compared with the next expect_lens[i] bytes of expect, its payload into out_addrs[i]
+   (out_lens[i] bytes). The caller keeps expect, the frames and the outs alive while the slots are used. */
+static PyObject *fill_window(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs != 11 || !PyBytes_Check(args[7]) || !PyList_Check(args[8]) || !PyList_Check(args[9]) ||
+        !PyList_Check(args[10])) {
+        PyErr_SetString(PyExc_TypeError, "fill_window(slots, words, tag0, seq0, seq_mask, frames, frame_size, "
+                                         "expect: bytes, expect_lens: list, out_addrs: list, out_lens: list)");
+        return NULL;
+    }
+    void *slots, *frames;
+    if (as_address(args[0], &slots) < 0 || as_address(args[5], &frames) < 0) return NULL;
+    Py_ssize_t words = PyLong_AsSsize_t(args[1]);
+    uint64_t tag0 = PyLong_AsUnsignedLongLong(args[2]), seq0 = PyLong_AsUnsignedLongLong(args[3]);
+    uint64_t mask = PyLong_AsUnsignedLongLong(args[4]), fs = PyLong_AsUnsignedLongLong(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t k = PyList_GET_SIZE(args[8]);
+    if (slots == NULL || frames == NULL || words < 8 || PyList_GET_SIZE(args[9]) != k || PyList_GET_SIZE(args[10]) != k) {
+        PyErr_SetString(PyExc_ValueError, "fill_window: NULL slots or frames, slots of fewer than 8 words, or "
+                                          "lists of different lengths");
+        return NULL;
+    }
+    const char *expect = PyBytes_AS_STRING(args[7]);
+    size_t have = (size_t)PyBytes_GET_SIZE(args[7]), off = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        size_t elen = PyLong_AsSize_t(PyList_GET_ITEM(args[8], i));
+        void *out = PyLong_AsVoidPtr(PyList_GET_ITEM(args[9], i));
+        uint64_t olen = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(args[10], i));
+        if (PyErr_Occurred()) return NULL;
+        if (elen > have - off) {
+            PyErr_SetString(PyExc_ValueError, "fill_window: expect_lens add up to more than expect holds");
+            return NULL;
+        }
+        uint64_t *w = (uint64_t *)slots + (size_t)i * (size_t)words;
+        uint64_t tag = tag0 | (((seq0 + (uint64_t)i) & mask) << 1);
+        w[0] = tag;
+        w[1] = tag | 1;
+        w[2] = (uint64_t)(uintptr_t)((char *)frames + (size_t)i * fs);
+        w[3] = fs;
+        w[4] = (uint64_t)(uintptr_t)(expect + off);
+        w[5] = elen;
+        w[6] = (uint64_t)(uintptr_t)out;
+        w[7] = olen;
+        off += elen;
+    }
+    Py_RETURN_NONE;
+}
+
 /* init(send_tensor, reap_requests, send_frame, recv_frame): the addresses of the helper's functions this
    module calls. */
 static PyObject *init(PyObject *mod, PyObject *args) {
@@ -328,6 +381,7 @@ static PyMethodDef methods[] = {
     {"init", init, METH_VARARGS, "Set the helper's functions (addresses) this module calls."},
     {"post_tensors", (PyCFunction)(void (*)(void))post_tensors, METH_FASTCALL, "Post a batch of tensor sends."},
     {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL, "Send one frame (ukv_send_frame)."},
+    {"fill_window", (PyCFunction)(void (*)(void))fill_window, METH_FASTCALL, "Fill a window's receive slots."},
     {"recv_frame", (PyCFunction)(void (*)(void))recv_frame, METH_FASTCALL, "Receive one frame (ukv_recv_frame)."},
     {NULL},
 };

@@ -270,14 +270,18 @@ class _FastRecv:
     is the ordinary one.
     """
 
-    __slots__ = ("arr", "k", "outs", "headers", "frames", "expect", "device", "background", "handed_over")
+    __slots__ = ("arr", "k", "outs", "specs", "seq0", "frames", "expect", "device", "background", "handed_over")
 
-    def __init__(self, k: int, outs: list[torch.Tensor], headers: list[codec.Header], frames: list[np.ndarray],
-                 expect: list[bytes], device: torch.device, background: bool):
+    def __init__(self, k: int, outs: list[torch.Tensor], specs: list[codec.TensorSpec], seq0: int,
+                 frames: list[np.ndarray], expect: list[bytes], device: torch.device, background: bool):
         self.arr = (_ucp_tag.RecvSlot * k)()
-        self.k, self.outs, self.headers, self.frames, self.expect = k, outs, headers, frames, expect
+        self.k, self.outs, self.specs, self.seq0, self.frames, self.expect = k, outs, specs, seq0, frames, expect
         self.device, self.background = device, background
         self.handed_over = False
+
+    def header(self, i: int) -> codec.Header:
+        """The header slot ``i`` expects (the one it received, where it matched)."""
+        return codec.Header((self.seq0 + i) & _SEQ_MASK, [self.specs[i]], None)
 
 
 class _RecvSlot:
@@ -909,20 +913,16 @@ class Pipe:
         tensor would ride inline, ``out`` is not a contiguous CPU tensor, or the header would be refused
         (a dtype, depth or size the ordinary path rejects with its own error)."""
         spec = self._payload_spec(out)
-        got = None if spec is None else self._payload_body(spec, seq)
-        return None if got is None else (got[0], _u32_framed(got[1]))
-
-    def _payload_body(self, spec: codec.TensorSpec, seq: int) -> tuple[codec.Header, bytes] | None:
-        """The header of send #``seq`` of a tensor of ``spec`` sent as a payload, and its bytes as msgspec
-        encodes them (the frame is ``u32 len | those bytes``); None if such a tensor rides inline instead.
-        The receiver's expected frame comes from here, the sender's header from :meth:`_payload_bytes`."""
-        body = self._payload_bytes(spec, seq)
-        return None if body is None else (codec.Header(seq & _SEQ_MASK, [spec], None), body)
+        body = None if spec is None else self._payload_bytes(spec, seq)
+        return None if body is None else (codec.Header(seq & _SEQ_MASK, [spec], None), _u32_framed(body))
 
     def _payload_bytes(self, spec: codec.TensorSpec, seq: int) -> bytes | None:
-        """:meth:`_payload_body`'s bytes alone, from the spec's encoding cached without its sequence number:
-        msgpack writes a :class:`codec.Header` as an array whose first item is ``seq``, so its bytes are the
-        array's marker, ``seq`` as msgpack writes an int, then the same bytes for every ``seq``."""
+        """The header of send #``seq`` of a tensor of ``spec`` sent as a payload, as msgspec encodes it (the
+        frame is ``u32 len | those bytes``), or None if such a tensor rides inline instead; the sender's
+        header and the receiver's expected frame both come from here. Built from the spec's encoding
+        cached without its sequence number: msgpack writes a :class:`codec.Header` as an array whose first
+        item is ``seq``, so its bytes are the array's marker, ``seq`` as msgpack writes an int, then the same
+        bytes for every ``seq``."""
         got = self._tails.get(id(spec))
         if got is None or got[0] is not spec:
             zero = codec.encode_header_bytes(codec.Header(0, [spec], None))
@@ -1002,31 +1002,29 @@ class Pipe:
         None, having taken nothing, where the compiled receive does not apply to every ``out``."""
         seq0 = self._recv_seq
         k = len(outs)
-        specs: dict[int, codec.TensorSpec | None] = {}  # a window usually repeats one buffer
-        headers: list[codec.Header] = []
+        seen: dict[int, tuple[codec.TensorSpec | None, int, int]] = {}  # a window usually repeats one buffer
+        specs: list[codec.TensorSpec] = []
         expect: list[bytes] = []
+        addrs: list[int] = []
+        lens: list[int] = []
         for i, o in enumerate(outs):
-            if id(o) not in specs:
-                specs[id(o)] = self._payload_spec(o)
-            spec = specs[id(o)]
-            got = None if spec is None else self._payload_body(spec, seq0 + i)
+            got = seen.get(id(o))
             if got is None:
+                got = seen[id(o)] = (self._payload_spec(o), o.data_ptr(), o.nbytes)
+            spec = got[0]
+            body = None if spec is None else self._payload_bytes(spec, seq0 + i)
+            if body is None:
                 return None
-            headers.append(got[0])
-            expect.append(_u32_framed(got[1]))
+            specs.append(spec)  # type: ignore[arg-type]
+            expect.append(_u32_framed(body))
+            addrs.append(got[1])
+            lens.append(got[2])
         blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
-        at = ctypes.cast(ctypes.c_char_p(blob), ctypes.c_void_p).value or 0
         frames, base = self._frames(k)
-        fb = _FastRecv(k, outs, headers, list(frames[:k]), [blob], device, background)
-        tag0, fs = self._tag(self._recv_tag, 0, False), codec.HEADER_FRAME_SIZE
-        rows = []
-        for i, (o, e) in enumerate(zip(outs, expect)):
-            t = tag0 | (((seq0 + i) & _SEQ_MASK) << 1)
-            rows.append((t, t | 1, base + i * fs, fs, at, len(e), o.data_ptr(), o.nbytes))
-            at += len(e)
-        # one numpy store instead of eight ctypes field stores per slot (hdr_tag, pay_tag, frame, cap,
-        # expect, expect_len, out, out_len: RecvSlot's first eight 64-bit words)
-        np.frombuffer(fb.arr, dtype=np.uint64).reshape(k, _ucp_tag.RECV_SLOT_WORDS)[:, :8] = rows
+        fb = _FastRecv(k, outs, specs, seq0, list(frames[:k]), [blob], device, background)
+        _ucp_tag.EXT.fill_window(ctypes.addressof(fb.arr), _ucp_tag.RECV_SLOT_WORDS, self._tag(self._recv_tag, 0, False),
+                                 seq0, _SEQ_MASK, base, codec.HEADER_FRAME_SIZE, blob, [len(e) for e in expect],
+                                 addrs, lens)
         self._recv_seq = seq0 + k
         return [_RecvSlot(seq0 + i, fb.frames[i], None) for i in range(k)], fb
 
@@ -1087,14 +1085,15 @@ class Pipe:
         for i, st in enumerate(words[:, _STATE_WORD].tolist()):
             slot = slots[i]
             if st == _ucp_tag.ST_DONE:  # (the usual case, without the ctypes view of the other cases)
-                slot.header, slot.tensors, slot.header_op = fb.headers[i], [fb.outs[i]], _RECEIVED
+                # (its header is not kept: only a message's is read again, for its body)
+                slot.tensors, slot.header_op = [fb.outs[i]], _RECEIVED
                 self.bytes_received += fb.outs[i].nbytes
                 continue
             c, out, frame = fb.arr[i], fb.outs[i], fb.frames[i]
             what = f"tensor #{slot.seq} from {self.peer}"
             if st in (_ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_FAILED_PAY):
                 # its header was the one expected: nothing of it is left to check
-                slot.header, slot.tensors, slot.header_op = fb.headers[i], [out], _RECEIVED
+                slot.header, slot.tensors, slot.header_op = fb.header(i), [out], _RECEIVED
                 self.bytes_received += c.out_len
                 if st == _ucp_tag.ST_PAY_FLIGHT:
                     req: Any = _ucp_tag.NativeRequest(c.req, f"payload 0 of {what}", lock, keep=out)
