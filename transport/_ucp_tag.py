@@ -3,7 +3,8 @@
 A small tensor travels as one tag message (see :mod:`transport.pipe`). Through
 ucxx's Python layer its send or receive costs a dozen Python-level calls
 (post, wrap, probe, poll, progress); here each is one C call made with the
-engine's lock held and the GIL released (ctypes): the send assembles the frame
+engine's lock held and the GIL released (through ctypes, or for the hottest
+calls through :mod:`transport._tag_ext`, a CPython extension): the send assembles the frame
 (length prefix, header, inline bytes) and posts it; the receive probes the
 worker for the message on its exact tag, progressing the worker for up to a
 given slice while it has not arrived, and receives it into the caller's frame.
@@ -11,9 +12,9 @@ Neither blocks beyond its slice: what is still in flight then comes back as a
 request (:class:`NativeRequest`) that the engine's ordinary waits take over,
 with their timeouts and liveness checks.
 
-Built and cached by :mod:`transport._native`; when it cannot be built (no C
-compiler), or ``UCXKV_FAST_PATH=0``, :func:`lib` returns None and the pipe
-keeps its Python path.
+Built and cached by :mod:`transport._native`; when it or the extension cannot be
+built (no C compiler, no ``Python.h``), or ``UCXKV_FAST_PATH=0``, :func:`lib`
+returns None and the pipe keeps its Python path.
 """
 
 from __future__ import annotations
