@@ -67,9 +67,8 @@ static PyObject *req_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "a negative number of requests");
         return NULL;
     }
-    Requests *self = (Requests *)type->tp_alloc(type, n);
+    Requests *self = (Requests *)type->tp_alloc(type, n);  /* (zero-filled: every entry NULL) */
     if (self == NULL) return NULL;
-    memset(self->ptrs, 0, sizeof(void *) * (size_t)(n > 0 ? n : 1));
     self->n = n;
     self->open = 1;
     Py_INCREF(what); self->what = what;
@@ -306,7 +305,7 @@ static PyObject *recv_frame(PyObject *mod, PyObject *const *args, Py_ssize_t nar
 
 /* fill_window(slots, words, tag0, seq0, seq_mask, frames, frame_size, expect: bytes, expect_lens, out_addrs,
    out_lens): the first eight 64-bit words of each of len(expect_lens) receive slots (ukv_rslot, `words` words
-   each, at address `slots`) for ukv_recv_tensors: slot i waits for send #seq0 + i (its header on
+   each, in `slots`, a writable buffer such as a ctypes array of them) for ukv_recv_tensors: slot i waits for send #seq0 + i (its header on
    tag0 | ((seq0 + i) & seq_mask) << 1, its payload on that | 1), its header into frames + i * frame_size
    (frame_size bytes), compared with the next expect_lens[i] bytes of expect, its payload into out_addrs[i]
    (out_lens[i] bytes). The caller keeps expect, the frames and the outs alive while the slots are used. */
@@ -318,40 +317,53 @@ static PyObject *fill_window(PyObject *mod, PyObject *const *args, Py_ssize_t na
                                          "expect: bytes, expect_lens: list, out_addrs: list, out_lens: list)");
         return NULL;
     }
-    void *slots, *frames;
-    if (as_address(args[0], &slots) < 0 || as_address(args[5], &frames) < 0) return NULL;
+    void *frames;
+    if (as_address(args[5], &frames) < 0) return NULL;
     Py_ssize_t words = PyLong_AsSsize_t(args[1]);
     uint64_t tag0 = PyLong_AsUnsignedLongLong(args[2]), seq0 = PyLong_AsUnsignedLongLong(args[3]);
     uint64_t mask = PyLong_AsUnsignedLongLong(args[4]), fs = PyLong_AsUnsignedLongLong(args[6]);
     if (PyErr_Occurred()) return NULL;
     Py_ssize_t k = PyList_GET_SIZE(args[8]);
-    if (slots == NULL || frames == NULL || words < 8 || PyList_GET_SIZE(args[9]) != k || PyList_GET_SIZE(args[10]) != k) {
-        PyErr_SetString(PyExc_ValueError, "fill_window: NULL slots or frames, slots of fewer than 8 words, or "
-                                          "lists of different lengths");
+    if (frames == NULL || words < 8 || PyList_GET_SIZE(args[9]) != k || PyList_GET_SIZE(args[10]) != k) {
+        PyErr_SetString(PyExc_ValueError, "fill_window: NULL frames, slots of fewer than 8 words, or lists of "
+                                          "different lengths");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0) return NULL;
+    void *slots = view.buf;
+    int small = view.len < k * words * (Py_ssize_t)sizeof(uint64_t);
+    PyBuffer_Release(&view);  /* (the caller keeps the slots alive: they are its receive's) */
+    if (small) {
+        PyErr_SetString(PyExc_ValueError, "fill_window: more slots than the buffer holds");
         return NULL;
     }
     const char *expect = PyBytes_AS_STRING(args[7]);
     size_t have = (size_t)PyBytes_GET_SIZE(args[7]), off = 0;
-    for (Py_ssize_t i = 0; i < k; i++) {
-        size_t elen = PyLong_AsSize_t(PyList_GET_ITEM(args[8], i));
-        void *out = PyLong_AsVoidPtr(PyList_GET_ITEM(args[9], i));
-        uint64_t olen = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(args[10], i));
-        if (PyErr_Occurred()) return NULL;
-        if (elen > have - off) {
-            PyErr_SetString(PyExc_ValueError, "fill_window: expect_lens add up to more than expect holds");
-            return NULL;
+    for (int pass = 0; pass < 2; pass++, off = 0) {  /* every argument checked before a word is written */
+        for (Py_ssize_t i = 0; i < k; i++) {
+            size_t elen = PyLong_AsSize_t(PyList_GET_ITEM(args[8], i));
+            void *out = PyLong_AsVoidPtr(PyList_GET_ITEM(args[9], i));
+            uint64_t olen = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(args[10], i));
+            if (PyErr_Occurred()) return NULL;
+            if (elen > have - off) {
+                PyErr_SetString(PyExc_ValueError, "fill_window: expect_lens add up to more than expect holds");
+                return NULL;
+            }
+            if (pass == 1) {
+                uint64_t *w = (uint64_t *)slots + (size_t)i * (size_t)words;
+                uint64_t tag = tag0 | (((seq0 + (uint64_t)i) & mask) << 1);
+                w[0] = tag;
+                w[1] = tag | 1;
+                w[2] = (uint64_t)(uintptr_t)((char *)frames + (size_t)i * fs);
+                w[3] = fs;
+                w[4] = (uint64_t)(uintptr_t)(expect + off);
+                w[5] = elen;
+                w[6] = (uint64_t)(uintptr_t)out;
+                w[7] = olen;
+            }
+            off += elen;
         }
-        uint64_t *w = (uint64_t *)slots + (size_t)i * (size_t)words;
-        uint64_t tag = tag0 | (((seq0 + (uint64_t)i) & mask) << 1);
-        w[0] = tag;
-        w[1] = tag | 1;
-        w[2] = (uint64_t)(uintptr_t)((char *)frames + (size_t)i * fs);
-        w[3] = fs;
-        w[4] = (uint64_t)(uintptr_t)(expect + off);
-        w[5] = elen;
-        w[6] = (uint64_t)(uintptr_t)out;
-        w[7] = olen;
-        off += elen;
     }
     Py_RETURN_NONE;
 }

@@ -650,7 +650,7 @@ class Pipe:
         (docs/bench.md, "Streams at 1 MiB"), so it makes the few calls of :meth:`_compiled_send` and
         :meth:`_post_compiled` itself. None, having sent nothing, for any other tensor."""
         eng = self._engine
-        if eng.tag_fast is None or not (t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg()):
+        if eng.tag_fast is None or _compiled_sendable(t) is None:
             return None
         self._ready()
         with self._send_lock:
@@ -879,7 +879,7 @@ class Pipe:
         :meth:`recv_tensors`, which takes CPU ``out`` tensors through the compiled path.
         """
         if out is not None:
-            seen = set()  # (a window often repeats one buffer: each is checked once)
+            seen: set[int] = set()  # (a window often repeats one buffer: each is checked once)
             for i, o in enumerate(out):
                 if id(o) in seen:
                     continue
@@ -1022,7 +1022,7 @@ class Pipe:
         blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
         frames, base = self._frames(k)
         fb = _FastRecv(k, outs, specs, seq0, list(frames[:k]), [blob], device, background)
-        _ucp_tag.EXT.fill_window(ctypes.addressof(fb.arr), _ucp_tag.RECV_SLOT_WORDS, self._tag(self._recv_tag, 0, False),
+        _ucp_tag.EXT.fill_window(fb.arr, _ucp_tag.RECV_SLOT_WORDS, self._tag(self._recv_tag, 0, False),
                                  seq0, _SEQ_MASK, base, codec.HEADER_FRAME_SIZE, blob, [len(e) for e in expect],
                                  addrs, lens)
         self._recv_seq = seq0 + k
