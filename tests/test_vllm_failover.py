@@ -39,11 +39,14 @@ def p2d(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(f"failover-{request.param}")
     model = str(make_tiny_model(d / "m", num_layers=2, num_heads=4, num_kv_heads=2))
     kv_port = free_port()
+    # room for an answer long enough that the first decode is still producing it when its first event
+    # arrives (at 512, 400 tokens were sometimes done by then on a fast machine)
+    long = ("--max-model-len", "2048")
     specs = {
         "prefill": dict(cores="0", kv_transfer_config=P.kv_config("kv_producer", kv_port=kv_port, retain_kv=True,
-                                                                  lease_s=60, kv_mode=request.param)),
-        "d1": dict(cores="1", kv_transfer_config=P.kv_config("kv_consumer")),
-        "d2": dict(cores="1", kv_transfer_config=P.kv_config("kv_consumer")),
+                                                                  lease_s=60, kv_mode=request.param), extra_args=long),
+        "d1": dict(cores="1", kv_transfer_config=P.kv_config("kv_consumer"), extra_args=long),
+        "d2": dict(cores="1", kv_transfer_config=P.kv_config("kv_consumer"), extra_args=long),
     }
     with P.start_servers(model, d, specs) as servers:
         servers["prefill"].kv_port = kv_port
@@ -79,7 +82,7 @@ def test_decode_killed_mid_stream_the_other_decode_loads_the_retained_kv_and_fin
     servers, d = p2d
     prefill, d1, d2 = servers["prefill"], servers["d1"], servers["d2"]
     (prompt,) = sample_prompts(1, 60, 61, seed=43)
-    n_tokens = 400  # ~1 s or more of decoding here: the kill lands mid-answer
+    n_tokens = 1500  # several seconds of decoding on one core: the kill lands mid-answer
     reference = d2.complete(prompt, n_tokens, cache_salt="reference")["choices"][0]["text"]
     prompt_len = len(prompt.split()) + 1  # one token per word, plus <s>
     computed = prefill.metric("vllm:prompt_tokens_by_source_total", **LOCAL)

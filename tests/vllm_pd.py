@@ -65,13 +65,15 @@ def loaded(server: VllmServer) -> list[int]:
 
 @contextlib.contextmanager
 def start_servers(model: str, tmp: pathlib.Path, specs: dict[str, dict]) -> Iterator[dict[str, VllmServer]]:
-    """Start one server per ``specs`` entry (VllmServer.start keywords) concurrently; stop them all at exit."""
+    """Start one server per ``specs`` entry (VllmServer.start keywords; its ``extra_args`` follow the common
+    ones) concurrently; stop them all at exit."""
     env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": str(ROOT)}  # every vLLM process imports kv_transfer, tests
     started: dict[str, VllmServer] = {}
     errors = []
     with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
-        futs = {name: pool.submit(VllmServer.start, model, log_path=tmp / f"{name}.log", extra_args=EXT, env=env,
-                                  **spec) for name, spec in specs.items()}
+        futs = {name: pool.submit(VllmServer.start, model, log_path=tmp / f"{name}.log", env=env,
+                                  **{**spec, "extra_args": [*EXT, *spec.get("extra_args", ())]})
+                for name, spec in specs.items()}
         for name, f in futs.items():
             try:
                 started[name] = f.result()
