@@ -950,7 +950,7 @@ class Engine:
         """Progress the worker (engine lock held); True if it did anything. Then :meth:`_progressed`,
         also when it did nothing if ``check`` (the caller woke on a worker event someone else consumed).
 
-        ``native``: the requests, all the helper's (``_NATIVE``), of the caller's op: one C call
+        ``native``: the requests, all the helper's (NativeRequest, NativeRequests), of the caller's op: one C call
         progresses the worker until they complete or a slice (``_FAST_SLICE_NS``) ends. Otherwise the
         worker is progressed until it has nothing more to do.
         """

@@ -149,7 +149,7 @@ static PyMethodDef req_methods[] = {
 static PyTypeObject RequestsType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "ukv_tag_ext.Requests",
-    .tp_basicsize = sizeof(Requests) - sizeof(void *),
+    .tp_basicsize = offsetof(Requests, ptrs),
     .tp_itemsize = sizeof(void *),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "UCX requests in one C array, reaped under a lock.",
