@@ -188,7 +188,7 @@ def main() -> int:
     n, seq0 = args.n, p._send_seq
     if args.send == "c":
         lib = _probe_lib()
-        hdrs = [p._payload_header_bytes(t.dtype, t.shape, t.nbytes, seq0 + i)[1] for i in range(n)]
+        hdrs = [p._payload_header_bytes(t.dtype, t.shape, t.nbytes, seq0 + i) for i in range(n)]
         tags_h = (ctypes.c_uint64 * n)(*[p._tag(p._send_tag, seq0 + i, False) for i in range(n)])
         tags_p = (ctypes.c_uint64 * n)(*[p._tag(p._send_tag, seq0 + i, True) for i in range(n)])
         hp = (ctypes.c_char_p * n)(*hdrs)

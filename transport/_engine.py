@@ -721,17 +721,17 @@ class Engine:
             raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
         return reqs if inflight else None
 
-    def wait_sends(self, reqs: "_ucp_tag.NativeRequests", deadline: float, what: str,
+    def wait_sends(self, reqs: "_ucp_tag.NativeRequests", timeout: float, what: str,
                    alive: Callable[[], str | None] | None = None) -> None:
-        """Wait for sends :meth:`send_tensors` left in flight, with :meth:`wait`'s promises (deadline,
-        ``alive``, errors naming ``what``): one C call when they are done already (the usual case for
-        the older sends of a window), else :meth:`wait` on their C array (which spins on it in C
-        slices, then sleeps). A failed send is a :class:`PeerDeadError`."""
+        """Wait up to ``timeout`` seconds for sends :meth:`send_tensors` left in flight, with :meth:`wait`'s
+        promises (``alive``, errors naming ``what``): one C call when they are done already (the usual case
+        for the older sends of a window; no clock read), else :meth:`wait` on their C array (which spins on
+        it in C slices, then sleeps). A failed send is a :class:`PeerDeadError`."""
         self._check_pid()
         if reqs.completed:
             reqs.check_error()
             return
-        self.wait(Op([reqs], []), deadline, what, alive)
+        self.wait(Op([reqs], []), time.monotonic() + timeout, what, alive)
 
     def recv_tensors(self, slots: Any, k: int, spin_ns: int) -> tuple[int, bool]:
         """One slice of ``ukv_recv_tensors`` on ``slots[:k]`` (a :class:`_ucp_tag.RecvSlot` array), engine

@@ -64,6 +64,16 @@ def _build(so: Path, flags: list[str], source: str, what: str) -> None:
     log.info("built the %s: %s", what, so)
 
 
+def _cached(name: str, suffix: str, source: str, context: str, flags: list[str], what: str) -> Path:
+    """The library built from ``source`` with ``flags`` in the cache, built first if it is not there; its
+    name is keyed by the source, ``context`` (what else the build depends on) and the compiler flags."""
+    key = hashlib.sha256((source + context + " ".join(_CFLAGS)).encode()).hexdigest()[:16]
+    so = _cache_dir() / f"{name}_{key}{suffix}"
+    if not so.exists():
+        _build(so, flags, source, what)
+    return so
+
+
 def load(name: str, source: str, signatures: dict[str, tuple[Any, list[Any]]], what: str) -> ctypes.CDLL:
     """Build (first time only, about 0.2 s) and load the helper ``name`` from C ``source``.
 
@@ -79,11 +89,9 @@ def load(name: str, source: str, signatures: dict[str, tuple[Any, list[Any]]], w
         if not (ucx_root / "include" / "ucp" / "api" / "ucp.h").exists():
             raise LocalUsageError(f"UCX headers not found under {ucx_root}/include; cannot build the {what}")
         version = (ucx_root / "VERSION.txt").read_text().strip() if (ucx_root / "VERSION.txt").exists() else "?"
-        key = hashlib.sha256((source + version + str(ucx_root) + " ".join(_CFLAGS)).encode()).hexdigest()[:16]
-        so = _cache_dir() / f"{name}_{key}.so"
-        if not so.exists():
-            _build(so, [f"-I{ucx_root / 'include'}", f"-L{ucx_root / 'lib'}", "-lucp", "-lucs",
-                        f"-Wl,-rpath,{ucx_root / 'lib'}"], source, what)
+        so = _cached(name, ".so", source, version + str(ucx_root), [
+            f"-I{ucx_root / 'include'}", f"-L{ucx_root / 'lib'}", "-lucp", "-lucs", f"-Wl,-rpath,{ucx_root / 'lib'}"],
+            what)
         h = ctypes.CDLL(str(so))
         for fname, (res, args) in signatures.items():
             fn = getattr(h, fname)
@@ -104,10 +112,7 @@ def load_extension(name: str, source: str, what: str) -> ModuleType:
             raise LocalUsageError(f"the {what} needs this Python's headers (Python.h, not in {include}; "
                                   "on Debian: the python3-dev package)")
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        key = hashlib.sha256((source + sys.version + include + " ".join(_CFLAGS)).encode()).hexdigest()[:16]
-        so = _cache_dir() / f"{name}_{key}{suffix}"
-        if not so.exists():
-            _build(so, [f"-I{include}"], source, what)
+        so = _cached(name, suffix, source, sys.version + include, [f"-I{include}"], what)
         loader = importlib.machinery.ExtensionFileLoader(name, str(so))
         spec = importlib.util.spec_from_file_location(name, str(so), loader=loader)
         assert spec is not None

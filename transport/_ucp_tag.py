@@ -370,8 +370,8 @@ class RecvSlot(ctypes.Structure):
                 ("len", ctypes.c_uint64), ("state", ctypes.c_int64), ("status", ctypes.c_int64), ("req", P)]
 
 
-#: A :class:`RecvSlot` is this many 64-bit words, one per field in order (Pipe._defer_fast writes the first
-#: eight through a numpy view of a slot array).
+#: A :class:`RecvSlot` is this many 64-bit words, one per field in order (the extension's ``fill_window``
+#: writes the first eight; Pipe._hand_over reads the states through a numpy view).
 RECV_SLOT_WORDS = len(RecvSlot._fields_)
 if ctypes.sizeof(RecvSlot) != 8 * RECV_SLOT_WORDS or any(
         getattr(RecvSlot, name).offset != 8 * i for i, (name, _) in enumerate(RecvSlot._fields_)):
@@ -409,16 +409,12 @@ def lib() -> ctypes.CDLL | None:
         if _LIB is not None or _tried:
             return _LIB
         _tried = True
-        c_int, sz, u32, i64 = ctypes.c_int, ctypes.c_size_t, ctypes.c_uint32, ctypes.c_int64
-        up, szp, pp = ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(sz), ctypes.POINTER(P)
+        c_int, i64, up = ctypes.c_int, ctypes.c_int64, ctypes.POINTER(ctypes.c_uint)
+        # (ukv_send_frame, ukv_recv_frame, ukv_send_tensor and ukv_reap_requests are called by the extension,
+        # through their addresses: no ctypes signature)
         sig = {
-            "ukv_send_frame": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, P, sz, i64, pp, up]),
-            "ukv_recv_frame": (c_int, [P, ctypes.c_uint64, P, sz, i64, szp, pp, up, ctypes.c_char_p, sz, P, sz]),
-            "ukv_send_tensor": (c_int, [P, P, ctypes.c_uint64, ctypes.c_char_p, u32, ctypes.c_uint64, P, sz, i64,
-                                        P, up]),  # (reqs: an address inside a NativeRequests' array)
             "ukv_recv_tensors": (c_int, [P, ctypes.POINTER(RecvSlot), c_int, i64, up, ctypes.POINTER(c_int)]),
             "ukv_wait_requests": (c_int, [P, P, c_int, i64, up]),  # (an array, or the address of one)
-            "ukv_reap_requests": (c_int, [pp, c_int, ctypes.POINTER(c_int)]),
             "ukv_tag_request_status": (c_int, [P]),
             "ukv_tag_request_free": (None, [P]),
             "ukv_tag_status_string": (ctypes.c_char_p, [c_int]),

@@ -145,7 +145,7 @@ _MSGPACK_SMALL = [bytes([i]) for i in range(128)]
 def _msgpack_uint(n: int) -> bytes:
     """A non-negative int below 2**32 in msgpack's shortest form, as msgspec writes it."""
     if n < 128:
-        return bytes([n])
+        return _MSGPACK_SMALL[n]
     if n < 256:
         return b"\xcc" + bytes([n])
     if n < 65536:
@@ -218,13 +218,8 @@ class _SendHandle(Handle):
         if not self._waited:
             pipe, reqs = self._pipe, self._reqs
             assert reqs is not None
-            pipe._engine._check_pid()
-            if reqs.completed and not reqs.status:  # (the usual case of a window's oldest send: one C call)
-                self._waited = True
-                return None
-            deadline = time.monotonic() + (pipe.timeout_s if timeout is None else timeout)
             try:
-                pipe._engine.wait_sends(reqs, deadline, self._what, pipe._alive)
+                pipe._engine.wait_sends(reqs, pipe.timeout_s if timeout is None else timeout, self._what, pipe._alive)
             except (PeerError, RemoteProtocolError) as exc:
                 pipe._fail(exc, self._what)
             self._waited = True
@@ -559,14 +554,15 @@ class Pipe:
         if t is None:
             return None
         nbytes = t.nbytes
-        got = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq)
-        return None if got is None else (got[1], t, nbytes)
+        header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq)
+        return None if header is None else (header, t, nbytes)
 
     def _post_compiled(self, sends: list[tuple[bytes, torch.Tensor, int]], background: bool, what: str
                        ) -> "_ucp_tag.NativeRequests | None":
         """Post :meth:`_compiled_send`'s ``sends`` (built for the next sequence numbers) in one engine call
         (``_send_lock`` held): each header frame on its ``seq``, the tensor's memory, in place, on ``seq``
-        with the payload bit. Returns the requests still in flight, or None."""
+        with the payload bit. Returns the requests still in flight, or None. (:meth:`_send_payload_async` does
+        the same for one tensor, written out: keep the two alike.)"""
         seq, base = self._send_seq, self._send_tag
         posts = [(self._tag(base, seq + k, False), header, self._tag(base, seq + k, True), t.data_ptr(), nbytes)
                  for k, (header, t, nbytes) in enumerate(sends)]
@@ -647,16 +643,17 @@ class Pipe:
         """:meth:`send_tensors_async` of ``[t]`` where ``t`` is a CPU tensor the compiled path sends as a
         payload (the tensor of a stream), without its batch layer: a stream's sender runs this once a
         message, and on this VM each Python call it makes costs several times its warm figure
-        (docs/bench.md, "Streams at 1 MiB"), so it makes the few calls of :meth:`_compiled_send` and
-        :meth:`_post_compiled` itself. None, having sent nothing, for any other tensor."""
+        (docs/bench.md, "Streams at 1 MiB"). None, having sent nothing, for any other tensor."""
         eng = self._engine
         if eng.tag_fast is None or _compiled_sendable(t) is None:
             return None
         self._ready()
         with self._send_lock:
+            # what _compiled_send and _post_compiled do for one tensor, without their two calls, list and sum:
+            # a 64 KiB stream's Pipe sender runs 12 GB/s this way, 10 through them (docs/bench.md, session 11)
             seq, nbytes = self._send_seq, t.nbytes
-            got = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq)
-            if got is None:
+            header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq)
+            if header is None:
                 return None
             what = self._what_send
             if what is None:
@@ -664,7 +661,7 @@ class Pipe:
             tag = self._tag(self._send_tag, seq, False)
             self._send_seq = seq + 1
             self.bytes_sent += nbytes
-            return _SendHandle(self, eng.send_tensors(self._ep, [(tag, got[1], tag | 1, t.data_ptr(), nbytes)], t,
+            return _SendHandle(self, eng.send_tensors(self._ep, [(tag, header, tag | 1, t.data_ptr(), nbytes)], t,
                                                       what, self._ep_open, True), what)
 
     def send_tensors(self, tensors: Sequence[TensorLike | None], timeout: float | None = None) -> None:
@@ -932,7 +929,7 @@ class Pipe:
                 self._tails.clear()
             got = self._tails[id(spec)] = (spec, zero[2:])  # (the spec held: its id is not reused meanwhile)
         seq &= _SEQ_MASK
-        body = b"\x93" + (_MSGPACK_SMALL[seq] if seq < 128 else _msgpack_uint(seq)) + got[1]
+        body = b"\x93" + _msgpack_uint(seq) + got[1]
         return None if codec.rides_inline(spec.nbytes, len(body)) else body
 
     def _payload_spec(self, out: torch.Tensor) -> codec.TensorSpec | None:
@@ -987,14 +984,11 @@ class Pipe:
             self._specs[key] = spec
         return spec
 
-    def _payload_header_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, seq: int
-                              ) -> tuple[codec.TensorSpec, bytes] | None:
-        """The spec of a CPU tensor of ``dtype`` and ``shape`` sent as a payload (cached: a stream repeats a
-        few shapes) and the header of send #``seq`` of it, as msgspec encodes it; None if such a tensor
-        rides inline instead. Raises :class:`LocalUsageError` for an unsupported dtype."""
-        spec = self._host_spec(dtype, shape, nbytes, False)
-        body = self._payload_bytes(spec, seq)
-        return None if body is None else (spec, body)
+    def _payload_header_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, seq: int) -> bytes | None:
+        """The header of send #``seq`` of a CPU tensor of ``dtype`` and ``shape`` sent as a payload, as msgspec
+        encodes it (its spec cached: a stream repeats a few shapes); None if such a tensor rides inline
+        instead. Raises :class:`LocalUsageError` for an unsupported dtype."""
+        return self._payload_bytes(self._host_spec(dtype, shape, nbytes, False), seq)
 
     def _defer_fast(self, outs: list[torch.Tensor], device: torch.device, background: bool
                     ) -> tuple[list[_RecvSlot], _FastRecv] | None:
