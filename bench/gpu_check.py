@@ -20,8 +20,10 @@ On a CUDA machine it:
 5. ``perftest``: ``ucxkv-perftest --local -m cuda,cuda`` ``tensor_bw`` at 1 MiB and
    256 MiB and ``kv_bw`` (Llama-3-8B shape, flash-attn layout; layers and rma modes), each beside
    ``ucx_perftest -m cuda,cuda`` with the same UCX settings; median of ``--runs``;
-6. ``profile``: the sender of a 1 MiB ``tensor_bw`` under cProfile, the top of its own-time
-   listing in the report (where a device message's time goes).
+   ``tensor_bw`` and ``kv_bw`` layers also run with ``UCXKV_FAST_PATH_CUDA=1`` (CUDA payloads
+   through the compiled path), each right after the same case without it;
+6. ``profile``: the sender of a 1 MiB ``tensor_bw`` under cProfile (``UCXKV_FAST_PATH_CUDA=1``),
+   the top of its own-time listing in the report (where a device message's time goes).
 
 Every step runs in its own process group under its own time limit, all of them
 inside an overall budget (``--budget``, default 480 s). A step that fails or
@@ -279,6 +281,9 @@ class Check:
                 "    except Exception as e:\n        d['cuda_driver_api'] = f'unknown: {e}'\n"
                 "    d['capability'] = list(torch.cuda.get_device_capability(0))\n"
                 "try:\n    import cupy; d['cupy'] = cupy.__version__\nexcept Exception as e:\n    d['cupy'] = f'not usable: {e}'\n"
+                # whether the compiled per-message path builds here (it needs a C compiler and Python.h)
+                "try:\n    from transport import _ucp_tag; d['compiled_path'] = _ucp_tag.lib() is not None\n"
+                "except Exception as e:\n    d['compiled_path'] = f'not usable: {e}'\n"
                 "print(json.dumps(d))")
         rec = self.step("env.python", [self.python, "-c", code], parse=_last_json)
         self.results["versions"] = rec.get("details")
@@ -338,27 +343,34 @@ class Check:
         runs: dict[str, list[dict[str, Any]]] = {}
         n = 1 if self.quick else self.args.runs
         failed_first: set[str] = set()
+        # each case beside the same case with CUDA payloads on the compiled path (UCXKV_FAST_PATH_CUDA=1,
+        # off by default until it is measured and checked here), in adjacent steps
+        fast = {"UCXKV_FAST_PATH_CUDA": "1"}
+        cases = (("tensor_bw", tensor, {}), ("tensor_bw_cfast", tensor, fast), ("kv_bw", kv, {}),
+                 ("kv_bw_cfast", kv, fast), ("kv_bw_rma", kv_rma, {}))
         for i in range(n):
-            for label, extra in (("tensor_bw", tensor), ("kv_bw", kv), ("kv_bw_rma", kv_rma)):
+            for label, extra, env in cases:
                 name = f"perftest.{label}.{i + 1}"
                 if label in failed_first:  # the same failure again would only spend the budget
                     self.record(name, "skipped", why=f"perftest.{label}.1 failed")
                     continue
-                rec = self.step(name, base + extra + common, parse=parse_perftest_json)
+                rec = self.step(name, base + extra + common, env=self.env(**env), parse=parse_perftest_json)
                 if i == 0 and rec["status"] != "ok":
                     failed_first.add(label)
                 for row in (rec.get("details") or {}).get("rows", []):
                     mode = f" {row['kv_mode']}" if row.get("kv_mode") else ""
-                    runs.setdefault(f"{row['test']} {row['size']}{mode}", []).append(row)
+                    tag = " (UCXKV_FAST_PATH_CUDA=1)" if env else ""
+                    runs.setdefault(f"{row['test']} {row['size']}{mode}{tag}", []).append(row)
         self.results["perftest"] = summarise_perftest(runs, (self.results.get("copy") or {}).get("MB/s"))
 
     def run_profile(self) -> None:
         """Where the sender's time goes in a 1 MiB device-to-device ``tensor_bw`` (cProfile, by own time)."""
         mem = f"{self.mem},{self.mem}"
         n = "200" if self.quick else "20000"  # the messages, not the imports, on top of the listing
+        # with CUDA payloads on the compiled path: what is left of a device message's time there
         rec = self.step("profile", [self.python, "-m", "cProfile", "-s", "tottime", "-m", "bench.perftest",
                                     "-t", "tensor_bw", "-s", "1M", "-n", n, "--local", "-m", mem, "--no-progress"],
-                        parse=parse_profile)
+                        env=self.env(UCXKV_FAST_PATH_CUDA="1"), parse=parse_profile)
         self.results["profile"] = rec.get("details")
 
     # -- the whole run -----------------------------------------------------------

@@ -3,7 +3,8 @@
 UCX reads and writes device memory from streams of its own. Each case queues about 0.2 s of
 GPU sleep and then the kernel that matters right before the transfer (tests/cuda_order_peers.py):
 without the ordering the transfer moves the memory as it was before that kernel, and the values
-checked here are wrong. Skipped cleanly without a CUDA device.
+checked here are wrong. Each case runs with CUDA payloads on the ordinary path and on the compiled
+one (``UCXKV_FAST_PATH_CUDA``). Skipped cleanly without a CUDA device.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
 ]
+
+
+@pytest.fixture(autouse=True, params=["0", "1"], ids=["ordinary", "compiled"])
+def cuda_fast_path(request, monkeypatch):
+    """Each case with CUDA payloads on the ordinary path and on the compiled one (UCXKV_FAST_PATH_CUDA)."""
+    monkeypatch.setenv("UCXKV_FAST_PATH_CUDA", request.param)  # the peers are spawned with it
 
 
 @pytest.mark.parametrize("dst", ["cuda", "cpu"])

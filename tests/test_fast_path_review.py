@@ -324,3 +324,18 @@ def oversized_header_case(nbytes: int) -> dict:
 def test_an_oversized_header_frame_breaks_the_pipe_only(cases: dict, fast: str, size: str):
     got = cases[f"oversized_{size}/{fast}"]
     assert got == {"first": "named", "second": "broken", "sender_done": True, "again": 9}, got
+
+
+def test_cuda_payloads_stay_off_the_compiled_path_unless_asked(monkeypatch: pytest.MonkeyPatch):
+    """``UCXKV_FAST_PATH_CUDA``: off unless ``1`` (the path has not run on a GPU yet), and a malformed
+    value is refused by name rather than read as either."""
+    from transport import LocalUsageError, _ucp_tag
+
+    monkeypatch.delenv("UCXKV_FAST_PATH_CUDA", raising=False)
+    assert _ucp_tag.cuda_enabled() is False
+    for raw, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("UCXKV_FAST_PATH_CUDA", raw)
+        assert _ucp_tag.cuda_enabled() is want
+    monkeypatch.setenv("UCXKV_FAST_PATH_CUDA", "yes")
+    with pytest.raises(LocalUsageError, match="UCXKV_FAST_PATH_CUDA='yes' must be 0 or 1"):
+        _ucp_tag.cuda_enabled()

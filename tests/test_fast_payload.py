@@ -187,9 +187,10 @@ def test_fast_payload_sends_put_the_ordinary_header_on_the_wire(pair: tuple[Pipe
 def test_the_compiled_header_is_the_ordinary_frame_at_every_seq_width(pair: tuple[Pipe, Pipe], seq: int):
     """The header the compiled send puts on the wire and the receive expects (one msgspec encoding of a
     cached spec) equals the frame the ordinary send writes for the same tensor, at every width msgpack
-    gives the sequence number (1 to 5 bytes: the inline room changes with it) and past the mask."""
+    gives the sequence number (1 to 5 bytes: the inline room changes with it) and past the mask; the
+    same for a CUDA tensor of that dtype and shape."""
     from transport import _envelope as codec
-    from transport.pipe import _SEQ_MASK
+    from transport.pipe import _SEQ_MASK, _u32_framed
 
     a, _ = pair
     near = [torch.empty(n, dtype=torch.uint8) for n in range(7648, 7664)]  # around the inline boundary
@@ -198,6 +199,14 @@ def test_the_compiled_header_is_the_ordinary_frame_at_every_seq_width(pair: tupl
         spec = codec.spec_of(t, False)
         header_len = codec.header_size(codec.Header(seq & _SEQ_MASK, [spec], None))
         frame = memoryview(bytearray(codec.HEADER_FRAME_SIZE))
+        # a CUDA sender's header (UCXKV_FAST_PATH_CUDA): the same bytes from both paths
+        cuda = codec.TensorSpec(spec.dtype, spec.shape, spec.nbytes, "cuda", False)
+        body = a._payload_header_bytes(t.dtype, t.shape, t.nbytes, seq, "cuda")
+        if codec.rides_inline(cuda.nbytes, codec.header_size(codec.Header(seq & _SEQ_MASK, [cuda], None))):
+            assert body is None
+        else:
+            used = codec.encode_header(frame, codec.Header(seq & _SEQ_MASK, [cuda], None))
+            assert body is not None and _u32_framed(body) == bytes(frame[:used]), (t.dtype, t.shape, seq)
         inline = codec.rides_inline(spec.nbytes, header_len)
         kinds.add(inline)
         if inline:  # the ordinary send inlines it: not a payload

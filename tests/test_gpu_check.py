@@ -73,7 +73,9 @@ def test_host_mode_proto_and_perftest_report(tmp_path):
     assert r["proto"]["proto_lines"] and all("host memory" in ln for ln in r["proto"]["proto_lines"])
     cases = {c["case"]: c for c in r["perftest"]}
     kv = f"kv_bw {4 * 16 * 16 * 8 * 128 * 2 * 2}"
-    assert set(cases) == {"tensor_bw 1048576", "tensor_bw 4194304", f"{kv} layers", f"{kv} rma"}
+    fast = " (UCXKV_FAST_PATH_CUDA=1)"  # the same cases again with CUDA payloads on the compiled path
+    plain = ["tensor_bw 1048576", "tensor_bw 4194304", f"{kv} layers"]
+    assert set(cases) == {*plain, f"{kv} rma", *(c + fast for c in plain)}
     for c in cases.values():
         assert c["ucxkv_MBps"] > 0 and c["ucx_perftest_MBps"] > 0
         assert c["ucxkv_over_ucx_perftest"] == pytest.approx(c["ucxkv_MBps"] / c["ucx_perftest_MBps"])

@@ -455,7 +455,10 @@ class Engine:
         self._pt = self._new_sleeper("ucxkv-progress")
         self._stop = threading.Event()
         # the compiled one-message path, when it can be built and UCXKV_FAST_PATH is not 0
+        cuda = _ucp_tag.cuda_enabled()  # (a malformed value fails here, whether or not the path can be built)
         self.tag_fast = _ucp_tag.lib() if _ucp_tag.enabled() else None
+        #: CUDA payload tensors take the compiled path too (UCX finds their memory type itself)
+        self.tag_fast_cuda = self.tag_fast is not None and cuda
         if self.tag_fast is not None:
             self._worker_h = self.worker.handle
             self._c_prog = ctypes.c_uint()
@@ -467,8 +470,9 @@ class Engine:
         self._thread.start()
         self._finalizer = weakref.finalize(self, _stop_engine, self._stop, self._pt.wakeup, self._thread)
         cfg = self.context.config
-        log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s spin=%.0fus fast path=%s", cfg.get("TLS"),
-                 cfg.get("RNDV_THRESH"), self._spin_s * 1e6, self.tag_fast is not None)
+        log.info("UCX engine up: UCX_TLS=%s RNDV_THRESH=%s spin=%.0fus fast path=%s (CUDA payloads: %s)",
+                 cfg.get("TLS"), cfg.get("RNDV_THRESH"), self._spin_s * 1e6, self.tag_fast is not None,
+                 self.tag_fast_cuda)
 
     # -- endpoints -------------------------------------------------------
     def connect(self, worker_address: bytes, peer: str) -> Any:

@@ -399,6 +399,15 @@ def enabled() -> bool:
     return raw == "1"
 
 
+def cuda_enabled() -> bool:
+    """Whether CUDA payload tensors may take the compiled path too: ``UCXKV_FAST_PATH_CUDA`` is ``1``
+    (read at each engine start; off by default until the path has been checked on a GPU, see the README)."""
+    raw = os.environ.get("UCXKV_FAST_PATH_CUDA", "0")
+    if raw not in ("0", "1"):
+        raise LocalUsageError(f"UCXKV_FAST_PATH_CUDA={raw!r} must be 0 or 1")
+    return raw == "1"
+
+
 def lib() -> ctypes.CDLL | None:
     """The compiled helper (built on first use, cached), or None when it or its extension (:data:`EXT`)
     cannot be built (logged once)."""

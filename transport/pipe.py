@@ -128,12 +128,12 @@ def _copy_inline(t: torch.Tensor, data: memoryview) -> None:
         codec.byte_view(t).copy_(torch.frombuffer(data, dtype=torch.uint8))
 
 
-def _compiled_sendable(obj: TensorLike) -> torch.Tensor | None:
+def _compiled_sendable(obj: TensorLike, cuda: bool) -> torch.Tensor | None:
     """``obj`` as a torch tensor if the compiled path may send its memory as it is: a contiguous CPU
-    tensor that is not a lazy conj/neg view (such a view's memory is not its values: the ordinary path
-    resolves it); else None."""
+    tensor (or, with ``cuda``, a CUDA one: only as a payload, never copied in C) that is not a lazy
+    conj/neg view (such a view's memory is not its values: the ordinary path resolves it); else None."""
     t = obj if type(obj) is torch.Tensor else codec.as_torch(obj)
-    if t.is_cpu and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+    if (t.is_cpu or cuda and t.is_cuda) and t.is_contiguous() and not t.is_conj() and not t.is_neg():
         return t
     return None
 
@@ -335,7 +335,7 @@ class Pipe:
         self._recv_refused: str | None = None  # recv_message refused an envelope unreceived: out of step
         #: the compiled receives' header frames (a row each), reused from receive to receive (see _frames)
         self._rx_frames: np.ndarray | None = None
-        self._specs: dict[tuple[torch.dtype, torch.Size, bool], codec.TensorSpec] = {}  # see _host_spec
+        self._specs: dict[tuple[torch.dtype, torch.Size, bool, str], codec.TensorSpec] = {}  # see _wire_spec
         self._tails: dict[int, tuple[codec.TensorSpec, bytes]] = {}  # see _payload_bytes
         #: dtype and shape of the last tensor recv_tensor decoded here without out, riding inline, for the host
         self._guess: tuple[torch.dtype, torch.Size] | None = None
@@ -550,11 +550,11 @@ class Pipe:
         or one small enough to ride inline)."""
         if body is not None or len(objs) != 1 or objs[0] is None:
             return None
-        t = _compiled_sendable(objs[0])
+        t = _compiled_sendable(objs[0], self._engine.tag_fast_cuda)
         if t is None:
             return None
         nbytes = t.nbytes
-        header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq)
+        header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, t.device.type)
         return None if header is None else (header, t, nbytes)
 
     def _post_compiled(self, sends: list[tuple[bytes, torch.Tensor, int]], background: bool, what: str
@@ -563,6 +563,7 @@ class Pipe:
         (``_send_lock`` held): each header frame on its ``seq``, the tensor's memory, in place, on ``seq``
         with the payload bit. Returns the requests still in flight, or None. (:meth:`_send_payload_async` does
         the same for one tensor, written out: keep the two alike.)"""
+        _cuda_order.settle(t.device for _, t, _ in sends if not t.is_cpu)  # see _post_send
         seq, base = self._send_seq, self._send_tag
         posts = [(self._tag(base, seq + k, False), header, self._tag(base, seq + k, True), t.data_ptr(), nbytes)
                  for k, (header, t, nbytes) in enumerate(sends)]
@@ -640,19 +641,21 @@ class Pipe:
         return h if h is not None else self.send_tensors_async([tensor])
 
     def _send_payload_async(self, t: torch.Tensor) -> "_SendHandle | None":
-        """:meth:`send_tensors_async` of ``[t]`` where ``t`` is a CPU tensor the compiled path sends as a
+        """:meth:`send_tensors_async` of ``[t]`` where ``t`` is a tensor the compiled path sends as a
         payload (the tensor of a stream), without its batch layer: a stream's sender runs this once a
         message, and on this VM each Python call it makes costs several times its warm figure
         (docs/bench.md, "Streams at 1 MiB"). None, having sent nothing, for any other tensor."""
         eng = self._engine
-        if eng.tag_fast is None or _compiled_sendable(t) is None:
+        if eng.tag_fast is None or _compiled_sendable(t, eng.tag_fast_cuda) is None:
             return None
         self._ready()
+        if not t.is_cpu:
+            _cuda_order.settle((t.device,))  # see _post_send
         with self._send_lock:
             # what _compiled_send and _post_compiled do for one tensor, without their two calls, list and sum:
             # a 64 KiB stream's Pipe sender runs 12 GB/s this way, 10 through them (docs/bench.md, session 11)
             seq, nbytes = self._send_seq, t.nbytes
-            header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq)
+            header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, t.device.type)
             if header is None:
                 return None
             what = self._what_send
@@ -698,10 +701,10 @@ class Pipe:
                 if obj is None:
                     specs.append(None)
                     continue
-                t = _compiled_sendable(obj)
+                t = _compiled_sendable(obj, False)  # (host memory only: the helper copies it into the frame)
                 if t is None:
                     return False
-                spec = self._host_spec(t.dtype, t.shape, t.nbytes, True)
+                spec = self._wire_spec(t.dtype, t.shape, t.nbytes, True)
                 nb = spec.nbytes
                 nbytes += nb
                 if not codec.rides_inline(nbytes, 0):  # (already too much for any header)
@@ -873,7 +876,8 @@ class Pipe:
         A ``wait`` that times out breaks the pipe (as every handle's): unlike :meth:`recv_tensor`
         without ``out``, what was posted does not stay posted for a later call. What is posted
         progresses in the background, waited on or not; a caller that waits at once should use
-        :meth:`recv_tensors`, which takes CPU ``out`` tensors through the compiled path.
+        :meth:`recv_tensors`, which takes CPU ``out`` tensors (and CUDA ones, with ``UCXKV_FAST_PATH_CUDA=1``)
+        through the compiled path.
         """
         if out is not None:
             seen: set[int] = set()  # (a window often repeats one buffer: each is checked once)
@@ -905,9 +909,9 @@ class Pipe:
         return _RecvHandle(self, slots, _single, None if fast is None else fast[1])
 
     def _payload_header(self, out: torch.Tensor, seq: int) -> tuple[codec.Header, bytes] | None:
-        """The header of send #``seq`` of a CPU tensor of ``out``'s dtype and shape whose bytes travel as a
+        """The header of send #``seq`` of a tensor of ``out``'s device, dtype and shape whose bytes travel as a
         payload, and its frame as on the wire; None where the compiled receive does not apply: such a
-        tensor would ride inline, ``out`` is not a contiguous CPU tensor, or the header would be refused
+        tensor would ride inline, :meth:`_in_place_bytes` refuses ``out``, or the header would be refused
         (a dtype, depth or size the ordinary path rejects with its own error)."""
         spec = self._payload_spec(out)
         body = None if spec is None else self._payload_bytes(spec, seq)
@@ -933,14 +937,14 @@ class Pipe:
         return None if codec.rides_inline(spec.nbytes, len(body)) else body
 
     def _payload_spec(self, out: torch.Tensor) -> codec.TensorSpec | None:
-        """The spec a sender writes for a CPU tensor of ``out``'s dtype and shape sent as a payload, if a
+        """The spec a sender writes for a tensor of ``out``'s device, dtype and shape sent as a payload, if a
         compiled receive may land it in ``out`` (see :meth:`_in_place_bytes`; a dtype the transport does
         not carry is None too: the ordinary path raises its own error)."""
         nbytes = self._in_place_bytes(out)
         if nbytes is None:
             return None
         try:
-            return self._host_spec(out.dtype, out.shape, nbytes, False)
+            return self._wire_spec(out.dtype, out.shape, nbytes, False, out.device.type)
         except LocalUsageError:
             return None
 
@@ -950,11 +954,11 @@ class Pipe:
         comparison does not apply: ``out`` is not a contiguous CPU tensor, such a tensor would travel as a
         payload, or the ordinary path would refuse its header (it then raises its own error). (A lazy
         conjugate or negative view was refused before: :meth:`recv_tensor`.)"""
-        nbytes = self._in_place_bytes(out)
+        nbytes = self._in_place_bytes(out) if out.is_cpu else None  # (the helper copies inline bytes in C)
         if nbytes is None or nbytes > codec.INLINE_LIMIT:
             return None
         try:
-            spec = self._host_spec(out.dtype, out.shape, nbytes, True)
+            spec = self._wire_spec(out.dtype, out.shape, nbytes, True)
         except LocalUsageError:  # a dtype the transport does not carry
             return None
         header = codec.encode_header_bytes(codec.Header(seq & _SEQ_MASK, [spec], None))
@@ -964,31 +968,34 @@ class Pipe:
 
     def _in_place_bytes(self, out: torch.Tensor) -> int | None:
         """``out``'s byte count if a compiled receive may land bytes in its memory as they are: a contiguous
-        CPU tensor, of a depth and size the ordinary path accepts; else None (that path takes it, with its
-        checks and errors)."""
-        if not out.is_cpu or not out.is_contiguous() or out.dim() > codec.MAX_NDIM:
+        CPU tensor (or CUDA, where :attr:`Engine.tag_fast_cuda`), of a depth and size the ordinary path
+        accepts; else None (that path takes it, with its checks and errors)."""
+        if not (out.is_cpu or out.is_cuda and self._engine.tag_fast_cuda) or not out.is_contiguous() \
+                or out.dim() > codec.MAX_NDIM:
             return None
         nbytes = out.nbytes
         return None if nbytes > self.max_tensor_bytes else nbytes
 
-    def _host_spec(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, inline: bool) -> codec.TensorSpec:
-        """The spec of a CPU tensor of ``dtype`` and ``shape`` (``nbytes``) riding inline or sent as a payload,
-        as every sender writes it; cached, as a pipe sees few shapes. Raises :class:`LocalUsageError` for a
-        dtype the transport does not carry."""
-        key = (dtype, shape, inline)
+    def _wire_spec(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, inline: bool,
+                   device: str = "cpu") -> codec.TensorSpec:
+        """The spec of a tensor on ``device`` (its type: ``cpu``, ``cuda``) of ``dtype`` and ``shape`` (``nbytes``)
+        riding inline or sent as a payload, as every sender writes it; cached, as a pipe sees few shapes.
+        Raises :class:`LocalUsageError` for a dtype the transport does not carry."""
+        key = (dtype, shape, inline, device)
         spec = self._specs.get(key)
         if spec is None:
-            spec = codec.TensorSpec(codec.dtype_name(dtype), list(shape), nbytes, "cpu", inline)
+            spec = codec.TensorSpec(codec.dtype_name(dtype), list(shape), nbytes, device, inline)
             if len(self._specs) >= 64:
                 self._specs.clear()
             self._specs[key] = spec
         return spec
 
-    def _payload_header_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, seq: int) -> bytes | None:
-        """The header of send #``seq`` of a CPU tensor of ``dtype`` and ``shape`` sent as a payload, as msgspec
-        encodes it (its spec cached: a stream repeats a few shapes); None if such a tensor rides inline
-        instead. Raises :class:`LocalUsageError` for an unsupported dtype."""
-        return self._payload_bytes(self._host_spec(dtype, shape, nbytes, False), seq)
+    def _payload_header_bytes(self, dtype: torch.dtype, shape: torch.Size, nbytes: int, seq: int,
+                              device: str = "cpu") -> bytes | None:
+        """The header of send #``seq`` of a tensor on ``device`` (its type) of ``dtype`` and ``shape`` sent as a
+        payload, as msgspec encodes it (its spec cached: a stream repeats a few shapes); None if such a tensor
+        rides inline instead. Raises :class:`LocalUsageError` for an unsupported dtype."""
+        return self._payload_bytes(self._wire_spec(dtype, shape, nbytes, False, device), seq)
 
     def _defer_fast(self, outs: list[torch.Tensor], device: torch.device, background: bool
                     ) -> tuple[list[_RecvSlot], _FastRecv] | None:
@@ -1014,6 +1021,8 @@ class Pipe:
             addrs.append(got[1])
             lens.append(got[2])
         blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
+        # UCX writes device memory off the caller's stream: the kernels queued to read these outs first
+        _cuda_order.settle(o.device for o in outs if not o.is_cpu)
         frames, base = self._frames(k)
         fb = _FastRecv(k, outs, specs, seq0, list(frames[:k]), [blob], device, background)
         _ucp_tag.EXT.fill_window(fb.arr, _ucp_tag.RECV_SLOT_WORDS, self._tag(self._recv_tag, 0, False),
@@ -1127,7 +1136,8 @@ class Pipe:
         """Receive the next ``n`` tensors (or ``len(out)``, each landing in its ``out`` in place), in order.
 
         What :meth:`recv_tensors_async` then ``wait`` does, for a caller that waits at once: into
-        CPU ``out`` tensors, through the compiled path. A timeout breaks the pipe (see
+        CPU ``out`` tensors (CUDA ones too, with ``UCXKV_FAST_PATH_CUDA=1``), through the compiled path. A
+        timeout breaks the pipe (see
         :meth:`recv_tensor` with ``out``).
         """
         try:
