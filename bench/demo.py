@@ -17,9 +17,11 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -62,12 +64,14 @@ def _wait_health(name: str, url: str, proc: subprocess.Popen, timeout: float) ->
 
 
 def _vllm(model: str, port: int, role: str, kv_port: int, cpus: str, log: pathlib.Path,
-          tp: int = 1) -> subprocess.Popen:
+          tp: int = 1, tmp: str | None = None) -> subprocess.Popen:
     cfg = {"kv_connector": "UcxConnector", "kv_connector_module_path": "kv_transfer.vllm_connector",
            "kv_role": role, "kv_load_failure_policy": "recompute",
            "kv_connector_extra_config": {"kv_host": "127.0.0.1", "kv_port": kv_port}}
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                VLLM_CPU_OMP_THREADS_BIND=cpus, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    if tmp is not None:  # vLLM's ipc sockets and file stores go there (a killed server leaves them)
+        env["TMPDIR"] = tmp
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
            "--block-size", "32", "--no-enable-prefix-caching", "--kv-transfer-config", json.dumps(cfg)]
@@ -94,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     p_port, d_port, x_port, kv_port = (_free_port() for _ in range(4))
     procs: list[subprocess.Popen] = []
     shm_before = set(pathlib.Path("/dev/shm").glob("vllm_dist_*"))  # a TP > 1 shutdown leaves these behind
+    tmp = tempfile.mkdtemp(prefix="vllm-tmp-")  # (short: a socket path has at most 107 bytes)
     try:
         # each instance's ranks on one core: a decode waiting for KV spins its cores (docs/parallel.md)
         prefill = _vllm(model, p_port, "kv_producer", kv_port, "|".join(["0"] * args.tp), work / "prefill.log",
-                        args.tp)
+                        args.tp, tmp)
         decode = _vllm(model, d_port, "kv_consumer", kv_port, "|".join(["1"] * args.tp), work / "decode.log",
-                       args.tp)
+                       args.tp, tmp)
         procs += [prefill, decode]
         proxy = subprocess.Popen(
             [sys.executable, "-m", "kv_transfer.proxy", "--port", str(x_port),
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.killpg(p.pid, signal.SIGKILL)
         for seg in set(pathlib.Path("/dev/shm").glob("vllm_dist_*")) - shm_before:
             seg.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -70,6 +72,9 @@ class VllmServer:
         self._shm_before = shm_before
         self.started_s = started_s  # seconds from launch to a healthy /health
         self._stopped = False
+        #: its TMPDIR, removed by stop(): vLLM puts its ZeroMQ ipc sockets and torch.distributed's file
+        #: store there, and a killed server leaves them
+        self.tmp_dir: Optional[str] = None
 
     @property
     def url(self) -> str:
@@ -108,7 +113,9 @@ class VllmServer:
         if kv_transfer_config is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
         cmd += list(extra_args)
-        full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=cores)
+        # its own temporary directory (by default vLLM's sockets and stores lie loose in /tmp)
+        tmp_dir = tempfile.mkdtemp(prefix="vllm-tmp-")  # (short: a socket path has at most 107 bytes)
+        full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=cores, TMPDIR=tmp_dir)
         full_env.update(env or {})
         log_path = pathlib.Path(log_path)
         shm_before = vllm_dist_segments()
@@ -117,6 +124,7 @@ class VllmServer:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                     start_new_session=True)  # its own group: stop() reaches every rank
         server = cls(proc, port, log_path, shm_before, 0.0)
+        server.tmp_dir = tmp_dir
         try:
             server._wait_healthy(ready_timeout_s)
         except BaseException:
@@ -225,6 +233,8 @@ class VllmServer:
         if new:
             logger.info("removing %d /dev/shm segment(s) left by %s: %s", len(new), self.url, new)
             remove_segments(new)
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> "VllmServer":
         return self
