@@ -554,7 +554,7 @@ class Pipe:
         if t is None:
             return None
         nbytes = t.nbytes
-        header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, t.device.type)
+        header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, "cpu" if t.is_cpu else t.device.type)
         return None if header is None else (header, t, nbytes)
 
     def _post_compiled(self, sends: list[tuple[bytes, torch.Tensor, int]], background: bool, what: str
@@ -649,13 +649,16 @@ class Pipe:
         if eng.tag_fast is None or _compiled_sendable(t, eng.tag_fast_cuda) is None:
             return None
         self._ready()
-        if not t.is_cpu:
+        if t.is_cpu:
+            device = "cpu"  # (without t.device, an object made at each call)
+        else:
+            device = t.device.type
             _cuda_order.settle((t.device,))  # see _post_send
         with self._send_lock:
             # what _compiled_send and _post_compiled do for one tensor, without their two calls, list and sum:
             # a 64 KiB stream's Pipe sender runs 12 GB/s this way, 10 through them (docs/bench.md, session 11)
             seq, nbytes = self._send_seq, t.nbytes
-            header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, t.device.type)
+            header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, device)
             if header is None:
                 return None
             what = self._what_send
@@ -944,7 +947,7 @@ class Pipe:
         if nbytes is None:
             return None
         try:
-            return self._wire_spec(out.dtype, out.shape, nbytes, False, out.device.type)
+            return self._wire_spec(out.dtype, out.shape, nbytes, False, "cpu" if out.is_cpu else out.device.type)
         except LocalUsageError:
             return None
 
@@ -1004,6 +1007,7 @@ class Pipe:
         seq0 = self._recv_seq
         k = len(outs)
         seen: dict[int, tuple[codec.TensorSpec | None, int, int]] = {}  # a window usually repeats one buffer
+        devices: list[torch.device] = []  # of the CUDA outs
         specs: list[codec.TensorSpec] = []
         expect: list[bytes] = []
         addrs: list[int] = []
@@ -1012,6 +1016,8 @@ class Pipe:
             got = seen.get(id(o))
             if got is None:
                 got = seen[id(o)] = (self._payload_spec(o), o.data_ptr(), o.nbytes)
+                if not o.is_cpu:
+                    devices.append(o.device)
             spec = got[0]
             body = None if spec is None else self._payload_bytes(spec, seq0 + i)
             if body is None:
@@ -1021,8 +1027,8 @@ class Pipe:
             addrs.append(got[1])
             lens.append(got[2])
         blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
-        # UCX writes device memory off the caller's stream: the kernels queued to read these outs first
-        _cuda_order.settle(o.device for o in outs if not o.is_cpu)
+        if devices:  # UCX writes device memory off the caller's stream: the kernels queued to read these outs first
+            _cuda_order.settle(devices)
         frames, base = self._frames(k)
         fb = _FastRecv(k, outs, specs, seq0, list(frames[:k]), [blob], device, background)
         _ucp_tag.EXT.fill_window(fb.arr, _ucp_tag.RECV_SLOT_WORDS, self._tag(self._recv_tag, 0, False),
