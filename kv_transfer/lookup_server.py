@@ -13,6 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Any, List, Optional
 
 from transport import PeerError, PeerTimeoutError, Pipe, PipeListener, PipeOptions, RemoteProtocolError
+from transport import _cuda_order
 from transport._envelope import clip as _clip
 from transport.auth import Auth
 
@@ -173,6 +174,7 @@ class LookupServer:
             pipe.send_message(wire.encode(wire.NotFound(msg.seq)), timeout=self.send_timeout_s)
             return True
         handle, m = hit
+        _cuda_order.wait(handle.written)  # the kernels that wrote its device tensors, before UCX reads them
         key = m.key
         if msg.narrow is not None:
             try:

@@ -85,10 +85,11 @@ def _part_nbytes(part: Part, what: str) -> int:
 
 class _Entry:
     __slots__ = ("eid", "tokens", "roi", "masked", "mkey", "request_id", "key", "value", "hidden",
-                 "nbytes", "deadline", "claimed", "aborted", "reads_left", "sends", "retain")
+                 "nbytes", "deadline", "claimed", "aborted", "reads_left", "sends", "retain", "written")
 
     def __init__(self, eid: int, tokens: Any, roi: Any, masked: Optional[np.ndarray], request_id: Optional[str],
-                 key: Part, value: Part, hidden: Part, nbytes: int, deadline: float, retain: bool = False):
+                 key: Part, value: Part, hidden: Part, nbytes: int, deadline: float, retain: bool = False,
+                 written: _cuda_order.Recorded = None):
         self.eid, self.tokens, self.roi, self.masked = eid, tokens, roi, masked
         self.mkey = None if masked is None else masked.tobytes()
         self.request_id, self.key, self.value, self.hidden = request_id, key, value, hidden
@@ -98,6 +99,8 @@ class _Entry:
         self.reads_left: Optional[int] = None  # set by the first claim's readers
         self.sends = 0  # claims handed out and not yet released or unclaimed
         self.retain = retain  # reads never consume it: it stays until abort (the acknowledgement) or lease
+        #: device tensors: events after the kernels that wrote them, queued before the insert (see insert)
+        self.written = written
 
     @property
     def busy(self) -> bool:
@@ -271,6 +274,10 @@ class LookupBuffer:
                timeout: Optional[float] = DEFAULT_INSERT_TIMEOUT_S, retain: bool = False) -> int:
         """Add an entry; returns its id. Tensors are kept by reference (not copied).
 
+        CUDA tensors: the insert does not wait for the kernels queued (on this thread's current
+        streams) to write them; every read of the entry, a server's send or a local fetch, is
+        ordered after those kernels.
+
         ``retain``: fetches do not consume the entry; it stays available until
         ``abort(request_id)``, its lease or ``close`` (see the module docstring).
 
@@ -295,9 +302,11 @@ class LookupBuffer:
             raise EntryTooLargeError(
                 f"insert: entry of {nbytes} bytes (request {request_id}) can never fit a buffer of "
                 f"{self.capacity_bytes} bytes; raise kv_buffer_size")
-        # the entry is sent later, from the server's threads and streams: the kernels that wrote its
-        # device tensors, queued on this thread's stream, must have run by then
-        _cuda_order.settle(t.device for t in wire.flatten_parts([key, value, hidden])[1] if not t.is_cpu)
+        # the entry is read later, from the server's threads and streams or by a local fetch: the kernels
+        # that wrote its device tensors, queued on this thread's streams, must have run by then; the insert
+        # does not wait for them (an engine saving a layer keeps queueing its forward), it records where
+        # they end, and each read waits there (a server's thread before it sends, a fetch on its stream)
+        written = _cuda_order.record(t.device for t in wire.flatten_parts([key, value, hidden])[1] if not t.is_cpu)
         lease = self.lease_s if lease_s is None else float(lease_s)
         end = time.monotonic() + timeout
         with self._mutex:
@@ -319,7 +328,7 @@ class LookupBuffer:
                 self._wait_locked(step)
             eid = next(self._ids)
             e = _Entry(eid, input_tokens, roi, masked, request_id, key, value, hidden, nbytes, self._clock() + lease,
-                       retain=bool(retain))
+                       retain=bool(retain), written=written)
             self._entries[eid] = e
             heapq.heappush(self._leases, (e.deadline, eid))
             self._index(e)
@@ -449,6 +458,7 @@ class LookupBuffer:
         if hit is None:
             return None
         handle, m = hit
+        _cuda_order.order_after(handle.written)  # this thread's streams read the tensors after their writers
         try:
             m.key = narrow_part(m.key, narrow, "fetch")
         except KVUsageError:

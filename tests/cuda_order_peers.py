@@ -177,3 +177,21 @@ def lookup_consumer(q: Any, address: str, inserted: Any) -> None:
             return _span(m.value[0])
 
     _report(q, body)
+
+
+def local_lookup(q: Any) -> None:
+    """On a side stream, queues a sleep and the fill of a CUDA tensor, inserts it as request "r1", then
+    fetches it in this process at once (on the default stream) and reports its (min, max)."""
+    from kv_transfer import LookupBuffer
+
+    def body() -> tuple[float, float]:
+        buf = LookupBuffer(1 << 30, lease_s=60)
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            buf.insert(None, None, None, [_queued(7.0)], None, request_id="r1", timeout=10)
+        m = buf.fetch(request_id="r1")
+        if m is None:
+            raise LookupError("r1 not found")
+        return _span(m.value[0])
+
+    _report(q, body)

@@ -61,3 +61,8 @@ def test_a_lookup_entry_is_sent_as_written_by_the_stream_that_inserted_it(peers)
     cons = peers.start(C.lookup_consumer, peers.expect(prod, "addr"), inserted)
     assert peers.expect(cons, "ok") == (7.0, 7.0)
     prod.kill()
+
+
+def test_a_local_fetch_reads_an_entry_after_the_stream_that_inserted_it(peers):
+    # (the insert records where its writers end instead of waiting for them: the fetch's stream waits there)
+    assert peers.expect(peers.start(C.local_lookup), "ok") == (7.0, 7.0)

@@ -10,9 +10,12 @@ work is ordered on the current stream), so the transfer sees memory as program o
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
+
+#: What :func:`record` returns: per CUDA device, an event recorded on its current stream.
+Recorded = Optional[List[Tuple[torch.device, "torch.cuda.Event"]]]
 
 
 def settle(devices: Iterable[Optional[torch.device]]) -> None:
@@ -27,3 +30,32 @@ def settle(devices: Iterable[Optional[torch.device]]) -> None:
             continue
         seen.add(dev.index)
         torch.cuda.current_stream(dev).synchronize()
+
+
+def record(devices: Iterable[Optional[torch.device]]) -> Recorded:
+    """An event recorded on the current stream of each CUDA device in ``devices`` (each once), or None
+    when there is none. Unlike :func:`settle` it does not wait: :func:`wait` or :func:`order_after`
+    later orders what reads the memory after what was queued on those streams before this call."""
+    out: List[Tuple[torch.device, torch.cuda.Event]] = []
+    seen: set[Optional[int]] = set()
+    for dev in devices:
+        if dev is None or dev.type != "cuda" or dev.index in seen:
+            continue
+        seen.add(dev.index)
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(dev))
+        out.append((dev, ev))
+    return out or None
+
+
+def wait(recorded: Recorded) -> None:
+    """Block this thread until every event of :func:`record` has run (None: at once)."""
+    for _, ev in recorded or ():
+        ev.synchronize()
+
+
+def order_after(recorded: Recorded) -> None:
+    """Make this thread's current stream of each device of :func:`record` wait, on the GPU, for its
+    event: work queued on it from now on runs after what was recorded (None: nothing to do)."""
+    for dev, ev in recorded or ():
+        ev.wait(torch.cuda.current_stream(dev))
