@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue as queue_mod
+import shutil
+import tempfile
 from typing import Any, Iterator
 
 import pytest
@@ -55,3 +58,25 @@ def peers() -> Iterator[Peers]:
         yield ps
     finally:
         ps.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def children_tmpdir() -> Iterator[str]:
+    """Every process the tests start gets its TMPDIR in one directory of this session, removed at the end.
+
+    vLLM puts its ZeroMQ ipc sockets and torch.distributed's file stores under TMPDIR, and an
+    instance a test kills leaves them behind (thousands in /tmp after a few runs). This process
+    keeps the temporary directory it had (read before the change: pytest's own files stay put).
+    """
+    tempfile.gettempdir()  # (cached now: this process keeps its own)
+    d = tempfile.mkdtemp(prefix="ucxkv-tests-")  # (short: a socket path has at most 107 bytes)
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = d
+    try:
+        yield d
+    finally:
+        if old is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = old
+        shutil.rmtree(d, ignore_errors=True)
