@@ -10,12 +10,21 @@ work is ordered on the current stream), so the transfer sees memory as program o
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
 #: What :func:`record` returns: per CUDA device, an event recorded on its current stream.
 Recorded = Optional[List[Tuple[torch.device, "torch.cuda.Event"]]]
+
+
+def _each_cuda(devices: Iterable[Optional[torch.device]]) -> Iterator[torch.device]:
+    """The CUDA devices of ``devices``, each once (host devices and None left out)."""
+    seen: set[Optional[int]] = set()
+    for dev in devices:
+        if dev is not None and dev.type == "cuda" and dev.index not in seen:
+            seen.add(dev.index)
+            yield dev
 
 
 def settle(devices: Iterable[Optional[torch.device]]) -> None:
@@ -24,11 +33,7 @@ def settle(devices: Iterable[Optional[torch.device]]) -> None:
     Host devices and None are ignored; each CUDA device is waited for once. Costs nothing
     without a CUDA device in the list.
     """
-    seen: set[Optional[int]] = set()
-    for dev in devices:
-        if dev is None or dev.type != "cuda" or dev.index in seen:
-            continue
-        seen.add(dev.index)
+    for dev in _each_cuda(devices):
         torch.cuda.current_stream(dev).synchronize()
 
 
@@ -37,11 +42,7 @@ def record(devices: Iterable[Optional[torch.device]]) -> Recorded:
     when there is none. Unlike :func:`settle` it does not wait: :func:`wait` or :func:`order_after`
     later orders what reads the memory after what was queued on those streams before this call."""
     out: List[Tuple[torch.device, torch.cuda.Event]] = []
-    seen: set[Optional[int]] = set()
-    for dev in devices:
-        if dev is None or dev.type != "cuda" or dev.index in seen:
-            continue
-        seen.add(dev.index)
+    for dev in _each_cuda(devices):
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(dev))
         out.append((dev, ev))
