@@ -138,6 +138,12 @@ def _compiled_sendable(obj: TensorLike, cuda: bool) -> torch.Tensor | None:
     return None
 
 
+def _device_type(t: torch.Tensor) -> str:
+    """``t``'s device type as a spec names it (``cpu``, ``cuda``), without making a ``torch.device`` for
+    host memory (``t.device`` builds one at each call)."""
+    return "cpu" if t.is_cpu else t.device.type
+
+
 #: msgpack's bytes of each int below 128 (a positive fixint: the byte itself).
 _MSGPACK_SMALL = [bytes([i]) for i in range(128)]
 
@@ -554,7 +560,7 @@ class Pipe:
         if t is None:
             return None
         nbytes = t.nbytes
-        header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, "cpu" if t.is_cpu else t.device.type)
+        header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, _device_type(t))
         return None if header is None else (header, t, nbytes)
 
     def _post_compiled(self, sends: list[tuple[bytes, torch.Tensor, int]], background: bool, what: str
@@ -563,7 +569,8 @@ class Pipe:
         (``_send_lock`` held): each header frame on its ``seq``, the tensor's memory, in place, on ``seq``
         with the payload bit. Returns the requests still in flight, or None. (:meth:`_send_payload_async` does
         the same for one tensor, written out: keep the two alike.)"""
-        _cuda_order.settle(t.device for _, t, _ in sends if not t.is_cpu)  # see _post_send
+        if self._engine.tag_fast_cuda:  # (else every tensor here is a host one: no walk on the host path)
+            _cuda_order.settle(t.device for _, t, _ in sends if not t.is_cpu)  # see _post_send
         seq, base = self._send_seq, self._send_tag
         posts = [(self._tag(base, seq + k, False), header, self._tag(base, seq + k, True), t.data_ptr(), nbytes)
                  for k, (header, t, nbytes) in enumerate(sends)]
@@ -649,10 +656,8 @@ class Pipe:
         if eng.tag_fast is None or _compiled_sendable(t, eng.tag_fast_cuda) is None:
             return None
         self._ready()
-        if t.is_cpu:
-            device = "cpu"  # (without t.device, an object made at each call)
-        else:
-            device = t.device.type
+        device = _device_type(t)
+        if device != "cpu":
             _cuda_order.settle((t.device,))  # see _post_send
         with self._send_lock:
             # what _compiled_send and _post_compiled do for one tensor, without their two calls, list and sum:
@@ -947,7 +952,7 @@ class Pipe:
         if nbytes is None:
             return None
         try:
-            return self._wire_spec(out.dtype, out.shape, nbytes, False, "cpu" if out.is_cpu else out.device.type)
+            return self._wire_spec(out.dtype, out.shape, nbytes, False, _device_type(out))
         except LocalUsageError:
             return None
 
