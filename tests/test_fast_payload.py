@@ -22,6 +22,7 @@ from tests.test_fast_path_review import _pair, _report, _run_with, both_modes, s
 from tests.test_fast_path_review import fork_case as review_fork_case
 from transport import Pipe
 from transport._engine import get_engine
+from transport.errors import RemoteProtocolError
 
 
 def _payloads() -> list[torch.Tensor]:
@@ -492,44 +493,70 @@ def test_a_posted_batch_into_out_receives_in_the_background(pair: tuple[Pipe, Pi
     assert all(g is o and torch.equal(o, t) for g, o, t in zip(got, outs, reversed(src)))
 
 
-def test_a_payload_a_sweep_parked_is_received_without_spinning_the_compiled_receive(pair: tuple[Pipe, Pipe]):
+def _wait_parked(eng: Any, *tags: int) -> None:
+    deadline = time.monotonic() + 10
+    while not all(t in eng._stash for t in tags) and time.monotonic() < deadline:  # the progress thread's sweep
+        time.sleep(0.02)
+    assert all(t in eng._stash for t in tags), "no sweep parked the message"
+
+
+def _counting_post_recv(pipe: Pipe) -> list[int]:
+    """Count the ordinary receives ``pipe`` posts from now on (an instance attribute shadows the method)."""
+    posted: list[int] = []
+    ordinary = pipe._post_recv
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        posted.append(kw.get("seq", -1))
+        return ordinary(*args, **kw)
+
+    pipe._post_recv = counted  # type: ignore[method-assign]
+    return posted
+
+
+def test_messages_a_sweep_parked_are_taken_without_leaving_the_compiled_receive(pair: tuple[Pipe, Pipe]):
     """A sweep can move a tensor's header and payload out of the worker into the engine's stash, where
-    the compiled receive (which probes the worker) cannot see them: the engine's ``recv_tensors`` sees
-    that and hands the batch to the ordinary receive at once (no slice spent in C), which takes them."""
+    the compiled receive (which probes the worker) cannot see them. The compiled receive takes each parked
+    message with a receive of its own (``Pipe._take_parked``) and goes on with the window's other tensors
+    (sent after the sweep): no ordinary receive is posted for any of them."""
     a, b = pair
     eng = get_engine()
-    t = torch.arange(1 << 14, dtype=torch.float32)  # 64 KiB: a payload
-    h = b.send_tensor_async(t)
-    hdr = a._tag(a._recv_tag, a._recv_seq, False)
-    deadline = time.monotonic() + 10
-    while hdr not in eng._stash and time.monotonic() < deadline:  # the progress thread's sweep parks it
-        time.sleep(0.02)
-    assert hdr in eng._stash
-    helper, calls = eng.tag_fast, []
-
-    class Counting:
-        def __getattr__(self, name: str) -> Any:
-            if name == "ukv_recv_tensors":
-                calls.append(name)
-            return getattr(helper, name)
-
-    eng.tag_fast = Counting()
+    src = [torch.arange(1 << 14, dtype=torch.float32) + i for i in range(3)]  # 64 KiB each: a payload
+    h = b.send_tensor_async(src[0])
+    seq = a._recv_seq
+    _wait_parked(eng, a._tag(a._recv_tag, seq, False), a._tag(a._recv_tag, seq, True))
+    posted = _counting_post_recv(a)
+    outs = [torch.empty_like(t) for t in src]
+    later = [b.send_tensor_async(t) for t in src[1:]]  # in the worker (or parked too) when the receive starts
     try:
-        out = torch.empty_like(t)
-        got = a.recv_tensors(out=[out], timeout=10)
+        got = a.recv_tensors(out=outs, timeout=10)
     finally:
-        eng.tag_fast = helper
-    h.wait(10)
-    assert got[0] is out and torch.equal(out, t)
-    assert calls == [] and hdr not in eng._stash
-    h = b.send_tensor_async(t + 1)  # and the next batch takes the compiled path again
-    eng.tag_fast = Counting()
+        del a._post_recv
+    for s in [h, *later]:
+        s.wait(10)
+    assert all(g is o and torch.equal(o, t) for g, o, t in zip(got, outs, src))
+    tags = [a._tag(a._recv_tag, seq + i, pay) for i in range(3) for pay in (False, True)]
+    assert posted == [] and not any(t in eng._stash for t in tags), (posted, list(eng._stash))
+
+
+def test_a_parked_header_of_another_shape_fails_as_the_ordinary_path_fails(pair: tuple[Pipe, Pipe]):
+    """A parked header the compiled receive takes is compared with the expected bytes like one it probed:
+    another shape goes to the ordinary path, which raises its RemoteProtocolError naming both shapes."""
+    a, b = pair
+    eng = get_engine()
+    h = b.send_tensor_async(torch.zeros(4096))
+    _wait_parked(eng, a._tag(a._recv_tag, a._recv_seq, False))
+    posted = _counting_post_recv(a)
     try:
-        a.recv_tensors(out=[out], timeout=10)
+        with pytest.raises(RemoteProtocolError) as err:
+            a.recv_tensors(out=[torch.empty(2048)], timeout=10)
     finally:
-        eng.tag_fast = helper
-    h.wait(10)
-    assert torch.equal(out, t + 1) and calls
+        del a._post_recv
+    assert "4096" in str(err.value) and "2048" in str(err.value), err.value
+    assert len(posted) == 1, posted  # the one slot, handed over with the header it took
+    try:
+        h.wait(10)
+    except Exception:  # noqa: BLE001 - the receiver refused its payload: how the send ends is not this test's
+        pass
 
 
 def test_a_header_the_small_receive_hands_over_is_decoded_once(pair: tuple[Pipe, Pipe],

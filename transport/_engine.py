@@ -743,31 +743,18 @@ class Engine:
         of one still arriving). Needs :attr:`tag_fast`.
 
         The compiled receive probes only the worker, not the stash where a sweep parks what it took
-        out of the worker: when a message a slot waits for is parked there, nothing is done and
-        (0, False) comes back, so the caller hands the slots over to the ordinary receive (which
-        takes parked messages, see :class:`ProbedRecv`).
+        out of the worker: a slot whose message is parked there waits here until its caller takes it
+        (``Pipe._take_parked``, which gives it state ``ST_HDR_TAKEN`` or ``ST_PAY_TAKEN``).
         """
         lib = self.tag_fast
         assert lib is not None
         self._check_pid()
         with self._lock:
-            if self._stash and self._parked_for(slots, k):
-                return 0, False
             open_ = lib.ukv_recv_tensors(self._worker_h, slots, k, spin_ns, self._c_progp, self._c_changedp)
             moved = bool(self._c_changed.value)
             if self._c_prog.value:
                 self._progressed()
         return open_, moved
-
-    def _parked_for(self, slots: Any, k: int) -> bool:
-        """Whether the stash holds a message one of ``slots[:k]`` waits for (engine lock held)."""
-        stash = self._stash
-        for i in range(k):
-            c = slots[i]
-            if (c.state == _ucp_tag.ST_WAIT_HDR and c.hdr_tag in stash) or (
-                    c.state == _ucp_tag.ST_WAIT_PAY and c.pay_tag in stash):
-                return True
-        return False
 
     def own(self, tag_base: int, mask_bits: int) -> None:
         """Declare the tags sharing ``tag_base``'s top bits live: a sweep keeps messages on them.

@@ -212,8 +212,21 @@ typedef struct {
     void *req;            /* the receive in flight (states UKV_HDR_FLIGHT, UKV_PAY_FLIGHT) */
 } ukv_rslot;
 
+/* UKV_HDR_TAKEN, UKV_PAY_TAKEN: the caller receives this slot's header (payload) itself, having found
+   the message parked outside the worker (the engine's stash); left alone here, but still waited for. */
 enum { UKV_WAIT_HDR = 0, UKV_HDR_FLIGHT = 1, UKV_HDR_OTHER = 2, UKV_WAIT_PAY = 3, UKV_PAY_FLIGHT = 4,
-       UKV_DONE = 5, UKV_PAY_OTHER = 6, UKV_FAILED_HDR = 7, UKV_FAILED_PAY = 8 };
+       UKV_DONE = 5, UKV_PAY_OTHER = 6, UKV_FAILED_HDR = 7, UKV_FAILED_PAY = 8, UKV_HDR_TAKEN = 9,
+       UKV_PAY_TAKEN = 10 };
+
+/* Whether a slot is still waited for, here or by the caller (UKV_*_TAKEN). */
+static int waiting(const ukv_rslot *s) {
+    return (s->state <= UKV_PAY_FLIGHT && s->state != UKV_HDR_OTHER) || s->state >= UKV_HDR_TAKEN;
+}
+
+/* Whether data of the slot's message may be arriving now. */
+static int arriving(const ukv_rslot *s) {
+    return s->state == UKV_HDR_FLIGHT || s->state == UKV_PAY_FLIGHT || s->state >= UKV_HDR_TAKEN;
+}
 
 static void header_arrived(ukv_rslot *s) {
     s->state = (s->len == s->expect_len && s->len <= s->cap && memcmp(s->frame, s->expect, s->len) == 0)
@@ -303,14 +316,14 @@ int ukv_recv_tensors(ucp_worker_h w, ukv_rslot *s, int k, int64_t spin_ns, unsig
                 continue;
             }
             *changed |= advance(w, &s[i]);
-            open += s[i].state <= UKV_PAY_FLIGHT && s[i].state != UKV_HDR_OTHER;
+            open += waiting(&s[i]);
         }
         if (open == 0 || now_ns() >= end) return open;
         unsigned did = progress(w, &idle);
         *progressed += did;
         /* progress counts as movement only while one of ours is arriving (not another pipe's traffic) */
         for (int i = 0; did && i < k && !(*changed & 2); i++)
-            if (s[i].state == UKV_HDR_FLIGHT || s[i].state == UKV_PAY_FLIGHT) *changed |= 2;
+            if (arriving(&s[i])) *changed |= 2;
     }
 }
 
@@ -380,9 +393,11 @@ if ctypes.sizeof(RecvSlot) != 8 * RECV_SLOT_WORDS or any(
 
 #: ``RecvSlot.state``: nothing taken yet; header in flight; header arrived but differs from the expected
 #: bytes; header matched, payload not arrived; payload in flight; done; payload of another length (not
-#: taken); header receive failed; payload receive failed.
+#: taken); header receive failed; payload receive failed; header, or payload, received by the caller itself
+#: (found parked in the engine's stash, out of the helper's reach: the helper leaves the slot alone but
+#: counts it as waiting).
 (ST_WAIT_HDR, ST_HDR_FLIGHT, ST_HDR_OTHER, ST_WAIT_PAY, ST_PAY_FLIGHT, ST_DONE, ST_PAY_OTHER, ST_FAILED_HDR,
- ST_FAILED_PAY) = range(9)
+ ST_FAILED_PAY, ST_HDR_TAKEN, ST_PAY_TAKEN) = range(11)
 
 _lock = threading.Lock()
 _LIB: ctypes.CDLL | None = None

@@ -271,7 +271,8 @@ class _FastRecv:
     is the ordinary one.
     """
 
-    __slots__ = ("arr", "k", "outs", "specs", "seq0", "frames", "expect", "device", "background", "handed_over")
+    __slots__ = ("arr", "k", "outs", "specs", "seq0", "frames", "expect", "device", "background", "handed_over",
+                 "taken")
 
     def __init__(self, k: int, outs: list[torch.Tensor], specs: list[codec.TensorSpec], seq0: int,
                  frames: list[np.ndarray], expect: list[bytes], device: torch.device, background: bool):
@@ -279,6 +280,9 @@ class _FastRecv:
         self.k, self.outs, self.specs, self.seq0, self.frames, self.expect = k, outs, specs, seq0, frames, expect
         self.device, self.background = device, background
         self.handed_over = False
+        #: slot -> (its receive, the buffer it lands in) for a message a sweep had parked out of the compiled
+        #: receive's reach (:meth:`Pipe._take_parked`), until it completed and its slot moved on
+        self.taken: dict[int, tuple[Any, Any]] = {}
 
     def header(self, i: int) -> codec.Header:
         """The header slot ``i`` expects (the one it received, where it matched)."""
@@ -1070,7 +1074,13 @@ class Pipe:
         me = eng._hold_lead()  # this spin progresses the worker: no one need sleep on it meanwhile
         try:
             while not self._ep_closed:
-                open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
+                if eng._stash or fb.taken:  # (read without the lock: looked at again under it)
+                    with eng._lock:
+                        took = self._take_parked(fb, slots)
+                        open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
+                    moved = moved or took
+                else:
+                    open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
                 if not open_:  # every slot past the compiled path, or a message it waits for parked by a sweep
                     break
                 now = time.monotonic()
@@ -1087,6 +1097,52 @@ class Pipe:
             if me is not None:
                 eng._drop_lead(me)
             self._hand_over(fb, slots)
+
+    def _take_parked(self, fb: _FastRecv, slots: list[_RecvSlot]) -> bool:
+        """Receive, for the compiled receive, what a sweep moved out of the worker into the engine's stash
+        (engine lock held): the compiled receive probes only the worker. A slot whose header or payload
+        is parked gets the ordinary receive of that one message (:meth:`Engine.tag_recv`, which takes it
+        from the stash) and state ``ST_HDR_TAKEN`` or ``ST_PAY_TAKEN``, which the helper leaves alone; once
+        that receive completed, the slot moves on as the helper would have moved it (a header is compared
+        with the expected bytes here). Every other slot of the window stays on the compiled path.
+        A receive that failed stays in ``fb.taken`` for :meth:`_hand_over`, whose ordinary
+        wait raises its error. Returns whether any slot moved."""
+        eng, arr, moved = self._engine, fb.arr, False
+        stash = eng._stash
+        for i in range(fb.k):
+            c = arr[i]
+            st = c.state
+            if st == _ucp_tag.ST_WAIT_HDR and c.hdr_tag in stash:
+                buf = fb.frames[i]
+                fb.taken[i] = (eng.tag_recv(self._ep, buf, c.hdr_tag, None, f"header of tensor #{slots[i].seq} from "
+                                            f"{self.peer}", self._ep_open), buf)
+                c.state = _ucp_tag.ST_HDR_TAKEN
+            elif st == _ucp_tag.ST_WAIT_PAY and c.pay_tag in stash:
+                if stash[c.pay_tag].length != c.out_len:  # left parked for the ordinary path's error, as the helper does
+                    c.state, moved = _ucp_tag.ST_PAY_OTHER, True
+                    continue
+                buf = codec.ucx_buffer(fb.outs[i])
+                fb.taken[i] = (eng.tag_recv(self._ep, buf, c.pay_tag, c.out_len, f"payload 0 of tensor "
+                                            f"#{slots[i].seq} from {self.peer}", self._ep_open), buf)
+                c.state = _ucp_tag.ST_PAY_TAKEN
+        for i, (req, buf) in list(fb.taken.items()):
+            c = arr[i]
+            if c.state not in (_ucp_tag.ST_HDR_TAKEN, _ucp_tag.ST_PAY_TAKEN) or not req.completed:
+                continue
+            moved = True
+            try:
+                req.check_error()
+            except Exception:  # noqa: BLE001 - raised by the ordinary wait after the hand-over
+                c.state = _ucp_tag.ST_HDR_OTHER if c.state == _ucp_tag.ST_HDR_TAKEN else _ucp_tag.ST_FAILED_PAY
+                continue
+            del fb.taken[i]
+            if c.state == _ucp_tag.ST_PAY_TAKEN:
+                c.state = _ucp_tag.ST_DONE
+                continue
+            c.len = n = req.length
+            same = n == c.expect_len and bytes(buf[:n]) == ctypes.string_at(c.expect, n)
+            c.state = _ucp_tag.ST_WAIT_PAY if same else _ucp_tag.ST_HDR_OTHER
+        return moved
 
     def _hand_over(self, fb: _FastRecv, slots: list[_RecvSlot]) -> None:
         """Turn each slot of ``fb`` into the ordinary path's state for what the compiled path did
@@ -1105,11 +1161,14 @@ class Pipe:
                 continue
             c, out, frame = fb.arr[i], fb.outs[i], fb.frames[i]
             what = f"tensor #{slot.seq} from {self.peer}"
-            if st in (_ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_FAILED_PAY):
+            taken = fb.taken.get(i)  # (a receive of a message found parked: its slot is TAKEN, or failed)
+            if st in (_ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_FAILED_PAY, _ucp_tag.ST_PAY_TAKEN):
                 # its header was the one expected: nothing of it is left to check
                 slot.header, slot.tensors, slot.header_op = fb.header(i), [out], _RECEIVED
                 self.bytes_received += c.out_len
-                if st == _ucp_tag.ST_PAY_FLIGHT:
+                if taken is not None:
+                    slot.payload_ops = [Op([taken[0]], [out, taken[1]], stream=c.out_len >= _STREAM_BYTES)]
+                elif st == _ucp_tag.ST_PAY_FLIGHT:
                     req: Any = _ucp_tag.NativeRequest(c.req, f"payload 0 of {what}", lock, keep=out)
                     with lock:
                         eng._draining.append((req, out))  # out outlives the request, whatever its waiter does
@@ -1119,7 +1178,9 @@ class Pipe:
                         f"payload 0 of {what} failed: {_ucp_tag.status_string(c.status)}"))], [])]
                 continue
             received: tuple[np.ndarray, Any] | None
-            if st == _ucp_tag.ST_WAIT_HDR:
+            if taken is not None:  # its header's receive, still in flight or failed
+                received = (frame, taken[0])
+            elif st == _ucp_tag.ST_WAIT_HDR:
                 received = None
             elif st == _ucp_tag.ST_HDR_FLIGHT:
                 req = _ucp_tag.NativeRequest(c.req, f"header of {what}", lock, c.len, frame)
