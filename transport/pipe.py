@@ -1081,7 +1081,7 @@ class Pipe:
                     moved = moved or took
                 else:
                     open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
-                if not open_:  # every slot past the compiled path, or a message it waits for parked by a sweep
+                if not open_:  # every slot past the compiled path (done, or left to the ordinary one)
                     break
                 now = time.monotonic()
                 if moved:
