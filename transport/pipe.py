@@ -289,6 +289,45 @@ class _FastRecv:
         return codec.Header((self.seq0 + i) & _SEQ_MASK, [self.specs[i]], None)
 
 
+#: Slot states of a window that :meth:`Pipe._await_next` sleeps through (see :class:`_WindowMoved`): waiting for a
+#: message, or one in flight (in C, or taken from the stash); and which of them are a header's, or a moving payload's.
+_SLEEPABLE = frozenset((_ucp_tag.ST_WAIT_HDR, _ucp_tag.ST_HDR_FLIGHT, _ucp_tag.ST_WAIT_PAY, _ucp_tag.ST_PAY_FLIGHT,
+                        _ucp_tag.ST_HDR_TAKEN, _ucp_tag.ST_PAY_TAKEN))
+_HEADER_STATES = frozenset((_ucp_tag.ST_WAIT_HDR, _ucp_tag.ST_HDR_FLIGHT, _ucp_tag.ST_HDR_TAKEN))
+_PAYLOAD_MOVING = frozenset((_ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_PAY_TAKEN))
+
+
+class _WindowMoved:
+    """Completes once a compiled receive window moved on (a slot changed state, or none is left waiting),
+    for :meth:`Pipe._await_next` to sleep on in the engine's wait: each poll (by whichever thread
+    progressed the worker, engine lock held) takes the window one pass further without progressing
+    (``ukv_recv_tensors`` with no spin, and :meth:`Pipe._take_parked`), so a message that arrives is
+    taken at once. Quacks like a ucxx request for :class:`Op`; a closed endpoint completes it with
+    :class:`PeerDeadError`."""
+
+    __slots__ = ("_pipe", "_fb", "_slots", "_what", "_error")
+
+    def __init__(self, pipe: "Pipe", fb: _FastRecv, slots: list["_RecvSlot"], what: str):
+        self._pipe, self._fb, self._slots, self._what = pipe, fb, slots, what
+        self._error: PeerDeadError | None = None
+
+    @property
+    def completed(self) -> bool:
+        pipe, fb = self._pipe, self._fb
+        eng = pipe._engine
+        with eng._lock:
+            if pipe._ep_closed:
+                self._error = PeerDeadError(f"{self._what}: the endpoint was closed")
+                return True
+            took = pipe._take_parked(fb, self._slots) if eng._stash or fb.taken else False
+            open_, moved = eng.recv_tensors(fb.arr, fb.k, 0)
+        return took or moved or not open_
+
+    def check_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 class _RecvSlot:
     """State of one posted receive: its header op and, once known, its payload op.
 
@@ -1065,7 +1104,13 @@ class Pipe:
         """Receive ``fb``'s slots through ``ukv_recv_tensors`` (``_recv_lock`` held), in slices of the engine's
         lock, for as long as something moves (then ``UCXKV_SPIN_US`` more), at most until ``deadline``;
         then hand what is left over to the ordinary path (:meth:`_hand_over`), which waits with its
-        timeout and liveness checks and raises every error the ordinary path raises."""
+        timeout and liveness checks and raises every error the ordinary path raises.
+
+        A window that is only waiting when its spin ends (each slot done, waiting for its next message,
+        or with one in flight: nothing for the ordinary path to check) does not go to the ordinary
+        path: it sleeps in the engine's wait until it moves on, then goes on here (:meth:`_await_next`),
+        so a receiver that waits for its sender stays on the compiled path. That wait's timeout or
+        dead peer is raised as the ordinary wait raises it, after the hand-over."""
         eng = self._engine
         spin = eng._spin_s
         slice_ns = min(_FAST_SLICE_NS, int(spin * 1e9))
@@ -1087,7 +1132,16 @@ class Pipe:
                 if moved:
                     quiet_at = now + spin
                 elif now >= quiet_at:
-                    break
+                    if now >= deadline:
+                        break
+                    if me is not None:  # the wait leads by itself, asleep on the worker's fd
+                        eng._drop_lead(me)
+                        me = None
+                    if not self._await_next(fb, slots, deadline):
+                        break
+                    me = eng._hold_lead()
+                    quiet_at = time.monotonic() + spin
+                    continue
                 if now >= deadline:
                     break
                 n += 1
@@ -1097,6 +1151,30 @@ class Pipe:
             if me is not None:
                 eng._drop_lead(me)
             self._hand_over(fb, slots)
+
+    def _await_next(self, fb: _FastRecv, slots: list[_RecvSlot], deadline: float) -> bool:
+        """Sleep in the engine's wait (no CPU) until ``fb`` moves on, if nothing is left for the ordinary
+        path to check: every slot done, waiting for its next message, or with one in flight
+        (``_recv_lock`` held). False, at once, for a window with a slot past the compiled path (another
+        header, a failure: the caller hands it over, so its error comes now). A timeout or a dead peer
+        breaks the pipe and is raised as the ordinary receive raises it (:meth:`_wait_ops`)."""
+        arr, nxt, stream = fb.arr, -1, False
+        for i in range(fb.k):
+            st = arr[i].state
+            if st == _ucp_tag.ST_DONE:
+                continue
+            if st not in _SLEEPABLE:
+                return False
+            if nxt < 0:
+                nxt = i
+            stream = stream or (st in _PAYLOAD_MOVING and arr[i].out_len >= _STREAM_BYTES)
+        if nxt < 0:
+            return False
+        st, seq = arr[nxt].state, slots[nxt].seq
+        what = f"receiving tensor #{seq} from {self.peer} ({'header' if st in _HEADER_STATES else 'payload 0'})"
+        self._engine._local.spun_at = time.monotonic()  # this thread just spun: the wait sleeps at once
+        self._wait_ops([Op([_WindowMoved(self, fb, slots, what)], [], stream=stream)], deadline, what, seq)
+        return True
 
     def _take_parked(self, fb: _FastRecv, slots: list[_RecvSlot]) -> bool:
         """Receive, for the compiled receive, what a sweep moved out of the worker into the engine's stash
