@@ -1,9 +1,10 @@
 """Idle CPU of a Pipe: a listener with one connected idle peer, and a consumer waiting for data.
 
-Run: ``python -m bench.idle_cpu [--seconds 30] [--tls sm]``. The listener (a
+Run: ``python -m bench.idle_cpu [--seconds 30] [--tls sm] [--into]``. The listener (a
 subprocess) accepts one peer and then does nothing; the consumer (this
 process) connects and waits ``--seconds`` in ``recv_tensor`` for a tensor that
-never comes. Each side's CPU time over the idle window is its process CPU time
+never comes (with ``--into``: in ``recv_tensors(out=[...])`` for a 64 KiB tensor, the compiled
+receive's window, which sleeps in the engine's wait once its spin is over). Each side's CPU time over the idle window is its process CPU time
 (user + system, all threads: the progress thread and the control plane's
 heartbeats included), printed as a percentage of one core, with its wake-ups
 per second (voluntary context switches, all threads: each is a sleep that
@@ -40,12 +41,14 @@ def _listener(q: "mp.Queue[object]", seconds: float) -> None:
     pipe.close()
 
 
-def measure(seconds: float) -> tuple[tuple[float, float], tuple[float, float]]:
+def measure(seconds: float, into: bool = False) -> tuple[tuple[float, float], tuple[float, float]]:
     """(listener, consumer), each (CPU time as a fraction of one core, wake-ups per second) over
-    ``seconds`` idle.
+    ``seconds`` idle; ``into``: the consumer waits in ``recv_tensors(out=...)`` instead of ``recv_tensor``.
 
     Uses the ``UCX_TLS`` of the environment for both processes.
     """
+    import torch
+
     from transport import Pipe
     from transport.errors import PeerTimeoutError
 
@@ -58,8 +61,12 @@ def measure(seconds: float) -> tuple[tuple[float, float], tuple[float, float]]:
         try:
             pipe.wait_connected(30)
             t0, c0, w0 = time.monotonic(), time.process_time(), _wakeups()
+            out = torch.empty(1 << 14)  # 64 KiB: a payload, received by the compiled window
             try:
-                pipe.recv_tensor(timeout=seconds)
+                if into:
+                    pipe.recv_tensors(out=[out], timeout=seconds)
+                else:
+                    pipe.recv_tensor(timeout=seconds)
                 raise RuntimeError("a tensor arrived, but nobody sent one")
             except PeerTimeoutError:
                 pass
@@ -80,13 +87,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--tls", default=None, help="UCX_TLS for both processes")
+    ap.add_argument("--into", action="store_true", help="the consumer waits in recv_tensors(out=[...])")
     args = ap.parse_args()
     if args.tls:
         os.environ["UCX_TLS"] = args.tls
-    (listener, l_wakes), (consumer, c_wakes) = measure(args.seconds)
+    (listener, l_wakes), (consumer, c_wakes) = measure(args.seconds, args.into)
     load = os.getloadavg()[0]
+    how = "recv_tensors(out=) waiting" if args.into else "recv_tensor waiting"
     print(f"idle {args.seconds:.0f}s UCX_TLS={os.environ.get('UCX_TLS', 'default')} load={load:.2f}: "
-          f"listener {listener * 100:.2f}% of a core, consumer (recv_tensor waiting) {consumer * 100:.2f}% of a core; "
+          f"listener {listener * 100:.2f}% of a core, consumer ({how}) {consumer * 100:.2f}% of a core; "
           f"wake-ups per second: listener {l_wakes:.1f}, consumer {c_wakes:.1f}")
     return 0
 

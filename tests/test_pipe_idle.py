@@ -22,13 +22,16 @@ MAX_IDLE_PERCENT = 6.0
 # tcp: the consumer used to spin (48-99 % of a core, about every other run) while the idle
 # listener never progressed its worker and so never acked the consumer's UCX tcp connection
 # (its socket kept write interest armed); the progress thread's tick fixed it (docs/bench.md).
-@pytest.mark.parametrize("tls", ["tcp", "sm"])
-def test_idle_listener_and_waiting_consumer_use_no_cpu(tls):
+# into: the consumer waits in recv_tensors(out=...), whose compiled window sleeps in the engine's wait
+@pytest.mark.parametrize("tls,into", [("tcp", False), ("sm", False), ("sm", True)])
+def test_idle_listener_and_waiting_consumer_use_no_cpu(tls, into):
     # a process of its own per transport: the UCX engine is per process
-    res = subprocess.run([sys.executable, "-m", "bench.idle_cpu", "--tls", tls, "--seconds", "4"],
+    res = subprocess.run([sys.executable, "-m", "bench.idle_cpu", "--tls", tls, "--seconds", "4"]
+                         + (["--into"] if into else []),
                          capture_output=True, text=True, timeout=180, env=dict(os.environ))
     assert res.returncode == 0, res.stderr[-2000:]
-    m = re.search(r"listener ([\d.]+)% of a core, consumer \(recv_tensor waiting\) ([\d.]+)% of a core; "
+    how = r"recv_tensors\(out=\) waiting" if into else r"recv_tensor waiting"
+    m = re.search(r"listener ([\d.]+)% of a core, consumer \(" + how + r"\) ([\d.]+)% of a core; "
                   r"wake-ups per second: listener ([\d.]+), consumer ([\d.]+)", res.stdout)
     assert m, res.stdout
     listener, consumer, l_wakes, c_wakes = map(float, m.groups())
