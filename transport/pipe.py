@@ -289,14 +289,6 @@ class _FastRecv:
         return codec.Header((self.seq0 + i) & _SEQ_MASK, [self.specs[i]], None)
 
 
-#: Slot states of a window that :meth:`Pipe._await_next` sleeps through (see :class:`_WindowMoved`): waiting for a
-#: message, or one in flight (in C, or taken from the stash); and which of them are a header's, or a moving payload's.
-_SLEEPABLE = frozenset((_ucp_tag.ST_WAIT_HDR, _ucp_tag.ST_HDR_FLIGHT, _ucp_tag.ST_WAIT_PAY, _ucp_tag.ST_PAY_FLIGHT,
-                        _ucp_tag.ST_HDR_TAKEN, _ucp_tag.ST_PAY_TAKEN))
-_HEADER_STATES = frozenset((_ucp_tag.ST_WAIT_HDR, _ucp_tag.ST_HDR_FLIGHT, _ucp_tag.ST_HDR_TAKEN))
-_PAYLOAD_MOVING = frozenset((_ucp_tag.ST_PAY_FLIGHT, _ucp_tag.ST_PAY_TAKEN))
-
-
 class _WindowMoved:
     """Completes once a compiled receive window moved on (a slot changed state, or none is left waiting),
     for :meth:`Pipe._await_next` to sleep on in the engine's wait: each poll (by whichever thread
@@ -1106,8 +1098,8 @@ class Pipe:
         then hand what is left over to the ordinary path (:meth:`_hand_over`), which waits with its
         timeout and liveness checks and raises every error the ordinary path raises.
 
-        A window that is only waiting when its spin ends (each slot done, waiting for its next message,
-        or with one in flight: nothing for the ordinary path to check) does not go to the ordinary
+        A window that is only waiting when its spin ends (each slot done, or waiting for its next
+        message to arrive) does not go to the ordinary
         path: it sleeps in the engine's wait until it moves on, then goes on here (:meth:`_await_next`),
         so a receiver that waits for its sender stays on the compiled path. That wait's timeout or
         dead peer is raised as the ordinary wait raises it, after the hand-over."""
@@ -1153,27 +1145,29 @@ class Pipe:
             self._hand_over(fb, slots)
 
     def _await_next(self, fb: _FastRecv, slots: list[_RecvSlot], deadline: float) -> bool:
-        """Sleep in the engine's wait (no CPU) until ``fb`` moves on, if nothing is left for the ordinary
-        path to check: every slot done, waiting for its next message, or with one in flight
-        (``_recv_lock`` held). False, at once, for a window with a slot past the compiled path (another
-        header, a failure: the caller hands it over, so its error comes now). A timeout or a dead peer
-        breaks the pipe and is raised as the ordinary receive raises it (:meth:`_wait_ops`)."""
-        arr, nxt, stream = fb.arr, -1, False
+        """Sleep in the engine's wait (no CPU) until ``fb`` moves on, if the window is only waiting for a
+        message to arrive: every slot done, or waiting for its header or its payload (``_recv_lock`` held).
+        False, at once, for a window in any other state: a message in flight that stalled (the ordinary
+        wait of its request spins on it in C between its sleeps: measured faster over tcp at 64 MiB than
+        this wait, whose polls do not progress), or a slot past the compiled path (another header, a
+        failure: handed over, its error comes now). A timeout or a dead peer breaks the pipe and is
+        raised as the ordinary receive raises it (:meth:`_wait_ops`)."""
+        arr, nxt = fb.arr, -1
         for i in range(fb.k):
             st = arr[i].state
             if st == _ucp_tag.ST_DONE:
                 continue
-            if st not in _SLEEPABLE:
+            if st != _ucp_tag.ST_WAIT_HDR and st != _ucp_tag.ST_WAIT_PAY:
                 return False
             if nxt < 0:
                 nxt = i
-            stream = stream or (st in _PAYLOAD_MOVING and arr[i].out_len >= _STREAM_BYTES)
         if nxt < 0:
             return False
-        st, seq = arr[nxt].state, slots[nxt].seq
-        what = f"receiving tensor #{seq} from {self.peer} ({'header' if st in _HEADER_STATES else 'payload 0'})"
+        seq = slots[nxt].seq
+        what = f"receiving tensor #{seq} from {self.peer} " + (
+            "(header)" if arr[nxt].state == _ucp_tag.ST_WAIT_HDR else "(payload 0)")
         self._engine._local.spun_at = time.monotonic()  # this thread just spun: the wait sleeps at once
-        self._wait_ops([Op([_WindowMoved(self, fb, slots, what)], [], stream=stream)], deadline, what, seq)
+        self._wait_ops([Op([_WindowMoved(self, fb, slots, what)], [])], deadline, what, seq)
         return True
 
     def _take_parked(self, fb: _FastRecv, slots: list[_RecvSlot]) -> bool:
