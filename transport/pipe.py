@@ -1099,10 +1099,10 @@ class Pipe:
         timeout and liveness checks and raises every error the ordinary path raises.
 
         A window that is only waiting when its spin ends (each slot done, or waiting for its next
-        message to arrive) does not go to the ordinary
-        path: it sleeps in the engine's wait until it moves on, then goes on here (:meth:`_await_next`),
-        so a receiver that waits for its sender stays on the compiled path. That wait's timeout or
-        dead peer is raised as the ordinary wait raises it, after the hand-over."""
+        message to arrive) does not go to the ordinary path: it sleeps in the engine's wait until it
+        moves on, then goes on here (:meth:`_await_next`), so a receiver that waits for its sender
+        stays on the compiled path. That wait's timeout or dead peer is raised as the ordinary wait
+        raises it, after the hand-over."""
         eng = self._engine
         spin = eng._spin_s
         slice_ns = min(_FAST_SLICE_NS, int(spin * 1e9))
