@@ -46,7 +46,7 @@ import torch
 from . import _envelope as codec
 from . import _cuda_order, _ucp_tag, _wire
 from ._control import ClientLink, ControlServer, Link, dial
-from ._engine import _FAST_SLICE_NS, LANDED, Arrived, Engine, Failed, Op, get_engine
+from ._engine import _FAST_SLICE_NS, LANDED, Arrived, Engine, Failed, Op, _raise_kept, get_engine
 from ._options import PipeKeywords, PipeOptions
 from ._wire import PROTOCOL_VERSION, Hello, Reject, Welcome
 
@@ -311,13 +311,12 @@ class _WindowMoved:
             if pipe._ep_closed:
                 self._error = PeerDeadError(f"{self._what}: the endpoint was closed")
                 return True
-            took = pipe._take_parked(fb, self._slots) if eng._stash or fb.taken else False
-            open_, moved = eng.recv_tensors(fb.arr, fb.k, 0)
-        return took or moved or not open_
+            open_, moved = pipe._fast_pass(fb, self._slots, 0)
+        return moved or not open_
 
     def check_error(self) -> None:
         if self._error is not None:
-            raise self._error
+            _raise_kept(self._error)  # (polled again by every waiter: a copy, as ProbedRecv raises its own)
 
 
 class _RecvSlot:
@@ -1112,11 +1111,8 @@ class Pipe:
         try:
             while not self._ep_closed:
                 if eng._stash or fb.taken:  # (read without the lock: looked at again under it)
-                    with eng._lock:
-                        took = self._take_parked(fb, slots)
-                        open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
-                    moved = moved or took
-                else:
+                    open_, moved = self._fast_pass(fb, slots, slice_ns)
+                else:  # (the usual case, one call)
                     open_, moved = eng.recv_tensors(fb.arr, fb.k, slice_ns)
                 if not open_:  # every slot past the compiled path (done, or left to the ordinary one)
                     break
@@ -1143,6 +1139,16 @@ class Pipe:
             if me is not None:
                 eng._drop_lead(me)
             self._hand_over(fb, slots)
+
+    def _fast_pass(self, fb: _FastRecv, slots: list[_RecvSlot], spin_ns: int) -> tuple[int, bool]:
+        """One slice of the compiled receive of ``fb`` (:meth:`Engine.recv_tensors`, ``spin_ns`` long; 0: one
+        pass, no progress) after taking what a sweep parked for its slots (:meth:`_take_parked`), under one
+        hold of the engine's lock; returns (slots still waiting, whether any moved)."""
+        eng = self._engine
+        with eng._lock:
+            took = self._take_parked(fb, slots)
+            open_, moved = eng.recv_tensors(fb.arr, fb.k, spin_ns)
+        return open_, moved or took
 
     def _await_next(self, fb: _FastRecv, slots: list[_RecvSlot], deadline: float) -> bool:
         """Sleep in the engine's wait (no CPU) until ``fb`` moves on, if the window is only waiting for a
@@ -1181,6 +1187,8 @@ class Pipe:
         wait raises its error. Returns whether any slot moved."""
         eng, arr, moved = self._engine, fb.arr, False
         stash = eng._stash
+        if not stash and not fb.taken:
+            return False
         for i in range(fb.k):
             c = arr[i]
             st = c.state
