@@ -151,11 +151,15 @@ def test_fast_payload_sends_put_the_ordinary_header_on_the_wire(pair: tuple[Pipe
     eng = get_engine()
     helper = eng.tag_fast
     frames: list[bytes] = []
-    send_tensors, tag_send = eng.send_tensors, eng.tag_send
+    send_tensors, send_tensor, tag_send = eng.send_tensors, eng.send_tensor, eng.tag_send
 
     def record_fast(ep: Any, posts: list, *rest: Any) -> Any:
         frames.extend(struct.pack("<I", len(header)) + header for _, header, _, _, _ in posts)
         return send_tensors(ep, posts, *rest)
+
+    def record_one(ep: Any, tag: int, header: bytes, *rest: Any) -> Any:  # a stream's send (_pay_memo's too)
+        frames.append(struct.pack("<I", len(header)) + header)
+        return send_tensor(ep, tag, header, *rest)
 
     def record_ordinary(ep: Any, buf: Any, t: int) -> Any:
         if not t & 1:  # headers only
@@ -163,10 +167,11 @@ def test_fast_payload_sends_put_the_ordinary_header_on_the_wire(pair: tuple[Pipe
         return tag_send(ep, buf, t)
 
     monkeypatch.setattr(eng, "send_tensors", record_fast)
+    monkeypatch.setattr(eng, "send_tensor", record_one)
     monkeypatch.setattr(eng, "tag_send", record_ordinary)
     try:
         for t in _payloads():
-            for fast in (True, False):
+            for fast in (True, True, False):  # the second from the memo of the first (Pipe._pay_memo)
                 eng.tag_fast = helper if fast else None
                 seq = b._send_seq
                 n = len(frames)
@@ -218,6 +223,47 @@ def test_the_compiled_header_is_the_ordinary_frame_at_every_seq_width(pair: tupl
         got = a._payload_header(t, seq)
         assert got is not None and got[1] == bytes(frame[:used]), (t.dtype, t.shape, seq)
     assert kinds == {True, False}  # both sides of the boundary were compared
+
+
+@pytest.mark.parametrize("seq", [126, 254, 65534, (1 << 23) - 2])
+def test_a_stream_of_one_shape_sends_the_ordinary_frame_across_seq_widths(pair: tuple[Pipe, Pipe], seq: int):
+    """Sends of one dtype and shape after the first take their header from the pipe's memo
+    (``Pipe._pay_memo``, the bytes after the sequence number): across each change of the number's
+    msgpack width, and past the mask, the frames are the ones the receiver expects (the compiled
+    receive into ``out`` compares them byte for byte, the ordinary decode reads them) and every
+    tensor arrives bit-exact."""
+    a, b = pair
+    a._recv_seq = b._send_seq = seq  # (both sides agree: as if ``seq`` tensors had gone before)
+    g = torch.Generator().manual_seed(seq)
+    sent = [torch.randint(-999, 999, (3001, 7), dtype=torch.int16, generator=g) for _ in range(8)]
+    hs = [b.send_tensor_async(t) for t in sent]
+    assert b._pay_memo is not None and b._pay_memo[:2] == (torch.int16, torch.Size([3001, 7]))
+    outs = [torch.empty(3001, 7, dtype=torch.int16) for _ in range(4)]
+    got = a.recv_tensors(out=outs, timeout=30) + [a.recv_tensor(timeout=30) for _ in range(4)]
+    for h in hs:
+        h.wait(30)
+    assert all(torch.equal(x, t) for x, t in zip(got, sent))
+
+
+def test_the_send_memo_applies_only_to_what_it_describes(pair: tuple[Pipe, Pipe]):
+    """After a stream's memo is set, a tensor of the same shape that is not what it describes (another
+    dtype, strided, a lazy negative view, another shape of as many bytes) takes the full checks: each
+    arrives with its own dtype, shape and values."""
+    a, b = pair
+    base = torch.arange(32768, dtype=torch.float32).view(128, 256)
+    same_bytes = torch.arange(32768, dtype=torch.int32).view(128, 256)
+    strided = torch.arange(65536, dtype=torch.float32).view(128, 512)[:, ::2]
+    neg = torch._neg_view(base)
+    flat = torch.arange(32768, dtype=torch.float32)
+    for t in (same_bytes, strided, neg, flat, base + 1):
+        hs = [b.send_tensor_async(base)]
+        assert b._pay_memo is not None and b._pay_memo[:2] == (torch.float32, base.shape)
+        hs.append(b.send_tensor_async(t))  # sent while the memo describes base
+        assert torch.equal(a.recv_tensor(timeout=30), base)
+        got = a.recv_tensor(timeout=30)
+        for h in hs:
+            h.wait(30)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t.resolve_neg()), t.dtype
 
 
 def mismatch_case() -> dict:

@@ -84,6 +84,12 @@ def test_the_calls_refuse_malformed_arguments_before_touching_ucx():
     with pytest.raises(ValueError, match="more sends than"):
         ext.post_tensors(1, 1, [(1, b"h", 1, 1, 1)] * 2, r)
     with pytest.raises(TypeError):
+        ext.post_tensor(1, 1, 1, "h", 1, 1, r)  # a str header
+    with pytest.raises(TypeError):
+        ext.post_tensor(1, 1, 1, b"h", 1, 1)  # no requests
+    with pytest.raises(ValueError, match="two entries"):
+        ext.post_tensor(1, 1, 1, b"h", 1, 1, _ucp_tag.NativeRequests(1, "x", threading.Lock()))
+    with pytest.raises(TypeError):
         ext.send_frame(1, 1, 1, b"h", None, 0)  # six arguments
     with pytest.raises(ValueError, match="fewer than nbytes"):
         ext.send_frame(1, 1, 1, b"h", b"abc", 4, 0)

@@ -713,17 +713,39 @@ class Engine:
             if not h:
                 raise PeerDeadError(f"{what}: the endpoint is closed")
             rc, progressed, inflight = _ucp_tag.EXT.post_tensors(self._worker_h, h, sends, reqs)
-            if progressed:
-                self._progressed()
-            now = time.monotonic()
-            self._post_gap, self._caller_at = now - self._caller_at, now
-            if inflight and background:
-                self._sends.add(reqs, self)
-            elif inflight:
-                self._draining.append((reqs, None))  # freed once done, also if its waiter gives up
+            self._posted(reqs, progressed, inflight, background)
         if rc < 0:
             raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
         return reqs if inflight else None
+
+    def send_tensor(self, ep: Any, tag: int, header: bytes, addr: int, nbytes: int, keep: Any, what: str,
+                    is_open: Callable[[], bool]) -> "_ucp_tag.NativeRequests | None":
+        """:meth:`send_tensors` of the one send ``(tag, header, tag | 1, addr, nbytes)``, in the background: a
+        stream's send, one C call without a batch's list and tuple (``_tag_ext.post_tensor``); the same
+        returns, tracking and errors."""
+        self._check_pid()
+        reqs = _ucp_tag.NativeRequests(2, what, self._lock, keep)
+        with self._lock:
+            h = ep.handle if is_open() else 0  # ucxx drops the handle of an endpoint that failed
+            if not h:
+                raise PeerDeadError(f"{what}: the endpoint is closed")
+            rc, progressed, inflight = _ucp_tag.EXT.post_tensor(self._worker_h, h, tag, header, addr, nbytes, reqs)
+            self._posted(reqs, progressed, inflight, True)
+        if rc < 0:
+            raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
+        return reqs if inflight else None
+
+    def _posted(self, reqs: "_ucp_tag.NativeRequests", progressed: int, inflight: bool, background: bool) -> None:
+        """What follows a post of sends (engine lock held): the progress it made, the caller's post gap (a
+        stream: see :meth:`_progress_loop`), and the requests left in flight tracked or left to drain."""
+        if progressed:
+            self._progressed()
+        now = time.monotonic()
+        self._post_gap, self._caller_at = now - self._caller_at, now
+        if inflight and background:
+            self._sends.add(reqs, self)
+        elif inflight:
+            self._draining.append((reqs, None))  # freed once done, also if its waiter gives up
 
     def wait_sends(self, reqs: "_ucp_tag.NativeRequests", timeout: float, what: str,
                    alive: Callable[[], str | None] | None = None) -> None:

@@ -6,7 +6,7 @@ one more to reap its requests; in a stream, with the payload's copies evicting t
 caches, each costs several times that (docs/bench.md). This extension does the same
 calls from C: :class:`Requests` holds a batch of send requests in its own C array,
 is created, polled and reaped without ctypes; :func:`post_tensors` posts a batch of
-sends through the helper's ``ukv_send_tensor``, and :func:`send_frame` and
+sends through the helper's ``ukv_send_tensor`` (:func:`post_tensor` one, as a stream posts them), and :func:`send_frame` and
 :func:`recv_frame` are the one-message path's ``ukv_send_frame`` and ``ukv_recv_frame``
 (the helper's functions, reached by their addresses); :func:`fill_window` writes a window of
 ``ukv_recv_tensors``' slots.
@@ -221,6 +221,38 @@ fail:
     return NULL;
 }
 
+/* post_tensor(worker, ep, tag, header: bytes, addr, nbytes, reqs) -> (rc, progressed, inflight): post_tensors of
+   the one send (tag, header, tag | 1, addr, nbytes), without its list and tuple (a stream's sender posts one a
+   message). The caller holds the engine's lock. */
+static PyObject *post_tensor(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs != 7 || !PyBytes_Check(args[3]) || !PyObject_TypeCheck(args[6], &RequestsType)) {
+        PyErr_SetString(PyExc_TypeError, "post_tensor(worker, ep, tag, header: bytes, addr, nbytes, reqs: Requests)");
+        return NULL;
+    }
+    Requests *reqs = (Requests *)args[6];
+    if (reqs->n < 2) {
+        PyErr_SetString(PyExc_ValueError, "a send needs two entries in the requests' array");
+        return NULL;
+    }
+    void *w = PyLong_AsVoidPtr(args[0]), *ep = PyLong_AsVoidPtr(args[1]), *addr = PyLong_AsVoidPtr(args[4]);
+    uint64_t tag = PyLong_AsUnsignedLongLong(args[2]);
+    size_t nbytes = PyLong_AsSize_t(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *hdr = args[3];
+    if (PyBytes_GET_SIZE(hdr) > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a header above 4 GiB");
+        return NULL;
+    }
+    unsigned progressed = 0;
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = send_tensor_c(w, ep, tag, PyBytes_AS_STRING(hdr), (uint32_t)PyBytes_GET_SIZE(hdr), tag | 1, addr, nbytes,
+                           0, reqs->ptrs, &progressed);
+    PyEval_RestoreThread(ts);
+    if (rc < 0 && reqs->status == 0) reqs->status = rc;
+    return Py_BuildValue("(iIi)", rc, progressed, reqs->ptrs[0] != NULL || reqs->ptrs[1] != NULL);
+}
+
 /* An address argument: an int, or None for NULL. */
 static int as_address(PyObject *o, void **out) {
     *out = o == Py_None ? NULL : PyLong_AsVoidPtr(o);
@@ -392,6 +424,7 @@ static PyObject *init(PyObject *mod, PyObject *args) {
 static PyMethodDef methods[] = {
     {"init", init, METH_VARARGS, "Set the helper's functions (addresses) this module calls."},
     {"post_tensors", (PyCFunction)(void (*)(void))post_tensors, METH_FASTCALL, "Post a batch of tensor sends."},
+    {"post_tensor", (PyCFunction)(void (*)(void))post_tensor, METH_FASTCALL, "Post one tensor send."},
     {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL, "Send one frame (ukv_send_frame)."},
     {"fill_window", (PyCFunction)(void (*)(void))fill_window, METH_FASTCALL, "Fill a window's receive slots."},
     {"recv_frame", (PyCFunction)(void (*)(void))recv_frame, METH_FASTCALL, "Receive one frame (ukv_recv_frame)."},
