@@ -230,16 +230,32 @@ def test_a_stream_of_one_shape_sends_the_ordinary_frame_across_seq_widths(pair: 
     """Sends of one dtype and shape after the first take their header from the pipe's memo
     (``Pipe._pay_memo``, the bytes after the sequence number): across each change of the number's
     msgpack width, and past the mask, the frames are the ones the receiver expects (the compiled
-    receive into ``out`` compares them byte for byte, the ordinary decode reads them) and every
-    tensor arrives bit-exact."""
+    receive into ``out`` builds them from its spec's bytes after seq and finds no other header),
+    the ordinary decode reads them, and every tensor arrives bit-exact."""
+    from transport import _ucp_tag
+
     a, b = pair
     a._recv_seq = b._send_seq = seq  # (both sides agree: as if ``seq`` tensors had gone before)
     g = torch.Generator().manual_seed(seq)
     sent = [torch.randint(-999, 999, (3001, 7), dtype=torch.int16, generator=g) for _ in range(8)]
     hs = [b.send_tensor_async(t) for t in sent]
     assert b._pay_memo is not None and b._pay_memo[:2] == (torch.int16, torch.Size([3001, 7]))
+    states: list[int] = []
+    hand_over = a._hand_over
+
+    def recording(fb: Any, slots: Any) -> None:
+        states.extend(c.state for c in fb.arr)
+        hand_over(fb, slots)
+
+    a._hand_over = recording  # type: ignore[method-assign]
     outs = [torch.empty(3001, 7, dtype=torch.int16) for _ in range(4)]
-    got = a.recv_tensors(out=outs, timeout=30) + [a.recv_tensor(timeout=30) for _ in range(4)]
+    try:
+        got = a.recv_tensors(out=outs, timeout=30)
+    finally:
+        del a._hand_over
+    # (a payload that stalls may hand its window over; a header the window did not expect never comes)
+    assert len(states) == 4 and _ucp_tag.ST_HDR_OTHER not in states, states
+    got += [a.recv_tensor(timeout=30) for _ in range(4)]
     for h in hs:
         h.wait(30)
     assert all(torch.equal(x, t) for x, t in zip(got, sent))

@@ -6,10 +6,10 @@ one more to reap its requests; in a stream, with the payload's copies evicting t
 caches, each costs several times that (docs/bench.md). This extension does the same
 calls from C: :class:`Requests` holds a batch of send requests in its own C array,
 is created, polled and reaped without ctypes; :func:`post_tensors` posts a batch of
-sends through the helper's ``ukv_send_tensor`` (:func:`post_tensor` one, as a stream posts them), and :func:`send_frame` and
-:func:`recv_frame` are the one-message path's ``ukv_send_frame`` and ``ukv_recv_frame``
-(the helper's functions, reached by their addresses); :func:`fill_window` writes a window of
-``ukv_recv_tensors``' slots.
+sends through the helper's ``ukv_send_tensor`` (:func:`post_tensor` one, as a stream
+posts them), and :func:`send_frame` and :func:`recv_frame` are the one-message path's
+``ukv_send_frame`` and ``ukv_recv_frame`` (the helper's functions, reached by their
+addresses); :func:`fill_window` writes a window of ``ukv_recv_tensors``' slots.
 
 It needs the C compiler the helper needs and this Python's headers (``Python.h``, as
 Triton's launchers do); it is built and cached like the helper (:mod:`transport._native`).

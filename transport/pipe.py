@@ -275,7 +275,7 @@ class _FastRecv:
                  "taken")
 
     def __init__(self, k: int, outs: list[torch.Tensor], specs: list[codec.TensorSpec], seq0: int,
-                 frames: list[np.ndarray], expect: list[bytes], device: torch.device, background: bool):
+                 frames: np.ndarray, expect: list[bytes], device: torch.device, background: bool):
         self.arr = (_ucp_tag.RecvSlot * k)()
         self.k, self.outs, self.specs, self.seq0, self.frames, self.expect = k, outs, specs, seq0, frames, expect
         self.device, self.background = device, background
@@ -325,10 +325,10 @@ class _RecvSlot:
     A slot of a :class:`_FastRecv` has no header op until the batch is handed over.
     """
 
-    __slots__ = ("seq", "frame", "header_op", "payload_ops", "tensors", "header", "batch", "message", "refused")
+    __slots__ = ("seq", "header_op", "payload_ops", "tensors", "header", "batch", "message", "refused")
 
-    def __init__(self, seq: int, frame: np.ndarray, header_op: Op | None, message: bool = False):
-        self.seq, self.frame, self.header_op, self.message = seq, frame, header_op, message
+    def __init__(self, seq: int, header_op: Op | None, message: bool = False):
+        self.seq, self.header_op, self.message = seq, header_op, message
         self.batch = False  # posted by recv_tensors_async (several batches may be pending)
         self.payload_ops: list[Op] = []
         self.tensors: list[torch.Tensor | None] = []
@@ -871,7 +871,7 @@ class Pipe:
 
         header_req = received[1] if received is not None else self._engine.tag_recv(
             self._ep, frame, self._tag(self._recv_tag, seq, False), None, f"header of {what}", self._ep_open)
-        slot = _RecvSlot(seq, frame, Op([header_req], [frame], on_header), message)
+        slot = _RecvSlot(seq, Op([header_req], [frame], on_header), message)  # (the op keeps its frame)
         slot_box.append(slot)
         if background:
             self._engine.track(slot.header_op)
@@ -989,6 +989,11 @@ class Pipe:
         cached without its sequence number: msgpack writes a :class:`codec.Header` as an array whose first
         item is ``seq``, so its bytes are the array's marker, ``seq`` as msgpack writes an int, then the same
         bytes for every ``seq``."""
+        body = b"\x93" + _msgpack_uint(seq & _SEQ_MASK) + self._spec_tail(spec)
+        return None if codec.rides_inline(spec.nbytes, len(body)) else body
+
+    def _spec_tail(self, spec: codec.TensorSpec) -> bytes:
+        """The bytes of a header of one tensor of ``spec`` after its ``seq`` (see :meth:`_payload_bytes`), cached."""
         got = self._tails.get(id(spec))
         if got is None or got[0] is not spec:
             zero = codec.encode_header_bytes(codec.Header(0, [spec], None))
@@ -997,9 +1002,7 @@ class Pipe:
             if len(self._tails) >= 64:
                 self._tails.clear()
             got = self._tails[id(spec)] = (spec, zero[2:])  # (the spec held: its id is not reused meanwhile)
-        seq &= _SEQ_MASK
-        body = b"\x93" + _msgpack_uint(seq) + got[1]
-        return None if codec.rides_inline(spec.nbytes, len(body)) else body
+        return got[1]
 
     def _payload_spec(self, out: torch.Tensor) -> codec.TensorSpec | None:
         """The spec a sender writes for a tensor of ``out``'s device, dtype and shape sent as a payload, if a
@@ -1068,7 +1071,9 @@ class Pipe:
         None, having taken nothing, where the compiled receive does not apply to every ``out``."""
         seq0 = self._recv_seq
         k = len(outs)
-        seen: dict[int, tuple[codec.TensorSpec | None, int, int]] = {}  # a window usually repeats one buffer
+        # a window usually repeats one buffer: its spec, address, size, and its header's bytes after seq where
+        # such a tensor is a payload at every seq (None: _payload_bytes decides at each)
+        seen: dict[int, tuple[codec.TensorSpec | None, int, int, bytes | None]] = {}
         devices: list[torch.device] = []  # of the CUDA outs
         specs: list[codec.TensorSpec] = []
         expect: list[bytes] = []
@@ -1077,27 +1082,35 @@ class Pipe:
         for i, o in enumerate(outs):
             got = seen.get(id(o))
             if got is None:
-                got = seen[id(o)] = (self._payload_spec(o), o.data_ptr(), o.nbytes)
+                spec = self._payload_spec(o)
+                tail = None if spec is None else self._spec_tail(spec)
+                if tail is not None and codec.rides_inline(spec.nbytes, 2 + len(tail)):  # type: ignore[union-attr]
+                    tail = None  # inline at a short seq
+                got = seen[id(o)] = (spec, o.data_ptr(), o.nbytes, tail)
                 if not o.is_cpu:
                     devices.append(o.device)
-            spec = got[0]
-            body = None if spec is None else self._payload_bytes(spec, seq0 + i)
-            if body is None:
-                return None
+            spec, tail = got[0], got[3]
+            if tail is not None:  # (what _payload_bytes returns, without its calls)
+                s = (seq0 + i) & _SEQ_MASK
+                body = b"\x93" + (_MSGPACK_SMALL[s] if s < 128 else _msgpack_uint(s)) + tail
+            else:
+                body = None if spec is None else self._payload_bytes(spec, seq0 + i)
+                if body is None:
+                    return None
             specs.append(spec)  # type: ignore[arg-type]
-            expect.append(_u32_framed(body))
+            expect.append(len(body).to_bytes(4, "little") + body)  # (_u32_framed)
             addrs.append(got[1])
             lens.append(got[2])
         blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
         if devices:  # UCX writes device memory off the caller's stream: the kernels queued to read these outs first
             _cuda_order.settle(devices)
         frames, base = self._frames(k)
-        fb = _FastRecv(k, outs, specs, seq0, list(frames[:k]), [blob], device, background)
+        fb = _FastRecv(k, outs, specs, seq0, frames, [blob], device, background)  # (slot i's frame: row i)
         _ucp_tag.EXT.fill_window(fb.arr, _ucp_tag.RECV_SLOT_WORDS, self._tag(self._recv_tag, 0, False),
                                  seq0, _SEQ_MASK, base, codec.HEADER_FRAME_SIZE, blob, [len(e) for e in expect],
                                  addrs, lens)
         self._recv_seq = seq0 + k
-        return [_RecvSlot(seq0 + i, fb.frames[i], None) for i in range(k)], fb
+        return [_RecvSlot(seq0 + i, None) for i in range(k)], fb
 
     def _frames(self, k: int) -> tuple[np.ndarray, int]:
         """At least ``k`` header frames (rows) for a compiled receive, and their address (``_recv_lock`` held).
