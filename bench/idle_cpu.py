@@ -60,10 +60,10 @@ def measure(seconds: float, into: bool = False) -> tuple[tuple[float, float], tu
         pipe = Pipe.connect(str(q.get(timeout=60)))
         try:
             pipe.wait_connected(30)
+            out = torch.empty(1 << 14) if into else None  # 64 KiB: a payload, received by the compiled window
             t0, c0, w0 = time.monotonic(), time.process_time(), _wakeups()
-            out = torch.empty(1 << 14)  # 64 KiB: a payload, received by the compiled window
             try:
-                if into:
+                if out is not None:
                     pipe.recv_tensors(out=[out], timeout=seconds)
                 else:
                     pipe.recv_tensor(timeout=seconds)

@@ -705,47 +705,41 @@ class Engine:
         if their waiter gives up. Raises :class:`PeerDeadError` naming ``what`` if the endpoint is closed
         or a send fails at posting (what was posted before it stays in flight, tracked alike).
         """
-        assert self.tag_fast is not None
-        self._check_pid()
-        reqs = _ucp_tag.NativeRequests(2 * len(sends), what, self._lock, keep)
-        with self._lock:
-            h = ep.handle if is_open() else 0  # ucxx drops the handle of an endpoint that failed
-            if not h:
-                raise PeerDeadError(f"{what}: the endpoint is closed")
-            rc, progressed, inflight = _ucp_tag.EXT.post_tensors(self._worker_h, h, sends, reqs)
-            self._posted(reqs, progressed, inflight, background)
-        if rc < 0:
-            raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
-        return reqs if inflight else None
+        return self._post_sends(ep, len(sends), keep, what, is_open, background, _ucp_tag.EXT.post_tensors, sends)
 
     def send_tensor(self, ep: Any, tag: int, header: bytes, addr: int, nbytes: int, keep: Any, what: str,
                     is_open: Callable[[], bool]) -> "_ucp_tag.NativeRequests | None":
         """:meth:`send_tensors` of the one send ``(tag, header, tag | 1, addr, nbytes)``, in the background: a
         stream's send, one C call without a batch's list and tuple (``_tag_ext.post_tensor``); the same
         returns, tracking and errors."""
+        return self._post_sends(ep, 1, keep, what, is_open, True, _ucp_tag.EXT.post_tensor, tag, header, addr,
+                                nbytes)
+
+    def _post_sends(self, ep: Any, n: int, keep: Any, what: str, is_open: Callable[[], bool], background: bool,
+                    post: Callable[..., tuple[int, int, int]], *args: Any) -> "_ucp_tag.NativeRequests | None":
+        """Post ``n`` sends with ``post(worker, ep handle, *args, requests)`` (``_tag_ext.post_tensors`` or
+        ``post_tensor``) under the lock, then what follows any post: the progress it made, the caller's post
+        gap (a stream: see :meth:`_progress_loop`), the requests left in flight tracked (``background``) or
+        left to drain; :meth:`send_tensors` says what it returns and raises."""
+        assert self.tag_fast is not None
         self._check_pid()
-        reqs = _ucp_tag.NativeRequests(2, what, self._lock, keep)
+        reqs = _ucp_tag.NativeRequests(2 * n, what, self._lock, keep)
         with self._lock:
             h = ep.handle if is_open() else 0  # ucxx drops the handle of an endpoint that failed
             if not h:
                 raise PeerDeadError(f"{what}: the endpoint is closed")
-            rc, progressed, inflight = _ucp_tag.EXT.post_tensor(self._worker_h, h, tag, header, addr, nbytes, reqs)
-            self._posted(reqs, progressed, inflight, True)
+            rc, progressed, inflight = post(self._worker_h, h, *args, reqs)
+            if progressed:
+                self._progressed()
+            now = time.monotonic()
+            self._post_gap, self._caller_at = now - self._caller_at, now
+            if inflight and background:
+                self._sends.add(reqs, self)
+            elif inflight:
+                self._draining.append((reqs, None))  # freed once done, also if its waiter gives up
         if rc < 0:
             raise PeerDeadError(f"{what} failed: {_ucp_tag.status_string(rc)}")
         return reqs if inflight else None
-
-    def _posted(self, reqs: "_ucp_tag.NativeRequests", progressed: int, inflight: bool, background: bool) -> None:
-        """What follows a post of sends (engine lock held): the progress it made, the caller's post gap (a
-        stream: see :meth:`_progress_loop`), and the requests left in flight tracked or left to drain."""
-        if progressed:
-            self._progressed()
-        now = time.monotonic()
-        self._post_gap, self._caller_at = now - self._caller_at, now
-        if inflight and background:
-            self._sends.add(reqs, self)
-        elif inflight:
-            self._draining.append((reqs, None))  # freed once done, also if its waiter gives up
 
     def wait_sends(self, reqs: "_ucp_tag.NativeRequests", timeout: float, what: str,
                    alive: Callable[[], str | None] | None = None) -> None:

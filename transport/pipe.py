@@ -148,6 +148,14 @@ def _device_type(t: torch.Tensor) -> str:
 _MSGPACK_SMALL = [bytes([i]) for i in range(128)]
 
 
+def _header_at(seq: int, tail: bytes) -> bytes:
+    """The header (msgspec's encoding of a :class:`codec.Header`) of send #``seq`` whose bytes after the
+    sequence number are ``tail`` (see :meth:`Pipe._spec_tail`): the array marker, ``seq`` masked as msgpack
+    writes an int, then ``tail``."""
+    s = seq & _SEQ_MASK
+    return b"\x93" + (_MSGPACK_SMALL[s] if s < 128 else _msgpack_uint(s)) + tail
+
+
 def _msgpack_uint(n: int) -> bytes:
     """A non-negative int below 2**32 in msgpack's shortest form, as msgspec writes it."""
     if n < 128:
@@ -383,8 +391,8 @@ class Pipe:
         self.address = ""
         self.peer = "(not connected)"
         self._what_send: str | None = None  # a send's words for errors, per peer (see _send_payload_async)
-        #: (dtype, shape, header bytes after seq, nbytes, what) of the last host tensor _send_payload_async sent
-        self._pay_memo: tuple[torch.dtype, torch.Size, bytes, int, str] | None = None
+        #: (dtype, shape, header bytes after seq, nbytes) of the last host tensor _send_payload_async sent
+        self._pay_memo: tuple[torch.dtype, torch.Size, bytes, int] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -460,7 +468,7 @@ class Pipe:
     def _attach(self, link: Link, worker_address: bytes, send_tag: int, dialled: bool = False) -> None:
         self.peer = link.peer
         self._what_send = None  # (built on the first send)
-        self._pay_memo = None  # (its words name the peer)
+        self._pay_memo = None  # (with the words, which name the peer)
         self._ep = self._engine.connect(worker_address, link.peer)
         # the dialler waits for its endpoint's wireup (a tracked flush on both sides left 5 of 10 idle
         # connections with a socket armed for writing, a tracked flush on the dialler's side 10 of 10)
@@ -698,16 +706,12 @@ class Pipe:
                 and not t.is_conj() and not t.is_neg() and eng.tag_fast is not None:
             self._ready()
             with self._send_lock:
-                seq = self._send_seq
-                s = seq & _SEQ_MASK
-                header = b"\x93" + (_MSGPACK_SMALL[s] if s < 128 else _msgpack_uint(s)) + memo[2]
-                tag = self._send_tag << (_SEQ_BITS + 1) | s << 1
+                seq, nbytes, what = self._send_seq, memo[3], self._what_send  # (set with the memo)
+                tag = self._tag(self._send_tag, seq, False)
                 self._send_seq = seq + 1
-                nbytes = memo[3]
                 self.bytes_sent += nbytes
-                what = memo[4]
-                return _SendHandle(self, eng.send_tensor(self._ep, tag, header, t.data_ptr(), nbytes, t, what,
-                                                         self._ep_open), what)
+                return _SendHandle(self, eng.send_tensor(self._ep, tag, _header_at(seq, memo[2]), t.data_ptr(),
+                                                         nbytes, t, what, self._ep_open), what)  # type: ignore[arg-type]
         if eng.tag_fast is None or _compiled_sendable(t, eng.tag_fast_cuda) is None:
             return None
         self._ready()
@@ -716,16 +720,16 @@ class Pipe:
             _cuda_order.settle((t.device,))  # see _post_send
         with self._send_lock:
             seq, nbytes = self._send_seq, t.nbytes
-            header = self._payload_header_bytes(t.dtype, t.shape, nbytes, seq, device)
+            spec = self._wire_spec(t.dtype, t.shape, nbytes, False, device)
+            header = self._payload_bytes(spec, seq)
             if header is None:
                 return None
             what = self._what_send
             if what is None:
                 what = self._what_send = f"sending a tensor to {self.peer}"
-            if device == "cpu":
-                tail = header[1 + len(_msgpack_uint(seq & _SEQ_MASK)):]
-                if not codec.rides_inline(nbytes, 2 + len(tail)):  # (a payload at every seq: memo it)
-                    self._pay_memo = (t.dtype, t.shape, tail, nbytes, what)
+            tail = self._stream_tail(spec) if device == "cpu" else None
+            if tail is not None:
+                self._pay_memo = (t.dtype, t.shape, tail, nbytes)
             tag = self._tag(self._send_tag, seq, False)
             self._send_seq = seq + 1
             self.bytes_sent += nbytes
@@ -989,8 +993,15 @@ class Pipe:
         cached without its sequence number: msgpack writes a :class:`codec.Header` as an array whose first
         item is ``seq``, so its bytes are the array's marker, ``seq`` as msgpack writes an int, then the same
         bytes for every ``seq``."""
-        body = b"\x93" + _msgpack_uint(seq & _SEQ_MASK) + self._spec_tail(spec)
+        body = _header_at(seq, self._spec_tail(spec))
         return None if codec.rides_inline(spec.nbytes, len(body)) else body
+
+    def _stream_tail(self, spec: codec.TensorSpec) -> bytes | None:
+        """:meth:`_spec_tail` where a tensor of ``spec`` is a payload at every ``seq`` (the shortest header
+        leaves its bytes no inline room), so :func:`_header_at` alone gives its header; else None
+        (:meth:`_payload_bytes` decides at each ``seq``)."""
+        tail = self._spec_tail(spec)
+        return None if codec.rides_inline(spec.nbytes, 2 + len(tail)) else tail
 
     def _spec_tail(self, spec: codec.TensorSpec) -> bytes:
         """The bytes of a header of one tensor of ``spec`` after its ``seq`` (see :meth:`_payload_bytes`), cached."""
@@ -1083,22 +1094,18 @@ class Pipe:
             got = seen.get(id(o))
             if got is None:
                 spec = self._payload_spec(o)
-                tail = None if spec is None else self._spec_tail(spec)
-                if tail is not None and codec.rides_inline(spec.nbytes, 2 + len(tail)):  # type: ignore[union-attr]
-                    tail = None  # inline at a short seq
-                got = seen[id(o)] = (spec, o.data_ptr(), o.nbytes, tail)
+                got = seen[id(o)] = (spec, o.data_ptr(), o.nbytes, None if spec is None else self._stream_tail(spec))
                 if not o.is_cpu:
                     devices.append(o.device)
             spec, tail = got[0], got[3]
-            if tail is not None:  # (what _payload_bytes returns, without its calls)
-                s = (seq0 + i) & _SEQ_MASK
-                body = b"\x93" + (_MSGPACK_SMALL[s] if s < 128 else _msgpack_uint(s)) + tail
+            if tail is not None:  # (what _payload_bytes returns, without its inline check)
+                body = _header_at(seq0 + i, tail)
             else:
                 body = None if spec is None else self._payload_bytes(spec, seq0 + i)
                 if body is None:
                     return None
             specs.append(spec)  # type: ignore[arg-type]
-            expect.append(len(body).to_bytes(4, "little") + body)  # (_u32_framed)
+            expect.append(_u32_framed(body))
             addrs.append(got[1])
             lens.append(got[2])
         blob = b"".join(expect)  # every expected frame in one buffer, alive as long as the receive
