@@ -58,13 +58,15 @@ def ucx_perftest_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def run_ucx_perftest(test: str, size: int, iters: int, warmup: int, env: dict[str, str],
-                     mem: str | None = None, outstanding: int | None = None, timeout_s: float = 120.0) -> Result:
+                     mem: str | None = None, outstanding: int | None = None, timeout_s: float = 120.0,
+                     cpus: tuple[int, int] | None = None) -> Result:
     """Run ucx_perftest server + client on loopback for one size; parse the client's ``Final:`` row.
 
     Args:
         test: ``tag_bw`` or ``tag_lat`` (any UCP test name works).
         env: full environment for both processes (UCX_TLS etc. already in it).
         mem: ``-m`` value, e.g. ``host,cuda``; None leaves ucx_perftest's default.
+        cpus: (server CPU, client CPU), each process pinned with ucx_perftest's own ``-c``.
 
     Raises:
         RuntimeError: the client failed (its output is in the message).
@@ -72,10 +74,12 @@ def run_ucx_perftest(test: str, size: int, iters: int, warmup: int, env: dict[st
     exe, _ = libucx_paths()
     penv = ucx_perftest_env(env)
     port = free_port()
-    server = subprocess.Popen([exe, "-p", str(port)], env=penv, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([exe, "-p", str(port)] + (["-c", str(cpus[0])] if cpus else []), env=penv,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         cmd = [exe, "127.0.0.1", "-p", str(port), "-t", test, "-s", str(size), "-n", str(iters), "-w", str(warmup)]
+        if cpus:
+            cmd += ["-c", str(cpus[1])]
         if mem:
             cmd += ["-m", mem]
         if outstanding:
@@ -107,17 +111,18 @@ def run_ucx_perftest(test: str, size: int, iters: int, warmup: int, env: dict[st
 
 # --------------------------------------------------------------------------- peers in child processes
 def _spawn_pair(kind: str, test: str, sizes: Sequence[int], iters: int, warmup: int, env: dict[str, str],
-                timeout_s: float) -> list[dict[str, Any]]:
+                timeout_s: float, cpus: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     port = free_port()
     base = [sys.executable, "-m", "bench._baselines", kind, "--port", str(port), "--test", test,
             "--sizes", ",".join(map(str, sizes)), "--iters", str(iters), "--warmup", str(warmup)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     penv = dict(env)
     penv["PYTHONPATH"] = root + (os.pathsep + penv["PYTHONPATH"] if penv.get("PYTHONPATH") else "")
-    server = subprocess.Popen(base + ["--role", "server"], env=penv, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(base + ["--role", "server"] + (["--cpu", str(cpus[0])] if cpus else []), env=penv,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        client = subprocess.run(base + ["--role", "client"], env=penv, capture_output=True, text=True,
+        client = subprocess.run(base + ["--role", "client"] + (["--cpu", str(cpus[1])] if cpus else []), env=penv,
+                                capture_output=True, text=True,
                                 timeout=timeout_s)
         if client.returncode != 0:
             raise RuntimeError(f"{kind} client failed: {client.stderr.strip()[-2000:]}")
@@ -144,15 +149,15 @@ def _results(kind: str, test: str, rows: list[dict[str, Any]], iters: int) -> li
 
 
 def run_pyzmq(test: str, sizes: Sequence[int], iters: int, warmup: int, env: dict[str, str],
-              timeout_s: float = 300.0) -> list[Result]:
+          timeout_s: float = 300.0, cpus: tuple[int, int] | None = None) -> list[Result]:
     """pyzmq PUSH/PULL (bandwidth) or REQ/REP (latency) on tcp loopback, ``copy=False``."""
-    return _results("pyzmq", test, _spawn_pair("pyzmq", test, sizes, iters, warmup, env, timeout_s), iters)
+    return _results("pyzmq", test, _spawn_pair("pyzmq", test, sizes, iters, warmup, env, timeout_s, cpus), iters)
 
 
 def run_gloo(test: str, sizes: Sequence[int], iters: int, warmup: int, env: dict[str, str],
-             timeout_s: float = 300.0) -> list[Result]:
+         timeout_s: float = 300.0, cpus: tuple[int, int] | None = None) -> list[Result]:
     """torch.distributed gloo send/recv between two processes (preallocated receive buffers)."""
-    return _results("gloo", test, _spawn_pair("gloo", test, sizes, iters, warmup, env, timeout_s), iters)
+    return _results("gloo", test, _spawn_pair("gloo", test, sizes, iters, warmup, env, timeout_s, cpus), iters)
 
 
 def nixl_available() -> bool:
@@ -282,7 +287,10 @@ def _peer_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", required=True)
     ap.add_argument("--iters", type=int, required=True)
     ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     a = ap.parse_args(argv)
+    if a.cpu is not None:
+        os.sched_setaffinity(0, {a.cpu})
     sizes = [int(x) for x in a.sizes.split(",")]
     body = _zmq_peer if a.kind == "pyzmq" else _gloo_peer
     body(a.role, a.port, a.test, sizes, a.iters, a.warmup)

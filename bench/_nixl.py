@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import time
 import traceback
 from typing import Any
@@ -31,6 +32,8 @@ def _block_descs(caches: list[Any], ids: list[int]) -> list[tuple[int, int, int]
 
 
 def _target(cfg: dict[str, Any], q_out: Any, q_in: Any) -> None:
+    if cfg.get("cpus"):
+        os.sched_setaffinity(0, {cfg["cpus"][0]})  # --pin: each side on its own CPU
     try:
         from nixl_cu12._api import nixl_agent, nixl_agent_config
 
@@ -48,6 +51,8 @@ def _target(cfg: dict[str, Any], q_out: Any, q_in: Any) -> None:
 
 
 def _initiator(cfg: dict[str, Any], iters: int, warmup: int, q_out: Any, q_tgt: Any, q_tgt_in: Any) -> None:
+    if cfg.get("cpus"):
+        os.sched_setaffinity(0, {cfg["cpus"][1]})  # --pin: each side on its own CPU
     try:
         import torch
         from nixl_cu12._api import nixl_agent, nixl_agent_config

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence, TextIO
@@ -265,11 +266,57 @@ def print_comparison(ours: Result, baselines: dict[str, Result | str], is_latenc
         print(f"  {'':11}  {name:<{w}} {theirs:16.3f}  {ratio:6.2f}x{extra}", file=out)
 
 
-def json_line(ours: Result, baselines: dict[str, Result | str]) -> str:
-    """One JSON object for one size: our result plus a ``baselines`` mapping."""
+def json_line(ours: Result, baselines: dict[str, Result | str], extra: dict[str, Any] | None = None) -> str:
+    """One JSON object for one size: our result plus a ``baselines`` mapping (and ``extra``'s keys)."""
     d = ours.to_json()
     d["baselines"] = {k: (v.to_json() if isinstance(v, Result) else {"skipped": v}) for k, v in baselines.items()}
+    if extra:
+        d.update(extra)
     return json.dumps(d, sort_keys=True)
+
+
+def round_ratios(rounds: Sequence[tuple[Sequence[Result], dict[str, dict[int, Result | str]]]], is_latency: bool
+                 ) -> dict[int, dict[str, list[tuple[float, float, float]]]]:
+    """size -> baseline -> one (ucxkv, baseline, ratio) per round where both have a figure, in round order.
+
+    The ratio is ucxkv / baseline for bandwidth and baseline / ucxkv for latency (> 1: ucxkv better), each
+    round's ucxkv figure against the baseline run in that same round."""
+    metric = "overall_lat_us" if is_latency else "overall_bw_mbs"
+    out: dict[int, dict[str, list[tuple[float, float, float]]]] = {}
+    for ours, base in rounds:
+        for r in ours:
+            if r.final is None:
+                continue
+            mine = getattr(r.final, metric)
+            for name, per in base.items():
+                b = per.get(r.size)
+                if not isinstance(b, Result) or b.final is None:
+                    continue
+                theirs = getattr(b.final, metric)
+                if not (mine and theirs):
+                    continue
+                ratio = theirs / mine if is_latency else mine / theirs
+                out.setdefault(r.size, {}).setdefault(name, []).append((mine, theirs, ratio))
+    return out
+
+
+def print_round_summary(rounds: Sequence[tuple[Sequence[Result], dict[str, dict[int, Result | str]]]],
+                        is_latency: bool, out: TextIO) -> None:
+    """Min / median / max over the rounds of ucxkv, of each baseline and of their same-round ratio."""
+    unit = "usec (one-way)" if is_latency else "MB/s"
+    print(f"\nSummary over {len(rounds)} rounds ({unit}; min / median / max; the ratio is each round's ucxkv "
+          "figure against the baseline run in the same round, >1 = ucxkv better)", file=out)
+    for size, per in round_ratios(rounds, is_latency).items():
+        for name, rows in per.items():
+            cols = [_spread([row[i] for row in rows]) for i in range(3)]
+            print(f"  size {human_size(size):>6}  ucxkv {cols[0]:<28} {name} {cols[1]:<28} "
+                  f"ratio {_spread([row[2] for row in rows], '.2f')}x  ({len(rows)} rounds)", file=out)
+
+
+def _spread(xs: Sequence[float], fmt: str = ".1f") -> str:
+    """``min / median / max`` of ``xs``."""
+    s = sorted(xs)
+    return " / ".join(format(v, fmt) for v in (s[0], statistics.median(s), s[-1]))
 
 
 class Progress:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
 import subprocess
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", metavar="FILE.png", help="bandwidth vs size, one line per implementation")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ap.add_argument("--timeout", type=float, default=120.0, help="per-operation timeout, seconds")
+    ap.add_argument("--pin", metavar="SERVER_CPU,CLIENT_CPU", default=None,
+                    help="with --local: pin our server and client, and each baseline's two processes, to these two "
+                         "CPUs (ucx_perftest with its own -c): two spinning peers never share a core")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run our test and then each baseline this many times, alternating, and summarise the "
+                         "per-round ratios (min / median / max): on a noisy machine one pair of runs says little")
     kv = ap.add_argument_group("kv_bw")
     kv.add_argument("--layers", type=int, default=32)
     kv.add_argument("--kv-heads", type=int, default=8)
@@ -264,7 +271,8 @@ def serve(args: argparse.Namespace, connect_timeout: float = 3600.0) -> int:
             if cfg.get("cmd") == "bye":
                 break
             _send_control(pipe, {"pid": os.getpid(), "tls": effective_tls(),
-                              "allow_cma": os.environ.get("UCXKV_ALLOW_CMA", "0")})
+                              "allow_cma": os.environ.get("UCXKV_ALLOW_CMA", "0"),
+                              "cpus": sorted(os.sched_getaffinity(0))})
             cfg.setdefault("bind", args.bind)
             report = _serve_one(pipe, cfg)
             _send_control(pipe, report)
@@ -567,7 +575,8 @@ def _client_one(pipe: Any, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     else:
         raise ValueError(test)
     report = _recv_control(pipe)
-    res.info.update({"server_tls": info.get("tls"), "client_tls": effective_tls()})
+    res.info.update({"server_tls": info.get("tls"), "client_tls": effective_tls(),
+                     "server_cpus": info.get("cpus"), "client_cpus": sorted(os.sched_getaffinity(0))})
     res.info.update({k: v for k, v in report.items()})
     return res, info
 
@@ -682,13 +691,14 @@ def _spawn_local_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "bench.perftest", "-p", str(port), "--bind", "127.0.0.1",
            "--timeout", str(args.timeout), "--log-level", args.log_level, "--_connect-timeout", "120"]
+    if args.pin:
+        cmd += ["--_cpu", str(args.pin[0])]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     return proc, port
 
 
 def run_client(args: argparse.Namespace) -> int:
-    """Client side: run the tests, the baselines, print the report."""
-    from . import _baselines as B
+    """Client side: run the tests and the baselines ``--rounds`` times, print the report."""
     from . import _report as R
 
     out = sys.stdout
@@ -698,9 +708,10 @@ def run_client(args: argparse.Namespace) -> int:
     kv_keys = ("layers", "kv_heads", "head_size", "block_size", "tokens", "dtype", "layout", "kv_mode", "verify")
     if test == "kv_bw" and args.verify and args.kv_mode not in ("layers", "gather"):
         raise SystemExit("--verify needs --kv-mode layers or gather")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     if test == "kv_bw":
-        kcfg = {k: getattr(args, k) for k in kv_keys}
-        sizes = [kv_request_bytes(kcfg)]
+        sizes = [kv_request_bytes({k: getattr(args, k) for k in kv_keys})]
     else:
         sizes = R.parse_sizes(args.size)
 
@@ -714,48 +725,104 @@ def run_client(args: argparse.Namespace) -> int:
     from transport import Pipe, PipeOptions
 
     is_lat = test.endswith("lat")
-    ours: list[R.Result] = []
-    progress = R.Progress(len(sizes), enabled=not args.no_progress)
+    rounds: list[tuple[list[R.Result], dict[str, dict[int, R.Result | str]]]] = []
+    if args.csv:
+        print(R.CSV_HEADER, file=out, flush=True)
     try:
         pipe = Pipe.connect(f"{host}:{port}", options=PipeOptions(timeout_s=args.timeout))
         try:
-            if args.csv:
-                print(R.CSV_HEADER, file=out, flush=True)
-            for size in sizes:
-                n, w = default_iters(test, size)
-                n = args.iters if args.iters is not None else n
-                w = args.warmup if args.warmup is not None else w
-                cfg = {"cmd": "run", "test": test, "size": size, "iters": n, "warmup": w,
-                       "send_dev": send_dev, "recv_dev": recv_dev, "window": args.outstanding,
-                       "recv": _recv_mode(args)}
-                if test == "kv_bw":
-                    cfg.update({k: getattr(args, k) for k in kv_keys})
-                res, info = _client_one(pipe, cfg)
-                res.info.update({"iters": n, "warmup": w, "recv": cfg["recv"]})
-                ours.append(res)
-                if args.csv:
-                    print(res.final.csv(), file=out, flush=True)  # type: ignore[union-attr]
-                elif not args.json:
-                    _print_header(res, args, out)
-                    R.print_table(res, is_lat, out)
-                    if test == "kv_bw":
-                        ok = "OK (bit-exact)" if res.info.get("verified") else f"FAILED layers {res.info.get('bad_layers')}"
-                        print(f"Verify: {ok}; {res.info.get('blocks')} blocks x {args.layers} layers, "
-                              f"{res.info.get('kv_pieces')} block pieces, mode {args.kv_mode}", file=out, flush=True)
-                progress.step(R.human_size(size))
-            _send_control(pipe, {"cmd": "bye"})
+            for rnd in range(args.rounds):
+                if args.rounds > 1 and not (args.csv or args.json):
+                    print(f"\n=== round {rnd + 1} of {args.rounds}", file=out, flush=True)
+                ours = _measure(pipe, args, sizes, (send_dev, recv_dev), kv_keys, out)
+                last = rnd == args.rounds - 1
+                if last:
+                    _send_control(pipe, {"cmd": "bye"})
+                    pipe.close()
+                    _reap_server(server)
+                    server = None
+                # the last round's baselines run with our server gone; an earlier round's while it idles
+                # connected (docs/bench.md, "Rounds")
+                base = _run_baselines(args, baselines, ours, (send_dev, recv_dev))
+                rounds.append((ours, base))
+                _report_round(args, ours, base, out)
         finally:
             pipe.close()
     finally:
-        if server is not None:
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        _reap_server(server)
 
-    # Baselines run after our server is gone, so nothing else competes for the cores.
-    base_results: dict[str, dict[int, R.Result | str]] = {}
+    ours, base = rounds[-1]
+    if args.rounds > 1 and baselines:
+        R.print_round_summary([(o, b) for o, b in rounds], is_lat, sys.stderr if (args.csv or args.json) else out)
+    if args.json:
+        for i, r in enumerate(ours):
+            extra = {"rounds": [json.loads(R.json_line(o[i], {b: per[o[i].size] for b, per in bs.items()}))
+                                for o, bs in rounds]} if args.rounds > 1 else None
+            print(R.json_line(r, {b: per[r.size] for b, per in base.items()}, extra), file=out, flush=True)
+    if args.plot:
+        series: dict[str, list[R.Result]] = {"ucxkv": ours}
+        for b in base:
+            rs = [v for v in base[b].values() if isinstance(v, R.Result)]
+            if rs:
+                series[b] = rs
+        R.plot(series, args.plot, f"{test} ({os.environ.get('UCX_TLS', 'UCX_TLS unset')})")
+    if test == "kv_bw" and not all(r.info.get("verified") for o, _ in rounds for r in o):
+        return 2
+    return 0
+
+
+def _reap_server(server: subprocess.Popen | None) -> None:
+    """Wait for the ``--local`` server to exit (it does after "bye" or a closed pipe), else kill it."""
+    if server is None:
+        return
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def _measure(pipe: Any, args: argparse.Namespace, sizes: list[int], devs: tuple[str, str],
+             kv_keys: tuple[str, ...], out: Any) -> list[Any]:
+    """One round of our test over every size through ``pipe``; prints each size's table (or CSV row)."""
+    from . import _report as R
+
+    test = args.test
+    progress = R.Progress(len(sizes), enabled=not args.no_progress)
+    ours = []
+    for size in sizes:
+        n, w = default_iters(test, size)
+        n = args.iters if args.iters is not None else n
+        w = args.warmup if args.warmup is not None else w
+        cfg = {"cmd": "run", "test": test, "size": size, "iters": n, "warmup": w,
+               "send_dev": devs[0], "recv_dev": devs[1], "window": args.outstanding,
+               "recv": _recv_mode(args)}
+        if test == "kv_bw":
+            cfg.update({k: getattr(args, k) for k in kv_keys})
+        res, _ = _client_one(pipe, cfg)
+        res.info.update({"iters": n, "warmup": w, "recv": cfg["recv"]})
+        ours.append(res)
+        if args.csv:
+            print(res.final.csv(), file=out, flush=True)  # type: ignore[union-attr]
+        elif not args.json:
+            _print_header(res, args, out)
+            R.print_table(res, test.endswith("lat"), out)
+            if test == "kv_bw":
+                ok = "OK (bit-exact)" if res.info.get("verified") else f"FAILED layers {res.info.get('bad_layers')}"
+                print(f"Verify: {ok}; {res.info.get('blocks')} blocks x {args.layers} layers, "
+                      f"{res.info.get('kv_pieces')} block pieces, mode {args.kv_mode}", file=out, flush=True)
+        progress.step(R.human_size(size))
+    return ours
+
+
+def _run_baselines(args: argparse.Namespace, baselines: list[str], ours: list[Any], devs: tuple[str, str]
+                   ) -> dict[str, dict[int, Any]]:
+    """Each baseline at each of ``ours``' sizes, iterations and warm-up: name -> size -> Result, or why not."""
+    from . import _baselines as B
+
+    test = args.test
+    send_dev, recv_dev = devs
+    base_results: dict[str, dict[int, Any]] = {}
     env = dict(os.environ)
     for b in baselines:
         if b == "ucx_perftest":
@@ -763,11 +830,11 @@ def run_client(args: argparse.Namespace) -> int:
             ucx_test = "ucp_get" if test == "kv_bw" and args.kv_mode == "rma" else UCX_TEST_FOR[test]
             window = args.outstanding if test == "tensor_bw" else None
             for name, benv in ucx_perftest_runs(env, ours[0].info):
-                per: dict[int, R.Result | str] = {}
+                per: dict[int, Any] = {}
                 try:
                     for r in ours:
                         per[r.size] = B.run_ucx_perftest(ucx_test, r.size, r.info["iters"], r.info["warmup"],
-                                                         benv, mem=mem, outstanding=window)
+                                                         benv, mem=mem, outstanding=window, cpus=args.pin)
                 except Exception as exc:  # noqa: BLE001 - a failed baseline is reported, not fatal
                     log.warning("baseline %s failed: %s", name, exc)
                     for r in ours:
@@ -781,14 +848,18 @@ def run_client(args: argparse.Namespace) -> int:
                     raise RuntimeError(f"{b} baseline runs on host memory only")
                 fn = B.run_pyzmq if b == "pyzmq" else B.run_gloo
                 n0, w0 = ours[0].info["iters"], ours[0].info["warmup"]
-                for r in fn("tag_lat" if is_lat else "tag_bw", [r.size for r in ours], n0, w0, env):
+                for r in fn("tag_lat" if test.endswith("lat") else "tag_bw", [r.size for r in ours], n0, w0, env,
+                            cpus=args.pin):
                     r.test = test
                     per[r.size] = r
             elif test == "kv_bw" and send_dev == "cpu" and recv_dev == "cpu" and B.nixl_available():
                 from ._nixl import run_nixl_kv
 
+                kcfg = {k: getattr(args, k) for k in ("layers", "kv_heads", "head_size", "block_size", "tokens",
+                                                      "dtype", "layout", "kv_mode", "verify")}
                 for r in ours:
-                    per[r.size] = run_nixl_kv(dict(kcfg, size=r.size), r.info["iters"], r.info["warmup"])
+                    per[r.size] = run_nixl_kv(dict(kcfg, size=r.size, cpus=args.pin), r.info["iters"],
+                                              r.info["warmup"])
             else:
                 for r in ours:
                     per[r.size] = B.nixl_skip_reason(test)
@@ -797,31 +868,27 @@ def run_client(args: argparse.Namespace) -> int:
             for r in ours:
                 per.setdefault(r.size, f"failed: {exc}")
         base_results[b] = per
+    return base_results
 
-    if baselines:
-        cmp_out = sys.stderr if (args.csv or args.json) else out
-        if not (args.csv or args.json):
-            what = ("latency, lower is better; ucxkv = LookupBuffer round trip, baselines one-way"
-                    if test == "lookup_lat" else "one-way latency, lower is better" if is_lat else "overall bandwidth")
-            print(f"\nComparison ({what}; "
-                  f"ucxkv TLS client={ours[0].info.get('client_tls')} server={ours[0].info.get('server_tls')}; "
-                  f"asked UCX_TLS={os.environ.get('UCX_TLS', '(unset)')}; each baseline's UCX_TLS in brackets)",
-                  file=cmp_out)
-        for r in ours:
-            R.print_comparison(r, {b: per[r.size] for b, per in base_results.items()}, is_lat, cmp_out)
-    if args.json:
-        for r in ours:
-            print(R.json_line(r, {b: per[r.size] for b, per in base_results.items()}), file=out, flush=True)
-    if args.plot:
-        series: dict[str, list[R.Result]] = {"ucxkv": ours}
-        for b in base_results:
-            rs = [v for v in base_results[b].values() if isinstance(v, R.Result)]
-            if rs:
-                series[b] = rs
-        R.plot(series, args.plot, f"{test} ({os.environ.get('UCX_TLS', 'UCX_TLS unset')})")
-    if test == "kv_bw" and not all(r.info.get("verified") for r in ours):
-        return 2
-    return 0
+
+def _report_round(args: argparse.Namespace, ours: list[Any], base: dict[str, dict[int, Any]], out: Any) -> None:
+    """One round's comparison block (ucxkv against each baseline, per size)."""
+    from . import _report as R
+
+    if not base:
+        return
+    test = args.test
+    is_lat = test.endswith("lat")
+    cmp_out = sys.stderr if (args.csv or args.json) else out
+    if not (args.csv or args.json):
+        what = ("latency, lower is better; ucxkv = LookupBuffer round trip, baselines one-way"
+                if test == "lookup_lat" else "one-way latency, lower is better" if is_lat else "overall bandwidth")
+        print(f"\nComparison ({what}; "
+              f"ucxkv TLS client={ours[0].info.get('client_tls')} server={ours[0].info.get('server_tls')}; "
+              f"asked UCX_TLS={os.environ.get('UCX_TLS', '(unset)')}; each baseline's UCX_TLS in brackets)",
+              file=cmp_out)
+    for r in ours:
+        R.print_comparison(r, {b: per[r.size] for b, per in base.items()}, is_lat, cmp_out)
 
 
 def ucx_perftest_runs(env: dict[str, str], info: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
@@ -861,13 +928,34 @@ def _print_header(res: Any, args: argparse.Namespace, out: Any) -> None:
     header_box(lines, out)
 
 
+def _parse_pin(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, int] | None:
+    """``--pin S,C`` as (server CPU, client CPU): two different CPUs this process may run on, with ``--local``."""
+    if args.pin is None:
+        return None
+    try:
+        cpus = tuple(int(x) for x in args.pin.split(","))
+    except ValueError:
+        ap.error(f"--pin wants two CPU numbers, SERVER,CLIENT; got {args.pin!r}")
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(cpus) != 2 or cpus[0] == cpus[1] or not set(cpus) <= set(allowed):
+        ap.error(f"--pin wants two different CPUs of this process's {allowed}, SERVER,CLIENT; got {args.pin!r}")
+    if not args.local:
+        ap.error("--pin needs --local (it pins the server it starts)")
+    return cpus[0], cpus[1]
+
+
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ucxkv-perftest``; returns the exit status."""
     ap = build_parser()
     ap.add_argument("--_connect-timeout", dest="connect_timeout", type=float, default=3600.0,
                     help=argparse.SUPPRESS)
+    ap.add_argument("--_cpu", dest="cpu", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(list(argv) if argv is not None else None)
+    args.pin = _parse_pin(ap, args)
+    # before any thread exists: a thread takes its creator's CPUs (our client's; the server's from --_cpu)
+    if args.cpu is not None or args.pin:
+        os.sched_setaffinity(0, {args.cpu if args.cpu is not None else args.pin[1]})
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     _setup_env(args)

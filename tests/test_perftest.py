@@ -72,6 +72,49 @@ def test_json_output_with_pyzmq_baseline() -> None:
         assert o["client_tls"] and o["server_tls"]
 
 
+def test_rounds_alternate_ours_and_the_baselines_and_summarise_same_round_ratios() -> None:
+    """--rounds 3: three of our runs, each followed by its baselines; the JSON keeps every round and the
+    table ends with each baseline's min / median / max over the rounds, ratios paired within a round."""
+    p = _cli("-t", "tensor_lat", "-s", "8", "-n", "50", "-w", "5", "--json", "--baseline", "pyzmq",
+             "--rounds", "3", timeout=180)
+    (o,) = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert len(o["rounds"]) == 3
+    assert all(r["iterations"] == 50 and r["baselines"]["pyzmq"]["iterations"] == 50 for r in o["rounds"])
+    assert o["overall_lat_us"] == o["rounds"][-1]["overall_lat_us"]  # the top level is the last round
+    assert "Summary over 3 rounds" in p.stderr  # (the JSON keeps stdout to itself)
+    t = _cli("-t", "tensor_bw", "-s", "64K", "-n", "40", "-w", "4", "--baseline", "pyzmq", "--rounds", "2",
+             timeout=180)
+    assert t.stdout.count("=== round") == 2 and len(R.parse_table(t.stdout)) == 2
+    (line,) = [x for x in t.stdout.splitlines() if "pyzmq" in x and "ratio" in x and "rounds)" in x]
+    assert "(2 rounds)" in line
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs two CPUs")
+def test_pin_puts_our_server_and_client_on_the_two_cpus_asked() -> None:
+    a, b = sorted(os.sched_getaffinity(0))[:2]
+    p = _cli("-t", "tensor_lat", "-s", "8", "-n", "50", "-w", "5", "--json", "--baseline", "pyzmq,ucx_perftest",
+             "--pin", f"{b},{a}")
+    (o,) = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    assert o["server_cpus"] == [b] and o["client_cpus"] == [a]
+    assert o["baselines"]["pyzmq"]["iterations"] == 50 and o["baselines"]["ucx_perftest"]["iterations"] == 50
+    assert "-c" in o["baselines"]["ucx_perftest"]["command"].split()
+    for bad in (f"{a},{a}", "0", "x,y", "0,99999"):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        q = subprocess.run([sys.executable, "-m", "bench.perftest", "--local", "--pin", bad], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert q.returncode == 2 and "--pin wants" in q.stderr
+
+
+def test_round_ratios_pair_each_round_with_its_own_baseline() -> None:
+    def res(impl: str, bw: float, lat: float) -> R.Result:
+        return R.Result(test="tensor_bw", size=8, impl=impl, final=R.Row(10, lat, lat, lat, bw, bw, 1.0, 1.0))
+
+    rounds = [([res("ucxkv", 100.0, 2.0)], {"b": {8: res("b", 50.0, 4.0)}, "skip": {8: "skipped: why"}}),
+              ([res("ucxkv", 30.0, 8.0)], {"b": {8: res("b", 60.0, 2.0)}, "skip": {8: "skipped: why"}})]
+    assert R.round_ratios(rounds, False) == {8: {"b": [(100.0, 50.0, 2.0), (30.0, 60.0, 0.5)]}}
+    assert R.round_ratios(rounds, True) == {8: {"b": [(2.0, 4.0, 2.0), (8.0, 2.0, 0.25)]}}
+
+
 def test_ucx_perftest_baseline_runner() -> None:
     from bench import _baselines as B
 
